@@ -1,0 +1,128 @@
+"""`python -m checkpoints.inspect DIR [--step N]`: what a checkpoint holds, without building a model.
+
+DIR is a workdir, its checkpoints folder, or one step folder. Prints the metadata, the steps present and every
+array of the saved state (read from Orbax's metadata, not restored), with bytes by dtype.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from checkpoints.manager import ArrayInfo, CheckpointStore
+from slm_jax.errors import UserError
+from train.cli import main_guard
+
+# The config keys worth a line each; a section not listed here is summarised in full.
+SUMMARY_KEYS = {
+    "train": ("steps", "batch_size", "grad_accum", "learning_rate", "precision", "seed"),
+    "quant": ("mode", "weight_bits", "act_bits", "granularity", "group_size", "bwd_bits"),
+    "data": ("path",),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m checkpoints.inspect", description=__doc__)
+    parser.add_argument("dir", type=Path, help="a workdir, its checkpoints/ folder, or one step folder in it")
+    parser.add_argument("--step", type=int, help="which step (default: the latest)")
+    return parser.parse_args(argv)
+
+
+def locate(path: Path) -> tuple[Path, int | None]:
+    """(checkpoints folder, step named by the path or None) for a workdir, checkpoints folder or step folder."""
+    if not path.is_dir():
+        raise UserError(f"{path} does not exist or is not a folder")
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", None
+    if path.name.isdigit() and (path / "state").is_dir():
+        return path.parent, int(path.name)
+    if any(child.name.isdigit() and child.is_dir() for child in path.iterdir()):
+        return path, None
+    raise UserError(f"{path} is not a run directory or a checkpoints folder (no checkpoints/ or step folders in it)")
+
+
+def config_summary(config: dict) -> list[str]:
+    lines = []
+    for section, values in config.items():
+        if not isinstance(values, dict):
+            continue
+        keys = SUMMARY_KEYS.get(section, tuple(values))
+        if section == "quant" and values.get("mode") == "none":
+            keys = ("mode",)
+        shown = " ".join(f"{k}={values[k]}" for k in keys if k in values and values[k] not in ({}, []))
+        lines.append(f"  {section:<11} {shown}")
+    return lines
+
+
+def plan_lines(plan: dict | None, quant_mode: str | None) -> list[str]:
+    """One row per layer of a recorded quantization plan (`quant.plan.plan_to_json`)."""
+    if not plan:
+        return ["quant plan  none (float)" if quant_mode in (None, "none")
+                else "quant plan  not recorded (e.g. a format-1 checkpoint); the config's quant section applies"]
+    bits = lambda b: "float" if b is None else f"int{b}"
+    rows = [("layer", "weights", "activations", "scales", "gradients")]
+    for layer, p in plan.items():
+        if p is None:
+            rows.append((layer, "float", "float", "-", "float"))
+            continue
+        scales = f"per_group({p.get('group_size')})" if p.get("granularity") == "per_group" else p.get("granularity")
+        rows.append((layer, bits(p.get("weight_bits")), bits(p.get("act_bits")), str(scales), bits(p.get("bwd_bits"))))
+    return ["quant plan", *table(rows)]
+
+
+def table(rows: list[tuple], right: tuple[int, ...] = ()) -> list[str]:
+    """Rows of cells as aligned text (columns in `right` right-aligned), a rule under the header."""
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    fmt = lambda row: "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                                for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    return ["  " + fmt(rows[0]), "  " + "  ".join("-" * w for w in widths),
+            *("  " + fmt(row) for row in rows[1:])]
+
+
+def array_lines(arrays: list[ArrayInfo]) -> list[str]:
+    rows = [("path", "shape", "dtype", "bytes")]
+    rows += [(a.path, str(list(a.shape)), a.dtype.name, f"{a.nbytes:,}") for a in arrays]
+    by_dtype: dict[str, int] = {}
+    for a in arrays:
+        by_dtype[a.dtype.name] = by_dtype.get(a.dtype.name, 0) + a.nbytes
+    totals = " | ".join(f"{name} {n:,}" for name, n in sorted(by_dtype.items()))
+    return [f"state arrays ({len(arrays)})", *table(rows, right=(3,)),
+            f"bytes by dtype: {totals} | total {sum(by_dtype.values()):,}"]
+
+
+def describe(metadata: dict, steps: list[int], arrays: list[ArrayInfo], where: str) -> str:
+    migrated = metadata.get("migrated_from")
+    tokenizer, config = metadata.get("tokenizer") or {}, metadata.get("config") or {}
+    param_bytes = (metadata.get("param_bytes") or {}).get("total", 0)
+    lines = [
+        f"checkpoint  {where}",
+        f"steps       {', '.join(map(str, steps))}",
+        f"format      {metadata['format_version']}" + (f" (read from format {migrated})" if migrated else ""),
+        f"kind        {metadata.get('kind')}",
+        f"step        {metadata.get('step')}",
+        f"created     {metadata.get('created')} by slm-jax {metadata.get('project_version')}",
+        f"tokenizer   {', '.join(f'{k} {v}' for k, v in tokenizer.items())}",
+        f"params      {metadata.get('param_count', 0):,} ({param_bytes:,} bytes)",
+        "config",
+        *config_summary(config),
+        *plan_lines(metadata.get("quant_plan"), (config.get("quant") or {}).get("mode")),
+        *array_lines(arrays),
+    ]
+    return "\n".join(lines)
+
+
+@main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    directory, step = locate(args.dir)
+    step = args.step if args.step is not None else step
+    store = CheckpointStore(directory, create=False)
+    try:
+        metadata, arrays = store.metadata(step), store.arrays(step)
+        where = f"{store.directory}/{step if step is not None else store.latest_step()}"
+        print(describe(metadata, store.steps(), arrays, where))
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    main()

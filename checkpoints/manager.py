@@ -1,0 +1,291 @@
+"""A thin wrapper over Orbax's `CheckpointManager`: the train state plus a JSON metadata item per step.
+
+Orbax writes each step into a temporary folder and renames it when complete, so a crash mid-save leaves the
+previous checkpoints readable (a writer deletes such leftovers when it opens); saves are asynchronous and awaited
+in `close`. Metadata is versioned: `metadata()` returns it in the current format whatever format it was saved in.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import gc
+import importlib.metadata
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from checkpoints.versioning import FORMAT_VERSION, upgrade
+from slm_jax.errors import UserError
+
+ITEMS = ("state", "metadata")
+SUBBYTE_BITS = {"int4": 4, "uint4": 4, "int2": 2, "uint2": 2}
+
+
+def project_version() -> str:
+    try:
+        return importlib.metadata.version("slm-jax")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def array_bytes(shape, dtype) -> int:
+    """Storage of one array; int4 counts half a byte per value."""
+    dtype = np.dtype(dtype)
+    bits = SUBBYTE_BITS.get(dtype.name, dtype.itemsize * 8)
+    return (int(np.prod(shape, dtype=np.int64)) * bits + 7) // 8
+
+
+def tree_bytes(tree) -> dict[str, int]:
+    """Bytes of the arrays in a tree by dtype name (int4 counted as half a byte), plus 'total'."""
+    out: dict[str, int] = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        name = np.dtype(leaf.dtype).name
+        out[name] = out.get(name, 0) + array_bytes(leaf.shape, leaf.dtype)
+    out["total"] = sum(out.values())
+    return out
+
+
+def param_count(tree) -> int:
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def build_metadata(config: dict, step: int, params: Any, tokenizer: dict, kind: str = "train",
+                   quant_plan: dict | None = None, **extra) -> dict:
+    """What every checkpoint says about itself (read back by every later command).
+
+    `quant_plan`: the per-layer plan as JSON (`quant.plan.plan_to_json`), or None for a float run.
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "project_version": project_version(),
+        "kind": kind,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "step": int(step),
+        "config": config,
+        "quant_plan": quant_plan,
+        "tokenizer": tokenizer,
+        "param_count": param_count(params),
+        "param_bytes": tree_bytes(params),
+        **extra,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayInfo:
+    """One array of a saved state, known from Orbax's metadata without reading its values."""
+
+    path: str  # e.g. "params/layer_0/attn/q/kernel"
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return array_bytes(self.shape, self.dtype)
+
+
+def key_path_str(key_path) -> str:
+    """`.params['embed'][0]` (any mix of attribute, dict and sequence keys) -> "params/embed/0"."""
+    names = (getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
+    return "/".join(str(n) for n in names)
+
+
+def arrays_of(tree) -> list[ArrayInfo]:
+    """Path, shape and dtype of every array in a tree (real, abstract or Orbax metadata)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [ArrayInfo(key_path_str(p), tuple(leaf.shape), np.dtype(leaf.dtype)) for p, leaf in leaves]
+
+
+def tree_difference(saved: list[ArrayInfo], expected: list[ArrayInfo]) -> str | None:
+    """The first difference between two lists of arrays, in words; None when paths, shapes and dtypes agree."""
+    have, want = {a.path: a for a in saved}, {a.path: a for a in expected}
+    missing = [p for p in want if p not in have]
+    if missing:
+        return f"it has no {missing[0]}" + (f" (and {len(missing) - 1} more arrays)" if len(missing) > 1 else "")
+    extra = [p for p in have if p not in want]
+    if extra:
+        return f"it has an unexpected {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+    for path, a in want.items():
+        b = have[path]
+        if (a.shape, a.dtype) != (b.shape, b.dtype):
+            return f"{path} is {b.dtype.name}{list(b.shape)}, the model expects {a.dtype.name}{list(a.shape)}"
+    return None
+
+
+def _describe(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:160]}" if lines else type(err).__name__
+
+
+def remove_unfinished_saves(directory: Path) -> None:
+    """Delete the temporary folders of saves that never finished (the process died mid-save).
+
+    Done here, synchronously, rather than by Orbax's `cleanup_tmp_directories`, whose background thread can still
+    be running when a short-lived process exits (e.g. on a config error) and then fails noisily.
+    """
+    for path in directory.glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*"):
+        shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+    """Silence Orbax's log lines while reading: it warns about what this class reports itself in one line
+    (a read-only folder, a step with missing files), and CLIs promise a single line on errors."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """Capture what is written to file descriptor 2 (by any thread, C++ included) while the block runs; yields a
+    `.show()` to write the capture out after all, and `.size()`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile("w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+
+        def show() -> None:
+            sys.stderr.flush()
+            captured.seek(0)
+            os.write(saved, captured.read())
+
+        def size() -> int:
+            return os.fstat(captured.fileno()).st_size
+
+        try:
+            yield types.SimpleNamespace(show=show, size=size)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _wait_for_failed_reads(captured_size, quiet_for: float = 0.5, limit: float = 10.0) -> None:
+    """After a failed read of damaged files: Orbax raised the first failing read, and the rest end as tracebacks
+    printed from TensorStore's threads and "exception ignored" notes when their coroutines are collected. Wait
+    (collecting garbage) until nothing more has been printed for `quiet_for` seconds."""
+    size, quiet_since, start = -1, time.monotonic(), time.monotonic()
+    while time.monotonic() - quiet_since < quiet_for and time.monotonic() - start < limit:
+        time.sleep(0.1)
+        gc.collect()
+        if captured_size() != size:
+            size, quiet_since = captured_size(), time.monotonic()
+
+
+class CheckpointStore:
+    """Checkpoints of one run under `directory` (usually `<workdir>/checkpoints`).
+
+    `create=False` opens an existing folder read-only: nothing there is created, deleted or cleaned up.
+    """
+
+    def __init__(self, directory: Path, keep: int = 3, async_save: bool = True, create: bool = True):
+        self.directory = Path(directory).resolve()
+        if create:
+            remove_unfinished_saves(self.directory)
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                   create=True)
+        else:
+            if not self.directory.is_dir():
+                raise UserError(f"no checkpoints at {self.directory}")
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                                   save_interval_steps=0)
+        registry = ocp.handlers.create_default_handler_registry(state=ocp.StandardCheckpointHandler(),
+                                                                metadata=ocp.JsonCheckpointHandler())
+        with _orbax_quiet():
+            self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, metadata: dict) -> None:
+        """Start writing `step` (in the background when async); `metadata` is stored as given."""
+        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         metadata=ocp.args.JsonSave(metadata)), force=True)
+
+    def metadata(self, step: int | None = None) -> dict:
+        """The metadata of `step` (default latest), migrated to the current format."""
+        step = self._resolve(step)
+        try:
+            with _orbax_quiet():
+                restored = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+        except Exception as err:  # Orbax raises many types for a damaged folder
+            raise UserError(f"checkpoint {self._where(step)} has no readable metadata ({_describe(err)})") from None
+        return upgrade(restored["metadata"], self._where(step))
+
+    def arrays(self, step: int | None = None) -> list[ArrayInfo]:
+        """Path, shape and dtype of every array in the state of `step`, read from Orbax's metadata only."""
+        step = self._resolve(step)
+        try:
+            with _orbax_quiet():
+                return arrays_of(self._manager.item_metadata(step)["state"])
+        except Exception as err:
+            raise UserError(f"checkpoint {self._where(step)} has no readable array metadata ({_describe(err)})") \
+                from None
+
+    def restore(self, target: Any, step: int | None = None) -> Any:
+        """Restore the state at `step` (default latest) into the structure of `target` (abstract arrays)."""
+        step = self._resolve(step)
+        # A CLI reports a failed restore in one line: what Orbax's reader threads print meanwhile is kept back.
+        with _orbax_quiet(), _stderr_captured() as captured:
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target)))
+            except Exception as err:
+                failure = self._restore_failure(step, target, err)
+            else:
+                captured.show()
+                return restored["state"]
+            _wait_for_failed_reads(captured.size)  # outside `except`, so the failed reads can be collected
+        raise UserError(failure)
+
+    def _restore_failure(self, step: int, target: Any, err: Exception) -> str:
+        """Why a restore failed, in one line: another model's state, or damaged files."""
+        where = self._where(step)
+        difference = tree_difference(self.arrays(step), arrays_of(target))
+        if difference:
+            return f"checkpoint {where} holds a different state than this model expects: {difference}"
+        others = [s for s in self.steps() if s != step]
+        return (f"checkpoint {where} is damaged: its arrays cannot be read ({type(err).__name__}; truncated or "
+                f"corrupted files?)" + (f"; other steps here: {others}" if others else ""))
+
+    def _resolve(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise UserError(f"no checkpoints at {self.directory}")
+        elif step not in self.steps():
+            raise UserError(f"no checkpoint for step {step} at {self.directory} (have: {self.steps()})")
+        missing = [item for item in ITEMS if not (self.directory / str(step) / item).is_dir()]
+        if missing:
+            raise UserError(f"checkpoint {self._where(step)} is incomplete or not an slm-jax checkpoint "
+                            f"(no {' or '.join(missing)} folder in it)")
+        return step
+
+    def _where(self, step: int) -> str:
+        return f"{self.directory}/{step}"
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for any save in progress to finish, then release Orbax's resources."""
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,0 +1,163 @@
+"""The per-layer quantization plan: which bits and scales each matmul of a model gets, after the rules apply.
+
+Resolved once against the model's own list of matmuls (found by tracing it), so a rule that matches nothing or a
+group size that does not divide a layer's width fails at start-up, and the same plan is printed and saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from quant.config import INHERIT, QuantConfig, QuantRule
+from slm_jax.config import ModelConfig
+from slm_jax.errors import UserError
+
+Path = tuple[str, ...]
+WEIGHT, ATTENTION = "weight", "attention"  # x @ W with a trained W | an attention einsum of two activations
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """One matmul of the model: its module path, kind, and contracting width (in_features; 0 for attention)."""
+
+    path: Path
+    kind: str
+    in_features: int = 0
+    out_features: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """How one matmul is quantized. AQT's lhs is the activation (act_bits), rhs the weight (weight_bits).
+
+    For attention einsums both operands are activations: both get `act_bits` (or `weight_bits` when act_bits is
+    null), always with per-row scales, and nothing is ever frozen for serving.
+    """
+
+    weight_bits: int
+    act_bits: int | None
+    granularity: str
+    group_size: int | None  # only for per_group
+    bwd_bits: int | None
+    kind: str = WEIGHT
+
+
+Plan = Mapping[Path, "LayerPlan | None"]  # ordered as the model runs; None keeps the layer float
+
+
+def path_str(path: Path) -> str:
+    return "/".join(path)
+
+
+class _Recorder:
+    """A MatmulProvider that records every matmul the model asks for and computes in float."""
+
+    def __init__(self):
+        self.rhs_shapes: dict[Path, tuple[int, ...]] = {}  # in call order
+        self.weight_paths: set[Path] = set()  # only layers with a kernel ask whether to keep it
+
+    def keeps_float_kernel(self, path: Path) -> bool:
+        self.weight_paths.add(path)
+        return True
+
+    def dot_general(self, path: Path):
+        def record(lhs, rhs, dims, precision=None, preferred_element_type=None):
+            self.rhs_shapes.setdefault(path, tuple(rhs.shape))
+            return jax.lax.dot_general(lhs, rhs, dims, precision, preferred_element_type)
+
+        return record
+
+
+@functools.cache
+def model_layers(model_cfg: ModelConfig) -> tuple[LayerInfo, ...]:
+    """Every matmul routed through the injected dot_general, in the order the model runs them (abstractly traced)."""
+    from slm_jax.model import Transformer
+
+    recorder = _Recorder()
+    model = Transformer(model_cfg, matmul=recorder)
+    jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))))
+    return tuple(LayerInfo(path, WEIGHT, *shape) if path in recorder.weight_paths else LayerInfo(path, ATTENTION)
+                 for path, shape in recorder.rhs_shapes.items())
+
+
+def _field(rule: QuantRule | None, cfg: QuantConfig, name: str):
+    value = INHERIT if rule is None else getattr(rule, name)
+    return getattr(cfg, name) if value == INHERIT else value
+
+
+def _key(rule_index: int | None, rule: QuantRule | None, name: str) -> str:
+    """The config key a resolved value came from, for error messages."""
+    if rule is not None and getattr(rule, name) != INHERIT:
+        return f"quant.rules[{rule_index}].{name}"
+    return f"quant.{name}"
+
+
+def resolve_plan(quant_cfg: QuantConfig, layers: Sequence[LayerInfo]) -> dict[Path, LayerPlan | None]:
+    """Apply the section's values and the first matching rule to each layer; UserError for impossible plans."""
+    patterns = [re.compile(rule.match) for rule in quant_cfg.rules]
+    used = [False] * len(patterns)
+    plan: dict[Path, LayerPlan | None] = {}
+    for layer in layers:
+        name = path_str(layer.path)
+        index = next((i for i, p in enumerate(patterns) if p.search(name)), None)
+        rule = None if index is None else quant_cfg.rules[index]
+        if index is not None:
+            used[index] = True
+        weight_bits = _field(rule, quant_cfg, "weight_bits")
+        if weight_bits is None:
+            plan[layer.path] = None
+            continue
+        act_bits = _field(rule, quant_cfg, "act_bits")
+        if layer.kind == ATTENTION:
+            bits = act_bits if act_bits is not None else weight_bits
+            plan[layer.path] = LayerPlan(bits, bits, "per_channel", None, quant_cfg.bwd_bits, ATTENTION)
+            continue
+        granularity = _field(rule, quant_cfg, "granularity")
+        group_size = _field(rule, quant_cfg, "group_size") if granularity == "per_group" else None
+        if group_size is not None and layer.in_features % group_size:
+            raise UserError(f"{_key(index, rule, 'group_size')} ({group_size}) must divide the input width of "
+                            f"{name} ({layer.in_features})")
+        plan[layer.path] = LayerPlan(weight_bits, act_bits, granularity, group_size, quant_cfg.bwd_bits)
+    for i, was_used in enumerate(used):
+        if not was_used:
+            names = ", ".join(path_str(layer.path) for layer in layers[:3])
+            raise UserError(f"quant.rules[{i}].match {quant_cfg.rules[i].match!r} matches no layer "
+                            f"(layer paths look like: {names}, ...)")
+    return plan
+
+
+def make_plan(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> dict[Path, LayerPlan | None]:
+    return resolve_plan(quant_cfg, model_layers(model_cfg))
+
+
+def _describe(plan: LayerPlan | None) -> tuple[str, str, str, str]:
+    if plan is None:
+        return "float", "float", "-", "float"
+    grads = "float" if plan.bwd_bits is None else f"int{plan.bwd_bits}"
+    if plan.kind == ATTENTION:  # no weights: both operands are activations
+        return "-", f"int{plan.act_bits} (both)", "per_channel", grads
+    acts = "float" if plan.act_bits is None else f"int{plan.act_bits}"
+    scales = f"per_group({plan.group_size})" if plan.granularity == "per_group" else "per_channel"
+    return f"int{plan.weight_bits}", acts, scales, grads
+
+
+def format_plan(plan: Plan) -> str:
+    """A table of the plan, one row per matmul, to print at start-up."""
+    header = ("layer", "weights", "activations", "scales", "gradients")
+    rows = [(path_str(path), *_describe(p)) for path, p in plan.items()]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plan_to_json(plan: Plan) -> dict:
+    """{layer path: {weight_bits, act_bits, granularity, group_size, bwd_bits, kind} or null}, JSON-able."""
+    return {path_str(path): None if p is None else dataclasses.asdict(p) for path, p in plan.items()}
+

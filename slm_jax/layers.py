@@ -1,0 +1,91 @@
+"""Building blocks of the Transformer: the linear layer with an injected `dot_general`, RMSNorm, RoPE.
+
+Every projection of the model goes through `Linear`, so quantization (see `quant/`) is plugged in by handing
+the model a `MatmulProvider` instead of editing the model: the model file stays a plain Transformer.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DotGeneral = Callable[..., jax.Array]
+
+
+class MatmulProvider(Protocol):
+    """What the model asks of a quantization scheme, per linear layer (identified by its module path).
+
+    `dot_general(path)` is called inside the layer's compact `__call__`, so it may return an unbound Flax module
+    (AQT's `AqtDotGeneral`), which then becomes a child of the layer, or a plain function.
+    `keeps_float_kernel(path)` is False for serving layers whose weights live only as integers in the `aqt`
+    collection: the layer then creates no float kernel at all.
+    """
+
+    def dot_general(self, path: tuple[str, ...]) -> DotGeneral: ...
+
+    def keeps_float_kernel(self, path: tuple[str, ...]) -> bool: ...
+
+
+class Linear(nn.Module):
+    """y = x @ W over the last axis of x, W of shape [in_features, features], through an injected dot_general."""
+
+    features: int
+    kernel_axes: tuple[str, str]
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    matmul: MatmulProvider | None = None
+    kernel_init: Callable = nn.initializers.normal(stddev=0.02)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel_shape = (x.shape[-1], self.features)
+        path = tuple(self.scope.path)
+        if self.matmul is None or self.matmul.keeps_float_kernel(path):
+            kernel = self.param(
+                "kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes), kernel_shape, self.param_dtype
+            )
+        else:
+            # Serving: the integer weights and scales are read by the dot_general from the `aqt` collection;
+            # this placeholder is never read and is constant-folded away by XLA.
+            kernel = jnp.zeros(kernel_shape, self.param_dtype)
+        dot_general = jax.lax.dot_general if self.matmul is None else self.matmul.dot_general(path)
+        x = x.astype(self.dtype)
+        kernel = jnp.asarray(kernel, self.dtype)
+        dims = (((x.ndim - 1,), (0,)), ((), ()))
+        return dot_general(x, kernel, dims, precision=None, preferred_element_type=None)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale, computed in float32 for stability."""
+
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                           self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
+    """Inverse frequencies [head_dim // 2] of rotary position embeddings (Su et al., 2021)."""
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x: [batch, seq, heads, head_dim] by position-dependent angles.
+
+    positions: [batch, seq] absolute token positions (they differ from arange during cached decoding).
+    """
+    head_dim = x.shape[-1]
+    angles = positions[..., None].astype(jnp.float32) * rope_frequencies(head_dim, theta)  # [batch, seq, d/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)

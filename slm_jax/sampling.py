@@ -1,0 +1,42 @@
+"""Autoregressive sampling with the KV cache: one prefill pass over the prompt, then one token per step.
+
+The whole loop is one `jax.lax.scan` under `jit`, so decoding never re-runs the full sequence.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from slm_jax.attention import KVCache
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
+    """logits: [batch, vocab] -> token ids [batch]. temperature 0 is greedy; top_k keeps the k likeliest."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
+def generate(model: nn.Module, variables, prompt: jax.Array, rng: jax.Array, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None) -> jax.Array:
+    """prompt: [batch, prompt_len] int32 (at most the model's seq_len) -> new tokens [batch, max_new_tokens]."""
+    cache = KVCache.init(model.cfg, prompt.shape[0], model.dtype)
+    logits, cache = model.apply(variables, prompt, cache=cache)
+    first = sample_logits(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_k)
+
+    def step(carry, i):
+        token, cache = carry
+        logits, cache = model.apply(variables, token[:, None], cache=cache)
+        nxt = sample_logits(logits[:, -1], jax.random.fold_in(rng, i), temperature, top_k)
+        return (nxt, cache), token
+
+    _, tokens = jax.lax.scan(step, (first, cache), jnp.arange(1, max_new_tokens + 1))
+    return tokens.T  # [batch, max_new_tokens]

@@ -1,0 +1,48 @@
+"""`python -m train.bench --micro` runs every section end to end and writes well-formed results (no timing asserts)."""
+import json
+import math
+
+from train import bench
+
+SECTIONS = {"matmul": ("dtype", "gflops"), "throughput": ("variant", "ms_per_step", "tokens_per_s", "mfu"),
+            "quality": ("name", "loss", "perplexity", "bits_per_char", "command"),
+            "serving": ("name", "checkpoint_bytes", "made_by")}
+
+
+def numbers(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from numbers(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from numbers(value)
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield tree
+
+
+def reject_constant(name):
+    raise ValueError(f"results.json holds {name}")
+
+
+def test_micro_bench_writes_results_tables_and_plots(tmp_path):
+    bench.main(["--micro", "--out", str(tmp_path)])
+
+    results = json.loads((tmp_path / "results.json").read_text(), parse_constant=reject_constant)
+    assert results["profile"] == "micro" and results["command"].startswith("python -m train.bench --micro")
+    assert results["machine"]["name"] == bench.device_name()
+    for section, keys in SECTIONS.items():
+        assert results[section]["rows"], section
+        for row in results[section]["rows"]:
+            assert all(key in row for key in keys), (section, row)
+    assert all(math.isfinite(x) for x in numbers(results))
+    speeds = [s for row in results["serving"]["rows"] for s in row.get("speed", [])]
+    assert speeds and all(s["decode_tokens_per_s"] > 0 for s in speeds)
+    assert any(row.get("peak_rss_bytes") for row in results["serving"]["rows"])
+    assert {row["kind"] for row in results["quality"]["rows"]} >= {"trained", "ptq"}
+
+    report = (tmp_path / "results.md").read_text()
+    for heading in ("## 1. Matmul peak", "## 2. Training throughput", "## 3. Quality", "## 4. Serving"):
+        assert heading in report
+    for plot in ("throughput.png", "loss_curves.png", "quality.png", "serving.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({plot})" in report

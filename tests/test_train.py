@@ -1,0 +1,103 @@
+"""Training end to end on `tiny`: the loss falls, resume is exact, the CLIs work and fail cleanly."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train.config import load_config
+from train.loop import run_training
+from train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny(corpus_file, *overrides):
+    return load_config("tiny", [f"data.path={corpus_file}", "train.sample_tokens=0", *overrides])
+
+
+def train_losses(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r}
+
+
+def test_tiny_training_lowers_the_loss(tmp_path, corpus_file):
+    summary = run_training(tiny(corpus_file, "train.steps=40", "train.log_every=5"), tmp_path, log=lambda *_: None)
+    losses = train_losses(tmp_path)
+    assert losses[40] < losses[5] - 0.5
+    assert summary["val_loss"] < np.log(256)  # better than uniform over bytes
+    assert (tmp_path / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_resume_continues_the_uninterrupted_loss_trajectory(tmp_path, corpus_file, precision):
+    config = tiny(corpus_file, "train.steps=20", "train.log_every=1", "checkpoint.every=10", "checkpoint.keep=5",
+                  f"train.precision={precision}", "model.dropout=0.1")
+    run_training(config, tmp_path, log=lambda *_: None)
+    uninterrupted = train_losses(tmp_path)
+    # Pretend the run died right after step 10: drop the later checkpoint and log, then run the same command.
+    shutil.rmtree(tmp_path / "checkpoints" / "20")
+    (tmp_path / "metrics.jsonl").unlink()
+    run_training(config, tmp_path, log=lambda *_: None)
+    resumed = train_losses(tmp_path)
+    assert sorted(resumed) == list(range(11, 21))
+    assert [resumed[s] for s in range(11, 21)] == [uninterrupted[s] for s in range(11, 21)]
+
+
+def test_resuming_with_another_model_shape_is_refused(tmp_path, corpus_file):
+    from slm_jax.errors import UserError
+    run_training(tiny(corpus_file, "train.steps=10"), tmp_path, log=lambda *_: None)
+    with pytest.raises(UserError, match="different model config.*d_model"):
+        run_training(tiny(corpus_file, "train.steps=10", "model.d_model=64"), tmp_path, log=lambda *_: None)
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_generates_and_evaluates_tiny(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_cli("train.main", "--config", "tiny", "--workdir", str(workdir))
+    assert result.returncode == 0, result.stderr
+    assert "tok/s" in result.stdout and "ETA" in result.stdout and "val loss" in result.stdout
+    assert "sample:" in result.stdout
+    result = run_cli("train.generate", "--workdir", str(workdir), "--prompt", "ROMEO:", "--max-new-tokens", "30",
+                     "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    again = run_cli("train.generate", "--workdir", str(workdir), "--prompt", "ROMEO:", "--max-new-tokens", "30",
+                    "--seed", "3")
+    assert result.stdout.splitlines()[0] == again.stdout.splitlines()[0]  # --seed makes sampling reproducible
+    result = run_cli("train.evaluate", "--workdir", str(workdir), "--batches", "2")
+    assert result.returncode == 0, result.stderr
+    assert "val loss" in result.stdout and "bits/char" in result.stdout
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["final"] is True
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "train.lr=1"], "unknown config key 'train.lr'"),
+    (["--set", "model.n_heads=3"], "must divide model.d_model"),
+    (["--set", "data.path=/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
+])
+def test_cli_rejects_bad_input_with_one_line_and_exit_code_2(tmp_path, args, message):
+    result = run_cli("train.main", "--config", "tiny", "--workdir", str(tmp_path / "w"), *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, corpus_file):
+    workdir = tmp_path / "w"
+    ok = run_cli("train.main", "--config", "tiny", "--workdir", str(workdir), "--set", f"data.path={corpus_file}",
+                 "--set", "train.steps=20", "--set", "train.sample_tokens=0")
+    assert ok.returncode == 0, ok.stderr
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    diverge = run_cli("train.main", "--config", "tiny", "--workdir", str(workdir), "--set", f"data.path={corpus_file}",
+                      "--set", "train.steps=40", "--set", "train.learning_rate=1e30", "--set", "train.warmup_steps=0",
+                      "--set", "train.sample_tokens=0")
+    assert diverge.returncode == 2
+    assert "loss became" in diverge.stderr and "last good checkpoint: 20" in diverge.stderr
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before

@@ -1,0 +1,1 @@
+"""Training, data and the command-line tools of slm-jax."""

@@ -1,0 +1,194 @@
+"""Bench output: Markdown tables (to `results.md` and stdout) and PNG plots, made from `results.json` alone."""
+from __future__ import annotations
+
+from pathlib import Path
+
+PLOTS = ("throughput.png", "loss_curves.png", "quality.png", "serving.png")
+
+
+def fmt(value, spec: str = ".3g", scale: float = 1.0) -> str:
+    if value is None:
+        return "—"
+    return format(value * scale if scale != 1.0 else value, spec)
+
+
+def code(text) -> str:
+    return f"`{text}`" if text else ""
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table; a header starting with '>' is a right-aligned (numeric) column."""
+    align = ["---:" if h.startswith(">") else "---" for h in headers]
+    lines = ["| " + " | ".join(h.lstrip(">") for h in headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def matmul_markdown(section: dict, device: str) -> str:
+    rows = [[r["dtype"], str(r["n"]), fmt(r["gflops"], ".1f"), fmt(r["best_gflops"], ".1f"),
+             fmt(r["median_s"], ".4f"), fmt(r["first_call_s"], ".2f")] for r in section["rows"]]
+    return (f"## 1. Matmul peak ({device})\n\n{section['how']}.\n\n"
+            + table(["dtype", ">n", ">GFLOP/s (median)", ">GFLOP/s (best)", ">median s", ">first call s"], rows))
+
+
+def throughput_markdown(section: dict, device: str) -> str:
+    sizes = {}
+    for r in section["rows"]:
+        sizes.setdefault(r["size"], r)
+    size_lines = "\n".join(f"- **{name}**: batch {r['batch_size']} x seq_len {r['seq_len']}, {r['params']:,} params "
+                           f"({r['matmul_params']:,} in matmuls), {r['flops_per_token']:,} FLOPs/token"
+                           for name, r in sizes.items())
+    rows = [[r["size"], r["label"], code(r["config"]), " ".join(code(o) for o in r["variant_overrides"]),
+             fmt(r["first_call_s"], ".1f"), fmt(r["ms_per_step"], ".1f"), fmt(r["tokens_per_s"], ",.0f"),
+             fmt(r["mfu"], ".1f", 100), fmt(r.get("vs_bf16"), ".2f"), fmt(r.get("vs_fp32"), ".2f")]
+            for r in section["rows"]]
+    overrides = "; ".join(f"{name}: {' '.join(code(o) for o in r['size_overrides']) or 'none'}"
+                          for name, r in sizes.items())
+    return (f"## 2. Training throughput ({device})\n\n{section['how']}. Peak: {section['peak_gflops']:.1f} GFLOP/s "
+            f"(float32, section 1).\n\nModel FLOPs: {section['flops_formula']}\n\n{size_lines}\n\nEach size's "
+            f"overrides come first, then the variant's ({overrides}).\n\n"
+            + table(["size", "variant", "config", "overrides", ">first call s", ">ms/step", ">tokens/s", ">MFU %",
+                     ">x bf16 time", ">x fp32 time"], rows))
+
+
+def quality_markdown(section: dict, device: str) -> str:
+    rows = [[r["name"], r["label"], fmt(r["steps"], "d") if r["steps"] else "—", fmt(r["loss"], ".4f"),
+             fmt(r["loss_vs_float"], "+.4f"), fmt(r["perplexity"], ".2f"), fmt(r["bits_per_char"], ".3f"),
+             fmt(r["param_bytes"], ",.0f"), fmt(r["make_s"], ".0f")] for r in section["rows"]]
+    commands = "\n".join(f"- `{r['name']}`: `{r['command']}`" for r in section["rows"])
+    return (f"## 3. Quality on the bundled corpus ({device})\n\n{section['how']}.\n\n"
+            + table(["run", "model", ">steps", ">val loss", ">vs float", ">perplexity", ">bits/char", ">param bytes",
+                     ">made in s"], rows)
+            + f"\n\nHow each run was made (then `python -m train.evaluate --workdir W --batches ... --batch-size ...` "
+              f"as in `eval_command` of results.json):\n\n{commands}")
+
+
+def serving_markdown(section: dict, device: str) -> str:
+    batches = sorted({s["batch"] for r in section["rows"] for s in r.get("speed", [])})
+    headers = ["model", "compute", ">param bytes", ">x float", ">checkpoint bytes", ">x float params"]
+    headers += [f">prefill tok/s b={b}" for b in batches] + [f">decode tok/s b={b}" for b in batches]
+    headers += [">peak RSS MB"]
+    rows = []
+    for r in section["rows"]:
+        speed = {s["batch"]: s for s in r.get("speed", [])}
+        compute = r.get("compute_dtype", "") + (f", {r['numerics']} int" if r.get("numerics") else "")
+        cells = [r["label"], compute, fmt(r.get("param_bytes"), ",.0f"), fmt(r.get("params_vs_float"), ".3f"),
+                 fmt(r.get("checkpoint_bytes"), ",.0f"), fmt(r.get("checkpoint_vs_float_params"), ".3f")]
+        cells += [fmt(speed[b]["prefill_tokens_per_s"], ",.0f") if b in speed else "—" for b in batches]
+        cells += [fmt(speed[b]["decode_tokens_per_s"], ",.0f") if b in speed else "—" for b in batches]
+        cells += [fmt(r.get("peak_rss_bytes"), ".0f", 1e-6)]
+        rows.append(cells)
+    runtime = section["runtime_rss"]
+    notes = [f"- `{r['name']}` made by `{r['made_by']}`" + (f"; RSS: `{r['rss_command']}`" if "rss_command" in r
+                                                             else "") + (f"; **failed**: {r['error']}" if "error" in r
+                                                                         else "") for r in section["rows"]]
+    return (f"## 4. Serving ({device})\n\n{section['how']}. Numerics `fake` = dequantize, then float matmul (AQT on "
+            f"CPU); checkpoint bytes = files of the checkpoint step folder. Peak RSS of the runtime alone "
+            f"(`{runtime['command']}`): {fmt(runtime.get('peak_rss_bytes'), '.0f', 1e-6)} MB.\n\n"
+            + table(headers, rows) + "\n\n" + "\n".join(notes))
+
+
+SECTIONS = {"matmul": matmul_markdown, "throughput": throughput_markdown, "quality": quality_markdown,
+            "serving": serving_markdown}
+
+
+def section_markdown(key: str, results: dict) -> str:
+    return SECTIONS[key](results[key], results["machine"]["name"])
+
+
+def header_markdown(results: dict) -> str:
+    m = results["machine"]
+    sections = ", ".join(f"{k} {v:.0f} s" for k, v in results["section_s"].items())
+    return (f"# slm-jax benchmarks: {m['name']} ({results['profile']})\n\n"
+            f"- command: `{results['command']}` (commit {results['git'] or 'unknown'}, {results['started']})\n"
+            f"- device: {m['device_kind']} ({m['platform']}, {m['device_count']} device(s), {m['cpu_count']} CPU "
+            f"cores), jax {m['jax']}, Python {m['python']}\n"
+            f"- load average at start / end: {m['load_average_at_start']} / {m.get('load_average_at_end')}\n"
+            f"- total {results['total_s']:.0f} s ({sections})\n\n"
+            f"Absolute times hold for this device and its load only; compare ratios within one run.\n")
+
+
+def write_report(results: dict, out: Path) -> None:
+    device = results["machine"]["name"]
+    plots = make_plots(results, out)
+    parts = [header_markdown(results)]
+    for key, plot in zip(SECTIONS, ("", "throughput.png", "quality.png", "serving.png")):
+        parts.append(section_markdown(key, results))
+        if key == "quality":
+            parts.append("![loss curves](loss_curves.png)")
+        if plot in plots:
+            parts.append(f"![{key} on {device}]({plot})")
+    (out / "results.md").write_text("\n\n".join(parts) + "\n")
+
+
+def make_plots(results: dict, out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    device = results["machine"]["name"]
+    style = dict(figsize=(8, 3.4), dpi=80)
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+
+    rows = results["throughput"]["rows"]
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    fig, axes = plt.subplots(1, len(sizes), squeeze=False, **style)
+    for ax, size in zip(axes[0], sizes):
+        these = [r for r in rows if r["size"] == size]
+        ax.barh([r["label"] for r in these], [r["tokens_per_s"] for r in these], color="tab:blue")
+        for i, r in enumerate(these):
+            ratio = r.get("vs_bf16") or r.get("vs_fp32")
+            ax.text(r["tokens_per_s"], i, f" x{ratio:.2f} time" if ratio else "", va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{size}: training tokens/s ({device})", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.margins(x=0.25)
+    save(fig, "throughput.png")
+
+    fig, ax = plt.subplots(**style)
+    for name, curve in results["quality"]["curves"].items():
+        line, = ax.plot(curve["step"], curve["loss"], label=name, linewidth=1.2)
+        ax.plot(curve["val_step"], curve["val_loss"], "o", color=line.get_color(), markersize=4)
+    ax.set_xlabel("step (fine-tunes count from their own start)", fontsize=8)
+    ax.set_ylabel("loss (nats/token)", fontsize=8)
+    ax.set_title(f"training loss (lines) and validation loss (dots), {device}", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=7)
+    save(fig, "loss_curves.png")
+
+    rows = results["quality"]["rows"]
+    fig, ax = plt.subplots(**style)
+    ax.barh([r["label"] for r in rows], [r["loss"] for r in rows],
+            color=["tab:gray" if r["kind"] == "trained" else "tab:orange" if r["kind"] == "ptq" else "tab:green"
+                   for r in rows])
+    for i, r in enumerate(rows):
+        ax.text(r["loss"], i, f" {r['loss']:.3f} ({r['bits_per_char']:.2f} bits/char)", va="center", fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(min(r["loss"] for r in rows) * 0.9, max(r["loss"] for r in rows) * 1.12)
+    ax.set_title(f"validation loss: trained (gray), PTQ (orange), QAT fine-tuned (green); {device}", fontsize=9)
+    ax.tick_params(labelsize=8)
+    save(fig, "quality.png")
+
+    rows = results["serving"]["rows"]
+    fig, (left, right) = plt.subplots(1, 2, **style)
+    sized = [r for r in rows if r.get("checkpoint_bytes")]
+    left.barh([r["name"] for r in sized], [r["checkpoint_bytes"] / 1e6 for r in sized], color="tab:purple")
+    left.invert_yaxis()
+    left.set_title("checkpoint on disk (MB)", fontsize=9)
+    timed = [r for r in rows if r.get("speed")]
+    batches = sorted({s["batch"] for r in timed for s in r["speed"]})
+    width = 0.8 / len(batches)
+    for j, batch in enumerate(batches):
+        values = [next((s["decode_tokens_per_s"] for s in r["speed"] if s["batch"] == batch), 0) for r in timed]
+        right.bar([i + j * width for i in range(len(timed))], values, width, label=f"batch {batch}")
+    right.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(timed))], [r["name"] for r in timed])
+    right.set_title(f"decode tokens/s with KV cache ({device})", fontsize=9)
+    right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.tick_params(labelsize=8)
+    save(fig, "serving.png")
+    return list(PLOTS)

@@ -1,0 +1,151 @@
+"""Bench section 4: what serving costs for the float, INT8 and INT4 runs of section 3.
+
+Parameter bytes and checkpoint bytes on disk; prefill and KV-cache decode tokens/s (after compilation) at each
+batch size; and the peak resident memory of `python -m train.generate` for each run, under `/usr/bin/time -v`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from checkpoints.manager import tree_bytes
+from quant.provider import resolve_numerics
+from slm_jax.attention import KVCache
+from slm_jax.errors import UserError
+from slm_jax.sampling import generate
+from train.bench import ROOT
+from train.bench_quality import quiet, shown, train_command
+from train.bench_speed import timed
+from train.config import load_config
+from train.ptq import convert_workdir
+from train.workdir import load_run
+
+TIME_BIN = Path("/usr/bin/time")
+RUNTIME_ONLY = "import jax.numpy as jnp, train.generate; jnp.zeros(1).block_until_ready()"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def decode_speed(run, batch: int, new_tokens: int, reps: int) -> dict:
+    """Prefill of a seq_len/2 prompt, timed alone, and `generate` (prefill + new_tokens decode steps, sampling
+    at temperature 0.8, top-k 40 as train.generate does); decode tokens/s = batch * new_tokens / (generate - prefill).
+    """
+    model, variables, cfg = run.model, run.variables, run.config.model
+    prompt_len = max(1, cfg.seq_len // 2)
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
+    prefill = jax.jit(lambda v, p: model.apply(v, p, cache=KVCache.init(cfg, p.shape[0], model.dtype)))
+    rng = jax.random.PRNGKey(0)
+    first_prefill = timed(lambda: prefill(variables, prompt))
+    first_generate = timed(lambda: generate(model, variables, prompt, rng, new_tokens, 0.8, 40))
+    prefill_s = statistics.median(timed(lambda: prefill(variables, prompt)) for _ in range(reps))
+    generate_s = statistics.median(timed(lambda: generate(model, variables, prompt, rng, new_tokens, 0.8, 40))
+                                   for _ in range(reps))
+    decode_s = max(generate_s - prefill_s, 1e-9)
+    return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "first_prefill_s": first_prefill,
+            "first_generate_s": first_generate, "prefill_s": prefill_s, "generate_s": generate_s,
+            "prefill_tokens_per_s": batch * prompt_len / prefill_s,
+            "decode_tokens_per_s": batch * new_tokens / decode_s, "decode_ms_per_token": 1000 * decode_s / new_tokens}
+
+
+def start_measured(command: list[str]) -> subprocess.Popen:
+    prefix = [str(TIME_BIN), "-v"] if TIME_BIN.exists() else []
+    return subprocess.Popen(prefix + command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish_measured(proc: subprocess.Popen) -> dict:
+    """Peak RSS of a process from `start_measured`: from /usr/bin/time -v, else from the kernel's wait4 record."""
+    if not TIME_BIN.exists():
+        _, status, usage = os.wait4(proc.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return {"peak_rss_bytes": rss if code == 0 else None, "rss_method": "wait4", "exit_code": code}
+    _, err = proc.communicate(timeout=900)
+    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
+    result = {"peak_rss_bytes": int(found.group(1)) * 1024 if found and proc.returncode == 0 else None,
+              "rss_method": "/usr/bin/time -v", "exit_code": proc.returncode}
+    if proc.returncode:
+        result["error"] = (err.strip().splitlines() or ["no output"])[-1]
+    return result
+
+
+def peak_rss(commands: dict[str, list[str]]) -> dict[str, dict]:
+    """Run the commands (at once on a CPU, where memory is all they share; one by one on an accelerator)."""
+    if jax.default_backend() == "cpu":
+        procs = {name: start_measured(cmd) for name, cmd in commands.items()}
+        return {name: finish_measured(proc) for name, proc in procs.items()}
+    return {name: finish_measured(start_measured(cmd)) for name, cmd in commands.items()}
+
+
+def measure_serving(quality: dict, work: Path, batches, new_tokens: int, reps: int, rss_models: int | None,
+                    say) -> dict:
+    by_name = {row["name"]: row for row in quality["rows"]}
+    float_row = by_name[quality["float_run"]]
+    models = [("float", f"float: the {float_row['label']} training run (checkpoint holds params + AdamW state)",
+               float_row)]
+    models += [(name, by_name[ptq]["label"], by_name[ptq]) for name, ptq in (("int8", "ptq_int8"),
+                                                                          ("int4", "ptq_int4_group"))
+               if ptq in by_name]
+    rows = []
+    for name, label, source in models:
+        run = load_run(Path(source["workdir"]))
+        row = {"name": name, "label": label, "workdir": source["workdir"], "made_by": source["command"],
+               "param_bytes": tree_bytes(run.variables)["total"],
+               "checkpoint_bytes": folder_bytes(Path(source["workdir"]) / "checkpoints" / str(run.step)),
+               "compute_dtype": run.config.train.precision, "quant": run.config.quant.mode,
+               "numerics": None if run.config.quant.mode == "none" else resolve_numerics(run.config.quant.numerics),
+               "speed": []}
+        for batch in batches:
+            speed = decode_speed(run, batch, new_tokens, reps)
+            say(f"{name} batch {batch}: prefill {speed['prefill_tokens_per_s']:,.0f} tok/s, decode "
+                f"{speed['decode_tokens_per_s']:,.0f} tok/s (generate first call {speed['first_generate_s']:.1f} s)")
+            row["speed"].append(speed)
+        rows.append(row)
+
+    # The float model with nothing but its params, for the on-disk comparison the int runs are held to.
+    overrides = [f"train.init_from={float_row['workdir']}", "quant.weight_bits=null", "quant.act_bits=null"]
+    params_only = work / "float_params"
+    row = {"name": "float_params", "label": "float, params only (PTQ with quant.weight_bits=null)",
+           "workdir": shown(params_only), "made_by": train_command("ptq_int8", overrides, params_only)}
+    try:
+        convert_workdir(Path(float_row["workdir"]), params_only, load_config("ptq_int8", overrides).quant,
+                        log=quiet(say))
+        store_step = max(int(p.name) for p in (params_only / "checkpoints").iterdir() if p.name.isdigit())
+        row["checkpoint_bytes"] = folder_bytes(params_only / "checkpoints" / str(store_step))
+        row["param_bytes"] = rows[0]["param_bytes"]
+    except UserError as err:
+        row["error"] = str(err)
+    rows.insert(1, row)
+
+    reference = row.get("checkpoint_bytes") or rows[0]["checkpoint_bytes"]
+    for r in rows:
+        if "checkpoint_bytes" in r:
+            r["checkpoint_vs_float_params"] = r["checkpoint_bytes"] / reference
+            r["params_vs_float"] = r["param_bytes"] / rows[0]["param_bytes"]
+
+    measured_models = [r for r in rows if "speed" in r][:rss_models]
+    say(f"peak RSS of train.generate for {len(measured_models)} run(s) and of the runtime alone")
+    commands = {"runtime": [sys.executable, "-c", RUNTIME_ONLY]}
+    for r in measured_models:
+        commands[r["name"]] = [sys.executable, "-m", "train.generate", "--workdir",
+                               str(Path(r["workdir"]).absolute()), "--max-new-tokens", str(new_tokens)]
+    measured = peak_rss(commands)
+    for r in rows:
+        if r["name"] in measured:
+            r.update(measured[r["name"]])
+            r["rss_command"] = (f"/usr/bin/time -v python -m train.generate --workdir {shlex.quote(r['workdir'])} "
+                                f"--max-new-tokens {new_tokens}")
+    return {"how": f"tokens/s after compilation, median of {reps}; prompt seq_len/2 random tokens; decode "
+                   f"{new_tokens} new tokens with the KV cache (slm_jax.sampling.generate)",
+            "runtime_rss": {**measured["runtime"], "command": f"python -c {shlex.quote(RUNTIME_ONLY)}"},
+            "rows": rows}

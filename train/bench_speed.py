@@ -1,0 +1,132 @@
+"""Bench sections 1 and 2: the machine's matmul peak, and training-step speed of each precision and QAT variant.
+
+Steps are timed one by one (`block_until_ready`) and reported as medians; variants take turns, round after round,
+so a change of load on a shared machine slows all of them alike and their ratios stay meaningful.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train.build import build_model, state_initializer
+from train.config import load_config
+from train.optim import make_optimizer
+from train.steps import make_train_step
+
+FLOPS_FORMULA = ("6*N + 12*n_layers*seq_len*d_model per token (PaLM, Chowdhery et al. 2022, app. B): N = parameters "
+                 "of every matmul weight (q, k, v, o, gate, up, down and the LM head; not the embedding table or "
+                 "norms), the second term QK^T and attention x V over the full seq_len x seq_len scores; forward + "
+                 "backward = 3 x forward. QAT's quantize/dequantize work is not counted, so MFU ratios are speed "
+                 "ratios.")
+
+
+def timed(fn) -> float:
+    tic = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - tic
+
+
+def measure_matmul(n: int, reps: int, say) -> dict:
+    """GFLOP/s of a jitted [n, n] @ [n, n] matmul in float32 and bfloat16 (median and best of `reps`)."""
+    rows = []
+    for dtype in (jnp.float32, jnp.bfloat16):
+        a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n), dtype) for i in (0, 1))
+        matmul = jax.jit(jnp.matmul)
+        first = timed(lambda: matmul(a, b))
+        seconds = [timed(lambda: matmul(a, b)) for _ in range(reps)]
+        flops = 2 * n ** 3
+        row = {"dtype": jnp.dtype(dtype).name, "n": n, "reps": reps, "first_call_s": first,
+               "median_s": statistics.median(seconds), "gflops": flops / statistics.median(seconds) / 1e9,
+               "best_gflops": flops / min(seconds) / 1e9}
+        say(f"matmul {row['dtype']} {n}^3: {row['gflops']:.1f} GFLOP/s (median of {reps}), "
+            f"best {row['best_gflops']:.1f}")
+        rows.append(row)
+    return {"how": f"jax.jit(jnp.matmul) of two random [n, n] arrays, one untimed call, then {reps} timed; 2*n^3 "
+                   "FLOPs per call; the float32 median is the peak MFU is measured against", "rows": rows}
+
+
+def matmul_params(params) -> int:
+    """Parameters of the matmul weights: every `kernel` leaf (the Linear layers, LM head included)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return sum(int(np.prod(leaf.shape)) for path, leaf in leaves if getattr(path[-1], "key", None) == "kernel")
+
+
+def flops_per_token(config, n_matmul: int) -> int:
+    m = config.model
+    return 6 * n_matmul + 12 * m.n_layers * m.seq_len * m.d_model
+
+
+def fixed_batch(config):
+    """One batch of random tokens shaped as the training loop's: (inputs, targets), each [grad_accum, batch, seq]."""
+    shape = (config.train.grad_accum, config.train.batch_size, config.model.seq_len)
+    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (2, *shape), dtype=np.int32)
+    return jnp.asarray(tokens[0]), jnp.asarray(tokens[1])
+
+
+def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, peak_flops: float, say) -> dict:
+    """sizes: [(label, overrides)]; variants: [(name, label, config name, overrides)] -> one row per pair.
+
+    Each variant is `load_config` + `build_model` + `jax.jit(make_train_step(...), donate_argnums=0)` on a fixed
+    batch. The initial state comes from `state_initializer` once per size (the float variant's): quantization is a
+    configuration of the same model, so every variant starts from the same parameters.
+    """
+    rows = []
+    for size_label, size_overrides in sizes:
+        built, init = [], None
+        for name, label, config_name, extra in variants:
+            overrides = [*size_overrides, *extra]
+            config = load_config(config_name, overrides)
+            model = build_model(config)
+            if init is None:
+                init = jax.jit(state_initializer(config, model))
+            state = init()
+            step = jax.jit(make_train_step(model, make_optimizer(config.train)), donate_argnums=0)
+            batch = fixed_batch(config)
+            tic = time.perf_counter()
+            state, metrics = step(state, batch)
+            jax.block_until_ready((state, metrics))
+            first = time.perf_counter() - tic
+            for _ in range(warmup):
+                state, metrics = step(state, batch)
+            jax.block_until_ready(state)
+            say(f"{size_label} {name}: first call (trace + compile + 1 step) {first:.1f} s")
+            n_matmul = matmul_params(state.params)
+            built.append({"state": state, "step": step, "batch": batch, "times": [], "row": {
+                "size": size_label, "variant": name, "label": label, "config": config_name,
+                "overrides": overrides, "size_overrides": list(size_overrides), "variant_overrides": list(extra),
+                "batch_size": config.train.batch_size, "seq_len": config.model.seq_len,
+                "params": int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(state.params))),
+                "matmul_params": n_matmul, "flops_per_token": flops_per_token(config, n_matmul),
+                "first_call_s": first}})
+        for _ in range(rounds):
+            for item in built:
+                for _ in range(steps):
+                    tic = time.perf_counter()
+                    item["state"], metrics = item["step"](item["state"], item["batch"])
+                    jax.block_until_ready((item["state"], metrics))
+                    item["times"].append(time.perf_counter() - tic)
+        for item in built:
+            row, times = item["row"], item["times"]
+            step_s = statistics.median(times)
+            tokens = row["batch_size"] * row["seq_len"]
+            row.update(timed_steps=len(times), ms_per_step=1000 * step_s, ms_per_step_min=1000 * min(times),
+                       tokens_per_s=tokens / step_s, model_tflops=row["flops_per_token"] * tokens / step_s / 1e12,
+                       mfu=row["flops_per_token"] * tokens / step_s / peak_flops)
+            rows.append(row)
+        reference = {r["variant"]: r["ms_per_step"] for r in rows if r["size"] == size_label}
+        for row in rows:
+            if row["size"] == size_label:
+                for base in ("bf16", "fp32"):
+                    if base in reference:
+                        row[f"vs_{base}"] = row["ms_per_step"] / reference[base]
+        for row in (r for r in rows if r["size"] == size_label):
+            say(f"{size_label} {row['variant']}: {row['ms_per_step']:.1f} ms/step, {row['tokens_per_s']:,.0f} tok/s, "
+                f"MFU {100 * row['mfu']:.1f}%")
+        del built
+    return {"how": f"median of {rounds} x {steps} timed steps per variant (variants in turn each round) after "
+                   f"{warmup} untimed step(s); fixed random batch; MFU = model FLOP/s / float32 matmul peak",
+            "flops_formula": FLOPS_FORMULA, "peak_gflops": peak_flops / 1e9, "rows": rows}

@@ -1,0 +1,174 @@
+"""The root `Config`: one frozen dataclass per section, loaded from `configs/NAME.yaml` plus `--set` overrides.
+
+The resolved config is saved with every checkpoint and read back by every later command (one source of truth).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from quant.config import QuantConfig
+from slm_jax.config import ModelConfig
+from slm_jax.errors import UserError
+from train.config_loader import build, to_dict
+from train.data import DataConfig
+from train.sharding import MeshConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 (f32 master params, bf16 compute) | fp16 (plus dynamic loss scaling)
+    log_every: int = 50
+    eval_every: int = 250
+    eval_batches: int = 20
+    init_from: str | None = None  # a workdir whose latest params start this run (e.g. QAT from a float model)
+    sample_prompt: str = "ROMEO:"
+    sample_tokens: int = 200
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"train.{key} must be a positive integer, got {getattr(self, key)}")
+        for key in ("warmup_steps", "sample_tokens"):
+            if getattr(self, key) < 0:
+                raise UserError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.learning_rate <= 0:
+            raise UserError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip <= 0:
+            raise UserError("train.weight_decay must be >= 0 and train.grad_clip > 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise UserError("train.beta1 and train.beta2 must be in [0, 1)")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500  # steps between saves (the last step is always saved)
+    keep: int = 3  # how many recent checkpoints to keep
+    async_save: bool = True  # Orbax writes in the background while training goes on
+
+    def __post_init__(self):
+        if self.every <= 0 or self.keep <= 0:
+            raise UserError("checkpoint.every and checkpoint.keep must be positive integers")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    quant: QuantConfig = QuantConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        if not isinstance(values, dict):
+            raise UserError(f"a config must be a mapping of sections, got {type(values).__name__}")
+        return build(cls, values)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        values = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise UserError(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"config {path} must be a mapping of sections")
+    return values
+
+
+def resolve_path(name: str) -> Path:
+    """A config name (`int8_qat`) or a path to a YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        return path
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+        raise UserError(f"unknown config '{name}' (known: {', '.join(known)}; or give a path to a .yaml file)")
+    return path
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML config, applying its `inherit:` base (a config name or a path next to it) underneath."""
+    if path.resolve() in seen:
+        raise UserError(f"config {path} inherits from itself")
+    values = _read_yaml(path)
+    parent = values.pop("inherit", None)
+    if parent is None:
+        return values
+    if not isinstance(parent, str):
+        raise UserError(f"inherit: in {path} must be a config name, got {parent!r}")
+    sibling = path.parent / f"{parent}.yaml"
+    parent_path = sibling if sibling.is_file() else resolve_path(parent)
+    return merge(load_yaml_tree(parent_path, (*seen, path.resolve())), values)
+
+
+def parse_override(text: str) -> dict:
+    """`section.key=value` (value parsed as YAML: 3, 1e-3, null, [a, b], true) -> nested dict."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set expects section.key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: dict = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(name: str, overrides: list[str] = ()) -> Config:
+    values = load_yaml_tree(resolve_path(name))
+    for text in overrides:
+        values = merge(values, parse_override(text))
+    config = Config.from_dict(values)
+    check_consistency(config)
+    return config
+
+
+def check_consistency(config: Config) -> None:
+    """Rules that span sections."""
+    if config.model.vocab_size < 256:
+        raise UserError(f"model.vocab_size must be at least 256 for the byte tokenizer, got {config.model.vocab_size}")
+
+
+def save_yaml(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,98 @@
+"""Build frozen config dataclasses from YAML-shaped dicts, checking every key and type on the way in.
+
+Errors name the dotted key and what is allowed, so a typo fails before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from typing import Any
+
+from slm_jax.errors import UserError
+
+
+@functools.cache
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def convert(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp` (a field annotation) or raise UserError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return convert(value, option, key)
+            except UserError:
+                continue
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            item_type = typing.get_args(tp)[0]
+            return tuple(convert(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return build(tp, value, f"{key}.")
+        if isinstance(value, tp):
+            return value
+    else:
+        raise TypeError(f"config field {key} has an unsupported annotation {tp}")
+    raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def build(cls, values: dict, prefix: str = ""):
+    """Instantiate dataclass `cls` from `values`, rejecting unknown keys; nested dataclasses are built too."""
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        where = f"'{prefix}{unknown[0]}'"
+        raise UserError(f"unknown config key {where} (allowed in {prefix.rstrip('.') or 'the root'}: "
+                        f"{', '.join(sorted(fields))})")
+    hints = _field_types(cls)
+    kwargs = {name: convert(v, hints[name], f"{prefix}{name}") for name, v in values.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config) -> dict:
+    """A dataclass tree as plain YAML/JSON-able dicts and lists."""
+    def plain(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+    return plain(config)

@@ -1,0 +1,173 @@
+"""The training loop: resume or initialise, step, log, evaluate, checkpoint, and finish with a sample.
+
+Batches are a pure function of (seed, step) and the RNG lives in the state, so a resumed run continues the
+uninterrupted run's loss trajectory exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from checkpoints.manager import CheckpointStore, build_metadata
+from slm_jax.errors import UserError
+from slm_jax.sampling import generate
+from train.build import build_model, state_initializer
+from train.config import Config, save_yaml
+from train.data import ByteTokenizer, get_batch, load_splits
+from train.evaluation import chars_per_token, loss_summary, mean_loss
+from train.metrics import MetricsLog, Throughput, format_duration
+from train.optim import learning_rate_schedule, make_optimizer
+from train.sharding import (abstract_with_shardings, batch_sharding, create_sharded_state, make_mesh, shard_batch,
+                            shard_train_step, state_shardings)
+from train.steps import make_eval_step, make_train_step
+from train.workdir import check_resumable, load_params
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/inf: training stops and the last good checkpoint stays as it was."""
+
+
+def train_batch(tokens: np.ndarray, config: Config, step: int):
+    cfg = config.train
+    x, y = get_batch(tokens, cfg.seed, step, cfg.batch_size * cfg.grad_accum, config.model.seq_len)
+    shape = (cfg.grad_accum, cfg.batch_size, config.model.seq_len)
+    return x.reshape(shape), y.reshape(shape)  # numpy, global batch: shard_batch places it on the mesh
+
+
+def initial_state(config: Config, model, store: CheckpointStore, log, shardings):
+    """Restored (resharded onto this run's mesh) or fresh, created directly in `shardings`."""
+    init = state_initializer(config, model)
+    latest = store.latest_step()
+    if latest is not None:
+        check_resumable(store.metadata(latest), config, store.directory)
+        log(f"resuming from step {latest} in {store.directory}")
+        return store.restore(abstract_with_shardings(jax.eval_shape(init), shardings), latest)
+    state = create_sharded_state(init, shardings)
+    if config.train.init_from:
+        params = jax.device_put(load_params(Path(config.train.init_from), config), shardings.params)
+        opt_state = jax.jit(make_optimizer(config.train).init, out_shardings=shardings.opt_state)(params)
+        state = state.replace(params=params, opt_state=opt_state)
+        log(f"initialised params from {config.train.init_from}")
+    return state
+
+
+def describe_quant_plan(config: Config, workdir: Path, log) -> dict | None:
+    """Print the resolved per-layer quantization plan and save it as `quant_plan.json` (None for float runs)."""
+    if config.quant.mode == "none":
+        return None
+    from quant.plan import format_plan, make_plan, plan_to_json
+    plan = make_plan(config.model, config.quant)
+    log(f"quantization plan ({config.quant.mode}):\n{format_plan(plan)}")
+    (workdir / "quant_plan.json").write_text(json.dumps(plan_to_json(plan), indent=1))
+    return plan_to_json(plan)
+
+
+def run_training(config: Config, workdir: Path, log=print) -> dict:
+    """Train `config` in `workdir`; returns the final summary (also written to metrics.jsonl)."""
+    cfg = config.train
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = ByteTokenizer()
+    splits = load_splits(config.data, tokenizer)
+    model = build_model(config)
+    quant_plan = describe_quant_plan(config, workdir, log)
+    store = CheckpointStore(workdir / "checkpoints", keep=config.checkpoint.keep,
+                            async_save=config.checkpoint.async_save)
+    mesh = make_mesh(config.mesh)
+    shardings = state_shardings(state_initializer(config, model), model, mesh)
+    place = batch_sharding(mesh)
+    try:
+        state = initial_state(config, model, store, log, shardings)
+    except BaseException:
+        store.close()
+        raise
+    save_yaml(config, workdir / "config.yaml")
+    metrics_log = MetricsLog(workdir / "metrics.jsonl")
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+    log(f"model: {n_params:,} params | train {len(splits.train):,} tokens, val {len(splits.val):,} tokens | "
+        f"precision {cfg.precision} | quant {config.quant.mode} | mesh {dict(mesh.shape)}")
+
+    schedule = learning_rate_schedule(cfg)
+    train_step = shard_train_step(make_train_step(model, make_optimizer(cfg), schedule, cfg.precision == "fp16"),
+                                  shardings, place)
+    eval_step = jax.jit(make_eval_step(model))
+    cpt = chars_per_token(tokenizer.decode, splits.val)
+    seq_len = config.model.seq_len
+
+    def validate() -> dict:
+        loss = mean_loss(eval_step, state.params, state.frozen, splits.val, cfg.batch_size, seq_len,
+                         cfg.eval_batches)
+        return loss_summary(loss, cpt)
+
+    def save(step: int) -> None:
+        meta = build_metadata(config.to_dict(), step, state.params, splits.description["tokenizer"],
+                              quant_plan=quant_plan, data=splits.description)
+        store.save(step, state, meta)
+
+    start = int(state.step)
+    speed = Throughput(cfg.batch_size * cfg.grad_accum * seq_len, cfg.steps)
+    wall_start = time.perf_counter()
+    last_good = store.latest_step()
+    try:
+        for step in range(start, cfg.steps):
+            batch = shard_batch(train_batch(splits.train, config, step), place)
+            tic = time.perf_counter()
+            state, metrics = train_step(state, batch)
+            loss = float(metrics["loss"])
+            if step > start:  # the first step of a process includes compilation
+                speed.add(time.perf_counter() - tic)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {loss} at step {step + 1}; stopped without saving (last good checkpoint: "
+                    f"{last_good if last_good is not None else 'none'} in {store.directory}); "
+                    f"try a lower train.learning_rate or train.precision=fp32")
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                rates = speed.rates(done)
+                record = {"step": done, "loss": loss, "lr": float(metrics["lr"]),
+                          "grad_norm": float(metrics["grad_norm"]), **rates}
+                metrics_log.write(**record)
+                log(f"step {done:>6}/{cfg.steps} | loss {loss:.4f} | lr {record['lr']:.2e}"
+                    + (f" | {rates['tokens_per_s']:,.0f} tok/s | {rates['ms_per_step']:.1f} ms/step | "
+                       f"ETA {format_duration(rates['eta_s'])}" if rates else ""))
+            if done % cfg.eval_every == 0 and done != cfg.steps:
+                val = validate()
+                metrics_log.write(step=done, val_loss=val["loss"], val_perplexity=val["perplexity"])
+                log(f"eval   {done:>6} | val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f}")
+            if done % config.checkpoint.every == 0 or done == cfg.steps:
+                save(done)
+                last_good = done
+        if start >= cfg.steps:
+            log(f"already trained to step {start} (train.steps = {cfg.steps})")
+        val = validate()
+    finally:
+        store.close()
+    wall = time.perf_counter() - wall_start
+    rates = speed.rates(cfg.steps) if start < cfg.steps else {}
+    summary = {"step": cfg.steps, "final": True, "params": n_params, "wall_s": wall,
+               "val_loss": val["loss"], "val_perplexity": val["perplexity"], "val_bits_per_char": val["bits_per_char"],
+               **{k: v for k, v in rates.items() if k != "eta_s"}}
+    metrics_log.write(**summary)
+    log(f"done: {cfg.steps} steps in {format_duration(wall)}"
+        + (f" | {rates['tokens_per_s']:,.0f} tok/s" if rates else "")
+        + f" | val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | bits/char {val['bits_per_char']:.3f}")
+    if cfg.sample_tokens:
+        text = sample_text(model, {"params": state.params, **state.frozen}, tokenizer, cfg.sample_prompt,
+                           cfg.sample_tokens, seq_len, seed=cfg.seed)
+        log(f"sample:\n{cfg.sample_prompt}{text}")
+        summary["sample"] = text
+    return summary
+
+
+def sample_text(model, variables, tokenizer, prompt: str, max_new_tokens: int, seq_len: int, seed: int = 0,
+                temperature: float = 0.8, top_k: int | None = 40, batch: int = 1) -> str | list[str]:
+    ids = tokenizer.encode(prompt)[-seq_len:] if prompt else np.array([10], np.uint16)
+    prompt_ids = jnp.asarray(np.tile(ids.astype(np.int32), (batch, 1)))
+    out = generate(model, variables, prompt_ids, jax.random.PRNGKey(seed), max_new_tokens, temperature, top_k)
+    texts = [tokenizer.decode(np.asarray(row)) for row in out]
+    return texts[0] if batch == 1 else texts

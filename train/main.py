@@ -1,0 +1,46 @@
+"""`python -m train.main --config NAME [--set section.key=value ...] [--workdir DIR]`: train (or resume) a model."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from slm_jax.errors import UserError
+from train.cli import main_guard
+from train.config import load_config, resolve_path
+from train.loop import run_training
+from train.sharding import maybe_initialize_distributed
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.main", description=__doc__)
+    parser.add_argument("--config", required=True, help="a name in configs/ (tiny, baseline, int8_qat, ...) or a YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config field (repeatable), e.g. --set train.steps=200")
+    parser.add_argument("--workdir", type=Path, help="output folder (default runs/<config name>/)")
+    return parser.parse_args(argv)
+
+
+@main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    maybe_initialize_distributed()
+    config = load_config(args.config, args.overrides)
+    workdir = args.workdir or Path("runs") / resolve_path(args.config).stem
+    if config.quant.mode == "serve":  # post-training quantization of the run named by train.init_from
+        if not config.train.init_from:
+            raise UserError("quant.mode=serve converts an existing run: set train.init_from to its workdir")
+        from train.ptq import convert_workdir
+        from train.evaluate import evaluate_workdir, format_table
+        if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+            print(f"{workdir} already holds the converted model")
+        else:
+            convert_workdir(Path(config.train.init_from), workdir, config.quant)
+        rows = [evaluate_workdir(w, config.train.eval_batches, config.train.batch_size)
+                for w in (Path(config.train.init_from), workdir)]
+        print(format_table(rows))
+        return
+    run_training(config, workdir)
+
+
+if __name__ == "__main__":
+    main()

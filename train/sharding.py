@@ -1,0 +1,220 @@
+"""Scale past one device: a ("data", "fsdp", "tensor") mesh, logical-axis rules, and the shardings of the TrainState
+and of batches, so params and optimizer state are created, stepped and restored already spread over the devices.
+
+The model names each param dimension ("embed", "mlp", ...); `RULES` maps those names to mesh axes. A dimension is
+only split when the mesh axes divide it, so any model runs on any mesh (undivisible dims stay replicated).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from checkpoints.manager import array_bytes
+from slm_jax.errors import UserError
+
+AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes that split it. fsdp splits every matrix along d_model (ZeRO-3 style); tensor splits
+# heads, the MLP hidden layer and the vocabulary (Megatron style); the batch is split over data and fsdp together.
+RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", ("fsdp",)),
+    ("vocab", ("tensor",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("norm", ()),
+)
+
+Axes = tuple[tuple[str | None, int], ...]  # per dimension of a variable: (logical axis name, size)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The `mesh` config section: how many ways each mesh axis splits the devices (the product is all of them)."""
+
+    data: int = -1  # data-parallel replicas; -1: all the devices that fsdp and tensor leave
+    fsdp: int = 1  # params, grads and optimizer state sharded over this many devices (the batch too)
+    tensor: int = 1  # tensor parallelism: heads, MLP hidden units and vocabulary split this many ways
+
+    def __post_init__(self):
+        if self.data != -1 and self.data <= 0:
+            raise UserError(f"mesh.data must be a positive integer or -1 (all remaining devices), got {self.data}")
+        for key in ("fsdp", "tensor"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"mesh.{key} must be a positive integer, got {getattr(self, key)}")
+
+    def shape(self, n_devices: int) -> tuple[int, int, int]:
+        """(data, fsdp, tensor) for `n_devices` devices, with data=-1 resolved."""
+        split = self.fsdp * self.tensor
+        if self.data == -1:
+            if n_devices % split:
+                raise UserError(f"mesh.fsdp * mesh.tensor = {split} must divide the number of devices "
+                                f"({n_devices}) when mesh.data is -1")
+            return n_devices // split, self.fsdp, self.tensor
+        if self.data * split != n_devices:
+            raise UserError(f"mesh.data * mesh.fsdp * mesh.tensor = {self.data * split} must equal the number of "
+                            f"devices ({n_devices}); set mesh.data=-1 to use all remaining devices")
+        return self.data, self.fsdp, self.tensor
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    """A mesh over `devices` (default: every device of every process) with axes `AXES`."""
+    devices = list(jax.devices() if devices is None else devices)
+    return jax.make_mesh(cfg.shape(len(devices)), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def maybe_initialize_distributed() -> bool:
+    """Join a multi-process (multi-host) run when the environment describes one; else do nothing.
+
+    Call it first thing in a CLI, before any other JAX call. It calls `jax.distributed.initialize()` when
+    - JAX_COORDINATOR_ADDRESS is set (host:port of process 0), with JAX_NUM_PROCESSES and JAX_PROCESS_ID (read
+      here) unless JAX can detect them;
+    - an srun step runs more than one task (SLURM_STEP_NUM_TASKS > 1), or mpirun more than one rank
+      (OMPI_COMM_WORLD_SIZE > 1);
+    - a multi-host TPU slice names its workers (TPU_WORKER_HOSTNAMES or TPU_PROCESS_ADDRESSES with a comma);
+    - SLM_JAX_DISTRIBUTED=1 asks for JAX's own cluster detection (e.g. Cloud TPU VMs, found via the metadata server).
+    Returns whether this process is now part of a distributed run.
+    """
+    env = os.environ
+    if jax.distributed.is_initialized():
+        return True
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        count, index = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(num_processes=int(count) if count else None,
+                                   process_id=int(index) if index else None)
+        return True
+    many = lambda key: int(env.get(key, "1") or "1") > 1
+    tpu_hosts = env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or ""
+    if many("SLURM_STEP_NUM_TASKS") or many("OMPI_COMM_WORLD_SIZE") or "," in tpu_hosts \
+            or env.get("SLM_JAX_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def logical_axes(model: nn.Module) -> dict[tuple[str, ...], Axes]:
+    """Variable path (without its collection) -> per dimension (logical name, size), for every variable the
+    model annotates. For a serving model, pass the float model of the same config: it still has every kernel, and
+    the integer weights and scales that replace a kernel are then matched to its axes by shape."""
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+    leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return {_names(path)[1:]: tuple(zip(leaf.names, leaf.value.shape))
+            for path, leaf in leaves if isinstance(leaf, nn.Partitioned)}
+
+
+def mesh_spec(axes: Axes, mesh: Mesh, rules=RULES) -> PartitionSpec:
+    """The PartitionSpec of a variable with these logical axes: each dimension is split over the mesh axes its rule
+    names, dropping trailing ones until their sizes divide it; a mesh axis splits at most one dimension."""
+    rules, used, out = dict(rules), set(), []
+    for name, size in axes:
+        split = tuple(a for a in rules.get(name, ()) if a not in used)
+        while split and size % math.prod(mesh.shape[a] for a in split):
+            split = split[:-1]
+        used.update(split)
+        out.append(None if not split else split[0] if len(split) == 1 else split)
+    return PartitionSpec(*out)
+
+
+def tree_shardings(tree: Any, axes: dict[tuple[str, ...], Axes], mesh: Mesh, rules=RULES) -> Any:
+    """NamedShardings for any pytree of arrays (a TrainState, optimizer state, serving variables).
+
+    A leaf takes the axes of the variable whose path ends its own (so adam's mu/nu mirror the params); else of
+    the variable whose module its path runs through (AQT int weights/scales of a kernel), dimensions matched from
+    the right by size; anything else (step, rng, counts) is replicated.
+    """
+    def sharding(path, leaf) -> NamedSharding:
+        ref = _reference(_names(path), axes)
+        shape = tuple(leaf.shape)
+        dims: list[tuple[str | None, int]] = [(None, size) for size in shape]
+        if ref is not None:
+            for i in range(1, min(len(shape), len(ref)) + 1):
+                if ref[-i][1] == shape[-i]:
+                    dims[-i] = ref[-i]
+        return NamedSharding(mesh, mesh_spec(tuple(dims), mesh, rules))
+
+    return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def state_shardings(init_fn: Callable[[], Any], model: nn.Module, mesh: Mesh, rules=RULES) -> Any:
+    """Shardings of the state `init_fn` builds (e.g. `train.build.state_initializer`), from `model`'s axes."""
+    return tree_shardings(jax.eval_shape(init_fn), logical_axes(model), mesh, rules)
+
+
+def create_sharded_state(init_fn: Callable[[], Any], shardings: Any) -> Any:
+    """Run `init_fn` with every output created in place on its devices (no full copy on any one device)."""
+    return jax.jit(init_fn, out_shardings=shardings)()
+
+
+def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs that carry their sharding: an Orbax restore target that reshards on load."""
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  abstract_state, shardings)
+
+
+def batch_sharding(mesh: Mesh, rules=RULES) -> NamedSharding:
+    """[grad_accum, batch, seq] arrays split along the batch by the "batch" rule (data and fsdp)."""
+    return NamedSharding(mesh, PartitionSpec(None, dict(rules)["batch"], None))
+
+
+def shard_batch(batch: Any, sharding: NamedSharding) -> Any:
+    """Global numpy batch arrays -> global jax Arrays. Each process copies only the rows its own devices hold, so
+    multi-host runs are correct as long as every process passes the same global batch (ours are a pure function
+    of (seed, step))."""
+    def put(x: np.ndarray) -> jax.Array:
+        rows, axes = x.shape[1], sharding.spec[1] or ()
+        ways = math.prod(sharding.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+        if rows % ways:
+            raise UserError(f"train.batch_size ({rows}) must be divisible by the devices it is split over "
+                            f"(mesh data x fsdp = {ways})")
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(put, batch)
+
+
+def shard_train_step(train_step: Callable, state_shardings: Any, batch_sharding: NamedSharding) -> Callable:
+    """`train_step` jitted so the new state keeps the old one's shardings (and reuses its buffers)."""
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def per_device_bytes(tree: Any) -> dict:
+    """Device -> bytes of `tree` it holds (this process's devices; int4 counted as half a byte, as in checkpoint
+    metadata). Leaves are arrays, or ShapeDtypeStructs with a sharding (to plan memory before allocating)."""
+    out: dict = {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.Array):
+            held = [(shard.device, shard.data.shape) for shard in leaf.addressable_shards]
+        else:
+            shard_shape = leaf.sharding.shard_shape(leaf.shape)
+            held = [(device, shard_shape) for device in leaf.sharding.addressable_devices]
+        for device, shape in held:
+            out[device] = out.get(device, 0) + array_bytes(shape, leaf.dtype)
+    return out
+
+
+def _names(path) -> tuple:
+    """A pytree key path as plain names (dict keys, attribute names) and indices."""
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def _reference(names: tuple, axes: dict[tuple[str, ...], Axes]) -> Axes | None:
+    """The axes a leaf at `names` borrows: an exact path-suffix match, else the deepest module on its path."""
+    for start in range(len(names)):
+        if names[start:] in axes:
+            return axes[names[start:]]
+    best, depth = None, 0
+    for path, ref in axes.items():
+        module = path[:-1]
+        if len(module) > depth and any(names[i:i + len(module)] == module for i in range(len(names))):
+            best, depth = ref, len(module)
+    return best
