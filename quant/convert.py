@@ -133,3 +133,8 @@ def dequantize(value, scale) -> np.ndarray:
     """
     value, scale = np.asarray(value).astype(np.float32), np.asarray(scale, np.float32)
     return (value * scale.reshape(value.shape[:-2] + (1, value.shape[-1]))).reshape(-1, value.shape[-1])
+
+
+if __name__ == "__main__":
+    from quant.cli import convert_main
+    convert_main()

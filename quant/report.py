@@ -115,3 +115,8 @@ def format_report(rows: list[LayerReport]) -> str:
              for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from quant.cli import report_main
+    report_main()

@@ -14,6 +14,7 @@ from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
 from train.config_loader import build, to_dict
 from train.data import DataConfig
+from train.finetune import FinetuneConfig, check_finetune
 from train.sharding import MeshConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -79,6 +80,7 @@ class Config:
     quant: QuantConfig = QuantConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -168,6 +170,7 @@ def check_consistency(config: Config) -> None:
     """Rules that span sections."""
     if config.model.vocab_size < 256:
         raise UserError(f"model.vocab_size must be at least 256 for the byte tokenizer, got {config.model.vocab_size}")
+    check_finetune(config)
 
 
 def save_yaml(config: Config, path: Path) -> None:

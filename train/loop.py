@@ -17,15 +17,15 @@ import numpy as np
 from checkpoints.manager import CheckpointStore, build_metadata
 from slm_jax.errors import UserError
 from slm_jax.sampling import generate
-from train.build import build_model, state_initializer
+from train.build import build_model, build_optimizer, state_initializer
 from train.config import Config, save_yaml
 from train.data import ByteTokenizer, get_batch, load_splits
 from train.evaluation import chars_per_token, loss_summary, mean_loss
 from train.metrics import MetricsLog, Throughput, format_duration
-from train.optim import learning_rate_schedule, make_optimizer
+from train.optim import learning_rate_schedule
 from train.sharding import (abstract_with_shardings, batch_sharding, create_sharded_state, make_mesh, shard_batch,
                             shard_train_step, state_shardings)
-from train.steps import make_eval_step, make_train_step
+from train.steps import make_eval_step, make_train_step, merge_variables
 from train.workdir import check_resumable, load_params
 
 
@@ -51,7 +51,7 @@ def initial_state(config: Config, model, store: CheckpointStore, log, shardings)
     state = create_sharded_state(init, shardings)
     if config.train.init_from:
         params = jax.device_put(load_params(Path(config.train.init_from), config), shardings.params)
-        opt_state = jax.jit(make_optimizer(config.train).init, out_shardings=shardings.opt_state)(params)
+        opt_state = jax.jit(build_optimizer(config).init, out_shardings=shardings.opt_state)(params)
         state = state.replace(params=params, opt_state=opt_state)
         log(f"initialised params from {config.train.init_from}")
     return state
@@ -70,6 +70,11 @@ def describe_quant_plan(config: Config, workdir: Path, log) -> dict | None:
 
 def run_training(config: Config, workdir: Path, log=print) -> dict:
     """Train `config` in `workdir`; returns the final summary (also written to metrics.jsonl)."""
+    lora_base = None
+    if config.finetune.method == "lora":  # adapters over a frozen serving run, which supplies model and quant
+        from train.finetune import LoraBase
+        lora_base = LoraBase.open(config.finetune.base)
+        config = lora_base.run_config(config)
     cfg = config.train
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = ByteTokenizer()
@@ -79,10 +84,16 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
     store = CheckpointStore(workdir / "checkpoints", keep=config.checkpoint.keep,
                             async_save=config.checkpoint.async_save)
     mesh = make_mesh(config.mesh)
-    shardings = state_shardings(state_initializer(config, model), model, mesh)
+    if lora_base is None:
+        shardings = state_shardings(state_initializer(config, model), model, mesh)
+    else:
+        shardings = lora_base.shardings(config, model, mesh)
     place = batch_sharding(mesh)
     try:
-        state = initial_state(config, model, store, log, shardings)
+        if lora_base is None:
+            state = initial_state(config, model, store, log, shardings)
+        else:
+            state = lora_base.initial_state(config, model, store, log, shardings)
     except BaseException:
         store.close()
         raise
@@ -93,7 +104,7 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
         f"precision {cfg.precision} | quant {config.quant.mode} | mesh {dict(mesh.shape)}")
 
     schedule = learning_rate_schedule(cfg)
-    train_step = shard_train_step(make_train_step(model, make_optimizer(cfg), schedule, cfg.precision == "fp16"),
+    train_step = shard_train_step(make_train_step(model, build_optimizer(config), schedule, cfg.precision == "fp16"),
                                   shardings, place)
     eval_step = jax.jit(make_eval_step(model))
     cpt = chars_per_token(tokenizer.decode, splits.val)
@@ -107,7 +118,10 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
     def save(step: int) -> None:
         meta = build_metadata(config.to_dict(), step, state.params, splits.description["tokenizer"],
                               quant_plan=quant_plan, data=splits.description)
-        store.save(step, state, meta)
+        saved = state
+        if lora_base is not None:  # the adapters alone, with the base they belong to named in the metadata
+            saved, meta = lora_base.checkpoint(state, meta)
+        store.save(step, saved, meta)
 
     start = int(state.step)
     speed = Throughput(cfg.batch_size * cfg.grad_accum * seq_len, cfg.steps)
@@ -157,7 +171,7 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
         + (f" | {rates['tokens_per_s']:,.0f} tok/s" if rates else "")
         + f" | val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | bits/char {val['bits_per_char']:.3f}")
     if cfg.sample_tokens:
-        text = sample_text(model, {"params": state.params, **state.frozen}, tokenizer, cfg.sample_prompt,
+        text = sample_text(model, merge_variables(state.params, state.frozen), tokenizer, cfg.sample_prompt,
                            cfg.sample_tokens, seq_len, seed=cfg.seed)
         log(f"sample:\n{cfg.sample_prompt}{text}")
         summary["sample"] = text

@@ -34,6 +34,18 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
                       loss_scale=LossScale.create(fp16), frozen=frozen if frozen is not None else {})
 
 
+def merge_variables(params: Any, frozen: Any) -> dict:
+    """The variables `model.apply` takes: the trained `params` laid over the frozen collections. A frozen
+    "params" tree (e.g. the float embeddings of a LoRA run's base) is merged with `params` key by key."""
+    def merge(fixed, trained):
+        if not isinstance(fixed, dict) or not isinstance(trained, dict):
+            return trained
+        return {**fixed, **{key: merge(fixed.get(key), value) for key, value in trained.items()}}
+
+    frozen = dict(frozen or {})
+    return {**frozen, "params": merge(frozen.pop("params", {}), params)}
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean token cross-entropy in float32. logits: [batch, seq, vocab], targets: [batch, seq]."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
@@ -43,7 +55,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
                     skip_nonfinite: bool = False) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """`skip_nonfinite` (fp16): a step whose grads overflowed is dropped and the loss scale shrinks instead."""
     def loss_fn(params, frozen, inputs, targets, rng, scale):
-        logits, _ = model.apply({"params": params, **frozen}, inputs, deterministic=False, rngs={"dropout": rng})
+        logits, _ = model.apply(merge_variables(params, frozen), inputs, deterministic=False, rngs={"dropout": rng})
         loss = cross_entropy(logits, targets)
         return loss * scale, loss
 
@@ -89,7 +101,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
 
 def make_eval_step(model: nn.Module) -> Callable:
     def eval_step(params, frozen, inputs: jax.Array, targets: jax.Array) -> jax.Array:
-        logits, _ = model.apply({"params": params, **frozen}, inputs)
+        logits, _ = model.apply(merge_variables(params, frozen), inputs)
         return cross_entropy(logits, targets)
 
     return eval_step

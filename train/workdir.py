@@ -56,6 +56,9 @@ def load_run(workdir: Path, step: int | None = None) -> LoadedRun:
     store = open_store(workdir)
     try:
         metadata = store.metadata(step)
+        if metadata.get("kind") == "lora":  # adapters only: the base's variables come from its own workdir
+            from train.finetune import restore_lora_run
+            return restore_lora_run(store, metadata)
         config = config_from_metadata(metadata, workdir)
         model = build_model(config)
         if metadata.get("kind") == "serving":

@@ -1,0 +1,213 @@
+"""Fine-tuning quantized models: LoRA adapters over frozen INT4 weights train alone, leave the integers untouched,
+are saved on their own tied to their base, and merge back into integers; layers can be frozen for continued QAT."""
+import dataclasses
+import shutil
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from checkpoints.manager import CheckpointStore, build_metadata
+from quant.config import QuantConfig
+from quant.convert import convert
+from quant.lora import LoraProvider, split_adapters, target_layers
+from quant.merge import merged_float_params, merge_workdir
+from quant.plan import make_plan, plan_to_json
+from quant.provider import make_matmul
+from slm_jax import ModelConfig, Transformer
+from slm_jax.errors import UserError
+from train.build import build_model
+from train.config import load_config
+from train.data import ByteTokenizer, load_splits
+from train.finetune import FinetuneConfig, LoraBase, fingerprint, load_lora_run, lora_initializer, with_frozen
+from train.loop import run_training, train_batch
+from train.optim import make_optimizer
+from train.steps import cross_entropy, make_train_step, merge_variables
+from train.workdir import load_run
+
+INT4 = QuantConfig(mode="serve", weight_bits=4, granularity="per_group", group_size=32)
+quiet = dict(log=lambda *_: None)
+
+
+def leaves(tree) -> dict:
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def save_serving_base(workdir, config, quant, seed=0):
+    """An INT4 serving run of a freshly initialised tiny model, written as train.ptq writes converted runs."""
+    model = build_model(config)
+    params = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    variables = convert(config.model, quant, nn.unbox(params))
+    serving = dataclasses.replace(config, quant=quant)
+    store = CheckpointStore(workdir / "checkpoints", keep=1, async_save=False)
+    store.save(0, variables, build_metadata(serving.to_dict(), 0, variables, ByteTokenizer().describe(),
+                                            kind="serving", quant_plan=plan_to_json(make_plan(config.model, quant))))
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An INT4 serving base, 30 LoRA steps over it on a small text, and the adapters merged into a new INT4 model."""
+    root = tmp_path_factory.mktemp("lora")
+    target = root / "target.txt"
+    target.write_text("".join(f"CLOWN{i % 5}:\nA merry jest, good sir, for {i} pence and a song of ale!\n\n"
+                              for i in range(800)))
+
+    def tiny(corpus, *overrides):
+        return load_config("tiny", [f"data.path={corpus}", f"data.cache_dir={root / 'cache'}", "model.n_layers=1",
+                                    "train.sample_tokens=0", "train.eval_every=1000", *overrides])
+
+    save_serving_base(root / "base", tiny(target), INT4)
+    lora_config = tiny(target, "finetune.method=lora", f"finetune.base={root / 'base'}", "finetune.lora_rank=4",
+                       "finetune.lora_targets=attn/(q|v)|mlp|lm_head", "train.steps=30", "train.learning_rate=1e-2", "checkpoint.every=30")
+    summary = run_training(lora_config, root / "lora", **quiet)
+    merged = merge_workdir(root / "lora", root / "merged", batches=2, batch_size=8, **quiet)
+    return dataclasses.make_dataclass("Runs", ["root", "base", "lora", "config", "summary", "merged"])(
+        root, root / "base", root / "lora", lora_config, summary, merged)
+
+
+def fresh_lora(config, precision="fp32"):
+    """(model, state) of fresh adapters over the base named by `config`, computing in `precision`."""
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
+    base = LoraBase.open(config.finetune.base)
+    config = base.run_config(config)
+    model = build_model(config)
+    return config, model, jax.jit(lora_initializer(config, model))().replace(frozen=base.variables)
+
+
+def test_zero_initialised_adapters_reproduce_the_base_logits_exactly(runs):
+    config, model, state = fresh_lora(runs.config, "bf16")  # the precision training runs in
+    serving = build_model(dataclasses.replace(config, finetune=FinetuneConfig()))
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, config.model.seq_len), 0, 256)
+    with_adapters, _ = jax.jit(model.apply)(merge_variables(state.params, state.frozen), tokens)
+    base, _ = jax.jit(serving.apply)(load_run(runs.base).variables, tokens)
+    np.testing.assert_array_equal(np.asarray(with_adapters), np.asarray(base))
+
+
+def test_lora_steps_leave_every_integer_weight_and_scale_bit_identical_fp16(runs):
+    config, model, state = fresh_lora(runs.config, "fp16")
+    adapters_before = leaves(state.params)
+    step = jax.jit(make_train_step(model, make_optimizer(config.train), skip_nonfinite=True), donate_argnums=0)
+    tokens = load_splits(config.data).train
+    for i in range(4):
+        state, metrics = step(state, train_batch(tokens, config, i))
+        assert np.isfinite(float(metrics["loss"]))
+    base = leaves(load_run(runs.base).variables)
+    frozen = leaves(state.frozen)
+    assert frozen.keys() == base.keys() and any("qrhs" in k for k in base)
+    for key, value in base.items():
+        assert frozen[key].dtype == value.dtype and frozen[key].tobytes() == value.tobytes(), key
+    assert any(not np.array_equal(adapters_before[k], v) for k, v in leaves(state.params).items())
+
+
+def test_only_adapters_train_and_only_they_are_checkpointed(runs):
+    run = load_lora_run(runs.lora)
+    store = CheckpointStore(runs.lora / "checkpoints", create=False)
+    arrays = store.arrays()
+    store.close()
+    saved = {a.path: a for a in arrays}
+    trained = [p for p in saved if p.startswith(("params/", "opt_state/"))]
+    assert trained and all("/lora/lora_" in p for p in trained if saved[p].shape)  # scalars: Adam's step count
+    assert not any(p.startswith("frozen/") for p in saved)  # the base is never copied into the adapter checkpoint
+    assert all(np.dtype(saved[p].dtype).kind == "f" for p in trained if saved[p].shape)
+    n_adapter = sum(int(np.prod(a.shape)) for p, a in saved.items() if p.startswith("params/"))
+    n_state = sum(int(np.prod(a.shape)) for p, a in saved.items() if p.startswith("opt_state/") and a.shape)
+    assert n_state == 2 * n_adapter  # Adam's two moments, for the adapters only
+    assert run.metadata["kind"] == "lora" and run.metadata["base"]["fingerprint"] == fingerprint(
+        load_run(runs.base).variables)
+
+
+def test_lora_finetuning_lowers_the_target_validation_loss(runs):
+    losses = runs.merged["val_loss"]  # base and base + adapters through the same evaluation code
+    assert losses["base + adapters"] < losses["base"] - 0.5, losses
+
+
+def test_adapters_refuse_a_base_they_were_not_trained_on(runs, tmp_path):
+    other = load_run(runs.base)
+    store = CheckpointStore(runs.base / "checkpoints", create=False)
+    metadata = store.metadata()
+    store.close()
+    variables = jax.tree_util.tree_map(np.asarray, other.variables)
+    variables["params"]["embed"]["embedding"] = variables["params"]["embed"]["embedding"] * 1.01
+    writer = CheckpointStore(tmp_path / "other" / "checkpoints", async_save=False)
+    writer.save(metadata["step"], variables, metadata)  # same shapes and step, other weights
+    writer.close()
+    with pytest.raises(UserError, match="trained on base .* use the base they were trained on"):
+        load_lora_run(runs.lora, base=tmp_path / "other")
+    shutil.copytree(runs.lora, tmp_path / "resume")
+    config = dataclasses.replace(runs.config, finetune=dataclasses.replace(
+        runs.config.finetune, base=str(tmp_path / "other")), train=dataclasses.replace(runs.config.train, steps=40))
+    with pytest.raises(UserError, match="trained on base"):
+        run_training(config, tmp_path / "resume", **quiet)
+    with pytest.raises(UserError, match="is a lora run; LoRA trains over a serving"):
+        LoraBase.open(runs.lora)
+
+
+def test_merged_int4_model_stays_close_to_base_plus_adapters(runs):
+    report = runs.merged
+    merged, base = report["logits"]["merged_vs_adapted"], report["logits"]["base_vs_adapted"]
+    assert merged["rel_err"] < 0.15 and merged["rel_err"] < base["rel_err"] / 2  # it keeps what the adapters learned
+    assert report["val_loss"]["merged"] < report["val_loss"]["base"]
+    assert all(row.weight_rel_err < 0.2 for row in report["rows"])
+    run = load_run(runs.root / "merged")
+    assert run.metadata["kind"] == "serving" and run.config.finetune.method == "none"
+
+
+class FloatKernels:
+    """A MatmulProvider that computes every layer in float from its kernel param."""
+
+    def keeps_float_kernel(self, path):
+        return True
+
+    def dot_general(self, path):
+        return jax.lax.dot_general
+
+
+def test_adapter_gradients_through_int4_layers_equal_those_of_the_dequantized_float_model(runs):
+    base = load_run(runs.base)
+    cfg, serving = base.config.model, base.variables
+    dequantized, _, _ = merged_float_params(serving, alpha=1.0)  # no adapters yet: the int4 weights in float
+    targets = target_layers(cfg, "attn/(q|v)|mlp/down")
+    int4 = Transformer(cfg, matmul=LoraProvider(make_matmul(cfg, base.config.quant), targets, rank=4, alpha=8.0))
+    dense = Transformer(cfg, matmul=LoraProvider(FloatKernels(), targets, rank=4, alpha=8.0))
+    x, y = jax.random.randint(jax.random.PRNGKey(1), (2, 2, 16), 0, 256)
+    shapes, _ = split_adapters(jax.eval_shape(int4.init, jax.random.PRNGKey(0), x)["params"])
+    adapters = jax.tree_util.tree_map(lambda a: 0.1 * jax.random.normal(jax.random.PRNGKey(3), a.shape), shapes)
+
+    def grads(model, frozen):
+        loss = lambda ad: cross_entropy(model.apply(merge_variables(ad, frozen), x)[0], y)
+        return jax.jit(jax.grad(loss))(adapters)
+
+    chex.assert_trees_all_close(grads(int4, serving), grads(dense, {"params": dequantized}), rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_params_get_no_update_and_no_optimizer_state():
+    params = {"embed": {"embedding": jnp.ones((4, 3))}, "layer_0": {"attn": {"q": {"kernel": jnp.ones((3, 3))}}},
+              "layer_1": {"attn": {"q": {"kernel": jnp.ones((3, 3))}}}}
+    tx = with_frozen(optax.adam(0.1), "embed|layer_0/")
+    opt_state = tx.init(params)
+    assert sum(x.size for x in jax.tree_util.tree_leaves(opt_state)) == 2 * 9 + 1  # mu, nu of layer_1; count
+    updates, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, params), opt_state, params)
+    assert not jnp.any(updates["embed"]["embedding"]) and not jnp.any(updates["layer_0"]["attn"]["q"]["kernel"])
+    assert jnp.all(updates["layer_1"]["attn"]["q"]["kernel"] != 0)
+    with pytest.raises(UserError, match="finetune.freeze 'nothing' matches no parameter"):
+        with_frozen(optax.adam(0.1), "nothing").init(params)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["finetune.method=lora"], "finetune.base must name the serving workdir"),
+    (["finetune.method=adapters"], "finetune.method must be one of none, qat, lora"),
+    (["finetune.method=lora", "finetune.base=b", "finetune.lora_rank=0"], "finetune.lora_rank must be a positive"),
+    (["finetune.method=lora", "finetune.base=b", "finetune.lora_dropout=1"], "finetune.lora_dropout must be in"),
+    (["finetune.lora_targets=attn/(q"], "finetune.lora_targets is not a valid regex"),
+    (["finetune.method=lora", "finetune.base=b", "finetune.freeze=embed"], "finetune.freeze does not apply"),
+    (["finetune.method=qat", "train.init_from=runs/x"], "quant.mode must be qat"),
+    (["finetune.base=b"], "finetune.base is only read by finetune.method=lora"),
+])
+def test_bad_finetune_settings_are_one_clear_error(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config("tiny", overrides)

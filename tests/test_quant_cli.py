@@ -1,0 +1,104 @@
+"""`python -m quant.convert` and `python -m quant.report` on real (tiny) runs: what they write and print, and their
+one-line errors."""
+import numpy as np
+import pytest
+
+from checkpoints.manager import CheckpointStore
+from quant.cli import convert_main, report_main
+from train.config import load_config
+from train.evaluate import evaluate_workdir
+from train.loop import run_training
+from train.workdir import load_run
+
+TINY = ("train.steps=12", "train.sample_tokens=0", "train.eval_every=1000", "checkpoint.every=12", "model.n_layers=1")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus_text):
+    root = tmp_path_factory.mktemp("quant_cli")
+    corpus = root / "corpus.txt"
+    corpus.write_text(corpus_text)
+    common = (*TINY, f"data.path={corpus}", f"data.cache_dir={root / 'cache'}")
+    run_training(load_config("tiny", common), root / "float", log=lambda *_: None)
+    run_training(load_config("int8_qat", (*common, *(f"model.{k}={v}" for k, v in
+                                                     load_config("tiny").model.__dict__.items()
+                                                     if k in ("seq_len", "n_heads", "d_model")))),
+                 root / "qat", log=lambda *_: None)
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus_text():
+    return "".join(f"SPEAKER{i % 7}:\nThe quick brown fox {i} jumps over the lazy dog, and so on.\n\n"
+                   for i in range(800))
+
+
+def stored_arrays(workdir):
+    store = CheckpointStore(workdir / "checkpoints", create=False)
+    try:
+        return {a.path: a for a in store.arrays()}
+    finally:
+        store.close()
+
+
+def test_convert_float_run_to_int4_keeps_only_integer_kernels_and_prints_the_comparison(runs, capsys, tmp_path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - {match: lm_head, weight_bits: null}\n")
+    convert_main(["--workdir", str(runs / "float"), "--out", str(tmp_path / "int4"), "--bits", "4",
+                  "--rules", str(rules)])
+    out = capsys.readouterr().out
+    assert "converted" in out and "val loss" in out and str(tmp_path / "int4") in out
+    arrays = stored_arrays(tmp_path / "int4")
+    kernels = {p: a for p, a in arrays.items() if p.endswith("/kernel")}
+    values = {p: a for p, a in arrays.items() if p.endswith("/value")}
+    assert set(kernels) == {"params/lm_head/kernel"}  # the rule kept it float; no other float kernel is stored
+    assert values and all(str(a.dtype) == "int4" for a in values.values())
+    run = load_run(tmp_path / "int4")
+    assert run.metadata["kind"] == "serving" and run.config.quant.granularity == "per_group"
+    assert run.metadata["quant_plan"]["lm_head"] is None  # float in the saved plan
+    assert run.metadata["quant_plan"]["layer_0/mlp/up"]["weight_bits"] == 4
+
+
+def test_converting_a_qat_run_reuses_its_scheme_and_serves_its_loss(runs, tmp_path):
+    convert_main(["--workdir", str(runs / "qat"), "--out", str(tmp_path / "served")])
+    qat, served = (evaluate_workdir(w, 4, 8) for w in (runs / "qat", tmp_path / "served"))
+    assert load_run(tmp_path / "served").config.quant.act_bits == 8  # int8_qat is w8a8
+    np.testing.assert_allclose(served["loss"], qat["loss"], rtol=1e-4)
+    assert served["param_bytes"] < 0.5 * qat["param_bytes"]
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("layer "))
+    return {line.split()[0]: line.split() for line in lines[start + 2:]}
+
+
+def test_report_lists_every_quantized_layer_with_scales_clipping_and_error(runs, capsys, tmp_path):
+    report_main(["--workdir", str(runs / "qat")])
+    rows = table_rows(capsys.readouterr().out)
+    expected = {f"layer_0/{m}/{p}" for m, ps in (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for p in ps}
+    assert expected <= set(rows)
+    for cells in rows.values():
+        _, w, a, _, scale_min, scale_max, clipped, w_sqnr, w_err, out_sqnr, out_err = cells
+        assert (w, a) == ("int8", "int8")
+        assert 0 < float(scale_min) <= float(scale_max) and 0 <= float(clipped.rstrip("%")) < 5
+        assert float(w_sqnr) > 30 and 0 < float(w_err) < 0.05 and float(out_sqnr) > 20  # int8: ~40 dB weights
+    convert_main(["--workdir", str(runs / "float"), "--out", str(tmp_path / "int4"), "--bits", "4"])
+    capsys.readouterr()
+    report_main(["--workdir", str(tmp_path / "int4")])  # a serving run: measured against its float source
+    int4 = table_rows(capsys.readouterr().out)
+    assert all(cells[1] == "int4" and cells[3] == "per_group(32)" for cells in int4.values())
+    assert np.mean([float(c[7]) for c in int4.values()]) < np.mean([float(c[7]) for c in rows.values()]) - 10
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bits", "9"], "quant.weight_bits must be an integer from 2 to 8"),
+    ([], "a float run needs a quantization scheme to convert to"),
+    (["--granularity", "per_group"], "give --bits too"),
+])
+def test_bad_conversions_are_one_line_errors_and_write_nothing(runs, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main(["--workdir", str(runs / "float"), "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "checkpoints").exists()
