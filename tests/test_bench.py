@@ -6,7 +6,7 @@ from train import bench
 
 SECTIONS = {"matmul": ("dtype", "gflops"), "throughput": ("variant", "ms_per_step", "tokens_per_s", "mfu"),
             "quality": ("name", "loss", "perplexity", "bits_per_char", "command"),
-            "serving": ("name", "checkpoint_bytes", "made_by")}
+            "serving": ("name", "checkpoint_bytes", "made_by"), "finetune": ("name", "label", "loss")}
 
 
 def numbers(tree):
@@ -41,8 +41,14 @@ def test_micro_bench_writes_results_tables_and_plots(tmp_path):
     assert {row["kind"] for row in results["quality"]["rows"]} >= {"trained", "ptq"}
 
     report = (tmp_path / "results.md").read_text()
-    for heading in ("## 1. Matmul peak", "## 2. Training throughput", "## 3. Quality", "## 4. Serving"):
+    tuned = {row["name"]: row for row in results["finetune"]["rows"]}
+    assert {"float_ft", "int8_qat_ft", "int4_qat_ft", "int8_lora", "int4_lora"} <= set(tuned)
+    assert all("error" not in row for row in tuned.values()), tuned
+    assert tuned["int4_lora"]["trainable_params"] < tuned["float_ft"]["trainable_params"] / 5
+    assert tuned["int4_lora"]["frozen_bytes"] > 0 and tuned["float_ft"]["frozen_bytes"] == 0
+    for heading in ("## 1. Matmul peak", "## 2. Training throughput", "## 3. Quality", "## 4. Serving",
+                    "## 5. Fine-tuning"):
         assert heading in report
-    for plot in ("throughput.png", "loss_curves.png", "quality.png", "serving.png"):
+    for plot in ("throughput.png", "loss_curves.png", "quality.png", "serving.png", "finetune.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({plot})" in report

@@ -59,6 +59,9 @@ class Profile:
     serve_batches: tuple[int, ...]
     serve_new_tokens: int
     serve_reps: int
+    adapt_overrides: tuple[str, ...] = ()  # model size and batch of the fine-tuning section's base and runs
+    adapt_base_steps: int = 1000  # the base's training on tragedies + histories
+    adapt_steps: int = 300  # each fine-tune's steps on the comedies
     rss_models: int | None = None  # how many serving models get a peak-RSS subprocess (None: all)
 
 
@@ -69,7 +72,7 @@ PROFILES = {
         speed_warmup=3, speed_rounds=6, speed_steps=5,
         quality_overrides=("train.sample_tokens=0",), quality_trained=("bf16", "int8_w8a8", "int4_w4"), ptq=ALL_PTQ,
         finetunes=("int8_w8a8", "int4_w4"), finetune_steps=200, eval_batches=50, eval_batch_size=16,
-        serve_batches=(1, 8), serve_new_tokens=256, serve_reps=5),
+        serve_batches=(1, 8), serve_new_tokens=256, serve_reps=5, adapt_base_steps=1000, adapt_steps=300),
     "quick": Profile(
         name="quick", matmul_n=2048, matmul_reps=5,
         speed_sizes=(("nanoGPT-cpu", NANOGPT_CPU), ("baseline", ())), speed_variants=SPEED_VARIANTS,
@@ -79,14 +82,17 @@ PROFILES = {
                            "train.learning_rate=3e-3", "train.log_every=10", "train.eval_every=50",
                            "train.eval_batches=10", "train.sample_tokens=0"),
         quality_trained=("bf16", "int8_w8a8", "int4_w4"), ptq=ALL_PTQ, finetunes=("int4_w4",), finetune_steps=50,
-        eval_batches=20, eval_batch_size=16, serve_batches=(1, 8), serve_new_tokens=64, serve_reps=3),
+        eval_batches=20, eval_batch_size=16, serve_batches=(1, 8), serve_new_tokens=64, serve_reps=3,
+        adapt_overrides=("model.n_layers=2", "model.n_heads=4", "model.d_model=64", "model.seq_len=64",
+                         "train.batch_size=16"), adapt_base_steps=150, adapt_steps=40),
     "micro": Profile(
         name="micro", matmul_n=128, matmul_reps=3, speed_sizes=(("micro", MICRO_MODEL),), speed_variants=("fp32",),
         speed_warmup=1, speed_rounds=1, speed_steps=2,
         quality_overrides=(*MICRO_MODEL, "train.steps=3", "train.warmup_steps=1", "train.log_every=1",
                            "train.eval_every=3", "train.eval_batches=1", "train.sample_tokens=0"),
         quality_trained=("bf16",), ptq=("ptq_int4_group",), finetunes=(), finetune_steps=1, eval_batches=1,
-        eval_batch_size=4, serve_batches=(1,), serve_new_tokens=4, serve_reps=1, rss_models=1),
+        eval_batch_size=4, serve_batches=(1,), serve_new_tokens=4, serve_reps=1, rss_models=1,
+        adapt_overrides=MICRO_MODEL, adapt_base_steps=2, adapt_steps=2),
 }
 
 
@@ -147,7 +153,7 @@ def bench_command(profile: Profile, out: Path | None) -> str:
 
 
 def run_bench(profile: Profile, out: Path, command: str) -> dict:
-    from train import bench_quality, bench_report, bench_serving, bench_speed
+    from train import bench_finetune, bench_quality, bench_report, bench_serving, bench_speed
 
     say = Progress()
     work = out / "runs"  # the bench's own training and serving runs; cleared so every bench starts fresh
@@ -176,6 +182,8 @@ def run_bench(profile: Profile, out: Path, command: str) -> dict:
     section("serving", "4. serving", lambda: bench_serving.measure_serving(
         results["quality"], work / "serving", profile.serve_batches, profile.serve_new_tokens, profile.serve_reps,
         profile.rss_models, say))
+    section("finetune", "5. fine-tuning to new text", lambda: bench_finetune.measure_finetune(
+        profile, work / "finetune", say))
     results["total_s"] = round(say.elapsed(), 1)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     results["machine"]["load_average_at_end"] = load and [round(x, 2) for x in load]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PLOTS = ("throughput.png", "loss_curves.png", "quality.png", "serving.png")
+PLOTS = ("throughput.png", "loss_curves.png", "quality.png", "serving.png", "finetune.png")
 
 
 def fmt(value, spec: str = ".3g", scale: float = 1.0) -> str:
@@ -67,7 +67,7 @@ def serving_markdown(section: dict, device: str) -> str:
     batches = sorted({s["batch"] for r in section["rows"] for s in r.get("speed", [])})
     headers = ["model", "compute", ">param bytes", ">x float", ">checkpoint bytes", ">x float params"]
     headers += [f">prefill tok/s b={b}" for b in batches] + [f">decode tok/s b={b}" for b in batches]
-    headers += [">peak RSS MB"]
+    headers += [">save s", ">restore s", ">peak RSS MB"]
     rows = []
     for r in section["rows"]:
         speed = {s["batch"]: s for s in r.get("speed", [])}
@@ -76,20 +76,36 @@ def serving_markdown(section: dict, device: str) -> str:
                  fmt(r.get("checkpoint_bytes"), ",.0f"), fmt(r.get("checkpoint_vs_float_params"), ".3f")]
         cells += [fmt(speed[b]["prefill_tokens_per_s"], ",.0f") if b in speed else "—" for b in batches]
         cells += [fmt(speed[b]["decode_tokens_per_s"], ",.0f") if b in speed else "—" for b in batches]
-        cells += [fmt(r.get("peak_rss_bytes"), ".0f", 1e-6)]
+        cells += [fmt(r.get("save_s"), ".3f"), fmt(r.get("restore_s"), ".3f"), fmt(r.get("peak_rss_bytes"), ".0f", 1e-6)]
         rows.append(cells)
     runtime = section["runtime_rss"]
     notes = [f"- `{r['name']}` made by `{r['made_by']}`" + (f"; RSS: `{r['rss_command']}`" if "rss_command" in r
                                                              else "") + (f"; **failed**: {r['error']}" if "error" in r
                                                                          else "") for r in section["rows"]]
     return (f"## 4. Serving ({device})\n\n{section['how']}. Numerics `fake` = dequantize, then float matmul (AQT on "
-            f"CPU); checkpoint bytes = files of the checkpoint step folder. Peak RSS of the runtime alone "
+            f"CPU); checkpoint bytes = files of the checkpoint step folder; save/restore s = median time to write and "
+            f"read the model's variables (params only for float) as a checkpoint. Peak RSS of the runtime alone "
             f"(`{runtime['command']}`): {fmt(runtime.get('peak_rss_bytes'), '.0f', 1e-6)} MB.\n\n"
             + table(headers, rows) + "\n\n" + "\n".join(notes))
 
 
+def finetune_markdown(section: dict, device: str) -> str:
+    rows = [[r["label"], fmt(r.get("loss"), ".4f"), fmt(r.get("loss_vs_float_ft"), "+.1%"),
+             fmt(r.get("trainable_params"), ",.0f"), fmt(r.get("state_bytes"), ",.0f"),
+             fmt(r.get("state_bytes_vs_float_ft"), ".3f"), fmt(r.get("peak_rss_bytes"), ".0f", 1e-6),
+             fmt(r.get("ms_per_step"), ".1f"), fmt(r.get("ms_per_step_vs_float_ft"), ".2f")]
+            for r in section["rows"]]
+    commands = "\n".join(f"- `{r['name']}`: `{r['command']}`" + (f" **failed**: {r['error']}" if "error" in r else "")
+                         for r in section["rows"] if r.get("command"))
+    return (f"## 5. Fine-tuning to new text ({device})\n\n{section['how']}.\n\n"
+            + table(["method", ">val loss (target)", ">vs float FT", ">trainable params", ">train-state bytes",
+                     ">x float FT", ">peak RSS MB", ">ms/step", ">x float FT time"], rows)
+            + f"\n\nBase: `{section['base_command']}`, converted to INT8/INT4 serving runs with "
+              f"`python -m quant.convert`.\n\n{commands}")
+
+
 SECTIONS = {"matmul": matmul_markdown, "throughput": throughput_markdown, "quality": quality_markdown,
-            "serving": serving_markdown}
+            "serving": serving_markdown, "finetune": finetune_markdown}
 
 
 def section_markdown(key: str, results: dict) -> str:
@@ -112,7 +128,7 @@ def write_report(results: dict, out: Path) -> None:
     device = results["machine"]["name"]
     plots = make_plots(results, out)
     parts = [header_markdown(results)]
-    for key, plot in zip(SECTIONS, ("", "throughput.png", "quality.png", "serving.png")):
+    for key, plot in zip(SECTIONS, ("", "throughput.png", "quality.png", "serving.png", "finetune.png")):
         parts.append(section_markdown(key, results))
         if key == "quality":
             parts.append("![loss curves](loss_curves.png)")
@@ -191,4 +207,19 @@ def make_plots(results: dict, out: Path) -> list[str]:
     for ax in (left, right):
         ax.tick_params(labelsize=8)
     save(fig, "serving.png")
+
+    rows = [r for r in results["finetune"]["rows"] if "loss" in r]
+    fig, ax = plt.subplots(**style)
+    ax.barh([r["label"] for r in rows], [r["loss"] for r in rows],
+            color=["tab:gray" if not r.get("command") else "tab:blue" if "lora" not in r["name"] else "tab:green"
+                   for r in rows])
+    for i, r in enumerate(rows):
+        note = f" {r['loss']:.3f}" + (f", state x{r['state_bytes_vs_float_ft']:.2f}"
+                                      if r.get("state_bytes_vs_float_ft") else "")
+        ax.text(r["loss"], i, note, va="center", fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(min(r["loss"] for r in rows) * 0.9, max(r["loss"] for r in rows) * 1.15)
+    ax.set_title(f"target-domain validation loss after fine-tuning; LoRA in green ({device})", fontsize=9)
+    ax.tick_params(labelsize=8)
+    save(fig, "finetune.png")
     return list(PLOTS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,6 +59,22 @@ def decode_speed(run, batch: int, new_tokens: int, reps: int) -> dict:
             "decode_tokens_per_s": batch * new_tokens / decode_s, "decode_ms_per_token": 1000 * decode_s / new_tokens}
 
 
+def save_restore_times(variables, folder: Path, reps: int) -> dict:
+    """Seconds to save `variables` as a checkpoint (synchronously) and to restore it, median of `reps`."""
+    from checkpoints.manager import CheckpointStore
+    template = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
+    saves, restores = [], []
+    for rep in range(max(reps, 2)):  # the first save and restore include Orbax's own start-up
+        store = CheckpointStore(folder, keep=1, async_save=False)
+        try:
+            saves.append(timed(lambda: store.save(rep, variables, {"format_version": 2, "kind": "bench"})))
+            restores.append(timed(lambda: jax.block_until_ready(store.restore(template, rep))))
+        finally:
+            store.close()
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"save_s": statistics.median(saves[1:]), "restore_s": statistics.median(restores[1:])}
+
+
 def start_measured(command: list[str]) -> subprocess.Popen:
     prefix = [str(TIME_BIN), "-v"] if TIME_BIN.exists() else []
     return subprocess.Popen(prefix + command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -105,6 +122,10 @@ def measure_serving(quality: dict, work: Path, batches, new_tokens: int, reps: i
                "compute_dtype": run.config.train.precision, "quant": run.config.quant.mode,
                "numerics": None if run.config.quant.mode == "none" else resolve_numerics(run.config.quant.numerics),
                "speed": []}
+        params_only = {"params": run.variables["params"]} if name == "float" else run.variables
+        row.update(save_restore_times(params_only, work / f"save_{name}", reps))
+        say(f"{name}: save {row['save_s']:.3f} s, restore {row['restore_s']:.3f} s ({tree_bytes(params_only)['total']:,}"
+            f" bytes)")
         for batch in batches:
             speed = decode_speed(run, batch, new_tokens, reps)
             say(f"{name} batch {batch}: prefill {speed['prefill_tokens_per_s']:,.0f} tok/s, decode "

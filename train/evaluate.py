@@ -10,7 +10,7 @@ import jax
 
 from checkpoints.manager import tree_bytes
 from train.cli import main_guard
-from train.data import ByteTokenizer, load_splits
+from train.data import ByteTokenizer, DataConfig, load_splits
 from train.evaluation import chars_per_token, loss_summary, mean_loss
 from train.steps import make_eval_step
 from train.workdir import load_run
@@ -24,10 +24,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def evaluate_workdir(workdir: Path, batches: int, batch_size: int) -> dict:
+def evaluate_workdir(workdir: Path, batches: int, batch_size: int, data: DataConfig | None = None) -> dict:
+    """Validation loss of `workdir` on its own validation split, or on `data`'s (e.g. a fine-tuning target)."""
     run = load_run(workdir)
     tokenizer = ByteTokenizer()
-    splits = load_splits(run.config.data, tokenizer)
+    splits = load_splits(data or run.config.data, tokenizer)
     params, frozen = run.variables["params"], {k: v for k, v in run.variables.items() if k != "params"}
     loss = mean_loss(jax.jit(make_eval_step(run.model)), params, frozen, splits.val, batch_size,
                      run.config.model.seq_len, batches)
