@@ -10,8 +10,6 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import yaml
-
 from quant.config import QuantConfig
 from slm_jax.errors import UserError
 
@@ -41,12 +39,8 @@ def scheme_from_args(args: argparse.Namespace) -> QuantConfig | None:
 
 
 def read_rules(path: Path) -> list:
-    try:
-        values = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise UserError(f"cannot read rules file {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"rules file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    from train.config import read_yaml
+    values = read_yaml(path, "rules file")
     if isinstance(values, dict) and set(values) == {"rules"}:
         values = values["rules"]
     if not isinstance(values, list) or not all(isinstance(rule, dict) for rule in values):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import shutil
 from pathlib import Path
 
 import jax
@@ -20,7 +19,7 @@ from quant.config import QuantConfig
 from quant.convert import Variables, convert, dequantize, quantized_weights
 from quant.lora import adapter_deltas, split_adapters
 from quant.plan import Path as LayerPath
-from quant.plan import make_plan, path_str
+from quant.plan import path_str
 from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
 
@@ -102,21 +101,17 @@ def format_rows(rows: list[MergeRow]) -> str:
 def merge_workdir(workdir: Path, out: Path, batches: int = 20, batch_size: int = 16, log=print) -> dict:
     """Merge the LoRA run in `workdir` into a serving run in `out`; returns the errors and validation losses of
     base, base + adapters and merged model on the LoRA run's (target) validation split."""
-    from checkpoints.manager import CheckpointStore, build_metadata, tree_bytes
-    from quant.plan import plan_to_json
+    from checkpoints.manager import tree_bytes
     from train.build import build_model
-    from train.config import save_yaml
     from train.data import ByteTokenizer, eval_batches, load_splits
     from train.evaluation import mean_loss
     from train.finetune import FinetuneConfig
+    from train.ptq import check_output_folder, write_serving_run
     from train.steps import make_eval_step
     from train.workdir import load_run
 
     workdir, out = Path(workdir), Path(out)
-    if out.resolve() == workdir.resolve():
-        raise UserError("the merged run needs its own folder: --out must differ from --workdir")
-    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
-        raise UserError(f"{out} already holds checkpoints; choose an empty --out folder")
+    check_output_folder(workdir, out)
     run = load_run(workdir)
     if run.metadata.get("kind") != "lora":
         raise UserError(f"{workdir} is a {run.metadata.get('kind')} run, not a LoRA run; nothing to merge")
@@ -137,19 +132,8 @@ def merge_workdir(workdir: Path, out: Path, batches: int = 20, batch_size: int =
                                     ("base + adapters", jax.jit(make_eval_step(run.model)), run.variables),
                                     ("merged", serve_loss, merged))}
 
-    out.mkdir(parents=True, exist_ok=True)
-    store = CheckpointStore(out / "checkpoints", keep=1, async_save=False)
-    try:
-        store.save(run.step, merged, build_metadata(
-            config.to_dict(), run.step, merged, splits.description["tokenizer"], kind="serving",
-            quant_plan=plan_to_json(make_plan(config.model, config.quant)), merged_from=str(workdir.resolve()),
-            base=run.metadata["base"], data=splits.description))
-    except BaseException:
-        store.close()
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        raise
-    store.close()
-    save_yaml(config, out / "config.yaml")
+    write_serving_run(out, config, run.step, merged, splits, merged_from=str(workdir.resolve()),
+                      base=run.metadata["base"])
 
     log(format_rows(rows))
     for name, e in errors.items():

@@ -18,7 +18,7 @@ from quant.lora import LoraProvider, split_adapters, target_layers
 from quant.merge import merged_float_params, merge_workdir
 from quant.plan import make_plan, plan_to_json
 from quant.provider import make_matmul
-from slm_jax import ModelConfig, Transformer
+from slm_jax import Transformer
 from slm_jax.errors import UserError
 from train.build import build_model
 from train.config import load_config

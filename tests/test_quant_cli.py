@@ -102,3 +102,13 @@ def test_bad_conversions_are_one_line_errors_and_write_nothing(runs, tmp_path, c
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_convert_never_writes_into_its_source_or_an_existing_run(runs, capsys):
+    for out, message in ((runs / "float", "--out must differ from --workdir"),
+                         (runs / "qat", "already holds checkpoints; choose an empty --out folder")):
+        before = sorted(p.name for p in (out / "checkpoints").iterdir())
+        with pytest.raises(SystemExit):
+            convert_main(["--workdir", str(runs / "float"), "--out", str(out), "--bits", "8"])
+        assert message in capsys.readouterr().err
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before

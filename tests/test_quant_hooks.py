@@ -1,7 +1,6 @@
 """Hooks around the quantized matmuls (statistics into a Flax collection, weight noise) and the error report."""
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from quant.config import QuantConfig, QuantRule

@@ -92,13 +92,18 @@ class Config:
         return build(cls, values)
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, what: str = "config"):
+    """A YAML file's values; an unreadable file or invalid YAML is a one-line UserError naming `what` it is."""
     try:
-        values = yaml.safe_load(path.read_text())
+        return yaml.safe_load(Path(path).read_text())
     except OSError as err:
-        raise UserError(f"cannot read config {path}: {err.strerror}") from None
+        raise UserError(f"cannot read {what} {path}: {err.strerror}") from None
     except yaml.YAMLError as err:
-        raise UserError(f"config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise UserError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    values = read_yaml(path)
     if values is None:
         return {}
     if not isinstance(values, dict):
