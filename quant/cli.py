@@ -21,6 +21,9 @@ def add_scheme_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--granularity", choices=("per_channel", "per_group"),
                        help="default: per_group for 4 bits or fewer, else per_channel")
     group.add_argument("--group-size", type=int, default=32, help="input features per scale with per_group")
+    group.add_argument("--embed-bits", type=int, help="also quantize the token embedding table (default: float)")
+    group.add_argument("--scale-dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="dtype of the stored weight scales")
     group.add_argument("--rules", type=Path, help="YAML file with a list of per-layer rules (or a `rules:` key), "
                                                   "e.g. [{match: lm_head, weight_bits: null}]")
 
@@ -29,12 +32,15 @@ def scheme_from_args(args: argparse.Namespace) -> QuantConfig | None:
     """The serving QuantConfig the arguments describe, validated like the `quant` config section (None: none)."""
     from train.config_loader import build
     if args.bits is None:
-        if args.act_bits is not None or args.granularity is not None or args.rules is not None:
-            raise UserError("--act-bits, --granularity and --rules refine a scheme: give --bits too")
+        if (args.act_bits, args.granularity, args.rules, args.embed_bits) != (None,) * 4 or \
+                args.scale_dtype != "float32":
+            raise UserError("--act-bits, --granularity, --rules, --embed-bits and --scale-dtype refine a scheme: "
+                            "give --bits too")
         return None
     granularity = args.granularity or ("per_group" if args.bits <= 4 else "per_channel")
     values = {"mode": "serve", "weight_bits": args.bits, "act_bits": args.act_bits, "granularity": granularity,
-              "group_size": args.group_size, "rules": read_rules(args.rules) if args.rules else []}
+              "group_size": args.group_size, "embed_bits": args.embed_bits, "scale_dtype": args.scale_dtype,
+              "rules": read_rules(args.rules) if args.rules else []}
     return build(QuantConfig, values, prefix="quant.")
 
 

@@ -12,6 +12,7 @@ from slm_jax.errors import UserError
 MODES = ("none", "qat", "serve")
 GRANULARITIES = ("per_channel", "per_group")
 NUMERICS = ("auto", "int", "fake")
+SCALE_DTYPES = ("float32", "bfloat16")
 BIT_WIDTHS = range(2, 9)  # what AQT's integer numerics support
 INHERIT = "inherit"
 
@@ -59,21 +60,25 @@ class QuantConfig:
     mode: str = "none"  # none | qat (quantization-aware training) | serve (weights stored as integers)
     weight_bits: int | None = 8
     act_bits: int | None = None  # null: weight-only quantization
+    embed_bits: int | None = None  # the token embedding table (per-column scales); null: float
     granularity: str = "per_channel"  # per_channel | per_group (sub-channel scales along the contracting axis)
     group_size: int = 32
     bwd_bits: int | None = None  # null: float gradients; 8: AQT's quantized backward pass
     numerics: str = "auto"  # int (integer matmul) | fake (dequantize, then float matmul) | auto (fake on CPU)
+    scale_dtype: str = "float32"  # dtype of the weight scales, as trained and as stored: float32 | bfloat16
     rules: tuple[QuantRule, ...] = ()
 
     def __post_init__(self):
         check_choice(self.mode, MODES, "quant.mode")
         check_bits(self.weight_bits, "quant.weight_bits")
         check_bits(self.act_bits, "quant.act_bits")
+        check_bits(self.embed_bits, "quant.embed_bits")
         check_choice(self.granularity, GRANULARITIES, "quant.granularity")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
             raise UserError(f"quant.group_size must be a positive integer, got {self.group_size!r}")
         if self.bwd_bits is not None:
             check_bits(self.bwd_bits, "quant.bwd_bits", allow_none=False)
         check_choice(self.numerics, NUMERICS, "quant.numerics")
+        check_choice(self.scale_dtype, SCALE_DTYPES, "quant.scale_dtype")
         for i, rule in enumerate(self.rules):
             rule.validate(i)

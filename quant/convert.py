@@ -15,7 +15,7 @@ import numpy as np
 from aqt.jax.v2.utils import QuantMode
 
 from quant.config import QuantConfig
-from quant.plan import ATTENTION, Path, Plan, make_plan, path_str
+from quant.plan import ATTENTION, Path, Plan, kernel_name, make_plan, path_str
 from quant.provider import make_matmul
 from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
@@ -31,7 +31,7 @@ def weight_layers(plan: Plan) -> list[Path]:
 
 def strip_quantized_kernels(params: dict, plan: Plan) -> dict:
     """params without the float kernels of quantized layers (a layer left empty is dropped)."""
-    drop = {path + ("kernel",) for path in weight_layers(plan)}
+    drop = {path + (kernel_name(path),) for path in weight_layers(plan)}
 
     def keep(tree: dict, prefix: tuple[str, ...]) -> dict:
         out = {}
@@ -74,7 +74,7 @@ def float_copies(variables: Variables, plan: Plan) -> list[str]:
     """Quantized layers whose float kernel is still in variables["params"] (should be none)."""
     def has_kernel(path: Path) -> bool:
         node = variables.get("params", {})
-        for key in path + ("kernel",):
+        for key in path + (kernel_name(path),):
             if not isinstance(node, dict) or key not in node:
                 return False
             node = node[key]

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from quant.convert import quantized_weights
 from quant.plan import WEIGHT, Path, model_layers, path_str
 from slm_jax.config import ModelConfig
-from slm_jax.layers import MatmulProvider
+from slm_jax.layers import MatmulProvider, embeds_by_matmul
 
 ADAPTER = "lora"  # module name of an adapter inside its layer; its params are "lora_a" and "lora_b"
 
@@ -56,6 +56,9 @@ class LoraProvider:
 
     def keeps_float_kernel(self, path: Path) -> bool:
         return self.base.keeps_float_kernel(path)
+
+    def embeds_by_matmul(self, path: Path) -> bool:
+        return embeds_by_matmul(self.base, path)
 
     def dot_general(self, path: Path):
         base_dot = self.base.dot_general(path)  # keeps its own name ("dot_general") inside the layer

@@ -19,7 +19,7 @@ from quant.config import QuantConfig
 from quant.convert import Variables, convert, dequantize, quantized_weights
 from quant.lora import adapter_deltas, split_adapters
 from quant.plan import Path as LayerPath
-from quant.plan import path_str
+from quant.plan import kernel_name, path_str
 from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
 
@@ -54,7 +54,7 @@ def merged_float_params(variables: Variables, alpha: float) -> tuple[dict, dict,
     deltas = adapter_deltas(adapters, alpha)
     base = {path: dequantize(w["value"], w["scale"]) for path, w in quantized_weights(variables.get("aqt", {})).items()}
     for path, kernel in base.items():
-        _node(params, path)["kernel"] = kernel
+        _node(params, path)[kernel_name(path)] = kernel
     for path, delta in deltas.items():
         node = _node(params, path)
         base.setdefault(path, node["kernel"])  # a layer the plan keeps float: its kernel is a (frozen) param

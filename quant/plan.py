@@ -20,6 +20,13 @@ from slm_jax.errors import UserError
 
 Path = tuple[str, ...]
 WEIGHT, ATTENTION = "weight", "attention"  # x @ W with a trained W | an attention einsum of two activations
+EMBED = "embedding"  # the token embedding table, quantized as one_hot(tokens) @ table
+EMBED_PATH: "Path" = ("embed",)
+
+
+def kernel_name(path: "Path") -> str:
+    """The name of a weight layer's float parameter: "embedding" for the token table, else "kernel"."""
+    return "embedding" if tuple(path) == EMBED_PATH else "kernel"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +53,7 @@ class LayerPlan:
     group_size: int | None  # only for per_group
     bwd_bits: int | None
     kind: str = WEIGHT
+    scale_dtype: str = "float32"  # of the weight's scales (AQT computes, trains with and stores them in it)
 
 
 Plan = Mapping[Path, "LayerPlan | None"]  # ordered as the model runs; None keeps the layer float
@@ -82,8 +90,9 @@ def model_layers(model_cfg: ModelConfig) -> tuple[LayerInfo, ...]:
     recorder = _Recorder()
     model = Transformer(model_cfg, matmul=recorder)
     jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))))
-    return tuple(LayerInfo(path, WEIGHT, *shape) if path in recorder.weight_paths else LayerInfo(path, ATTENTION)
-                 for path, shape in recorder.rhs_shapes.items())
+    embed = LayerInfo(EMBED_PATH, EMBED, model_cfg.vocab_size, model_cfg.d_model)
+    return (embed,) + tuple(LayerInfo(path, WEIGHT, *shape) if path in recorder.weight_paths
+                            else LayerInfo(path, ATTENTION) for path, shape in recorder.rhs_shapes.items())
 
 
 def _field(rule: QuantRule | None, cfg: QuantConfig, name: str):
@@ -98,8 +107,12 @@ def _key(rule_index: int | None, rule: QuantRule | None, name: str) -> str:
     return f"quant.{name}"
 
 
-def resolve_plan(quant_cfg: QuantConfig, layers: Sequence[LayerInfo]) -> dict[Path, LayerPlan | None]:
-    """Apply the section's values and the first matching rule to each layer; UserError for impossible plans."""
+def resolve_plan(quant_cfg: QuantConfig, layers: Sequence[LayerInfo],
+                 tied_embeddings: bool = False) -> dict[Path, LayerPlan | None]:
+    """Apply the section's values and the first matching rule to each layer; UserError for impossible plans.
+
+    The embedding table takes `embed_bits` (a rule may set its weight_bits); its scales are per column, its input
+    (one-hot rows) is never quantized."""
     patterns = [re.compile(rule.match) for rule in quant_cfg.rules]
     used = [False] * len(patterns)
     plan: dict[Path, LayerPlan | None] = {}
@@ -109,6 +122,14 @@ def resolve_plan(quant_cfg: QuantConfig, layers: Sequence[LayerInfo]) -> dict[Pa
         rule = None if index is None else quant_cfg.rules[index]
         if index is not None:
             used[index] = True
+        if layer.kind == EMBED:
+            bits = quant_cfg.embed_bits if rule is None or rule.weight_bits == INHERIT else rule.weight_bits
+            if bits is not None and tied_embeddings:
+                raise UserError(f"{_key(index, rule, 'weight_bits') if rule else 'quant.embed_bits'}: a quantized "
+                                f"embedding table cannot be tied to the LM head; set model.tie_embeddings=false")
+            plan[layer.path] = None if bits is None else LayerPlan(
+                bits, None, "per_channel", None, quant_cfg.bwd_bits, EMBED, quant_cfg.scale_dtype)
+            continue
         weight_bits = _field(rule, quant_cfg, "weight_bits")
         if weight_bits is None:
             plan[layer.path] = None
@@ -123,7 +144,8 @@ def resolve_plan(quant_cfg: QuantConfig, layers: Sequence[LayerInfo]) -> dict[Pa
         if group_size is not None and layer.in_features % group_size:
             raise UserError(f"{_key(index, rule, 'group_size')} ({group_size}) must divide the input width of "
                             f"{name} ({layer.in_features})")
-        plan[layer.path] = LayerPlan(weight_bits, act_bits, granularity, group_size, quant_cfg.bwd_bits)
+        plan[layer.path] = LayerPlan(weight_bits, act_bits, granularity, group_size, quant_cfg.bwd_bits,
+                                     scale_dtype=quant_cfg.scale_dtype)
     for i, was_used in enumerate(used):
         if not was_used:
             names = ", ".join(path_str(layer.path) for layer in layers[:3])
@@ -133,7 +155,7 @@ def resolve_plan(quant_cfg: QuantConfig, layers: Sequence[LayerInfo]) -> dict[Pa
 
 
 def make_plan(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> dict[Path, LayerPlan | None]:
-    return resolve_plan(quant_cfg, model_layers(model_cfg))
+    return resolve_plan(quant_cfg, model_layers(model_cfg), model_cfg.tie_embeddings)
 
 
 def _describe(plan: LayerPlan | None) -> tuple[str, str, str, str]:

@@ -7,10 +7,12 @@ the layer then keeps no float kernel).
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from aqt.jax.v2 import config as aqt_config
 from aqt.jax.v2 import tiled_dot_general
 from aqt.jax.v2.flax import aqt_flax
@@ -18,7 +20,7 @@ from aqt.jax.v2.utils import QuantMode
 
 from quant.config import QuantConfig
 from quant.hooks import HookContext, LayerHook, chain
-from quant.plan import ATTENTION, LayerPlan, Path, model_layers, path_str, resolve_plan
+from quant.plan import ATTENTION, EMBED, LayerPlan, Path, model_layers, path_str, resolve_plan
 from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
 
@@ -46,6 +48,10 @@ def aqt_dot_general_config(plan: LayerPlan, numerics: str, stochastic_rounding: 
     if plan.bwd_bits is not None and stochastic_rounding:
         aqt_config.set_stochastic_rounding(cfg, vjp_lhs_stochastic_rounding=True, vjp_rhs_stochastic_rounding=False,
                                            implementation="jax.uniform")
+    if plan.scale_dtype != "float32":  # the weight's scales; AQT otherwise makes them in the kernel's dtype
+        weights = cfg.fwd.dg_quantizer.rhs
+        weights.scale_dtype = jnp.dtype(plan.scale_dtype)
+        weights._calibrator = None  # AQT builds it again, in scale_dtype, when the dot_general runs
     if numerics == "fake":
         for raw in (cfg.fwd,) if plan.bwd_bits is None else (cfg.fwd, cfg.dlhs, cfg.drhs):
             raw.lhs.dequant_mode = aqt_config.DequantMode.THIS_INPUT
@@ -111,6 +117,7 @@ class QuantDotGeneral(nn.Module):
                 rhs_quant_mode=self.quant_mode, rhs_freeze_mode=aqt_flax.FreezerMode.CALIBRATION_AND_VALUE,
                 tiling_fn=group_tiling(plan.group_size) if plan.group_size is not None and not reshape else None,
                 use_legacy_freezer=not reshape,  # the legacy freezer stores plain arrays: {"value", "scale"}
+                rhs_scale_init=functools.partial(jnp.zeros, dtype=jnp.dtype(plan.scale_dtype)),  # serving template
                 name="aqt")
 
             def dot(x, w):
@@ -153,6 +160,10 @@ class AqtProvider:
     def keeps_float_kernel(self, path: Path) -> bool:
         return self.quant_mode != QuantMode.SERVE or self.layer_plan(path) is None
 
+    def embeds_by_matmul(self, path: Path) -> bool:
+        plan = self.plan.get(path)
+        return plan is not None and plan.kind == EMBED
+
     def dot_general(self, path: Path):
         plan = self.layer_plan(path)
         if path in self.attention:
@@ -186,4 +197,4 @@ def make_matmul(model_cfg: ModelConfig, quant_cfg: QuantConfig, quant_mode: str 
     attention = frozenset(layer.path for layer in layers if layer.kind == ATTENTION)
     if mode is None:
         return AqtProvider({layer.path: None for layer in layers}, QuantMode.TRAIN, "int", hooks, attention)
-    return AqtProvider(resolve_plan(quant_cfg, layers), mode, resolve_numerics(quant_cfg.numerics), hooks, attention)
+    return AqtProvider(resolve_plan(quant_cfg, layers, model_cfg.tie_embeddings), mode, resolve_numerics(quant_cfg.numerics), hooks, attention)

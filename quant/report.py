@@ -17,7 +17,7 @@ from aqt.jax.v2.utils import QuantMode
 from quant.config import QuantConfig
 from quant.convert import dequantize, weight_layers
 from quant.hooks import capture_inputs
-from quant.plan import LayerPlan, Path, make_plan, path_str
+from quant.plan import EMBED_PATH, LayerPlan, Path, kernel_name, make_plan, path_str
 from quant.provider import QuantDotGeneral, make_matmul, resolve_numerics
 from slm_jax.config import ModelConfig
 from slm_jax.model import Transformer
@@ -67,6 +67,9 @@ def _captured_inputs(model_cfg: ModelConfig, params: dict, tokens, paths: list[P
     _, captured = jax.jit(lambda p, t: model.apply({"params": p}, t, mutable=[INPUTS]))(params, tokens)
     inputs = {}
     for path in paths:
+        if path == EMBED_PATH:  # the float model looks the table up; quantized, it is one_hot(tokens) @ table
+            inputs[path] = jax.nn.one_hot(tokens, model_cfg.vocab_size)
+            continue
         node = captured[INPUTS]
         for key in path + ("dot_general", "x"):
             node = node[key]
@@ -86,7 +89,7 @@ def layer_report(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, t
     for path in paths:
         layer_plan, x = plan[path], inputs[path]
         kernel = params
-        for key in path + ("kernel",):
+        for key in path + (kernel_name(path),):
             kernel = kernel[key]
         y_quant, frozen = _quantize_layer(x, kernel, layer_plan, numerics)
         value, scale = np.asarray(frozen["value"]).astype(np.float32), np.asarray(frozen["scale"])

@@ -21,11 +21,17 @@ class MatmulProvider(Protocol):
     (AQT's `AqtDotGeneral`), which then becomes a child of the layer, or a plain function.
     `keeps_float_kernel(path)` is False for serving layers whose weights live only as integers in the `aqt`
     collection: the layer then creates no float kernel at all.
+    `embeds_by_matmul(path)` (optional; False if absent): the token embedding at `path` is computed as
+    one_hot(tokens) @ table through a `Linear`, so that its table can be quantized like any weight.
     """
 
     def dot_general(self, path: tuple[str, ...]) -> DotGeneral: ...
 
     def keeps_float_kernel(self, path: tuple[str, ...]) -> bool: ...
+
+
+def embeds_by_matmul(matmul: MatmulProvider | None, path: tuple[str, ...]) -> bool:
+    return matmul is not None and getattr(matmul, "embeds_by_matmul", lambda _: False)(path)
 
 
 class Linear(nn.Module):
@@ -37,6 +43,7 @@ class Linear(nn.Module):
     param_dtype: Any = jnp.float32
     matmul: MatmulProvider | None = None
     kernel_init: Callable = nn.initializers.normal(stddev=0.02)
+    kernel_name: str = "kernel"  # "embedding" for a token embedding table computed as a matmul
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -44,7 +51,7 @@ class Linear(nn.Module):
         path = tuple(self.scope.path)
         if self.matmul is None or self.matmul.keeps_float_kernel(path):
             kernel = self.param(
-                "kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes), kernel_shape, self.param_dtype
+                self.kernel_name, nn.with_logical_partitioning(self.kernel_init, self.kernel_axes), kernel_shape, self.param_dtype
             )
         else:
             # Serving: the integer weights and scales are read by the dot_general from the `aqt` collection;

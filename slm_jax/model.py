@@ -1,7 +1,8 @@
 """A Llama-style decoder-only Transformer: embed -> [RMSNorm -> attention, RMSNorm -> SwiGLU] x L -> norm -> head.
 
 Quantization never changes this file: each projection is a `Linear` that asks the optional `MatmulProvider`
-for its dot_general.
+for its dot_general. The token embedding is a table lookup, or, when the provider quantizes the table,
+one_hot(tokens) @ table through a `Linear` (same parameter, cheap at byte-level vocabularies).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 
 from slm_jax.attention import Attention, KVCache
 from slm_jax.config import ModelConfig
-from slm_jax.layers import Linear, MatmulProvider, RMSNorm
+from slm_jax.layers import Linear, MatmulProvider, RMSNorm, embeds_by_matmul
 
 
 class SwiGLU(nn.Module):
@@ -60,10 +61,17 @@ class Transformer(nn.Module):
     def __call__(self, tokens: jax.Array, cache: KVCache | None = None, deterministic: bool = True):
         cfg, sub = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         seq = tokens.shape[1]
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, name="embed",
-                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-                         **sub)
-        x = nn.Dropout(cfg.dropout)(embed(tokens), deterministic=deterministic)
+        if embeds_by_matmul(self.matmul, ("embed",)):
+            if cfg.tie_embeddings:
+                raise ValueError("a quantized embedding table cannot be tied to the LM head")
+            table = Linear(cfg.d_model, ("vocab", "embed"), name="embed", matmul=self.matmul,
+                           kernel_name="embedding", **sub)
+            x = table(jax.nn.one_hot(tokens, cfg.vocab_size, dtype=self.dtype))
+        else:
+            embed = nn.Embed(cfg.vocab_size, cfg.d_model, name="embed", embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("vocab", "embed")), **sub)
+            x = embed(tokens)
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
 
         if cache is None:
             positions, slots, key_positions = jnp.arange(seq), None, None

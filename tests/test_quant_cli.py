@@ -45,14 +45,17 @@ def test_convert_float_run_to_int4_keeps_only_integer_kernels_and_prints_the_com
     rules = tmp_path / "rules.yaml"
     rules.write_text("rules:\n  - {match: lm_head, weight_bits: null}\n")
     convert_main(["--workdir", str(runs / "float"), "--out", str(tmp_path / "int4"), "--bits", "4",
-                  "--rules", str(rules)])
+                  "--embed-bits", "8", "--scale-dtype", "bfloat16", "--rules", str(rules)])
     out = capsys.readouterr().out
     assert "converted" in out and "val loss" in out and str(tmp_path / "int4") in out
     arrays = stored_arrays(tmp_path / "int4")
     kernels = {p: a for p, a in arrays.items() if p.endswith("/kernel")}
     values = {p: a for p, a in arrays.items() if p.endswith("/value")}
     assert set(kernels) == {"params/lm_head/kernel"}  # the rule kept it float; no other float kernel is stored
-    assert values and all(str(a.dtype) == "int4" for a in values.values())
+    assert "params/embed/embedding" not in arrays  # the table is stored as int8 only
+    assert str(arrays["aqt/embed/dot_general/aqt/qrhs/value"].dtype) == "int8"
+    assert all(str(a.dtype) == "int4" for p, a in values.items() if "embed" not in p)
+    assert all(str(a.dtype) == "bfloat16" for p, a in arrays.items() if p.startswith("aqt/") and p.endswith("/scale"))
     run = load_run(tmp_path / "int4")
     assert run.metadata["kind"] == "serving" and run.config.quant.granularity == "per_group"
     assert run.metadata["quant_plan"]["lm_head"] is None  # float in the saved plan
@@ -78,9 +81,10 @@ def test_report_lists_every_quantized_layer_with_scales_clipping_and_error(runs,
     rows = table_rows(capsys.readouterr().out)
     expected = {f"layer_0/{m}/{p}" for m, ps in (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for p in ps}
     assert expected <= set(rows)
-    for cells in rows.values():
+    assert rows["embed"][1:4] == ["int8", "float", "per_channel"]  # int8_qat quantizes the embedding table too
+    for name, cells in rows.items():
         _, w, a, _, scale_min, scale_max, clipped, w_sqnr, w_err, out_sqnr, out_err = cells
-        assert (w, a) == ("int8", "int8")
+        assert (w, a) == ("int8", "float" if name == "embed" else "int8")
         assert 0 < float(scale_min) <= float(scale_max) and 0 <= float(clipped.rstrip("%")) < 5
         assert float(w_sqnr) > 30 and 0 < float(w_err) < 0.05 and float(out_sqnr) > 20  # int8: ~40 dB weights
     convert_main(["--workdir", str(runs / "float"), "--out", str(tmp_path / "int4"), "--bits", "4"])

@@ -1,4 +1,6 @@
 """QuantConfig validation and per-layer plan resolution: every impossible request is one UserError naming its key."""
+import dataclasses
+
 import pytest
 
 from quant.config import QuantConfig, QuantRule
@@ -10,7 +12,7 @@ CFG = ModelConfig(vocab_size=256, seq_len=16, n_layers=2, n_heads=4, d_model=64,
 
 
 @pytest.mark.parametrize("bits", [0, 1, 9, 16, "8", True, 8.0])
-@pytest.mark.parametrize("key", ["weight_bits", "act_bits", "bwd_bits"])
+@pytest.mark.parametrize("key", ["weight_bits", "act_bits", "bwd_bits", "embed_bits"])
 def test_bad_bit_widths_name_the_key(key, bits):
     with pytest.raises(UserError, match=rf"quant\.{key} must be an integer from 2 to 8") as err:
         QuantConfig(**{key: bits})
@@ -22,6 +24,7 @@ def test_bad_bit_widths_name_the_key(key, bits):
     ("granularity", "per_tensor", "quant.granularity must be one of per_channel, per_group"),
     ("numerics", "float", "quant.numerics must be one of auto, int, fake"),
     ("group_size", 0, "quant.group_size must be a positive integer"),
+    ("scale_dtype", "float16", "quant.scale_dtype must be one of float32, bfloat16"),
 ])
 def test_bad_choices_list_the_allowed_values(field, value, message):
     with pytest.raises(UserError, match=message):
@@ -60,7 +63,8 @@ def test_rules_override_in_order_and_unset_fields_inherit():
     assert (up0.weight_bits, up0.act_bits, up0.granularity, up0.group_size) == (4, 8, "per_group", 16)
     assert (up1.weight_bits, up1.act_bits, up1.granularity, up1.group_size) == (8, None, "per_channel", None)
     assert (q0.weight_bits, q0.act_bits) == (8, 8)
-    assert list(plan)[:4] == [("layer_0", "attn", "q"), ("layer_0", "attn", "k"), ("layer_0", "attn", "v"),
+    assert plan[("embed",)] is None  # the embedding table stays float unless quant.embed_bits is set
+    assert list(plan)[:5] == [("embed",), ("layer_0", "attn", "q"), ("layer_0", "attn", "k"), ("layer_0", "attn", "v"),
                               ("layer_0", "attn", "o")]
 
 
@@ -76,13 +80,23 @@ def test_attention_einsums_join_the_plan_only_when_asked():
 
 
 def test_plan_prints_as_a_table_and_saves_as_json():
-    plan = make_plan(CFG, QuantConfig(weight_bits=4, granularity="per_group", rules=(
-        QuantRule(match="lm_head", weight_bits=None),)))
+    plan = make_plan(CFG, QuantConfig(weight_bits=4, granularity="per_group", embed_bits=8, scale_dtype="bfloat16",
+                                      rules=(QuantRule(match="lm_head", weight_bits=None),)))
     table = format_plan(plan).splitlines()
     assert table[0].split() == ["layer", "weights", "activations", "scales", "gradients"]
-    assert table[2].split() == ["layer_0/attn/q", "int4", "float", "per_group(32)", "float"]
+    assert table[2].split() == ["embed", "int8", "float", "per_channel", "float"]
+    assert table[3].split() == ["layer_0/attn/q", "int4", "float", "per_group(32)", "float"]
     assert table[-1].split() == ["lm_head", "float", "float", "-", "float"]
     saved = plan_to_json(plan)
     assert saved["lm_head"] is None
     assert saved["layer_1/mlp/down"] == {"weight_bits": 4, "act_bits": None, "granularity": "per_group",
-                                         "group_size": 32, "bwd_bits": None, "kind": "weight"}
+                                         "group_size": 32, "bwd_bits": None, "kind": "weight",
+                                         "scale_dtype": "bfloat16"}
+    assert saved["embed"]["kind"] == "embedding" and saved["embed"]["act_bits"] is None
+
+
+def test_a_quantized_embedding_cannot_be_tied_to_the_head():
+    tied = dataclasses.replace(CFG, tie_embeddings=True)
+    with pytest.raises(UserError, match="quant.embed_bits: a quantized embedding table cannot be tied"):
+        make_plan(tied, QuantConfig(weight_bits=8, embed_bits=8))
+    assert make_plan(tied, QuantConfig(weight_bits=8))[("embed",)] is None

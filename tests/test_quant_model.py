@@ -85,8 +85,9 @@ def test_attention_einsums_are_quantized_only_when_planned():
     assert 1e-4 < rel_error(logits(only_attention, ATTN_CFG), ref) < 0.05
 
 
-@pytest.mark.parametrize("cfg, quant_cfg", [(CFG, INT4_GROUPS), (ATTN_CFG, W8A8_ATTENTION)],
-                         ids=["int4-per-group-float-head", "int8-w8a-attention"])
+@pytest.mark.parametrize("cfg, quant_cfg", [
+    (CFG, INT4_GROUPS), (ATTN_CFG, W8A8_ATTENTION), (ONE_LAYER, dataclasses.replace(INT4_GROUPS, scale_dtype="bfloat16"))],
+    ids=["int4-per-group-float-head", "int8-w8a-attention", "int4-bf16-scales"])
 def test_convert_then_serve_reproduces_the_qat_forward(cfg, quant_cfg):
     serving, served_logits = served(cfg, quant_cfg)
     np.testing.assert_allclose(served_logits, logits(quant_cfg, cfg), rtol=1e-5, atol=1e-5)
@@ -102,6 +103,7 @@ def test_convert_then_serve_reproduces_the_qat_forward(cfg, quant_cfg):
     else:
         chex.assert_shape([up["value"], up["scale"]], [(4, 16, 192), (4, 1, 1, 192)])
         chex.assert_type(up["value"], jnp.int4)
+    chex.assert_type(up["scale"], jnp.dtype(quant_cfg.scale_dtype))
 
 
 def test_serving_variables_hold_int4_kernels_and_no_float_copy():
@@ -158,3 +160,33 @@ def test_qat_lowers_the_loss_with_finite_gradients_in_every_layer(quant_cfg):
     assert losses[-1] < losses[0] - 0.05
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
         assert np.isfinite(g).all() and np.abs(g).max() > 0, jax.tree_util.keystr(path)
+
+
+def test_a_quantized_embedding_table_is_stored_as_int8_and_served_like_its_qat_forward():
+    quant_cfg = QuantConfig(weight_bits=4, granularity="per_group", group_size=16, embed_bits=8, rules=FLOAT_HEAD)
+    serving, served_logits = served(ONE_LAYER, quant_cfg)
+    np.testing.assert_allclose(served_logits, logits(quant_cfg, ONE_LAYER), rtol=1e-5, atol=1e-5)
+    assert "embed" not in serving["params"]  # no float copy of the table
+    table = serving["aqt"]["embed"]["dot_general"]["aqt"]["qrhs"]
+    chex.assert_shape([table["value"], table["scale"]], [(256, 64), (1, 1, 64)])
+    chex.assert_type([table["value"], table["scale"]], [jnp.int8, jnp.float32])
+    # The reference: per-column abs-max int8 of the float table, looked up row by row.
+    float_table = np.asarray(float_params(ONE_LAYER)["embed"]["embedding"])
+    scale = np.abs(float_table).max(axis=0) / 127.5  # AQT maps the max to the edge of the last int8 bucket
+    np.testing.assert_allclose(np.asarray(table["scale"]).reshape(-1), scale, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(table["value"]), np.clip(np.round(float_table / scale), -127, 127))
+    assert 0 < rel_error(logits(quant_cfg, ONE_LAYER), logits(dataclasses.replace(quant_cfg, embed_bits=None),
+                                                                 ONE_LAYER)) < 0.02
+
+
+def test_bfloat16_scales_shrink_the_serving_model():
+    quant_cfg = QuantConfig(weight_bits=4, granularity="per_group", group_size=16, embed_bits=8)
+    f32, _ = served(ONE_LAYER, quant_cfg)
+    bf16, bf16_logits = served(ONE_LAYER, dataclasses.replace(quant_cfg, scale_dtype="bfloat16"))
+    scales = sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(f32["aqt"])[0] if "scale" in str(p))
+    assert serving_bytes(f32)["total"] - serving_bytes(bf16)["total"] == 2 * scales
+    assert all(x.dtype == jnp.bfloat16 for p, x in jax.tree_util.tree_flatten_with_path(bf16["aqt"])[0]
+               if "scale" in str(p))
+    # Served weights are dequantized in the scales' dtype (AQT): bf16 rounding, small next to int4's own error.
+    f32_logits = served(ONE_LAYER, quant_cfg)[1]
+    assert rel_error(bf16_logits, f32_logits) < 0.25 * rel_error(f32_logits, logits(cfg=ONE_LAYER))

@@ -28,8 +28,9 @@ SOURCE_DATA = ("data.genres=[tragedies,histories]", "data.val_plays=[hamlet]")
 TARGET_DATA = ("data.genres=[comedies]", "data.val_plays=[twelfth-night]")
 TARGET = DataConfig(genres=("comedies",), val_plays=("twelfth-night",))
 # The serving bases LoRA trains over: the same schemes as the int8_qat and int4_qat configs.
-BASES = {"int8": QuantConfig(mode="serve", weight_bits=8, act_bits=8),
-         "int4": QuantConfig(mode="serve", weight_bits=4, granularity="per_group", group_size=32)}
+BASES = {"int8": QuantConfig(mode="serve", weight_bits=8, act_bits=8, embed_bits=8),
+         "int4": QuantConfig(mode="serve", weight_bits=4, granularity="per_group", group_size=32, embed_bits=8,
+                             scale_dtype="bfloat16")}
 
 
 def methods(base: Path, serving: dict[str, Path]) -> list[tuple[str, str, str, tuple[str, ...]]]:
