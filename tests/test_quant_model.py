@@ -187,6 +187,6 @@ def test_bfloat16_scales_shrink_the_serving_model():
     assert serving_bytes(f32)["total"] - serving_bytes(bf16)["total"] == 2 * scales
     assert all(x.dtype == jnp.bfloat16 for p, x in jax.tree_util.tree_flatten_with_path(bf16["aqt"])[0]
                if "scale" in str(p))
-    # Served weights are dequantized in the scales' dtype (AQT): bf16 rounding, small next to int4's own error.
+    # bf16 scales round each group's scale: a small change next to int4's own error.
     f32_logits = served(ONE_LAYER, quant_cfg)[1]
     assert rel_error(bf16_logits, f32_logits) < 0.25 * rel_error(f32_logits, logits(cfg=ONE_LAYER))
