@@ -134,16 +134,17 @@ def measure_serving(quality: dict, work: Path, batches, new_tokens: int, reps: i
         rows.append(row)
 
     # The float model with nothing but its params, for the on-disk comparison the int runs are held to.
-    overrides = [f"train.init_from={float_row['workdir']}", "quant.weight_bits=null", "quant.act_bits=null"]
+    overrides = [f"train.init_from={float_row['workdir']}", "quant.weight_bits=null", "quant.act_bits=null",
+                 "quant.embed_bits=null"]
     params_only = work / "float_params"
-    row = {"name": "float_params", "label": "float, params only (PTQ with quant.weight_bits=null)",
+    row = {"name": "float_params", "label": "float, params only (PTQ with every quant bits null)",
            "workdir": shown(params_only), "made_by": train_command("ptq_int8", overrides, params_only)}
     try:
         convert_workdir(Path(float_row["workdir"]), params_only, load_config("ptq_int8", overrides).quant,
                         log=quiet(say))
         store_step = max(int(p.name) for p in (params_only / "checkpoints").iterdir() if p.name.isdigit())
         row["checkpoint_bytes"] = folder_bytes(params_only / "checkpoints" / str(store_step))
-        row["param_bytes"] = rows[0]["param_bytes"]
+        row["param_bytes"] = tree_bytes(load_run(params_only).variables)["total"]  # equal to the float run's
     except UserError as err:
         row["error"] = str(err)
     rows.insert(1, row)
