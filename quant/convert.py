@@ -59,7 +59,9 @@ def convert(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, sample
     model = Transformer(model_cfg, matmul=provider)
     tokens = np.zeros((1, min(8, model_cfg.seq_len)), np.int32) if sample_tokens is None else sample_tokens
     _, written = jax.jit(lambda p, t: model.apply({"params": p}, t, mutable=["aqt"]))(params, tokens)
-    variables = {"params": strip_quantized_kernels(params, plan), "aqt": written.get("aqt", {})}
+    variables = {"params": strip_quantized_kernels(params, plan)}
+    if written.get("aqt"):  # a plan with every layer float writes none (and restores none)
+        variables["aqt"] = written["aqt"]
     check_serving_variables(model_cfg, quant_cfg, variables)
     return variables
 
