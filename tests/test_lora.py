@@ -121,6 +121,13 @@ def test_only_adapters_train_and_only_they_are_checkpointed(runs):
         load_run(runs.base).variables)
 
 
+def test_generate_samples_from_base_plus_adapters(runs, capsys):
+    from train.generate import main as generate_main
+    generate_main(["--workdir", str(runs.lora), "--prompt", "CLOWN1:", "--max-new-tokens", "40", "--temperature", "0"])
+    out = capsys.readouterr().out
+    assert out.startswith("CLOWN1:") and f"step 30 of {runs.lora}" in out
+
+
 def test_lora_finetuning_lowers_the_target_validation_loss(runs):
     losses = runs.merged["val_loss"]  # base and base + adapters through the same evaluation code
     assert losses["base + adapters"] < losses["base"] - 0.5, losses

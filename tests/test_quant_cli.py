@@ -116,3 +116,23 @@ def test_convert_never_writes_into_its_source_or_an_existing_run(runs, capsys):
             convert_main(["--workdir", str(runs / "float"), "--out", str(out), "--bits", "8"])
         assert message in capsys.readouterr().err
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_generate_and_evaluate_read_qat_serving_and_float_runs(runs, capsys, tmp_path):
+    from train.evaluate import main as evaluate_main
+    from train.generate import main as generate_main
+    convert_main(["--workdir", str(runs / "qat"), "--out", str(tmp_path / "served")])
+    capsys.readouterr()
+    for workdir in (runs / "qat", tmp_path / "served"):
+        samples = []
+        for _ in range(2):
+            generate_main(["--workdir", str(workdir), "--prompt", "SPEAKER1:", "--max-new-tokens", "24", "--seed", "1"])
+            samples.append(capsys.readouterr().out.splitlines()[:-1])  # the last line is the timing
+        assert samples[0] == samples[1] and samples[0][0].startswith("SPEAKER1:")  # seeded: reproducible
+        assert len("\n".join(samples[0])) >= len("SPEAKER1:") + 12  # bytes may merge into multi-byte chars
+    evaluate_main(["--workdir", str(runs / "float"), "--workdir", str(runs / "qat"), "--workdir",
+                   str(tmp_path / "served"), "--batches", "2", "--batch-size", "4"])
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in table[2:]] == ["none", "qat", "serve"]
+    param_mb = [float(line.split()[-1]) for line in table[2:]]
+    assert param_mb[2] < 0.4 * param_mb[1] and param_mb[0] == param_mb[1]
