@@ -31,10 +31,16 @@ def test_tiny_training_lowers_the_loss(tmp_path, corpus_file):
     assert (tmp_path / "config.yaml").is_file()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_resume_continues_the_uninterrupted_loss_trajectory(tmp_path, corpus_file, precision):
+INT8_QAT = ("quant.mode=qat", "quant.weight_bits=8", "quant.act_bits=8", "quant.embed_bits=8")
+INT4_QAT = ("quant.mode=qat", "quant.weight_bits=4", "quant.granularity=per_group", "quant.group_size=16",
+            "quant.scale_dtype=bfloat16")
+
+
+@pytest.mark.parametrize("precision, quant", [("fp32", ()), ("bf16", ()), ("fp16", ()), ("fp32", INT8_QAT),
+                                              ("bf16", INT4_QAT)], ids=["fp32", "bf16", "fp16", "int8-qat", "int4-qat"])
+def test_resume_continues_the_uninterrupted_loss_trajectory(tmp_path, corpus_file, precision, quant):
     config = tiny(corpus_file, "train.steps=20", "train.log_every=1", "checkpoint.every=10", "checkpoint.keep=5",
-                  f"train.precision={precision}", "model.dropout=0.1")
+                  f"train.precision={precision}", "model.dropout=0.1", *quant)
     run_training(config, tmp_path, log=lambda *_: None)
     uninterrupted = train_losses(tmp_path)
     # Pretend the run died right after step 10: drop the later checkpoint and log, then run the same command.
