@@ -120,7 +120,8 @@ def test_state_leaves_without_axes_are_replicated_and_moments_mirror_params():
 
 def test_aqt_serving_weights_and_scales_take_their_kernels_axes():
     from quant.convert import serving_template
-    config = load_config("tiny", ["quant.mode=serve", "quant.granularity=per_group", "quant.group_size=16"])
+    config = load_config("tiny", ["quant.mode=serve", "quant.granularity=per_group", "quant.group_size=16",
+                                  "quant.embed_bits=8"])
     template = serving_template(config.model, config.quant)
     axes = logical_axes(build_model(config, mode="none"))  # the float model still has every kernel
     specs = jax.tree_util.tree_map(lambda s: s.spec, tree_shardings(template, axes, make_mesh(MeshConfig())))
@@ -129,6 +130,10 @@ def test_aqt_serving_weights_and_scales_take_their_kernels_axes():
     assert qrhs["value"] == P(None, None, "tensor")  # [groups, group_size, mlp]: the output dim keeps "mlp"
     assert qrhs["scale"] == P(None, None, None, "tensor")
     assert specs["params"]["layer_0"]["attn_norm"]["scale"] == P(None)
+    float_specs = jax.tree_util.tree_map(lambda s: s.spec, tree_shardings(
+        abstract_state(config, build_model(config, mode="none")).params, axes, make_mesh(MeshConfig())))
+    table = specs["aqt"]["embed"]["dot_general"]["aqt"]["qrhs"]  # the int8 embedding: [vocab, embed] like the float one
+    assert table["value"] == float_specs["embed"]["embedding"] and table["value"] != P(None, None)
 
 
 def test_per_device_bytes_counts_every_array_once_per_device():
