@@ -42,7 +42,7 @@ def test_micro_bench_writes_results_tables_and_plots(tmp_path):
 
     report = (tmp_path / "results.md").read_text()
     tuned = {row["name"]: row for row in results["finetune"]["rows"]}
-    assert {"float_ft", "int8_qat_ft", "int4_qat_ft", "int8_lora", "int4_lora"} <= set(tuned)
+    assert {"float_ft", "int4_lora"} <= set(tuned)  # micro runs two of the five methods
     assert all("error" not in row for row in tuned.values()), tuned
     assert tuned["int4_lora"]["trainable_params"] < tuned["float_ft"]["trainable_params"] / 5
     assert tuned["int4_lora"]["frozen_bytes"] > 0 and tuned["float_ft"]["frozen_bytes"] == 0

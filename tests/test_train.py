@@ -31,8 +31,8 @@ def test_tiny_training_lowers_the_loss(tmp_path, corpus_file):
     assert (tmp_path / "config.yaml").is_file()
 
 
-INT8_QAT = ("quant.mode=qat", "quant.weight_bits=8", "quant.act_bits=8", "quant.embed_bits=8")
-INT4_QAT = ("quant.mode=qat", "quant.weight_bits=4", "quant.granularity=per_group", "quant.group_size=16",
+INT8_QAT = ("quant.mode=qat", "quant.weight_bits=8", "quant.act_bits=8", "quant.embed_bits=8", "model.n_layers=1")
+INT4_QAT = ("quant.mode=qat", "quant.weight_bits=4", "model.n_layers=1", "quant.granularity=per_group", "quant.group_size=16",
             "quant.scale_dtype=bfloat16")
 
 

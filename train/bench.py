@@ -62,6 +62,7 @@ class Profile:
     adapt_overrides: tuple[str, ...] = ()  # model size and batch of the fine-tuning section's base and runs
     adapt_base_steps: int = 1000  # the base's training on tragedies + histories
     adapt_steps: int = 300  # each fine-tune's steps on the comedies
+    adapt_methods: tuple[str, ...] | None = None  # names in bench_finetune.methods (None: all five)
     rss_models: int | None = None  # how many serving models get a peak-RSS subprocess (None: all)
 
 
@@ -92,7 +93,7 @@ PROFILES = {
                            "train.eval_every=3", "train.eval_batches=1", "train.sample_tokens=0"),
         quality_trained=("bf16",), ptq=("ptq_int4_group",), finetunes=(), finetune_steps=1, eval_batches=1,
         eval_batch_size=4, serve_batches=(1,), serve_new_tokens=4, serve_reps=1, rss_models=1,
-        adapt_overrides=MICRO_MODEL, adapt_base_steps=2, adapt_steps=2),
+        adapt_overrides=MICRO_MODEL, adapt_base_steps=2, adapt_steps=2, adapt_methods=("float_ft", "int4_lora")),
 }
 
 

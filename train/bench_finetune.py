@@ -86,6 +86,8 @@ def measure_finetune(profile, work: Path, say) -> dict:
                            (serving["int4"], "base before fine-tuning (INT4 serving)")):
         rows.append({"name": workdir.name, "label": label, "command": None, **evaluate_on_target(workdir, profile)})
     for name, label, config_name, overrides in methods(base, serving):
+        if profile.adapt_methods is not None and name not in profile.adapt_methods:
+            continue
         workdir = work / name
         overrides = (*common, *overrides)
         command = train_command(config_name, overrides, workdir)
