@@ -133,7 +133,8 @@ class LoraBase:
             run = load_run(Path(path))
         except UserError as err:
             raise UserError(f"{key}: cannot open the base model {path} ({err}); make it first, e.g. with the "
-                            f"commands atop configs/finetune_int4_lora.yaml") from None
+                            f"commands atop configs/finetune_int4_lora.yaml (python -m train.main --config "
+                            f"finetune_base, then --config finetune_base_int4)") from None
         if run.metadata.get("kind") != "serving":
             raise UserError(f"{key}: {path} is a {run.metadata.get('kind')} run; LoRA trains over a serving "
                             f"(integer) run: convert it first (e.g. --config ptq_int4 --set train.init_from={path})")
