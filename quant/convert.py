@@ -16,7 +16,7 @@ from aqt.jax.v2.utils import QuantMode
 
 from quant.config import QuantConfig
 from quant.plan import ATTENTION, Path, Plan, kernel_name, make_plan, path_str
-from quant.provider import make_matmul
+from quant.provider import dequantize_weight, make_matmul
 from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
 from slm_jax.model import Transformer
@@ -128,13 +128,9 @@ def quantized_weights(aqt_vars: dict) -> dict[Path, dict[str, jax.Array]]:
 
 
 def dequantize(value, scale) -> np.ndarray:
-    """The float kernel [in, out] a stored (value, scale) pair stands for, computed on the host.
-
-    value: [in, out] (per channel) or [groups, group_size, out] (per group); scale: AQT's output-shaped scale with
-    one entry per (group,) column, e.g. [1, 1, out] or [groups, 1, 1, out].
-    """
-    value, scale = np.asarray(value).astype(np.float32), np.asarray(scale, np.float32)
-    return (value * scale.reshape(value.shape[:-2] + (1, value.shape[-1]))).reshape(-1, value.shape[-1])
+    """The float32 kernel [in, out] a stored (value, scale) pair stands for, as a host array (see
+    `quant.provider.dequantize_weight` for the shapes)."""
+    return np.asarray(dequantize_weight(value, scale, jnp.float32))
 
 
 if __name__ == "__main__":

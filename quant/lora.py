@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from quant.convert import quantized_weights
 from quant.plan import WEIGHT, Path, model_layers, path_str
+from quant.provider import dequantize_weight
 from slm_jax.config import ModelConfig
 from slm_jax.layers import MatmulProvider, embeds_by_matmul
 
@@ -87,12 +88,9 @@ class LoraProvider:
 
 def stored_kernel(module: nn.Module) -> jax.Array:
     """The float kernel [in, out] that a (bound, already called) serving dot_general's integer weights stand for,
-    computed in the traced program (`quant.convert.dequantize` does the same on the host)."""
+    computed in float32 in the traced program."""
     (stored,) = quantized_weights(module.variables["aqt"]).values()
-    value, scale = stored["value"], stored["scale"]
-    out = value.shape[-1]
-    kernel = value.astype(jnp.float32) * scale.reshape(value.shape[:-2] + (1, out)).astype(jnp.float32)
-    return kernel.reshape(-1, out)
+    return dequantize_weight(stored["value"], stored["scale"], jnp.float32)
 
 
 @jax.custom_vjp

@@ -91,10 +91,19 @@ def serve_dequantized(stored: dict, x: jax.Array, dimension_numbers, precision) 
     With fake numerics AQT's tiled form computes the same sum as `groups` batched matmuls plus a reduction, about
     10x slower on CPU than this single matmul (the same reason QAT splits groups by reshaping, see split_groups).
     """
-    value, scale = stored["value"], stored["scale"]
-    scale = scale.reshape(value.shape[:-2] + (1, value.shape[-1])).astype(x.dtype)
-    kernel = (value.astype(x.dtype) * scale).reshape(-1, value.shape[-1])
+    kernel = dequantize_weight(stored["value"], stored["scale"], x.dtype)
     return jax.lax.dot_general(x, kernel, dimension_numbers, precision)
+
+
+def dequantize_weight(value, scale, dtype) -> jax.Array:
+    """The kernel [in, out] that AQT's stored integer weights stand for, computed in `dtype`.
+
+    value: [in, out] (per channel) or [groups, group_size, out] (per group); scale: AQT's output-shaped scale with
+    one entry per (group,) column, e.g. [1, 1, out] or [groups, 1, 1, out].
+    """
+    out = value.shape[-1]
+    scale = jnp.asarray(scale).reshape(value.shape[:-2] + (1, out)).astype(dtype)
+    return (jnp.asarray(value).astype(dtype) * scale).reshape(-1, out)
 
 
 class QuantDotGeneral(nn.Module):
