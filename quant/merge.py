@@ -107,7 +107,7 @@ def merge_workdir(workdir: Path, out: Path, batches: int = 20, batch_size: int =
     from train.evaluation import mean_loss
     from train.finetune import FinetuneConfig
     from train.ptq import check_output_folder, write_serving_run
-    from train.steps import make_eval_step
+    from train.steps import make_eval_step, split_variables
     from train.workdir import load_run
 
     workdir, out = Path(workdir), Path(out)
@@ -126,8 +126,7 @@ def merge_workdir(workdir: Path, out: Path, batches: int = 20, batch_size: int =
     lora_logits, _ = jax.jit(run.model.apply)(run.variables, x)
     errors = {"merged_vs_adapted": logits_error(lora_logits, serve(merged, x)[0]),
               "base_vs_adapted": logits_error(lora_logits, serve(base, x)[0])}
-    split = lambda v: (v["params"], {k: a for k, a in v.items() if k != "params"})
-    losses = {name: mean_loss(step, *split(v), splits.val, batch_size, seq_len, batches)
+    losses = {name: mean_loss(step, *split_variables(v), splits.val, batch_size, seq_len, batches)
               for name, step, v in (("base", serve_loss, base),
                                     ("base + adapters", jax.jit(make_eval_step(run.model)), run.variables),
                                     ("merged", serve_loss, merged))}

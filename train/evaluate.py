@@ -12,7 +12,7 @@ from checkpoints.manager import tree_bytes
 from train.cli import main_guard
 from train.data import ByteTokenizer, DataConfig, load_splits
 from train.evaluation import chars_per_token, loss_summary, mean_loss
-from train.steps import make_eval_step
+from train.steps import make_eval_step, split_variables
 from train.workdir import load_run
 
 
@@ -29,8 +29,7 @@ def evaluate_workdir(workdir: Path, batches: int, batch_size: int, data: DataCon
     run = load_run(workdir)
     tokenizer = ByteTokenizer()
     splits = load_splits(data or run.config.data, tokenizer)
-    params, frozen = run.variables["params"], {k: v for k, v in run.variables.items() if k != "params"}
-    loss = mean_loss(jax.jit(make_eval_step(run.model)), params, frozen, splits.val, batch_size,
+    loss = mean_loss(jax.jit(make_eval_step(run.model)), *split_variables(run.variables), splits.val, batch_size,
                      run.config.model.seq_len, batches)
     return {"workdir": str(workdir), "step": run.step, "quant": run.config.quant.mode,
             **loss_summary(loss, chars_per_token(tokenizer.decode, splits.val)),

@@ -46,6 +46,11 @@ def merge_variables(params: Any, frozen: Any) -> dict:
     return {**frozen, "params": merge(frozen.pop("params", {}), params)}
 
 
+def split_variables(variables: dict) -> tuple[Any, dict]:
+    """A model's variables -> (its "params", every other collection): the arguments eval and train steps take."""
+    return variables["params"], {key: value for key, value in variables.items() if key != "params"}
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean token cross-entropy in float32. logits: [batch, seq, vocab], targets: [batch, seq]."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
