@@ -127,6 +127,38 @@ def quantized_weights(aqt_vars: dict) -> dict[Path, dict[str, jax.Array]]:
     return found
 
 
+def replace_quantized_weights(aqt_vars: dict, weights: dict[Path, dict[str, Any]]) -> dict:
+    """A copy of an `aqt` collection with the stored (value, scale) of the layers in `weights` replaced.
+
+    `weights` maps a layer path to {"value": integers, "scale": scales}, each with exactly the shape and dtype of the
+    array it replaces (the layout `quantized_weights` returns): this is how quantizers other than AQT's own
+    round-to-nearest (GPTQ, ggml block formats) write serving runs that every reader already understands.
+    Raises UserError for an unknown layer or a shape/dtype that differs from the stored one.
+    """
+    stored = quantized_weights(aqt_vars)
+    for path, new in weights.items():
+        if path not in stored:
+            raise UserError(f"no quantized weight stored for layer {path_str(path)}")
+        for key in ("value", "scale"):
+            old = stored[path][key]
+            if tuple(np.shape(new[key])) != tuple(old.shape) or jnp.dtype(new[key].dtype) != jnp.dtype(old.dtype):
+                raise UserError(f"{path_str(path)} {key}: expected {tuple(old.shape)} {jnp.dtype(old.dtype)}, got "
+                                f"{tuple(np.shape(new[key]))} {jnp.dtype(new[key].dtype)}")
+
+    def walk(node: dict, prefix: tuple[str, ...]) -> dict:
+        out = {}
+        for key, value in node.items():
+            if key == "qrhs" and prefix[:-2] in weights:
+                out[key] = {**value, **{k: jnp.asarray(weights[prefix[:-2]][k]) for k in ("value", "scale")}}
+            elif isinstance(value, dict):
+                out[key] = walk(value, prefix + (key,))
+            else:
+                out[key] = value
+        return out
+
+    return walk(flax.core.unfreeze(aqt_vars), ())
+
+
 def dequantize(value, scale) -> np.ndarray:
     """The float32 kernel [in, out] a stored (value, scale) pair stands for, as a host array (see
     `quant.provider.dequantize_weight` for the shapes)."""

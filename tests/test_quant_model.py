@@ -11,7 +11,8 @@ import optax
 import pytest
 
 from quant.config import QuantConfig, QuantRule
-from quant.convert import check_serving_variables, convert, float_copies, serving_bytes
+from quant.convert import (check_serving_variables, convert, float_copies, quantized_weights,
+                           replace_quantized_weights, serving_bytes)
 from quant.plan import make_plan
 from quant.provider import make_matmul
 from slm_jax import ModelConfig, Transformer
@@ -190,3 +191,22 @@ def test_bfloat16_scales_shrink_the_serving_model():
     # bf16 scales round each group's scale: a small change next to int4's own error.
     f32_logits = served(ONE_LAYER, quant_cfg)[1]
     assert rel_error(bf16_logits, f32_logits) < 0.25 * rel_error(f32_logits, logits(cfg=ONE_LAYER))
+
+
+def test_replaced_integer_weights_are_what_the_serving_model_computes_with():
+    serving, _ = served(CFG, INT4_GROUPS)
+    stored = quantized_weights(serving["aqt"])
+    path = ("layer_0", "mlp", "up")
+    value = np.asarray(stored[path]["value"]).astype(np.int8)
+    flipped = {path: {"value": jnp.asarray(-np.clip(value, -7, 7), jnp.int4), "scale": stored[path]["scale"]}}
+    replaced = {**serving, "aqt": replace_quantized_weights(serving["aqt"], flipped)}
+    new = quantized_weights(replaced["aqt"])
+    np.testing.assert_array_equal(np.asarray(new[path]["value"]).astype(np.int8), -np.clip(value, -7, 7))
+    other = ("layer_0", "mlp", "down")
+    np.testing.assert_array_equal(np.asarray(new[other]["value"]), np.asarray(stored[other]["value"]))
+    out = apply_fn(CFG, INT4_GROUPS, "serve")(replaced, TOKENS)[0]
+    assert not np.allclose(out, served(CFG, INT4_GROUPS)[1], atol=1e-3)
+    with pytest.raises(UserError, match="layer_0/mlp/up value: expected"):
+        replace_quantized_weights(serving["aqt"], {path: {"value": value, "scale": stored[path]["scale"]}})
+    with pytest.raises(UserError, match="no quantized weight stored for layer lm_head"):
+        replace_quantized_weights(serving["aqt"], {("lm_head",): flipped[path]})
