@@ -1,170 +1,30 @@
-"""Post-training conversion: float (or QAT-trained) params -> serving variables holding int8/int4 weights + scales.
-
-The serving tree keeps no float copy of a quantized kernel, so its size is close to bits/32 of the float one;
-`check_serving_variables` proves it against what the serving model actually reads.
+"""`python -m quant.convert --workdir RUN --out DIR [--bits N ...]`: post-training quantization of a float or QAT run
+into a serving run whose weights are stored only as int8/int4 values and scales, then float vs quantized validation
+loss side by side. The conversion itself is `train.ptq.convert_workdir` over `quant.serving.convert`.
 """
 from __future__ import annotations
 
-from typing import Any
+import argparse
+from pathlib import Path
 
-import flax
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
-from aqt.jax.v2.utils import QuantMode
-
-from quant.config import QuantConfig
-from quant.plan import ATTENTION, Path, Plan, kernel_name, make_plan, path_str
-from quant.provider import dequantize_weight, make_matmul
-from slm_jax.config import ModelConfig
-from slm_jax.errors import UserError
-from slm_jax.model import Transformer
-
-Variables = dict[str, Any]
+from train.cli import add_scheme_args, main_guard, scheme_from_args
+from train.evaluation import evaluate_workdir, format_table
+from train.ptq import convert_workdir
 
 
-def weight_layers(plan: Plan) -> list[Path]:
-    """The layers whose kernel is stored as integers when serving."""
-    return [path for path, p in plan.items() if p is not None and p.kind != ATTENTION]
-
-
-def strip_quantized_kernels(params: dict, plan: Plan) -> dict:
-    """params without the float kernels of quantized layers (a layer left empty is dropped)."""
-    drop = {path + (kernel_name(path),) for path in weight_layers(plan)}
-
-    def keep(tree: dict, prefix: tuple[str, ...]) -> dict:
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                value = keep(value, prefix + (key,))
-                if value:
-                    out[key] = value
-            elif prefix + (key,) not in drop:
-                out[key] = value
-        return out
-
-    return keep(params, ())
-
-
-def convert(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, sample_tokens=None) -> Variables:
-    """Quantize `params` (the float "params" collection) with AQT's CONVERT mode into serving variables.
-
-    Returns {"params": params minus quantized kernels, "aqt": int weights and scales}. `sample_tokens` ([batch, seq]
-    int) only drives the forward pass that writes the weights; activations are quantized on the fly when serving,
-    so any tokens give the same result.
-    """
-    provider = make_matmul(model_cfg, quant_cfg, QuantMode.CONVERT)
-    plan, params = provider.plan, flax.core.unfreeze(nn.unbox(params))
-    model = Transformer(model_cfg, matmul=provider)
-    tokens = np.zeros((1, min(8, model_cfg.seq_len)), np.int32) if sample_tokens is None else sample_tokens
-    _, written = jax.jit(lambda p, t: model.apply({"params": p}, t, mutable=["aqt"]))(params, tokens)
-    variables = {"params": strip_quantized_kernels(params, plan)}
-    if written.get("aqt"):  # a plan with every layer float writes none (and restores none)
-        variables["aqt"] = written["aqt"]
-    check_serving_variables(model_cfg, quant_cfg, variables)
-    return variables
-
-
-def serving_template(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> Variables:
-    """Shapes and dtypes (jax.ShapeDtypeStruct) of the variables the serving model reads: a restore target."""
-    model = Transformer(model_cfg, matmul=make_matmul(model_cfg, quant_cfg, QuantMode.SERVE))
-    return jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 1), np.int32))))
-
-
-def float_copies(variables: Variables, plan: Plan) -> list[str]:
-    """Quantized layers whose float kernel is still in variables["params"] (should be none)."""
-    def has_kernel(path: Path) -> bool:
-        node = variables.get("params", {})
-        for key in path + (kernel_name(path),):
-            if not isinstance(node, dict) or key not in node:
-                return False
-            node = node[key]
-        return True
-
-    return [path_str(path) for path in weight_layers(plan) if has_kernel(path)]
-
-
-def check_serving_variables(model_cfg: ModelConfig, quant_cfg: QuantConfig, variables: Variables) -> None:
-    """UserError unless `variables` hold exactly what the serving model reads: no float copy of a quantized kernel,
-    every integer weight and scale present with the planned shape and dtype."""
-    copies = float_copies(variables, make_plan(model_cfg, quant_cfg))
-    if copies:
-        raise UserError(f"serving variables still hold float kernels of quantized layers: {', '.join(copies)}")
-    expected = jax.tree_util.tree_flatten_with_path(serving_template(model_cfg, quant_cfg))[0]
-    got = jax.tree_util.tree_flatten_with_path(variables)[0]
-    describe = lambda leaves: {jax.tree_util.keystr(k): (tuple(v.shape), jnp.dtype(v.dtype)) for k, v in leaves}
-    expected, got = describe(expected), describe(got)
-    for key in sorted(set(expected) | set(got)):
-        if expected.get(key) != got.get(key):
-            raise UserError(f"serving variables do not match the quantization config at {key}: expected "
-                            f"{expected.get(key, 'nothing')}, found {got.get(key, 'nothing')}")
-
-
-def serving_bytes(variables: Variables) -> dict[str, float]:
-    """Bytes of `variables` by dtype name, plus "total"; int4 counts half a byte (as packed on disk/device)."""
-    sizes: dict[str, float] = {}
-    for leaf in jax.tree_util.tree_leaves(variables):
-        dtype = jnp.dtype(leaf.dtype)
-        per_item = jnp.iinfo(dtype).bits / 8 if jnp.issubdtype(dtype, jnp.integer) else dtype.itemsize
-        sizes[dtype.name] = sizes.get(dtype.name, 0) + per_item * int(np.prod(leaf.shape))
-    sizes["total"] = sum(sizes.values())
-    return sizes
-
-
-def quantized_weights(aqt_vars: dict) -> dict[Path, dict[str, jax.Array]]:
-    """{layer path: {"value": int weights, "scale": float scales}} from an `aqt` collection."""
-    found = {}
-
-    def walk(node: dict, prefix: tuple[str, ...]) -> None:
-        for key, value in node.items():
-            if key == "qrhs":
-                found[prefix[:-2]] = dict(value)  # drop the ("dot_general", "aqt") module names
-            elif isinstance(value, dict):
-                walk(value, prefix + (key,))
-
-    walk(aqt_vars, ())
-    return found
-
-
-def replace_quantized_weights(aqt_vars: dict, weights: dict[Path, dict[str, Any]]) -> dict:
-    """A copy of an `aqt` collection with the stored (value, scale) of the layers in `weights` replaced.
-
-    `weights` maps a layer path to {"value": integers, "scale": scales}, each with exactly the shape and dtype of the
-    array it replaces (the layout `quantized_weights` returns): this is how quantizers other than AQT's own
-    round-to-nearest (GPTQ, ggml block formats) write serving runs that every reader already understands.
-    Raises UserError for an unknown layer or a shape/dtype that differs from the stored one.
-    """
-    stored = quantized_weights(aqt_vars)
-    for path, new in weights.items():
-        if path not in stored:
-            raise UserError(f"no quantized weight stored for layer {path_str(path)}")
-        for key in ("value", "scale"):
-            old = stored[path][key]
-            if tuple(np.shape(new[key])) != tuple(old.shape) or jnp.dtype(new[key].dtype) != jnp.dtype(old.dtype):
-                raise UserError(f"{path_str(path)} {key}: expected {tuple(old.shape)} {jnp.dtype(old.dtype)}, got "
-                                f"{tuple(np.shape(new[key]))} {jnp.dtype(new[key].dtype)}")
-
-    def walk(node: dict, prefix: tuple[str, ...]) -> dict:
-        out = {}
-        for key, value in node.items():
-            if key == "qrhs" and prefix[:-2] in weights:
-                out[key] = {**value, **{k: jnp.asarray(weights[prefix[:-2]][k]) for k in ("value", "scale")}}
-            elif isinstance(value, dict):
-                out[key] = walk(value, prefix + (key,))
-            else:
-                out[key] = value
-        return out
-
-    return walk(flax.core.unfreeze(aqt_vars), ())
-
-
-def dequantize(value, scale) -> np.ndarray:
-    """The float32 kernel [in, out] a stored (value, scale) pair stands for, as a host array (see
-    `quant.provider.dequantize_weight` for the shapes)."""
-    return np.asarray(dequantize_weight(value, scale, jnp.float32))
+@main_guard
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m quant.convert",
+        description="Post-training quantization: convert a float or QAT run into a serving run whose weights "
+                    "are stored only as int8/int4 values and scales.")
+    parser.add_argument("--workdir", type=Path, required=True, help="the float or QAT run to convert")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the serving run")
+    add_scheme_args(parser)
+    args = parser.parse_args(argv)
+    convert_workdir(args.workdir, args.out, scheme_from_args(args))
+    print(format_table([evaluate_workdir(w, 20, 16) for w in (args.workdir, args.out)]))
 
 
 if __name__ == "__main__":
-    from quant.cli import convert_main
-    convert_main()
+    main()

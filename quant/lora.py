@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from quant.convert import quantized_weights
+from quant.serving import quantized_weights
 from quant.plan import WEIGHT, Path, model_layers, path_str
 from quant.provider import dequantize_weight
 from slm_jax.config import ModelConfig

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from quant.config import INHERIT, QuantConfig, QuantRule
 from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
+from slm_jax.model import Transformer
 
 Path = tuple[str, ...]
 WEIGHT, ATTENTION = "weight", "attention"  # x @ W with a trained W | an attention einsum of two activations
@@ -85,8 +86,6 @@ class _Recorder:
 @functools.cache
 def model_layers(model_cfg: ModelConfig) -> tuple[LayerInfo, ...]:
     """Every matmul routed through the injected dot_general, in the order the model runs them (abstractly traced)."""
-    from slm_jax.model import Transformer
-
     recorder = _Recorder()
     model = Transformer(model_cfg, matmul=recorder)
     jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))))

@@ -28,7 +28,7 @@ from train.config import Config, load_config, save_yaml
 from train.data import eval_batches, load_splits
 from train.loop import run_training
 from train.steps import make_eval_step
-from train.workdir import load_run
+from train.run import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

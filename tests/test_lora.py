@@ -13,21 +13,24 @@ import pytest
 
 from checkpoints.manager import CheckpointStore, build_metadata
 from quant.config import QuantConfig
-from quant.convert import convert
 from quant.lora import LoraProvider, split_adapters, target_layers
-from quant.merge import merged_float_params, merge_workdir
+from quant.lora_merge import merged_float_params
+from quant.merge import merge_workdir
 from quant.plan import make_plan, plan_to_json
 from quant.provider import make_matmul
+from quant.serving import convert
 from slm_jax import Transformer
 from slm_jax.errors import UserError
 from train.build import build_model
-from train.config import load_config
+from train.config import FinetuneConfig, load_config
 from train.data import ByteTokenizer, load_splits
-from train.finetune import FinetuneConfig, LoraBase, fingerprint, load_lora_run, lora_initializer, with_frozen
+from train.finetune import with_frozen
 from train.loop import run_training, train_batch
+from train.lora_run import fingerprint
 from train.optim import make_optimizer
+from train.recipe import make_recipe
+from train.run import load_run, open_lora_base
 from train.steps import cross_entropy, make_train_step, merge_variables
-from train.workdir import load_run
 
 INT4 = QuantConfig(mode="serve", weight_bits=4, granularity="per_group", group_size=32)
 quiet = dict(log=lambda *_: None)
@@ -38,7 +41,7 @@ def leaves(tree) -> dict:
 
 
 def save_serving_base(workdir, config, quant, seed=0):
-    """An INT4 serving run of a freshly initialised tiny model, written as train.ptq writes converted runs."""
+    """An INT4 serving run of a freshly initialised tiny model, written as train.run writes converted runs."""
     model = build_model(config)
     params = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
     variables = convert(config.model, quant, nn.unbox(params))
@@ -73,10 +76,8 @@ def runs(tmp_path_factory):
 def fresh_lora(config, precision="fp32"):
     """(model, state) of fresh adapters over the base named by `config`, computing in `precision`."""
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
-    base = LoraBase.open(config.finetune.base)
-    config = base.run_config(config)
-    model = build_model(config)
-    return config, model, jax.jit(lora_initializer(config, model))().replace(frozen=base.variables)
+    recipe = make_recipe(config)
+    return recipe.config, recipe.model, jax.jit(recipe.initializer)().replace(frozen=recipe.base.variables)
 
 
 def test_zero_initialised_adapters_reproduce_the_base_logits_exactly(runs):
@@ -105,7 +106,7 @@ def test_lora_steps_leave_every_integer_weight_and_scale_bit_identical_fp16(runs
 
 
 def test_only_adapters_train_and_only_they_are_checkpointed(runs):
-    run = load_lora_run(runs.lora)
+    run = load_run(runs.lora)
     store = CheckpointStore(runs.lora / "checkpoints", create=False)
     arrays = store.arrays()
     store.close()
@@ -144,14 +145,14 @@ def test_adapters_refuse_a_base_they_were_not_trained_on(runs, tmp_path):
     writer.save(metadata["step"], variables, metadata)  # same shapes and step, other weights
     writer.close()
     with pytest.raises(UserError, match="trained on base .* use the base they were trained on"):
-        load_lora_run(runs.lora, base=tmp_path / "other")
+        load_run(runs.lora, base=tmp_path / "other")
     shutil.copytree(runs.lora, tmp_path / "resume")
     config = dataclasses.replace(runs.config, finetune=dataclasses.replace(
         runs.config.finetune, base=str(tmp_path / "other")), train=dataclasses.replace(runs.config.train, steps=40))
     with pytest.raises(UserError, match="trained on base"):
         run_training(config, tmp_path / "resume", **quiet)
     with pytest.raises(UserError, match="is a lora run; LoRA trains over a serving"):
-        LoraBase.open(runs.lora)
+        open_lora_base(runs.lora)
 
 
 def test_merged_int4_model_stays_close_to_base_plus_adapters(runs):

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 from checkpoints.manager import CheckpointStore
-from quant.cli import convert_main, report_main
+from quant.convert import main as convert_main
+from quant.report import main as report_main
 from train.config import load_config
-from train.evaluate import evaluate_workdir
+from train.evaluation import evaluate_workdir
 from train.loop import run_training
-from train.workdir import load_run
+from train.run import load_run
 
 TINY = ("train.steps=12", "train.sample_tokens=0", "train.eval_every=1000", "checkpoint.every=12", "model.n_layers=1")
 

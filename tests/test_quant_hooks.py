@@ -6,7 +6,7 @@ import numpy as np
 from quant.config import QuantConfig, QuantRule
 from quant.hooks import LayerHook, capture_inputs, record_abs_max
 from quant.provider import make_matmul
-from quant.report import format_report, layer_report
+from quant.layer_report import format_report, layer_report
 from slm_jax import ModelConfig, Transformer
 
 CFG = ModelConfig(vocab_size=256, seq_len=16, n_layers=2, n_heads=4, d_model=64, tie_embeddings=False)

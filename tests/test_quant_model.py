@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from quant.config import QuantConfig, QuantRule
-from quant.convert import (check_serving_variables, convert, float_copies, quantized_weights,
+from quant.serving import (check_serving_variables, convert, float_copies, quantized_weights,
                            replace_quantized_weights, serving_bytes)
 from quant.plan import make_plan
 from quant.provider import make_matmul

@@ -119,7 +119,7 @@ def test_state_leaves_without_axes_are_replicated_and_moments_mirror_params():
 
 
 def test_aqt_serving_weights_and_scales_take_their_kernels_axes():
-    from quant.convert import serving_template
+    from quant.serving import serving_template
     config = load_config("tiny", ["quant.mode=serve", "quant.granularity=per_group", "quant.group_size=16",
                                   "quant.embed_bits=8"])
     template = serving_template(config.model, config.quant)

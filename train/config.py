@@ -5,6 +5,7 @@ The resolved config is saved with every checkpoint and read back by every later 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import yaml
@@ -14,11 +15,11 @@ from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
 from train.config_loader import build, to_dict
 from train.data import DataConfig
-from train.finetune import FinetuneConfig, check_finetune
 from train.sharding import MeshConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRECISIONS = ("fp32", "bf16", "fp16")
+METHODS = ("none", "qat", "lora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,42 @@ class CheckpointConfig:
     def __post_init__(self):
         if self.every <= 0 or self.keep <= 0:
             raise UserError("checkpoint.every and checkpoint.keep must be positive integers")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """The `finetune` section: full fine-tuning, continued QAT with frozen layers, or LoRA over a serving run."""
+
+    base: str | None = None  # lora: the serving (integer) workdir whose frozen weights the adapters train on
+    method: str = "none"  # none (full fine-tuning from train.init_from) | qat (continued QAT) | lora
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # the adapter's output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # on the adapter's input only
+    lora_targets: str = "attn/(q|v)|mlp/(gate|up|down)"  # regex searched in layer paths such as layer_0/attn/q
+    freeze: str | None = None  # none/qat: regex searched in param paths (layer_0/attn/q/kernel); matches stay fixed
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"finetune.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank <= 0:
+            raise UserError(f"finetune.lora_rank must be a positive integer, got {self.lora_rank!r}")
+        if self.lora_alpha <= 0:
+            raise UserError(f"finetune.lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"finetune.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for key in ("lora_targets", "freeze"):
+            try:
+                re.compile(getattr(self, key) or "")
+            except re.error as err:
+                raise UserError(f"finetune.{key} is not a valid regex ({err})") from None
+        if self.method == "lora":
+            if not self.base:
+                raise UserError("finetune.base must name the serving workdir LoRA trains over (finetune.method=lora)")
+            if self.freeze is not None:
+                raise UserError("finetune.freeze does not apply to finetune.method=lora (every base weight is frozen)")
+        elif self.base is not None:
+            raise UserError(f"finetune.base is only read by finetune.method=lora (method is {self.method}); "
+                            f"full and QAT fine-tuning start from train.init_from")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +206,20 @@ def load_config(name: str, overrides: list[str] = ()) -> Config:
     config = Config.from_dict(values)
     check_consistency(config)
     return config
+
+
+def check_finetune(config: Config) -> None:
+    """Rules between `finetune` and the other sections of a root Config (called by check_consistency)."""
+    method = config.finetune.method
+    if method == "lora" and config.train.init_from:
+        raise UserError("train.init_from does not apply to finetune.method=lora; the adapters start from "
+                        "finetune.base")
+    if method == "qat":
+        if config.quant.mode != "qat":
+            raise UserError(f"finetune.method=qat continues quantization-aware training: quant.mode must be qat, "
+                            f"got {config.quant.mode}")
+        if not config.train.init_from:
+            raise UserError("finetune.method=qat needs train.init_from: the QAT (or float) workdir to continue")
 
 
 def check_consistency(config: Config) -> None:

@@ -12,7 +12,7 @@ from slm_jax.errors import UserError
 from train.cli import main_guard
 from train.data import ByteTokenizer
 from train.loop import sample_text
-from train.workdir import load_run
+from train.run import load_run
 
 
 def parse_args(argv=None) -> argparse.Namespace:

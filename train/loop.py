@@ -14,19 +14,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints.manager import CheckpointStore, build_metadata
+from checkpoints.manager import CheckpointStore, build_metadata, param_count
+from quant.plan import format_plan, make_plan, plan_to_json
 from slm_jax.errors import UserError
 from slm_jax.sampling import generate
-from train.build import build_model, build_optimizer, state_initializer
 from train.config import Config, save_yaml
 from train.data import ByteTokenizer, get_batch, load_splits
 from train.evaluation import chars_per_token, loss_summary, mean_loss
 from train.metrics import MetricsLog, Throughput, format_duration
 from train.optim import learning_rate_schedule
-from train.sharding import (abstract_with_shardings, batch_sharding, create_sharded_state, make_mesh, shard_batch,
-                            shard_train_step, state_shardings)
+from train.recipe import make_recipe
+from train.sharding import batch_sharding, make_mesh, shard_batch, shard_train_step
 from train.steps import make_eval_step, make_train_step, merge_variables
-from train.workdir import check_resumable, load_params
 
 
 class TrainingDiverged(UserError):
@@ -40,28 +39,10 @@ def train_batch(tokens: np.ndarray, config: Config, step: int):
     return x.reshape(shape), y.reshape(shape)  # numpy, global batch: shard_batch places it on the mesh
 
 
-def initial_state(config: Config, model, store: CheckpointStore, log, shardings):
-    """Restored (resharded onto this run's mesh) or fresh, created directly in `shardings`."""
-    init = state_initializer(config, model)
-    latest = store.latest_step()
-    if latest is not None:
-        check_resumable(store.metadata(latest), config, store.directory)
-        log(f"resuming from step {latest} in {store.directory}")
-        return store.restore(abstract_with_shardings(jax.eval_shape(init), shardings), latest)
-    state = create_sharded_state(init, shardings)
-    if config.train.init_from:
-        params = jax.device_put(load_params(Path(config.train.init_from), config), shardings.params)
-        opt_state = jax.jit(build_optimizer(config).init, out_shardings=shardings.opt_state)(params)
-        state = state.replace(params=params, opt_state=opt_state)
-        log(f"initialised params from {config.train.init_from}")
-    return state
-
-
 def describe_quant_plan(config: Config, workdir: Path, log) -> dict | None:
     """Print the resolved per-layer quantization plan and save it as `quant_plan.json` (None for float runs)."""
     if config.quant.mode == "none":
         return None
-    from quant.plan import format_plan, make_plan, plan_to_json
     plan = make_plan(config.model, config.quant)
     log(f"quantization plan ({config.quant.mode}):\n{format_plan(plan)}")
     (workdir / "quant_plan.json").write_text(json.dumps(plan_to_json(plan), indent=1))
@@ -69,42 +50,33 @@ def describe_quant_plan(config: Config, workdir: Path, log) -> dict | None:
 
 
 def run_training(config: Config, workdir: Path, log=print) -> dict:
-    """Train `config` in `workdir`; returns the final summary (also written to metrics.jsonl)."""
-    lora_base = None
-    if config.finetune.method == "lora":  # adapters over a frozen serving run, which supplies model and quant
-        from train.finetune import LoraBase
-        lora_base = LoraBase.open(config.finetune.base)
-        config = lora_base.run_config(config)
+    """Train `config` in `workdir`; returns the final summary (also written to metrics.jsonl). What trains (every
+    param, or adapters over a frozen base) is the recipe's business; this loop is the same for all."""
+    recipe = make_recipe(config)
+    config, model = recipe.config, recipe.model  # LoRA: the base supplies the model and quant sections
     cfg = config.train
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = ByteTokenizer()
     splits = load_splits(config.data, tokenizer)
-    model = build_model(config)
     quant_plan = describe_quant_plan(config, workdir, log)
     store = CheckpointStore(workdir / "checkpoints", keep=config.checkpoint.keep,
                             async_save=config.checkpoint.async_save)
     mesh = make_mesh(config.mesh)
-    if lora_base is None:
-        shardings = state_shardings(state_initializer(config, model), model, mesh)
-    else:
-        shardings = lora_base.shardings(config, model, mesh)
+    shardings = recipe.shardings(mesh)
     place = batch_sharding(mesh)
     try:
-        if lora_base is None:
-            state = initial_state(config, model, store, log, shardings)
-        else:
-            state = lora_base.initial_state(config, model, store, log, shardings)
+        state = recipe.initial_state(store, log, shardings)
     except BaseException:
         store.close()
         raise
     save_yaml(config, workdir / "config.yaml")
     metrics_log = MetricsLog(workdir / "metrics.jsonl")
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+    n_params = param_count(state.params)
     log(f"model: {n_params:,} params | train {len(splits.train):,} tokens, val {len(splits.val):,} tokens | "
         f"precision {cfg.precision} | quant {config.quant.mode} | mesh {dict(mesh.shape)}")
 
     schedule = learning_rate_schedule(cfg)
-    train_step = shard_train_step(make_train_step(model, build_optimizer(config), schedule, cfg.precision == "fp16"),
+    train_step = shard_train_step(make_train_step(model, recipe.optimizer, schedule, cfg.precision == "fp16"),
                                   shardings, place)
     eval_step = jax.jit(make_eval_step(model))
     cpt = chars_per_token(tokenizer.decode, splits.val)
@@ -118,10 +90,7 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
     def save(step: int) -> None:
         meta = build_metadata(config.to_dict(), step, state.params, splits.description["tokenizer"],
                               quant_plan=quant_plan, data=splits.description)
-        saved = state
-        if lora_base is not None:  # the adapters alone, with the base they belong to named in the metadata
-            saved, meta = lora_base.checkpoint(state, meta)
-        store.save(step, saved, meta)
+        store.save(step, *recipe.checkpoint(state, meta))
 
     start = int(state.step)
     speed = Throughput(cfg.batch_size * cfg.grad_accum * seq_len, cfg.steps)

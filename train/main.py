@@ -7,7 +7,9 @@ from pathlib import Path
 from slm_jax.errors import UserError
 from train.cli import main_guard
 from train.config import load_config, resolve_path
+from train.evaluation import evaluate_workdir, format_table
 from train.loop import run_training
+from train.ptq import convert_workdir
 from train.sharding import maybe_initialize_distributed
 
 
@@ -29,8 +31,6 @@ def main(argv=None):
     if config.quant.mode == "serve":  # post-training quantization of the run named by train.init_from
         if not config.train.init_from:
             raise UserError("quant.mode=serve converts an existing run: set train.init_from to its workdir")
-        from train.ptq import convert_workdir
-        from train.evaluate import evaluate_workdir, format_table
         if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
             print(f"{workdir} already holds the converted model")
         else:

@@ -1,0 +1,120 @@
+"""Per-layer quantization error report: what AQT did to each weight and what that does to the layer's output.
+
+Each quantized weight layer is measured in isolation on the activations the float model feeds it for a given
+batch (captured with a hook), so rows show where the error comes from rather than how it compounds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from aqt.jax.v2.utils import QuantMode
+
+from quant.config import QuantConfig
+from quant.serving import dequantize, weight_layers
+from quant.hooks import capture_inputs
+from quant.plan import EMBED_PATH, LayerPlan, Path, kernel_name, make_plan, path_str
+from quant.provider import QuantDotGeneral, make_matmul, resolve_numerics
+from slm_jax.config import ModelConfig
+from slm_jax.model import Transformer
+
+INPUTS = "quant_inputs"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+    layer: str
+    weight_bits: int
+    act_bits: int | None
+    granularity: str
+    scale_min: float
+    scale_max: float
+    # Share of weights beyond the largest integer level, which the clip changes. AQT's abs-max maps each channel's
+    # (group's) max to the edge of the last bucket (127.5 steps for int8, 7.5 for int4), so the values in that top
+    # half step, the max among them, are clipped, losing at most half a step (like rounding). Expect about
+    # 1/in_features (1/group_size) at int8, a few percent at int4; more would mean a clipping calibration.
+    clipped: float
+    weight_sqnr_db: float
+    weight_rel_err: float
+    output_sqnr_db: float  # this layer's output on the float model's activations, quantized vs float
+    output_rel_err: float
+
+
+def _errors(ref: np.ndarray, approx: np.ndarray) -> tuple[float, float]:
+    """(SQNR in dB, relative L2 error) of approx against ref."""
+    signal, noise = float(np.sum(np.square(ref, dtype=np.float64))), float(np.sum(np.square(ref - approx, dtype=np.float64)))
+    sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise)
+    return sqnr, math.sqrt(noise / signal) if signal else 0.0
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "numerics"))
+def _quantize_layer(x, kernel, plan: LayerPlan, numerics: str):
+    """One layer's AQT dot_general in CONVERT mode: (quantized output, its frozen {"value", "scale"})."""
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    dot = QuantDotGeneral(("report",), plan, QuantMode.CONVERT, numerics)
+    y, written = dot.apply({}, x, kernel, dims, mutable=["aqt"])
+    return y, written["aqt"]["aqt"]["qrhs"]
+
+
+def _captured_inputs(model_cfg: ModelConfig, params: dict, tokens, paths: list[Path]) -> dict[Path, jax.Array]:
+    """Each listed layer's input x: [batch, seq, in] when the float model runs on tokens."""
+    model = Transformer(model_cfg, matmul=make_matmul(model_cfg, QuantConfig(), "none",
+                                                      hooks=(capture_inputs(collection=INPUTS),)))
+    _, captured = jax.jit(lambda p, t: model.apply({"params": p}, t, mutable=[INPUTS]))(params, tokens)
+    inputs = {}
+    for path in paths:
+        if path == EMBED_PATH:  # the float model looks the table up; quantized, it is one_hot(tokens) @ table
+            inputs[path] = jax.nn.one_hot(tokens, model_cfg.vocab_size)
+            continue
+        node = captured[INPUTS]
+        for key in path + ("dot_general", "x"):
+            node = node[key]
+        inputs[path] = node
+    return inputs
+
+
+def layer_report(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, tokens) -> list[LayerReport]:
+    """One row per quantized weight layer, in model order. params: the float "params" collection;
+    tokens: [batch, seq] int, the batch whose activations the outputs are measured on."""
+    plan = make_plan(model_cfg, quant_cfg)
+    params = nn.unbox(params)
+    paths = weight_layers(plan)
+    inputs = _captured_inputs(model_cfg, params, tokens, paths)
+    numerics = resolve_numerics(quant_cfg.numerics)
+    rows = []
+    for path in paths:
+        layer_plan, x = plan[path], inputs[path]
+        kernel = params
+        for key in path + (kernel_name(path),):
+            kernel = kernel[key]
+        y_quant, frozen = _quantize_layer(x, kernel, layer_plan, numerics)
+        value, scale = np.asarray(frozen["value"]).astype(np.float32), np.asarray(frozen["scale"])
+        kernel, x = np.asarray(kernel), np.asarray(x)
+        ratio = np.abs(kernel.reshape(value.shape)) / scale.reshape(value.shape[:-2] + (1, value.shape[-1]))
+        weight_sqnr, weight_err = _errors(kernel, dequantize(value, scale))
+        output_sqnr, output_err = _errors(x @ kernel, np.asarray(y_quant))
+        rows.append(LayerReport(
+            path_str(path), layer_plan.weight_bits, layer_plan.act_bits,
+            layer_plan.granularity if layer_plan.group_size is None else f"per_group({layer_plan.group_size})",
+            float(scale.min()), float(scale.max()), float(np.mean(ratio > 2 ** (layer_plan.weight_bits - 1) - 1)),
+            weight_sqnr, weight_err, output_sqnr, output_err))
+    return rows
+
+
+def format_report(rows: list[LayerReport]) -> str:
+    """The report as an aligned text table."""
+    header = ("layer", "w", "a", "scales", "scale min", "scale max", "clipped", "w SQNR dB", "w rel err",
+              "out SQNR dB", "out rel err")
+    table = [header] + [(
+        r.layer, f"int{r.weight_bits}", "float" if r.act_bits is None else f"int{r.act_bits}", r.granularity,
+        f"{r.scale_min:.3g}", f"{r.scale_max:.3g}", f"{100 * r.clipped:.2f}%", f"{r.weight_sqnr_db:.1f}",
+        f"{r.weight_rel_err:.4f}", f"{r.output_sqnr_db:.1f}", f"{r.output_rel_err:.4f}") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
