@@ -2,7 +2,8 @@
 import json
 import math
 
-from train import bench
+from train.bench.common import device_name
+from train.bench.main import main as bench_main
 
 SECTIONS = {"matmul": ("dtype", "gflops"), "throughput": ("variant", "ms_per_step", "tokens_per_s", "mfu"),
             "quality": ("name", "loss", "perplexity", "bits_per_char", "command"),
@@ -25,11 +26,11 @@ def reject_constant(name):
 
 
 def test_micro_bench_writes_results_tables_and_plots(tmp_path):
-    bench.main(["--micro", "--out", str(tmp_path)])
+    bench_main(["--micro", "--out", str(tmp_path)])
 
     results = json.loads((tmp_path / "results.json").read_text(), parse_constant=reject_constant)
     assert results["profile"] == "micro" and results["command"].startswith("python -m train.bench --micro")
-    assert results["machine"]["name"] == bench.device_name()
+    assert results["machine"]["name"] == device_name()
     for section, keys in SECTIONS.items():
         assert results[section]["rows"], section
         for row in results[section]["rows"]:

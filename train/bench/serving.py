@@ -5,12 +5,9 @@ batch size; and the peak resident memory of `python -m train.generate` for each 
 """
 from __future__ import annotations
 
-import os
-import re
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,24 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from checkpoints.manager import tree_bytes
+from checkpoints.manager import CheckpointStore, tree_bytes
 from quant.provider import resolve_numerics
 from slm_jax.attention import KVCache
 from slm_jax.errors import UserError
 from slm_jax.sampling import generate
-from train.bench import ROOT
-from train.bench_quality import quiet, shown, train_command
-from train.bench_speed import timed
+from train.bench.common import folder_bytes, peak_rss, quiet, shown, timed, train_command
 from train.config import load_config
 from train.ptq import convert_workdir
-from train.workdir import load_run
+from train.run import load_run
 
-TIME_BIN = Path("/usr/bin/time")
 RUNTIME_ONLY = "import jax.numpy as jnp, train.generate; jnp.zeros(1).block_until_ready()"
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def decode_speed(run, batch: int, new_tokens: int, reps: int) -> dict:
@@ -61,7 +51,6 @@ def decode_speed(run, batch: int, new_tokens: int, reps: int) -> dict:
 
 def save_restore_times(variables, folder: Path, reps: int) -> dict:
     """Seconds to save `variables` as a checkpoint (synchronously) and to restore it, median of `reps`."""
-    from checkpoints.manager import CheckpointStore
     template = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
     saves, restores = [], []
     for rep in range(max(reps, 2)):  # the first save and restore include Orbax's own start-up
@@ -73,35 +62,6 @@ def save_restore_times(variables, folder: Path, reps: int) -> dict:
             store.close()
     shutil.rmtree(folder, ignore_errors=True)
     return {"save_s": statistics.median(saves[1:]), "restore_s": statistics.median(restores[1:])}
-
-
-def start_measured(command: list[str]) -> subprocess.Popen:
-    prefix = [str(TIME_BIN), "-v"] if TIME_BIN.exists() else []
-    return subprocess.Popen(prefix + command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def finish_measured(proc: subprocess.Popen) -> dict:
-    """Peak RSS of a process from `start_measured`: from /usr/bin/time -v, else from the kernel's wait4 record."""
-    if not TIME_BIN.exists():
-        _, status, usage = os.wait4(proc.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        return {"peak_rss_bytes": rss if code == 0 else None, "rss_method": "wait4", "exit_code": code}
-    _, err = proc.communicate(timeout=900)
-    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
-    result = {"peak_rss_bytes": int(found.group(1)) * 1024 if found and proc.returncode == 0 else None,
-              "rss_method": "/usr/bin/time -v", "exit_code": proc.returncode}
-    if proc.returncode:
-        result["error"] = (err.strip().splitlines() or ["no output"])[-1]
-    return result
-
-
-def peak_rss(commands: dict[str, list[str]]) -> dict[str, dict]:
-    """Run the commands (at once on a CPU, where memory is all they share; one by one on an accelerator)."""
-    if jax.default_backend() == "cpu":
-        procs = {name: start_measured(cmd) for name, cmd in commands.items()}
-        return {name: finish_measured(proc) for name, proc in procs.items()}
-    return {name: finish_measured(start_measured(cmd)) for name, cmd in commands.items()}
 
 
 def measure_serving(quality: dict, work: Path, batches, new_tokens: int, reps: int, rss_models: int | None,

@@ -9,9 +9,10 @@ import shlex
 import time
 from pathlib import Path
 
-from train.bench import VARIANTS, Profile
+from train.bench.common import quiet, shown, train_command
+from train.bench.profiles import VARIANTS, Profile
 from train.config import load_config
-from train.evaluate import evaluate_workdir
+from train.evaluation import evaluate_workdir
 from train.loop import run_training
 from train.metrics import read_metrics
 from train.ptq import convert_workdir
@@ -22,25 +23,6 @@ PTQ = {
     "ptq_int4_channel": ("INT4 PTQ w4 (per-channel)", "ptq_int4", ("quant.granularity=per_channel",)),
     "ptq_int4_group": ("INT4 PTQ w4 (g32)", "ptq_int4", ()),
 }
-
-
-def shown(path: Path) -> str:
-    """A path as a command line would name it: relative to the current folder when inside it."""
-    path = Path(path).absolute()
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def train_command(config_name: str, overrides, workdir: Path) -> str:
-    sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides)
-    return f"python -m train.main --config {config_name} {sets} --workdir {shlex.quote(shown(workdir))}"
-
-
-def quiet(say):
-    """A `log` for run_training/convert_workdir: the first line of each message, indented (no plan tables)."""
-    return lambda message: say("    " + str(message).splitlines()[0])
 
 
 def loss_curve(workdir: Path) -> dict:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from train.bench.common import timed
 from train.build import build_model, state_initializer
 from train.config import load_config
 from train.optim import make_optimizer
@@ -22,12 +23,6 @@ FLOPS_FORMULA = ("6*N + 12*n_layers*seq_len*d_model per token (PaLM, Chowdhery e
                  "norms), the second term QK^T and attention x V over the full seq_len x seq_len scores; forward + "
                  "backward = 3 x forward. QAT's quantize/dequantize work is not counted, so MFU ratios are speed "
                  "ratios.")
-
-
-def timed(fn) -> float:
-    tic = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - tic
 
 
 def measure_matmul(n: int, reps: int, say) -> dict:

@@ -14,15 +14,14 @@ import numpy as np
 
 from checkpoints.manager import CheckpointStore, tree_bytes
 from quant.config import QuantConfig
-from train.bench_quality import quiet, shown, train_command
-from train.bench_serving import finish_measured, start_measured
+from train.bench.common import finish_measured, quiet, shown, start_measured, train_command
 from train.config import load_config
 from train.data import DataConfig
-from train.evaluate import evaluate_workdir
+from train.evaluation import evaluate_workdir
 from train.loop import run_training
 from train.metrics import read_metrics
 from train.ptq import convert_workdir
-from train.workdir import load_run
+from train.run import load_run
 
 SOURCE_DATA = ("data.genres=[tragedies,histories]", "data.val_plays=[hamlet]")
 TARGET_DATA = ("data.genres=[comedies]", "data.val_plays=[twelfth-night]")

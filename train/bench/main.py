@@ -1,0 +1,85 @@
+"""`python -m train.bench [--quick | --micro] [--out DIR]`: measure speed, quality and serving cost on this machine.
+
+Writes `results.json`, `results.md` (tables) and PNG plots to `runs/bench/<device>[-quick|-micro]/`. Each section
+lives in its own module of this package (`speed`, `quality`, `serving`, `finetune`; tables and plots in `report`,
+profiles in `profiles`); this file runs them in order and hands the quality runs on to the serving section.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from train.bench import finetune, quality, report, serving, speed
+from train.bench.common import Progress, describe_machine, device_name, git_revision
+from train.bench.profiles import PROFILES, VARIANTS, Profile
+from train.cli import main_guard
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a smaller run: under 5 minutes on a 2-core CPU")
+    size.add_argument("--micro", action="store_true", help="seconds: every section once, for tests")
+    parser.add_argument("--out", type=Path, help="output folder (default runs/bench/<device>[-quick|-micro])")
+    return parser.parse_args(argv)
+
+
+def bench_command(profile: Profile, out: Path | None) -> str:
+    flags = {"full": "", "quick": " --quick", "micro": " --micro"}[profile.name]
+    return f"python -m train.bench{flags}" + (f" --out {out}" if out else "")
+
+
+def run_bench(profile: Profile, out: Path, command: str) -> dict:
+    """Run every section of `profile`, writing results.json, results.md and plots to `out`; returns the results."""
+    say = Progress()
+    work = out / "runs"  # the bench's own training and serving runs; cleared so every bench starts fresh
+    shutil.rmtree(work, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"schema": 1, "profile": profile.name, "command": command, "machine": describe_machine(),
+               "git": git_revision(), "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+               "section_s": {}}
+    say(f"device {results['machine']['name']} ({results['machine']['device_kind']}), profile {profile.name}, "
+        f"writing to {out}")
+
+    def section(key: str, title: str, fn):
+        say(f"== {title}")
+        tic = time.perf_counter()
+        results[key] = fn()
+        results["section_s"][key] = round(time.perf_counter() - tic, 1)
+        print(report.section_markdown(key, results), flush=True)
+
+    section("matmul", "1. matmul peak", lambda: speed.measure_matmul(profile.matmul_n, profile.matmul_reps, say))
+    peak = results["matmul"]["rows"][0]["gflops"] * 1e9
+    section("throughput", "2. training throughput", lambda: speed.measure_throughput(
+        profile.speed_sizes, [(v, *VARIANTS[v]) for v in profile.speed_variants], profile.speed_warmup,
+        profile.speed_rounds, profile.speed_steps, peak, say))
+    section("quality", "3. quality", lambda: quality.measure_quality(profile, work / "quality", say))
+    section("serving", "4. serving", lambda: serving.measure_serving(
+        results["quality"], work / "serving", profile.serve_batches, profile.serve_new_tokens, profile.serve_reps,
+        profile.rss_models, say))
+    section("finetune", "5. fine-tuning to new text", lambda: finetune.measure_finetune(
+        profile, work / "finetune", say))
+    results["total_s"] = round(say.elapsed(), 1)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results["machine"]["load_average_at_end"] = load and [round(x, 2) for x in load]
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    report.write_report(results, out)
+    say(f"done in {results['total_s']:.0f} s: {out / 'results.md'}")
+    return results
+
+
+@main_guard
+def main(argv=None):
+    args = parse_args(argv)
+    profile = PROFILES["quick" if args.quick else "micro" if args.micro else "full"]
+    out = args.out or Path("runs") / "bench" / (device_name() + ("" if profile.name == "full" else f"-{profile.name}"))
+    return run_bench(profile, out, bench_command(profile, args.out))
+
+
+if __name__ == "__main__":
+    main()
