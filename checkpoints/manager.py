@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from checkpoints.disk_full import disk_full_message, is_disk_full, quiet_disk_full_logs
 from checkpoints.versioning import FORMAT_VERSION, upgrade
 from slm_jax.errors import UserError
 
@@ -195,8 +196,11 @@ class CheckpointStore:
 
     def __init__(self, directory: Path, keep: int = 3, async_save: bool = True, create: bool = True):
         self.directory = Path(directory).resolve()
+        self.keep = keep
+        self._writing: tuple[int, int] | None = None  # (step, bytes of its arrays) of the latest save started
         if create:
             remove_unfinished_saves(self.directory)
+            quiet_disk_full_logs(logging.getLogger("absl"))
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                    create=True)
         else:
@@ -216,9 +220,30 @@ class CheckpointStore:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, metadata: dict) -> None:
-        """Start writing `step` (in the background when async); `metadata` is stored as given."""
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         metadata=ocp.args.JsonSave(metadata)), force=True)
+        """Start writing `step` (in the background when async); `metadata` is stored as given.
+
+        Raises UserError (one line: the path, the space needed, the step still intact) when the disk is full,
+        here or, for an asynchronous save, at the next `save`, `wait` or `close`; the failed step's partial
+        folder is removed and earlier checkpoints stay as they were.
+        """
+        with self._disk_full_as_user_error():
+            self._manager.wait_until_finished()  # a failure of the previous save is reported for that step
+        self._writing = (step, tree_bytes(state)["total"])
+        with self._disk_full_as_user_error():
+            self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                             metadata=ocp.args.JsonSave(metadata)), force=True)
+
+    @contextlib.contextmanager
+    def _disk_full_as_user_error(self):
+        try:
+            yield
+        except Exception as err:
+            if self._writing is None or not is_disk_full(err):
+                raise
+            remove_unfinished_saves(self.directory)
+            step, nbytes = self._writing
+            raise UserError(disk_full_message(self.directory, step, nbytes, self.keep, self.latest_step())) \
+                from None
 
     def metadata(self, step: int | None = None) -> dict:
         """The metadata of `step` (default latest), migrated to the current format."""
@@ -283,9 +308,13 @@ class CheckpointStore:
         return f"{self.directory}/{step}"
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Wait for a save in progress; raises UserError as `save` does when the disk was full."""
+        with self._disk_full_as_user_error():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Wait for any save in progress to finish, then release Orbax's resources."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for any save in progress to finish, then release Orbax's resources (UserError as `wait`)."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
