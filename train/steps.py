@@ -69,7 +69,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         inputs, targets = batch
         step_rng = jax.random.fold_in(state.rng, state.step)
-        scale = state.loss_scale.scale
+        scale = state.loss_scale.value
 
         def micro_step(grads_sum, micro):
             x, y, i = micro
