@@ -1,7 +1,14 @@
-"""Progress lines for the terminal and `metrics.jsonl` records for later plots and comparisons."""
+"""Progress lines for the terminal and `metrics.jsonl` records for later plots and comparisons.
+
+`metrics.jsonl` is strict JSON Lines (RFC 8259 per line): a NaN or infinite value is written as `null`. When
+training resumes, `MetricsLog.rewind` drops the records past the restored step, so each step is recorded once,
+by the run the checkpoints continue.
+"""
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from pathlib import Path
 
@@ -12,6 +19,21 @@ def format_duration(seconds: float) -> str:
         f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def finite_or_none(value):
+    """`value` with every NaN or infinite float (in nested lists and dicts too) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def to_json_line(record: dict) -> str:
+    return json.dumps(finite_or_none(record), allow_nan=False) + "\n"
+
+
 class MetricsLog:
     """Appends one JSON object per line; each record carries the step and wall-clock time."""
 
@@ -19,9 +41,41 @@ class MetricsLog:
         self.path = path
 
     def write(self, **record) -> None:
+        """Append `record` (with a `time` in seconds since the epoch); NaN and infinities are written as null."""
         record.setdefault("time", round(time.time(), 3))
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(to_json_line(record))
+
+    def rewind(self, step: int) -> int:
+        """Drop the records whose `step` is past `step` (the step training resumes from); returns how many.
+
+        Lines that do not parse (a record cut short by a crash) are dropped too, and bare NaN literals of older
+        files become null. The file is rewritten atomically (a temporary file renamed over it) when anything
+        changes, so a crash here loses nothing.
+        """
+        if not self.path.exists():
+            return 0
+        text = self.path.read_text()
+        kept, dropped = [], 0
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or (isinstance(record.get("step"), int) and record["step"] > step):
+                dropped += 1
+            else:
+                kept.append(to_json_line(record))
+        if "".join(kept) != text:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with tmp.open("w") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        return dropped
 
 
 def read_metrics(path: Path) -> list[dict]:
