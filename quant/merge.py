@@ -15,7 +15,7 @@ from quant.lora import split_adapters
 from quant.lora_merge import format_rows, logits_error, merge_adapters
 from slm_jax.errors import UserError
 from train.build import build_model
-from train.cli import main_guard
+from train.cli import main_guard, positive_int
 from train.config import FinetuneConfig
 from train.data import ByteTokenizer, eval_batches, load_splits
 from train.evaluation import mean_loss
@@ -65,11 +65,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m quant.merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, required=True, help="a LoRA run (finetune.method=lora)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the merged serving run")
-    parser.add_argument("--batches", type=int, default=20, help="validation batches for the loss comparison")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batches", type=positive_int, default=20, help="validation batches for the loss comparison")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     args = parser.parse_args(argv)
-    if args.batches <= 0 or args.batch_size <= 0:
-        raise UserError("--batches and --batch-size must be positive")
     merge_workdir(args.workdir, args.out, args.batches, args.batch_size)
 
 

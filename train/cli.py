@@ -1,12 +1,18 @@
-"""What every command-line tool shares: the one-line error exit (code 2) and the quantization-scheme flags that
-`python -m quant.convert` and `python -m quant.report` both take. A library: it never imports a command-line module.
+"""What every command-line tool shares: argument types, the one-line error exit (code 2) and the
+quantization-scheme flags that `python -m quant.convert` and `python -m quant.report` both take. A library: it never
+imports a command-line module.
+
+The types check a numeric flag when it is parsed (finite, in range, an integer where one is meant), so a bad value
+stops the command before any work, with argparse's usage line, one `error: argument --flag: ...` line and exit 2. (Parse-time validation: every float config field finite, every int field within int32, train.seed >= 0; argparse types (positive_int, non_negative_int, finite/positive/non_negative_float, probability, int_in, float_in) on the numeric flags of train.generate, quant.merge, checkpoints.inspect)
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 from quant.config import QuantConfig
 from slm_jax.errors import UserError
@@ -14,6 +20,62 @@ from train.config import read_yaml
 from train.config_loader import build
 
 USER_ERROR_EXIT = 2
+INT_LIMIT = 2**31 - 1  # counts, sizes, steps and seeds end up in int32 arrays
+
+
+def _int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if abs(value) > INT_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be at most {INT_LIMIT} in size, got {text}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def int_in(low: int, high: int = INT_LIMIT) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        value = _int(text)
+        if not low <= value <= high:
+            bound = f">= {low}" if high == INT_LIMIT else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text}")
+        return value
+    return parse
+
+
+def float_in(low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] (in (low, high] with `low_open`)."""
+    def parse(text: str) -> float:
+        value = _float(text)
+        if value < low or (low_open and value == low) or value > high:
+            raise argparse.ArgumentTypeError(f"must be a number {_range(low, high, low_open)}, got {text}")
+        return value
+    return parse
+
+
+def _range(low: float, high: float, low_open: bool) -> str:
+    if high == math.inf:
+        return f"> {low:g}" if low_open else f">= {low:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+
+
+positive_int = int_in(1)
+non_negative_int = int_in(0)
+finite_float = float_in()
+positive_float = float_in(0.0, low_open=True)
+non_negative_float = float_in(0.0)
+probability = float_in(0.0, 1.0)
 
 
 def main_guard(fn):
@@ -34,12 +96,12 @@ def main_guard(fn):
 def add_scheme_args(parser: argparse.ArgumentParser) -> None:
     """--bits, --act-bits, --granularity, --group-size, --embed-bits, --scale-dtype, --rules: a serving scheme."""
     group = parser.add_argument_group("quantization scheme (default: the scheme a QAT run trained with)")
-    group.add_argument("--bits", type=int, help="weight bits, 2..8 (8 and 4 are the usual)")
-    group.add_argument("--act-bits", type=int, help="also quantize activations to this many bits (default: float)")
+    group.add_argument("--bits", type=int_in(2, 8), help="weight bits, 2..8 (8 and 4 are the usual)")
+    group.add_argument("--act-bits", type=int_in(2, 8), help="also quantize activations to this many bits (default: float)")
     group.add_argument("--granularity", choices=("per_channel", "per_group"),
                        help="default: per_group for 4 bits or fewer, else per_channel")
-    group.add_argument("--group-size", type=int, default=32, help="input features per scale with per_group")
-    group.add_argument("--embed-bits", type=int, help="also quantize the token embedding table (default: float)")
+    group.add_argument("--group-size", type=positive_int, default=32, help="input features per scale with per_group")
+    group.add_argument("--embed-bits", type=int_in(2, 8), help="also quantize the token embedding table (default: float)")
     group.add_argument("--scale-dtype", choices=("float32", "bfloat16"), default="float32",
                        help="dtype of the stored weight scales")
     group.add_argument("--rules", type=Path, help="YAML file with a list of per-layer rules (or a `rules:` key), "

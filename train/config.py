@@ -47,7 +47,7 @@ class TrainConfig:
         for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches"):
             if getattr(self, key) <= 0:
                 raise UserError(f"train.{key} must be a positive integer, got {getattr(self, key)}")
-        for key in ("warmup_steps", "sample_tokens"):
+        for key in ("seed", "warmup_steps", "sample_tokens"):
             if getattr(self, key) < 0:
                 raise UserError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.learning_rate <= 0:

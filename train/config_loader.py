@@ -1,16 +1,26 @@
 """Build frozen config dataclasses from YAML-shaped dicts, checking every key and type on the way in.
 
-Errors name the dotted key and what is allowed, so a typo fails before any work starts.
+Errors name the dotted key and what is allowed, so a typo fails before any work starts. Every float field must be
+finite and every integer field must fit in int32 (steps, sizes and seeds end up in int32 arrays); ranges beyond
+that are each section's `__post_init__`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from typing import Any
 
 from slm_jax.errors import UserError
+
+
+INT_LIMIT = 2**31 - 1
+
+
+class _WrongType(UserError):
+    """The value is not of the annotated type (a union tries its next option); other UserErrors are final."""
 
 
 @functools.cache
@@ -32,13 +42,14 @@ def _type_name(tp) -> str:
 
 
 def convert(value: Any, tp: Any, key: str) -> Any:
-    """Return `value` as type `tp` (a field annotation) or raise UserError naming `key`."""
+    """Return `value` as type `tp` (a field annotation) or raise UserError naming `key`: a value of another type,
+    a NaN or infinite float (`.nan`, `.inf` in YAML), or an integer beyond +-(2**31 - 1)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
                 return convert(value, option, key)
-            except UserError:
+            except _WrongType:
                 continue
     elif tp is type(None):
         if value is None:
@@ -48,15 +59,21 @@ def convert(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > INT_LIMIT:
+                raise UserError(f"{key} must be between -{INT_LIMIT} and {INT_LIMIT}, got {value}")
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
+                number = float(value)  # a string too: YAML 1.1 reads "3e-4" (no dot) as one
+            except OverflowError:  # an integer beyond the float range
+                number = math.inf
             except ValueError:
-                pass
+                number = None
+            if number is not None:
+                if not math.isfinite(number):
+                    raise UserError(f"{key} must be a finite number, got {value!r}")
+                return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -71,7 +88,7 @@ def convert(value: Any, tp: Any, key: str) -> Any:
             return value
     else:
         raise TypeError(f"config field {key} has an unsupported annotation {tp}")
-    raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    raise _WrongType(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
 def build(cls, values: dict, prefix: str = ""):

@@ -8,8 +8,7 @@ import argparse
 import time
 from pathlib import Path
 
-from slm_jax.errors import UserError
-from train.cli import main_guard
+from train.cli import main_guard, non_negative_float, non_negative_int, positive_int
 from train.data import ByteTokenizer
 from train.loop import sample_text
 from train.run import load_run
@@ -19,20 +18,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--prompt", default="ROMEO:")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=40, help="0 = no top-k filtering")
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200)
+    parser.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=non_negative_int, default=40, help="0 = no top-k filtering")
+    parser.add_argument("--num-samples", type=positive_int, default=1)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--step", type=non_negative_int, help="checkpoint step (default: latest)")
     return parser.parse_args(argv)
 
 
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
-    if args.max_new_tokens <= 0 or args.temperature < 0 or args.top_k < 0 or args.num_samples <= 0:
-        raise UserError("--max-new-tokens and --num-samples must be positive; --temperature and --top-k >= 0")
     run = load_run(args.workdir, args.step)
     start = time.perf_counter()
     texts = sample_text(run.model, run.variables, ByteTokenizer(), args.prompt, args.max_new_tokens,

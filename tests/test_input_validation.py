@@ -1,0 +1,139 @@
+"""Every config field and every numeric command-line flag is checked when it is parsed: finite, in range, of its
+type, with one line naming it (exit code 2 from the command lines)."""
+import argparse
+import dataclasses
+import typing
+
+import pytest
+
+from checkpoints import inspect as inspect_cli
+from quant import merge as merge_cli
+from slm_jax.errors import UserError
+from train import generate as generate_cli
+from train import main as train_main
+from train.cli import (finite_float, int_in, non_negative_float, non_negative_int, positive_float, positive_int,
+                       probability)
+from train.config import Config, load_config
+
+
+def fields_of_type(cls, wanted: type, prefix: str = "") -> list[str]:
+    """Dotted keys of every field of the config tree `cls` whose annotation is `wanted` (or `wanted | None`)."""
+    keys = []
+    for field in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[field.name]
+        if dataclasses.is_dataclass(tp):
+            keys += fields_of_type(tp, wanted, f"{prefix}{field.name}.")
+        elif tp is wanted or wanted in typing.get_args(tp):
+            keys.append(f"{prefix}{field.name}")
+    return keys
+
+
+FLOAT_KEYS = fields_of_type(Config, float)
+INT_KEYS = fields_of_type(Config, int)
+
+
+def test_the_field_lists_cover_every_section():
+    assert {"train.learning_rate", "model.rope_theta", "data.val_fraction", "finetune.lora_alpha"} <= set(FLOAT_KEYS)
+    assert {"train.steps", "model.d_model", "quant.group_size", "mesh.fsdp", "checkpoint.keep"} <= set(INT_KEYS)
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("text, shown", [(".nan", "nan"), (".inf", "inf"), ("-.inf", "-inf"), ("'nan'", "'nan'"),
+                                         ("1e400", "'1e400'"), ("1" + "0" * 400, "1" + "0" * 400)])
+def test_every_float_field_refuses_non_finite_values(key, text, shown):
+    with pytest.raises(UserError) as refused:
+        load_config("tiny", [f"{key}={text}"])
+    assert str(refused.value) == f"{key} must be a finite number, got {shown}"
+
+
+@pytest.mark.parametrize("key", INT_KEYS)
+def test_every_int_field_refuses_values_beyond_int32(key):
+    with pytest.raises(UserError) as refused:
+        load_config("tiny", [f"{key}={2**31}"])
+    assert str(refused.value) == f"{key} must be between -2147483647 and 2147483647, got 2147483648"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.seed=-1", "train.seed must be >= 0, got -1"),
+    ("train.learning_rate=0", "train.learning_rate must be positive, got 0.0"),
+    ("train.learning_rate=-1e-3", "train.learning_rate must be positive, got -0.001"),
+    ("train.warmup_steps=-1", "train.warmup_steps must be >= 0, got -1"),
+    ("train.grad_clip=0", "train.weight_decay must be >= 0 and train.grad_clip > 0"),
+    ("train.weight_decay=-0.1", "train.weight_decay must be >= 0 and train.grad_clip > 0"),
+    ("train.min_lr_ratio=1.5", "train.min_lr_ratio must be in [0, 1], got 1.5"),
+    ("train.beta2=1", "train.beta1 and train.beta2 must be in [0, 1)"),
+    ("train.grad_accum=0", "train.grad_accum must be a positive integer, got 0"),
+    ("checkpoint.keep=0", "checkpoint.every and checkpoint.keep must be positive integers"),
+    ("model.norm_eps=0", "model.rope_theta and model.norm_eps must be positive"),
+    ("model.dropout=1", "model.dropout must be in [0, 1), got 1.0"),
+    ("data.val_fraction=0", "data.val_fraction must be in (0, 1), got 0.0"),
+    ("finetune.lora_alpha=-1", "finetune.lora_alpha must be positive, got -1.0"),
+    ("finetune.lora_dropout=1", "finetune.lora_dropout must be in [0, 1), got 1.0"),
+    ("quant.group_size=0", "quant.group_size must be a positive integer, got 0"),
+    ("quant.weight_bits=9", "quant.weight_bits must be an integer from 2 to 8 or null (float), got 9"),
+    ("mesh.data=0", "mesh.data must be a positive integer or -1 (all remaining devices), got 0"),
+    ("model.n_kv_heads=3", "model.n_kv_heads (3) must be positive and divide model.n_heads (2)"),
+])
+def test_out_of_range_values_are_refused_naming_the_key(override, message):
+    with pytest.raises(UserError) as refused:
+        load_config("tiny", [override])
+    assert str(refused.value) == message
+
+
+def test_train_main_refuses_a_nan_learning_rate_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        train_main.main(["--config", "tiny", "--workdir", str(tmp_path / "run"), "--set", "train.learning_rate=.nan"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: train.learning_rate must be a finite number, got nan\n"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("parse, good, bad", [
+    (positive_int, {"1": 1, "2147483647": 2**31 - 1},
+     {"0": "must be an integer >= 1, got 0", "-3": "must be an integer >= 1, got -3",
+      "1.5": "expected an integer, got '1.5'", "nan": "expected an integer, got 'nan'",
+      "2147483648": "must be at most 2147483647 in size, got 2147483648"}),
+    (non_negative_int, {"0": 0, "7": 7}, {"-1": "must be an integer >= 0, got -1"}),
+    (int_in(2, 8), {"2": 2, "8": 8}, {"9": "must be an integer from 2 to 8, got 9", "1": "must be an integer from "
+                                                                                         "2 to 8, got 1"}),
+    (finite_float, {"-2.5": -2.5, "1e-3": 1e-3}, {"nan": "must be a finite number, got nan",
+                                                  "-inf": "must be a finite number, got -inf",
+                                                  "x": "expected a number, got 'x'"}),
+    (positive_float, {"1e-9": 1e-9}, {"0": "must be a number > 0, got 0", "-1": "must be a number > 0, got -1"}),
+    (non_negative_float, {"0": 0.0, "0.8": 0.8}, {"-0.1": "must be a number >= 0, got -0.1",
+                                                  "inf": "must be a finite number, got inf"}),
+    (probability, {"0": 0.0, "1": 1.0}, {"1.01": "must be a number in [0, 1], got 1.01"}),
+])
+def test_argument_types_accept_their_range_and_name_what_is_wrong(parse, good, bad):
+    for text, value in good.items():
+        assert parse(text) == value
+    for text, message in bad.items():
+        with pytest.raises(argparse.ArgumentTypeError) as refused:
+            parse(text)
+        assert str(refused.value) == message
+
+
+@pytest.mark.parametrize("main, argv, message", [
+    (generate_cli.main, ["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got 0"),
+    (generate_cli.main, ["--temperature", "nan"], "argument --temperature: must be a finite number, got nan"),
+    (generate_cli.main, ["--temperature", "-1"], "argument --temperature: must be a number >= 0, got -1"),
+    (generate_cli.main, ["--top-k", "-1"], "argument --top-k: must be an integer >= 0, got -1"),
+    (generate_cli.main, ["--num-samples", "0"], "argument --num-samples: must be an integer >= 1, got 0"),
+    (generate_cli.main, ["--seed", "-5"], "argument --seed: must be an integer >= 0, got -5"),
+    (generate_cli.main, ["--step", "1e3"], "argument --step: expected an integer, got '1e3'"),
+    (merge_cli.main, ["--out", "x", "--batches", "0"], "argument --batches: must be an integer >= 1, got 0"),
+    (merge_cli.main, ["--out", "x", "--batch-size", "-2"], "argument --batch-size: must be an integer >= 1, got -2"),
+])
+def test_numeric_flags_are_refused_at_parse_time_with_exit_code_2(tmp_path, capsys, main, argv, message):
+    with pytest.raises(SystemExit) as exited:
+        main(["--workdir", str(tmp_path / "absent"), *argv])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("usage: ") and err[-1].endswith(f": error: {message}")
+
+
+def test_inspect_refuses_a_negative_step_at_parse_time(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        inspect_cli.main([str(tmp_path), "--step", "-1"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("error: argument --step: must be an integer >= 0, got -1")
