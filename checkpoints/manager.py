@@ -2,7 +2,8 @@
 
 Orbax writes each step into a temporary folder and renames it when complete, so a crash mid-save leaves the
 previous checkpoints readable (a writer deletes such leftovers when it opens); saves are asynchronous and awaited
-in `close`. A full disk is one UserError line (`checkpoints.disk_full`). Metadata is versioned: `metadata()` returns it in the current format whatever format it was saved in.
+in `close`, and a full disk is one UserError line (`checkpoints.disk_full`). Metadata is versioned: `metadata()`
+returns it in the current format whatever format it was saved in.
 """
 from __future__ import annotations
 
