@@ -17,7 +17,7 @@ from slm_jax.errors import UserError
 from train.build import build_model
 from train.cli import main_guard, positive_int
 from train.config import FinetuneConfig
-from train.data import ByteTokenizer, eval_batches, load_splits
+from train.data import eval_batches, load_splits
 from train.evaluation import mean_loss
 from train.run import check_output_folder, load_run, write_serving_run
 from train.steps import make_eval_step, split_variables
@@ -33,7 +33,7 @@ def merge_workdir(workdir: Path, out: Path, batches: int = 20, batch_size: int =
     if run.metadata.get("kind") != "lora":
         raise UserError(f"{workdir} is a {run.metadata.get('kind')} run, not a LoRA run; nothing to merge")
     config = dataclasses.replace(run.config, finetune=FinetuneConfig())  # the merged model is a plain serving one
-    splits = load_splits(config.data, ByteTokenizer())
+    splits = load_splits(config.data, run.tokenizer)
     seq_len = config.model.seq_len
     x, _ = next(eval_batches(splits.val, batch_size, seq_len, 1))
     merged, rows = merge_adapters(config.model, config.quant, run.variables, run.config.finetune.lora_alpha, x[:1])

@@ -11,7 +11,7 @@ from quant.config import QuantConfig
 from quant.layer_report import format_report, layer_report
 from slm_jax.errors import UserError
 from train.cli import add_scheme_args, main_guard, scheme_from_args
-from train.data import ByteTokenizer, eval_batches, load_splits
+from train.data import eval_batches, load_splits
 from train.ptq import serving_quant_config
 from train.run import load_run
 
@@ -31,7 +31,7 @@ def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int) -
     elif kind not in ("train", None):
         raise UserError(f"{workdir} is a {kind} run; report on a float, QAT or serving run")
     quant = dataclasses.replace(serving_quant_config(run.config, scheme), mode="qat")
-    splits = load_splits(run.config.data, ByteTokenizer())
+    splits = load_splits(run.config.data, run.tokenizer)
     tokens, _ = next(eval_batches(splits.val, batch_size, run.config.model.seq_len, 1))
     rows = layer_report(run.config.model, quant, run.variables["params"], tokens)
     return (f"{workdir} (weights of {source}, step {run.step}) on {batch_size}x{run.config.model.seq_len} "

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from slm_jax.errors import UserError
-from train.data import (GENRES, ByteTokenizer, DataConfig, bundled_plays, eval_batches, get_batch, load_splits,
-                        play_to_text)
+from train.corpus import GENRES, bundled_plays, play_to_text
+from train.data import DataConfig, eval_batches, get_batch, load_splits
+from train.tokenizer import ByteTokenizer
 
 PLAY = """# The Play
 
@@ -180,7 +181,7 @@ def _bad_file(tmp_path, kind):
     return path
 
 
-@pytest.mark.parametrize("kind, message", [("missing", "does not exist"), ("directory", "is not a file"),
+@pytest.mark.parametrize("kind, message", [("missing", "does not exist"), ("directory", "is a folder with no .txt files"),
                                            ("empty", "is empty"), ("latin-1", "is not UTF-8 text"),
                                            ("tiny", "too small to split")])
 def test_bad_user_file_is_one_clear_error(tmp_path, kind, message):

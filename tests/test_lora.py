@@ -23,7 +23,7 @@ from slm_jax import Transformer
 from slm_jax.errors import UserError
 from train.build import build_model
 from train.config import FinetuneConfig, load_config
-from train.data import ByteTokenizer, load_splits
+from train.data import load_splits
 from train.finetune import with_frozen
 from train.loop import run_training, train_batch
 from train.lora_run import fingerprint
@@ -31,6 +31,7 @@ from train.optim import make_optimizer
 from train.recipe import make_recipe
 from train.run import load_run, open_lora_base
 from train.steps import cross_entropy, make_train_step, merge_variables
+from train.tokenizer import ByteTokenizer
 
 INT4 = QuantConfig(mode="serve", weight_bits=4, granularity="per_group", group_size=32)
 quiet = dict(log=lambda *_: None)

@@ -14,7 +14,7 @@ from quant.config import QuantConfig
 from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
 from train.config_loader import build, to_dict
-from train.data import DataConfig
+from train.data import DataConfig, tokenizer_vocab_size
 from train.sharding import MeshConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -200,10 +200,16 @@ def parse_override(text: str) -> dict:
 
 
 def load_config(name: str, overrides: list[str] = ()) -> Config:
+    """The named config plus `--set` overrides, checked across sections. `model.vocab_size` left unset anywhere
+    is taken from the tokenizer (`data.tokenizer`); a set one must hold every token id (larger pads the embedding
+    with rows no id reaches, as nanoGPT's 50304 and many Hugging Face checkpoints do)."""
     values = load_yaml_tree(resolve_path(name))
     for text in overrides:
         values = merge(values, parse_override(text))
     config = Config.from_dict(values)
+    if "vocab_size" not in (values.get("model") or {}):
+        config = dataclasses.replace(config, model=dataclasses.replace(
+            config.model, vocab_size=tokenizer_vocab_size(config.data)))
     check_consistency(config)
     return config
 
@@ -224,8 +230,11 @@ def check_finetune(config: Config) -> None:
 
 def check_consistency(config: Config) -> None:
     """Rules that span sections."""
-    if config.model.vocab_size < 256:
-        raise UserError(f"model.vocab_size must be at least 256 for the byte tokenizer, got {config.model.vocab_size}")
+    tokens = tokenizer_vocab_size(config.data)
+    if config.model.vocab_size < tokens:
+        raise UserError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokens} ids "
+                        f"(data.tokenizer={config.data.tokenizer}); leave model.vocab_size unset to take it from "
+                        f"the tokenizer")
     check_finetune(config)
 
 

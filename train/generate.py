@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 from train.cli import main_guard, non_negative_float, non_negative_int, positive_int
-from train.data import ByteTokenizer
 from train.loop import sample_text
 from train.run import load_run
 
@@ -32,7 +31,7 @@ def main(argv=None):
     args = parse_args(argv)
     run = load_run(args.workdir, args.step)
     start = time.perf_counter()
-    texts = sample_text(run.model, run.variables, ByteTokenizer(), args.prompt, args.max_new_tokens,
+    texts = sample_text(run.model, run.variables, run.tokenizer, args.prompt, args.max_new_tokens,
                         run.config.model.seq_len, seed=args.seed, temperature=args.temperature,
                         top_k=args.top_k or None, batch=args.num_samples)
     seconds = time.perf_counter() - start

@@ -19,13 +19,14 @@ from quant.plan import format_plan, make_plan, plan_to_json
 from slm_jax.errors import UserError
 from slm_jax.sampling import generate
 from train.config import Config, save_yaml
-from train.data import ByteTokenizer, get_batch, load_splits
-from train.evaluation import chars_per_token, loss_summary, mean_loss
+from train.data import get_batch, load_splits
+from train.evaluation import format_bits_per_char, loss_summary, mean_loss
 from train.metrics import MetricsLog, Throughput, format_duration
 from train.optim import learning_rate_schedule
 from train.recipe import make_recipe
 from train.sharding import batch_sharding, make_mesh, shard_batch, shard_train_step
 from train.steps import make_eval_step, make_train_step, merge_variables
+from train.tokenizer import save_tokenizer
 
 
 class TrainingDiverged(UserError):
@@ -56,8 +57,11 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
     config, model = recipe.config, recipe.model  # LoRA: the base supplies the model and quant sections
     cfg = config.train
     workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer = ByteTokenizer()
-    splits = load_splits(config.data, tokenizer)
+    splits = load_splits(config.data, recipe.inherited_tokenizer())
+    tokenizer = splits.tokenizer
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids, more than model.vocab_size="
+                        f"{config.model.vocab_size}; leave model.vocab_size unset to take it from the tokenizer")
     quant_plan = describe_quant_plan(config, workdir, log)
     store = CheckpointStore(workdir / "checkpoints", keep=config.checkpoint.keep,
                             async_save=config.checkpoint.async_save)
@@ -65,11 +69,13 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
     shardings = recipe.shardings(mesh)
     place = batch_sharding(mesh)
     try:
+        check_same_tokenizer(store, tokenizer)
         state = recipe.initial_state(store, log, shardings)
     except BaseException:
         store.close()
         raise
     save_yaml(config, workdir / "config.yaml")
+    save_tokenizer(tokenizer, workdir)
     metrics_log = MetricsLog(workdir / "metrics.jsonl")
     n_params = param_count(state.params)
     log(f"model: {n_params:,} params | train {len(splits.train):,} tokens, val {len(splits.val):,} tokens | "
@@ -79,7 +85,7 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
     train_step = shard_train_step(make_train_step(model, recipe.optimizer, schedule, cfg.precision == "fp16"),
                                   shardings, place)
     eval_step = jax.jit(make_eval_step(model))
-    cpt = chars_per_token(tokenizer.decode, splits.val)
+    cpt = splits.chars_per_token
     seq_len = config.model.seq_len
 
     def validate() -> dict:
@@ -133,23 +139,47 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
     wall = time.perf_counter() - wall_start
     rates = speed.rates(cfg.steps) if start < cfg.steps else {}
     summary = {"step": cfg.steps, "final": True, "params": n_params, "wall_s": wall,
-               "val_loss": val["loss"], "val_perplexity": val["perplexity"], "val_bits_per_char": val["bits_per_char"],
+               "val_loss": val["loss"], "val_perplexity": val["perplexity"],
+               "val_bits_per_char": val["bits_per_char"],
                **{k: v for k, v in rates.items() if k != "eta_s"}}
     metrics_log.write(**summary)
     log(f"done: {cfg.steps} steps in {format_duration(wall)}"
         + (f" | {rates['tokens_per_s']:,.0f} tok/s" if rates else "")
-        + f" | val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | bits/char {val['bits_per_char']:.3f}")
-    if cfg.sample_tokens:
+        + f" | val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
+        + format_bits_per_char(val["bits_per_char"]))
+    if cfg.sample_tokens and tokenizer.kind == "none":
+        log("no sample: the run reads pre-tokenized ids without a tokenizer (set data.tokenizer to have text)")
+    elif cfg.sample_tokens:
         text = sample_text(model, merge_variables(state.params, state.frozen), tokenizer, cfg.sample_prompt,
-                           cfg.sample_tokens, seq_len, seed=cfg.seed)
+                           cfg.sample_tokens, seq_len, seed=cfg.seed, source="train.sample_prompt")
         log(f"sample:\n{cfg.sample_prompt}{text}")
         summary["sample"] = text
     return summary
 
 
+def check_same_tokenizer(store: CheckpointStore, tokenizer) -> None:
+    """A run resumes only with the tokenizer its checkpoints were trained with."""
+    latest = store.latest_step()
+    if latest is None:
+        return
+    recorded = store.metadata(latest).get("tokenizer") or {"kind": "byte", "vocab_size": 256}
+    if recorded != tokenizer.describe():
+        raise UserError(f"{store.directory} holds a run trained with another tokenizer ({recorded.get('kind')}, "
+                        f"{recorded.get('vocab_size')} ids) than data.* now gives ({tokenizer.kind}, "
+                        f"{tokenizer.vocab_size} ids); use another --workdir or the same data settings")
+
+
 def sample_text(model, variables, tokenizer, prompt: str, max_new_tokens: int, seq_len: int, seed: int = 0,
-                temperature: float = 0.8, top_k: int | None = 40, batch: int = 1) -> str | list[str]:
-    ids = tokenizer.encode(prompt)[-seq_len:] if prompt else np.array([10], np.uint16)
+                temperature: float = 0.8, top_k: int | None = 40, batch: int = 1,
+                source: str = "--prompt") -> str | list[str]:
+    """`batch` continuations of `prompt` (encoded by the run's `tokenizer` with its special tokens, e.g. a BOS;
+    the last `seq_len` ids kept; a newline when empty), decoded without the prompt. Raises UserError naming
+    `source` when the tokenizer cannot encode the prompt."""
+    ids = tokenizer.encode(prompt, add_special_tokens=True, source=source)[-seq_len:]
+    if len(ids) == 0:
+        ids = tokenizer.encode("\n", source=source)
+    if len(ids) == 0:
+        raise UserError(f"{source}: {prompt!r} encodes to no tokens; give a prompt with text")
     prompt_ids = jnp.asarray(np.tile(ids.astype(np.int32), (batch, 1)))
     out = generate(model, variables, prompt_ids, jax.random.PRNGKey(seed), max_new_tokens, temperature, top_k)
     texts = [tokenizer.decode(np.asarray(row)) for row in out]

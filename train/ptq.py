@@ -11,7 +11,7 @@ from quant.config import QuantConfig
 from quant.serving import convert
 from slm_jax.errors import UserError
 from train.config import Config
-from train.data import ByteTokenizer, get_batch, load_splits
+from train.data import get_batch, load_splits
 from train.run import check_output_folder, load_run, write_serving_run
 
 
@@ -34,7 +34,7 @@ def convert_workdir(source: Path, out: Path, quant_cfg: QuantConfig | None = Non
         raise UserError(f"{source} is already a serving (integer) run")
     serve_quant = serving_quant_config(run.config, quant_cfg)
     config = dataclasses.replace(run.config, quant=serve_quant)
-    splits = load_splits(config.data, ByteTokenizer())
+    splits = load_splits(config.data, run.tokenizer)
     sample, _ = get_batch(splits.train, config.train.seed, 0, 1, config.model.seq_len)
     variables = convert(config.model, serve_quant, run.variables["params"], sample)
     write_serving_run(out, config, run.step, variables, splits, converted_from=str(source.resolve()))

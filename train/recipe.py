@@ -13,8 +13,9 @@ from checkpoints.manager import CheckpointStore, param_count
 from slm_jax.model import Transformer
 from train.build import build_model, build_optimizer, state_initializer
 from train.config import Config
+from train.data import check_inherited_tokenizer
 from train.lora_run import LoraBase, lora_initializer
-from train.run import check_resumable, load_params, open_lora_base
+from train.run import check_resumable, load_params, open_lora_base, tokenizer_of
 from train.sharding import (abstract_with_shardings, create_sharded_state, logical_axes, state_shardings,
                             tree_shardings)
 from train.steps import TrainState
@@ -48,6 +49,14 @@ class FullRecipe:
             state = state.replace(params=params, opt_state=opt_state)
             log(f"initialised params from {self.config.train.init_from}")
         return state
+
+    def inherited_tokenizer(self):
+        """The tokenizer of `train.init_from`'s run, which this run keeps; None for a run of its own (the data
+        section's tokenizer is then made, or trained, by `train.data.load_splits`). UserError if data.tokenizer
+        names another one."""
+        if not self.config.train.init_from:
+            return None
+        return _inherited(self.config, Path(self.config.train.init_from), "train.init_from")
 
     def checkpoint(self, state: TrainState, metadata: dict) -> tuple[TrainState, dict]:
         """What a step saves: the whole state, and `metadata` as it is."""
@@ -90,9 +99,19 @@ class LoraRecipe(FullRecipe):
             f"{len(self.model.matmul.targets)} layers, {param_count(self.base.variables):,} frozen")
         return state.replace(frozen=jax.device_put(self.base.variables, shardings.frozen))
 
+    def inherited_tokenizer(self):
+        """The base's tokenizer, which the adapters keep; UserError if data.tokenizer names another one."""
+        return _inherited(self.config, Path(self.config.finetune.base), "finetune.base")
+
     def checkpoint(self, state: TrainState, metadata: dict) -> tuple[TrainState, dict]:
         """The adapters and their optimizer state only, and metadata naming the base they belong to."""
         return state.replace(frozen={}), {**metadata, "kind": "lora", "base": self.base.record()}
+
+
+def _inherited(config: Config, source: Path, key: str):
+    tokenizer = tokenizer_of(source)
+    check_inherited_tokenizer(config.data, tokenizer, f"{key}={source}")
+    return tokenizer
 
 
 def make_recipe(config: Config) -> FullRecipe:

@@ -19,6 +19,7 @@ from train.build import abstract_state, build_model
 from train.config import Config, save_yaml
 from train.lora_run import LoraBase, fingerprint, lora_initializer
 from train.steps import merge_variables
+from train.tokenizer import run_tokenizer, save_tokenizer
 
 
 @dataclasses.dataclass
@@ -28,6 +29,7 @@ class LoadedRun:
     variables: dict  # {"params": ..., plus any frozen collections}
     metadata: dict
     step: int
+    tokenizer: object  # train.tokenizer: what turns text into this run's ids and back
 
 
 def open_store(workdir: Path) -> CheckpointStore:
@@ -64,7 +66,8 @@ def check_resumable(metadata: dict, config: Config, source) -> None:
 def load_run(workdir: Path, step: int | None = None, base: Path | None = None) -> LoadedRun:
     """Float, QAT, serving and LoRA runs alike: the model is rebuilt from the checkpoint's own config. A LoRA run's
     variables are its base's with the adapters merged into "params"; `base` overrides the base path its checkpoint
-    records (a moved base), whose fingerprint must match either way."""
+    records (a moved base), whose fingerprint must match either way. The tokenizer is the run's own
+    (`train.tokenizer.run_tokenizer`: workdir/tokenizer.json checked against the recorded sha256)."""
     store = open_store(workdir)
     try:
         metadata = store.metadata(step)
@@ -85,7 +88,18 @@ def load_run(workdir: Path, step: int | None = None, base: Path | None = None) -
             variables = {"params": state.params, **state.frozen}
     finally:
         store.close()
-    return LoadedRun(config, model, variables, metadata, metadata["step"])
+    return LoadedRun(config, model, variables, metadata, metadata["step"],
+                     run_tokenizer(workdir, metadata.get("tokenizer")))
+
+
+def tokenizer_of(workdir: Path):
+    """The tokenizer of the run in `workdir` (its latest checkpoint's), without restoring any arrays; UserError if
+    `workdir` is not a run or its tokenizer.json is missing or differs from the recorded sha256."""
+    store = open_store(workdir)
+    try:
+        return run_tokenizer(workdir, store.metadata().get("tokenizer"))
+    finally:
+        store.close()
 
 
 def open_lora_base(path: str | Path, key: str = "finetune.base") -> LoraBase:
@@ -122,7 +136,7 @@ def check_output_folder(source: Path, out: Path) -> None:
 
 def write_serving_run(out: Path, config: Config, step: int, variables, splits, **extra) -> None:
     """Save serving `variables` as the only checkpoint of `out` (removed again if the save fails) with the
-    metadata every run carries, plus `extra` (e.g. where it was converted from), and its config.yaml."""
+    metadata every run carries, plus `extra` (e.g. where it was converted from), its config.yaml and tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
     store = CheckpointStore(out / "checkpoints", keep=1, async_save=False)
     try:
@@ -135,3 +149,4 @@ def write_serving_run(out: Path, config: Config, step: int, variables, splits, *
         raise
     store.close()
     save_yaml(config, out / "config.yaml")
+    save_tokenizer(splits.tokenizer, out)

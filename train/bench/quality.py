@@ -12,7 +12,7 @@ from pathlib import Path
 from train.bench.common import quiet, shown, train_command
 from train.bench.profiles import VARIANTS, Profile
 from train.config import load_config
-from train.evaluation import evaluate_workdir
+from train.evaluation import evaluate_workdir, format_bits_per_char
 from train.loop import run_training
 from train.metrics import read_metrics
 from train.ptq import convert_workdir
@@ -78,7 +78,7 @@ def measure_quality(profile: Profile, work: Path, say) -> dict:
         row["eval_command"] = (f"python -m train.evaluate --workdir {shlex.quote(row['workdir'])} "
                                f"--batches {profile.eval_batches} --batch-size {profile.eval_batch_size}")
         say(f"{row['name']}: val loss {row['loss']:.4f}, perplexity {row['perplexity']:.2f}, "
-            f"bits/char {row['bits_per_char']:.3f}")
+            + format_bits_per_char(row["bits_per_char"]))
     reference = rows[0]["loss"]
     for row in rows:
         row["loss_vs_float"] = row["loss"] - reference

@@ -182,7 +182,8 @@ def make_plots(results: dict, out: Path) -> list[str]:
             color=["tab:gray" if r["kind"] == "trained" else "tab:orange" if r["kind"] == "ptq" else "tab:green"
                    for r in rows])
     for i, r in enumerate(rows):
-        ax.text(r["loss"], i, f" {r['loss']:.3f} ({r['bits_per_char']:.2f} bits/char)", va="center", fontsize=7)
+        ax.text(r["loss"], i, f" {r['loss']:.3f} ({fmt(r['bits_per_char'], '.2f')} bits/char)", va="center",
+                fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(min(r["loss"] for r in rows) * 0.9, max(r["loss"] for r in rows) * 1.12)
     ax.set_title(f"validation loss: trained (gray), PTQ (orange), QAT fine-tuned (green); {device}", fontsize=9)
