@@ -75,20 +75,26 @@ class HFTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False, source: str = "text") -> np.ndarray:
         """str -> ids [n] (uint16 or uint32, see `token_dtype`). Raises UserError naming `source` when a character
         cannot be encoded: it maps to the unknown token, or to no token at all (no byte fallback)."""
-        enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        try:
+            enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        except Exception as err:  # e.g. WordLevel without an unknown token: "Missing [UNK] token from the vocabulary"
+            raise UserError(f"{source}: the tokenizer cannot encode it ({str(err).splitlines()[0]})") from None
         ids = np.asarray(enc.ids, dtype=token_dtype(self.vocab_size))
-        covered = np.zeros(len(text) + 1, np.int32)  # +1 at each token's start, -1 at its end
         offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
-        if self._unk_id is not None:
-            offsets = offsets[ids != self._unk_id]
+        if self._unk_id is not None and (ids == self._unk_id).any():
+            start, end = offsets[np.argmax(ids == self._unk_id)]
+            raise UserError(f"{source}: the tokenizer cannot encode {text[start:end]!r} (characters {start}-{end}): "
+                            f"it becomes the unknown token")
+        # A model without byte fallback drops what it has no token for; its offsets then fall short of the text.
+        covered = np.zeros(len(text) + 1, np.int32)  # +1 at each token's start, -1 at its end
         np.add.at(covered, offsets[:, 0], 1)
         np.add.at(covered, offsets[:, 1], -1)
         codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
-        lost = (np.cumsum(covered)[:-1] == 0) & ~np.isin(codes, [ord(c) for c in _WHITESPACE])
-        if lost.any():
-            i = int(np.argmax(lost))
-            raise UserError(f"{source}: the tokenizer cannot encode {text[i]!r} (U+{ord(text[i]):04X}, character "
-                            f"{i}): it has no token and no byte fallback for it")
+        if ((np.cumsum(covered)[:-1] == 0) & ~np.isin(codes, [ord(c) for c in _WHITESPACE])).any():
+            lost = next((i for i, c in enumerate(text) if not c.isspace() and not self._tok.encode(c).ids), None)
+            what = f"{text[lost]!r} (U+{ord(text[lost]):04X}, character {lost})" if lost is not None else "all of it"
+            raise UserError(f"{source}: the tokenizer cannot encode {what}: it has no token and no byte fallback "
+                            f"for it")
         return ids
 
     def decode(self, ids) -> str:
