@@ -59,6 +59,8 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     splits = load_splits(config.data, recipe.inherited_tokenizer())
     tokenizer = splits.tokenizer
+    if cfg.sample_tokens and tokenizer.kind != "none":  # refuse a prompt it cannot encode now, not after training
+        tokenizer.encode(cfg.sample_prompt, source="train.sample_prompt")
     if tokenizer.vocab_size > config.model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids, more than model.vocab_size="
                         f"{config.model.vocab_size}; leave model.vocab_size unset to take it from the tokenizer")
