@@ -16,7 +16,7 @@ from train.cli import main_guard, non_negative_int
 SUMMARY_KEYS = {
     "train": ("steps", "batch_size", "grad_accum", "learning_rate", "precision", "seed"),
     "quant": ("mode", "weight_bits", "act_bits", "granularity", "group_size", "bwd_bits"),
-    "data": ("path",),
+    "data": ("path", "tokenizer", "vocab_size"),
 }
 
 
