@@ -3,7 +3,7 @@ quantization-scheme flags that `python -m quant.convert` and `python -m quant.re
 imports a command-line module.
 
 The types check a numeric flag when it is parsed (finite, in range, an integer where one is meant), so a bad value
-stops the command before any work, with argparse's usage line, one `error: argument --flag: ...` line and exit 2. (Parse-time validation: every float config field finite, every int field within int32, train.seed >= 0; argparse types (positive_int, non_negative_int, finite/positive/non_negative_float, probability, int_in, float_in) on the numeric flags of train.generate, quant.merge, checkpoints.inspect)
+stops the command before any work, with argparse's usage line, one `error: argument --flag: ...` line and exit 2.
 """
 from __future__ import annotations
 
