@@ -5,6 +5,7 @@ The resolved config is saved with every checkpoint and read back by every later 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import re
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from train.config_loader import build, to_dict
 from train.data import DataConfig, tokenizer_vocab_size
 from train.sharding import MeshConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(str(importlib.resources.files("configs")))  # package data: found by editable and wheel installs
 PRECISIONS = ("fp32", "bf16", "fp16")
 METHODS = ("none", "qat", "lora")
 
