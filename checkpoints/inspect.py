@@ -15,8 +15,8 @@ from train.cli import main_guard, non_negative_int
 # The config keys worth a line each; a section not listed here is summarised in full.
 SUMMARY_KEYS = {
     "train": ("steps", "batch_size", "grad_accum", "learning_rate", "precision", "seed"),
-    "quant": ("mode", "weight_bits", "act_bits", "granularity", "group_size", "bwd_bits"),
-    "data": ("path", "tokenizer", "vocab_size"),
+    "quant": ("mode", "weight_bits", "act_bits", "granularity", "group_size", "bwd_bits", "embed_bits", "scale_dtype"),
+    "data": ("path", "tokenizer", "vocab_size", "val_plays", "genres"),
 }
 
 
@@ -40,6 +40,13 @@ def locate(path: Path) -> tuple[Path, int | None]:
     raise UserError(f"{path} is not a run directory or a checkpoints folder (no checkpoints/ or step folders in it)")
 
 
+def _value(key: str, value) -> str:
+    """A config value as `inspect` prints it: lists joined by commas; the data section's empty genres mean all."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or ("all" if key == "genres" else "none")
+    return str(value)
+
+
 def config_summary(config: dict) -> list[str]:
     lines = []
     for section, values in config.items():
@@ -48,7 +55,7 @@ def config_summary(config: dict) -> list[str]:
         keys = SUMMARY_KEYS.get(section, tuple(values))
         if section == "quant" and values.get("mode") == "none":
             keys = ("mode",)
-        shown = " ".join(f"{k}={values[k]}" for k in keys if k in values and values[k] not in ({}, []))
+        shown = " ".join(f"{k}={_value(k, values[k])}" for k in keys if k in values and values[k] != {})
         lines.append(f"  {section:<11} {shown}")
     return lines
 
