@@ -200,7 +200,8 @@ class CheckpointStore:
         self.keep = keep
         self._writing: tuple[int, int] | None = None  # (step, bytes of its arrays) of the latest save started
         if create:
-            remove_unfinished_saves(self.directory)
+            if jax.process_index() == 0:  # one process of a multi-process run cleans up; Orbax syncs them after
+                remove_unfinished_saves(self.directory)
             quiet_disk_full_logs(logging.getLogger("absl"))
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                    create=True)

@@ -237,29 +237,43 @@ def _check_length(tokens: np.ndarray, seq_len: int) -> None:
                         f"{seq_len + 1}); the corpus is too small: use more text or a shorter model.seq_len")
 
 
-def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, targets), each int32 [len(starts), seq_len]; targets are inputs shifted by one token."""
-    windows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)  # [batch, seq_len + 1]
-    return windows[:, :-1], windows[:, 1:]
+def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets), each int32 [*starts.shape, seq_len]: the windows of `tokens` beginning at `starts` (any
+    shape); targets are inputs shifted by one token."""
+    flat = np.asarray(starts).reshape(-1)
+    rows = np.stack([tokens[s:s + seq_len + 1] for s in flat]).astype(np.int32)  # [rows, seq_len + 1]
+    rows = rows.reshape(*np.shape(starts), seq_len + 1)
+    return rows[..., :-1], rows[..., 1:]
+
+
+def batch_starts(tokens: np.ndarray, seed: int, step: int, batch_size: int, seq_len: int) -> np.ndarray:
+    """Where the random windows of step `step` begin: int64 [batch_size], a pure function of (seed, step), so every
+    process of a multi-process run agrees on the global batch without reading it."""
+    _check_length(tokens, seq_len)
+    return np.random.default_rng([seed, step]).integers(0, len(tokens) - seq_len, size=batch_size)
 
 
 def get_batch(tokens: np.ndarray, seed: int, step: int, batch_size: int,
               seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Random windows; a pure function of (seed, step). Returns (inputs, targets), each int32 [batch, seq_len]."""
-    _check_length(tokens, seq_len)
-    starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - seq_len, size=batch_size)
-    return _windows(tokens, starts, seq_len)
+    return windows(tokens, batch_starts(tokens, seed, step, batch_size, seq_len), seq_len)
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
-                 max_batches: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Non-overlapping windows spread evenly over the whole split, the same every call: at most `max_batches`
-    batches of `batch_size` rows, or one smaller batch when the split holds fewer than `batch_size` windows."""
+def eval_starts(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int) -> list[np.ndarray]:
+    """Where the windows of each evaluation batch begin (see `eval_batches`): int64 arrays of `batch_size` starts
+    (one smaller array when the split holds fewer than `batch_size` windows)."""
     _check_length(tokens, seq_len)
     n_windows = (len(tokens) - 1) // seq_len  # window i: inputs tokens[i*seq_len : (i+1)*seq_len], + 1 target
     count = min(n_windows, max_batches * batch_size)
     if count > batch_size:
         count -= count % batch_size  # whole batches only, unless one small batch is all the split holds
     starts = np.linspace(0, n_windows - 1, count).astype(np.int64) * seq_len  # distinct, as count <= n_windows
-    for i in range(0, count, batch_size):
-        yield _windows(tokens, starts[i:i + batch_size], seq_len)
+    return [starts[i:i + batch_size] for i in range(0, count, batch_size)]
+
+
+def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
+                 max_batches: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Non-overlapping windows spread evenly over the whole split, the same every call: at most `max_batches`
+    batches of `batch_size` rows, or one smaller batch when the split holds fewer than `batch_size` windows."""
+    for starts in eval_starts(tokens, batch_size, seq_len, max_batches):
+        yield windows(tokens, starts, seq_len)

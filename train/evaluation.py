@@ -8,16 +8,19 @@ import jax
 import numpy as np
 
 from checkpoints.manager import tree_bytes
-from train.data import DataConfig, eval_batches, load_splits
+from train.data import DataConfig, eval_starts, load_splits, windows
 from train.run import load_run
 from train.steps import make_eval_step, split_variables
 
 
 def mean_loss(eval_step, variables_params, frozen, tokens: np.ndarray, batch_size: int, seq_len: int,
-              max_batches: int) -> float:
-    """Average next-token loss over deterministic windows of `tokens` (eval_step is jitted by the caller)."""
-    losses = [eval_step(variables_params, frozen, x, y) for x, y in eval_batches(tokens, batch_size, seq_len,
-                                                                                  max_batches)]
+              max_batches: int, place=None) -> float:
+    """Average next-token loss over deterministic windows of `tokens` (eval_step is jitted by the caller).
+    `place(starts)` -> (inputs, targets) puts a batch whose windows begin at `starts` on the devices (e.g. split
+    along the mesh's data axis, each process reading its own rows); default: numpy arrays of the whole batch."""
+    place = place or (lambda starts: windows(tokens, starts, seq_len))
+    losses = [eval_step(variables_params, frozen, *place(starts))
+              for starts in eval_starts(tokens, batch_size, seq_len, max_batches)]
     return float(np.mean(jax.device_get(losses)))
 
 

@@ -13,18 +13,20 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from checkpoints.manager import CheckpointStore, build_metadata, param_count
 from quant.plan import format_plan, make_plan, plan_to_json
 from slm_jax.errors import UserError
 from slm_jax.sampling import generate
 from train.config import Config, save_yaml
-from train.data import get_batch, load_splits
+from train.data import batch_starts, load_splits, windows
 from train.evaluation import format_bits_per_char, loss_summary, mean_loss
 from train.metrics import MetricsLog, Throughput, format_duration
 from train.optim import learning_rate_schedule
 from train.recipe import make_recipe
-from train.sharding import batch_sharding, make_mesh, shard_batch, shard_train_step
+from train.sharding import (batch_sharding, check_batch_rows, load_sharded, make_mesh, rows_sharding,
+                            shard_train_step)
 from train.steps import make_eval_step, make_train_step, merge_variables
 from train.tokenizer import save_tokenizer
 
@@ -33,26 +35,44 @@ class TrainingDiverged(UserError):
     """The loss became NaN/inf: training stops and the last good checkpoint stays as it was."""
 
 
-def train_batch(tokens: np.ndarray, config: Config, step: int):
-    cfg = config.train
-    x, y = get_batch(tokens, cfg.seed, step, cfg.batch_size * cfg.grad_accum, config.model.seq_len)
-    shape = (cfg.grad_accum, cfg.batch_size, config.model.seq_len)
-    return x.reshape(shape), y.reshape(shape)  # numpy, global batch: shard_batch places it on the mesh
+def train_batch(tokens: np.ndarray, config: Config, step: int, sharding):
+    """(inputs, targets) of `step`, each a global int32 [grad_accum, batch, seq] Array split by `sharding`; each
+    process reads only the windows of the rows its own devices hold."""
+    cfg, seq_len = config.train, config.model.seq_len
+    check_batch_rows(cfg.batch_size, sharding)
+    starts = batch_starts(tokens, cfg.seed, step, cfg.batch_size * cfg.grad_accum, seq_len)
+    starts = starts.reshape(cfg.grad_accum, cfg.batch_size)
+    return load_sharded((*starts.shape, seq_len), sharding, lambda index: windows(tokens, starts[index[:2]], seq_len),
+                        count=2)
 
 
-def describe_quant_plan(config: Config, workdir: Path, log) -> dict | None:
-    """Print the resolved per-layer quantization plan and save it as `quant_plan.json` (None for float runs)."""
+def eval_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int, mesh):
+    """(inputs, targets) of an evaluation batch, each a global int32 [len(starts), seq] Array split along the mesh's
+    batch axes (data, fsdp) where they divide it; each process reads only its own rows."""
+    return load_sharded((len(starts), seq_len), rows_sharding(mesh, len(starts)),
+                        lambda index: windows(tokens, starts[index[0]], seq_len), count=2)
+
+
+def describe_quant_plan(config: Config, workdir: Path | None, log) -> dict | None:
+    """Print the resolved per-layer quantization plan and save it as `quant_plan.json` in `workdir` (None: not
+    saved); returns it as JSON (None for float runs)."""
     if config.quant.mode == "none":
         return None
     plan = make_plan(config.model, config.quant)
     log(f"quantization plan ({config.quant.mode}):\n{format_plan(plan)}")
-    (workdir / "quant_plan.json").write_text(json.dumps(plan_to_json(plan), indent=1))
+    if workdir is not None:
+        (workdir / "quant_plan.json").write_text(json.dumps(plan_to_json(plan), indent=1))
     return plan_to_json(plan)
 
 
 def run_training(config: Config, workdir: Path, log=print) -> dict:
     """Train `config` in `workdir`; returns the final summary (also written to metrics.jsonl). What trains (every
-    param, or adapters over a frozen base) is the recipe's business; this loop is the same for all."""
+    param, or adapters over a frozen base) is the recipe's business; this loop is the same for all.
+
+    In a multi-process run every process calls this (and takes part in every step, evaluation and Orbax save);
+    only process 0 logs and writes config.yaml, tokenizer.json, quant_plan.json and metrics.jsonl."""
+    primary = jax.process_index() == 0
+    log = log if primary else _silent
     recipe = make_recipe(config)
     config, model = recipe.config, recipe.model  # LoRA: the base supplies the model and quant sections
     cfg = config.train
@@ -64,7 +84,7 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
     if tokenizer.vocab_size > config.model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids, more than model.vocab_size="
                         f"{config.model.vocab_size}; leave model.vocab_size unset to take it from the tokenizer")
-    quant_plan = describe_quant_plan(config, workdir, log)
+    quant_plan = describe_quant_plan(config, workdir if primary else None, log)
     store = CheckpointStore(workdir / "checkpoints", keep=config.checkpoint.keep,
                             async_save=config.checkpoint.async_save)
     mesh = make_mesh(config.mesh)
@@ -76,9 +96,10 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
     except BaseException:
         store.close()
         raise
-    save_yaml(config, workdir / "config.yaml")
-    save_tokenizer(tokenizer, workdir)
-    metrics_log = MetricsLog(workdir / "metrics.jsonl")
+    if primary:
+        save_yaml(config, workdir / "config.yaml")
+        save_tokenizer(tokenizer, workdir)
+    metrics_log = MetricsLog(workdir / "metrics.jsonl" if primary else None)
     n_params = param_count(state.params)
     log(f"model: {n_params:,} params | train {len(splits.train):,} tokens, val {len(splits.val):,} tokens | "
         f"precision {cfg.precision} | quant {config.quant.mode} | mesh {dict(mesh.shape)}")
@@ -86,13 +107,13 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
     schedule = learning_rate_schedule(cfg)
     train_step = shard_train_step(make_train_step(model, recipe.optimizer, schedule, cfg.precision == "fp16"),
                                   shardings, place)
-    eval_step = jax.jit(make_eval_step(model))
+    eval_step = jax.jit(make_eval_step(model), out_shardings=NamedSharding(mesh, PartitionSpec()))
     cpt = splits.chars_per_token
     seq_len = config.model.seq_len
 
     def validate() -> dict:
         loss = mean_loss(eval_step, state.params, state.frozen, splits.val, cfg.batch_size, seq_len,
-                         cfg.eval_batches)
+                         cfg.eval_batches, place=lambda starts: eval_batch(splits.val, starts, seq_len, mesh))
         return loss_summary(loss, cpt)
 
     def save(step: int) -> None:
@@ -106,7 +127,7 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
     last_good = store.latest_step()
     try:
         for step in range(start, cfg.steps):
-            batch = shard_batch(train_batch(splits.train, config, step), place)
+            batch = train_batch(splits.train, config, step, place)
             tic = time.perf_counter()
             state, metrics = train_step(state, batch)
             loss = float(metrics["loss"])
@@ -157,6 +178,10 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
         log(f"sample:\n{cfg.sample_prompt}{text}")
         summary["sample"] = text
     return summary
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of processes other than process 0 in a multi-process run: they print nothing."""
 
 
 def check_same_tokenizer(store: CheckpointStore, tokenizer) -> None:

@@ -35,13 +35,16 @@ def to_json_line(record: dict) -> str:
 
 
 class MetricsLog:
-    """Appends one JSON object per line; each record carries the step and wall-clock time."""
+    """Appends one JSON object per line; each record carries the step and wall-clock time. `path` None: records
+    nothing (the processes other than process 0 of a multi-process run)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path = path
 
     def write(self, **record) -> None:
         """Append `record` (with a `time` in seconds since the epoch); NaN and infinities are written as null."""
+        if self.path is None:
+            return
         record.setdefault("time", round(time.time(), 3))
         with self.path.open("a") as f:
             f.write(to_json_line(record))
@@ -53,7 +56,7 @@ class MetricsLog:
         files become null. The file is rewritten atomically (a temporary file renamed over it) when anything
         changes, so a crash here loses nothing.
         """
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return 0
         text = self.path.read_text()
         kept, dropped = [], 0

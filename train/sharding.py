@@ -72,12 +72,37 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     return jax.make_mesh(cfg.shape(len(devices)), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
+# Coordination timeouts of a multi-process run, in seconds (environment variables override them). A process that
+# stops sending heartbeats for HEARTBEAT_TIMEOUT_S (it died, or its host did) makes JAX end every other process with
+# a "JAX distributed service detected fatal errors" message instead of leaving them blocked in a collective.
+INIT_TIMEOUT_S = 120  # SLM_JAX_INIT_TIMEOUT_S: how long process 0 waits for all the others to join
+HEARTBEAT_TIMEOUT_S = 60  # SLM_JAX_HEARTBEAT_TIMEOUT_S
+SHUTDOWN_TIMEOUT_S = 60  # SLM_JAX_SHUTDOWN_TIMEOUT_S: how long a finished process waits for the others at exit
+
+
+def coordination_timeouts(env=None) -> dict:
+    """`jax.distributed.initialize` keyword arguments for its timeouts: the defaults above, or the environment's
+    SLM_JAX_INIT_TIMEOUT_S, SLM_JAX_HEARTBEAT_TIMEOUT_S and SLM_JAX_SHUTDOWN_TIMEOUT_S (whole seconds, >= 1).
+    Raises UserError naming the variable when one is not a positive integer."""
+    env = os.environ if env is None else env
+    out = {}
+    for key, name, default in (("initialization_timeout", "SLM_JAX_INIT_TIMEOUT_S", INIT_TIMEOUT_S),
+                               ("heartbeat_timeout_seconds", "SLM_JAX_HEARTBEAT_TIMEOUT_S", HEARTBEAT_TIMEOUT_S),
+                               ("shutdown_timeout_seconds", "SLM_JAX_SHUTDOWN_TIMEOUT_S", SHUTDOWN_TIMEOUT_S)):
+        text = env.get(name) or str(default)
+        if not text.isdigit() or int(text) < 1:
+            raise UserError(f"{name} must be a whole number of seconds >= 1, got {text!r}")
+        out[key] = int(text)
+    return out
+
+
 def maybe_initialize_distributed() -> bool:
     """Join a multi-process (multi-host) run when the environment describes one; else do nothing.
 
-    Call it first thing in a CLI, before any other JAX call. It calls `jax.distributed.initialize()` when
+    Call it first thing in a CLI, before any other JAX call. It calls `jax.distributed.initialize()`, with the
+    timeouts of `coordination_timeouts()`, when
     - JAX_COORDINATOR_ADDRESS is set (host:port of process 0), with JAX_NUM_PROCESSES and JAX_PROCESS_ID (read
-      here) unless JAX can detect them;
+      here) unless JAX can detect them (`python -m train.launch` sets all three);
     - an srun step runs more than one task (SLURM_STEP_NUM_TASKS > 1), or mpirun more than one rank
       (OMPI_COMM_WORLD_SIZE > 1);
     - a multi-host TPU slice names its workers (TPU_WORKER_HOSTNAMES or TPU_PROCESS_ADDRESSES with a comma);
@@ -90,13 +115,13 @@ def maybe_initialize_distributed() -> bool:
     if env.get("JAX_COORDINATOR_ADDRESS"):
         count, index = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
         jax.distributed.initialize(num_processes=int(count) if count else None,
-                                   process_id=int(index) if index else None)
+                                   process_id=int(index) if index else None, **coordination_timeouts(env))
         return True
     many = lambda key: int(env.get(key, "1") or "1") > 1
     tpu_hosts = env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or ""
     if many("SLURM_STEP_NUM_TASKS") or many("OMPI_COMM_WORLD_SIZE") or "," in tpu_hosts \
             or env.get("SLM_JAX_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
+        jax.distributed.initialize(**coordination_timeouts(env))
         return True
     return False
 
@@ -165,19 +190,53 @@ def batch_sharding(mesh: Mesh, rules=RULES) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, dict(rules)["batch"], None))
 
 
+def _ways(sharding: NamedSharding, dim: int) -> int:
+    """How many pieces `sharding` cuts dimension `dim` into."""
+    axes = sharding.spec[dim] if dim < len(sharding.spec) else None
+    return math.prod(sharding.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
+def check_batch_rows(rows: int, sharding: NamedSharding) -> None:
+    """UserError unless the devices that split dimension 1 (the batch) of `sharding` divide `rows`."""
+    ways = _ways(sharding, 1)
+    if rows % ways:
+        raise UserError(f"train.batch_size ({rows}) must be divisible by the devices it is split over "
+                        f"(mesh data x fsdp = {ways})")
+
+
 def shard_batch(batch: Any, sharding: NamedSharding) -> Any:
     """Global numpy batch arrays -> global jax Arrays. Each process copies only the rows its own devices hold, so
-    multi-host runs are correct as long as every process passes the same global batch (ours are a pure function
-    of (seed, step))."""
+    multi-host runs are correct as long as every process passes the same global batch."""
     def put(x: np.ndarray) -> jax.Array:
-        rows, axes = x.shape[1], sharding.spec[1] or ()
-        ways = math.prod(sharding.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-        if rows % ways:
-            raise UserError(f"train.batch_size ({rows}) must be divisible by the devices it is split over "
-                            f"(mesh data x fsdp = {ways})")
+        check_batch_rows(x.shape[1], sharding)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree_util.tree_map(put, batch)
+
+
+def load_sharded(shape: tuple[int, ...], sharding: NamedSharding, load: Callable[[tuple], tuple],
+                 count: int) -> tuple[jax.Array, ...]:
+    """`count` global arrays of `shape`, split by `sharding`, whose pieces are read by `load` in the process that
+    holds them: `load(index)` (`index`: one slice per dimension of `shape`) returns the `count` numpy blocks at
+    `index`, and is called only for the blocks this process's devices hold (once per distinct block). So in a
+    multi-process run each process reads only its own rows of a batch (`jax.make_array_from_callback`)."""
+    blocks: dict = {}
+
+    def block(index: tuple) -> tuple:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in blocks:
+            blocks[key] = load(index)
+        return blocks[key]
+
+    return tuple(jax.make_array_from_callback(shape, sharding, lambda index, i=i: block(index)[i])
+                 for i in range(count))
+
+
+def rows_sharding(mesh: Mesh, rows: int, rules=RULES) -> NamedSharding:
+    """[batch, seq] arrays (evaluation batches) split along the batch by the "batch" rule when the mesh axes divide
+    `rows`; else replicated (a last, smaller batch)."""
+    spec = mesh_spec((("batch", rows), (None, 1)), mesh, rules)
+    return NamedSharding(mesh, spec)
 
 
 def shard_train_step(train_step: Callable, state_shardings: Any, batch_sharding: NamedSharding) -> Callable:

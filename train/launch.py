@@ -1,0 +1,140 @@
+"""`python -m train.launch --processes 2 --devices-per-process 4 -- --config tiny ...`: one machine playing several
+hosts. Starts N processes of `python -m train.main` (or `--module`) joined by `jax.distributed` over a free local
+port, each with its own CPU devices and JAX's CPU collectives (gloo), prefixes their output with the process id,
+and stops the others, saying which one died, when one fails.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from train.cli import non_negative_float, positive_int
+
+POLL_S = 0.1
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def process_env(index: int, processes: int, devices: int, port: int, heartbeat_s: int | None = None,
+                base: dict | None = None) -> dict:
+    """The environment of process `index` of `processes` that `train.sharding.maybe_initialize_distributed` reads:
+    coordinator 127.0.0.1:`port`, JAX_NUM_PROCESSES, JAX_PROCESS_ID; the CPU platform with `devices` devices
+    (XLA's --xla_force_host_platform_device_count, added to any XLA_FLAGS of `base`) and gloo collectives;
+    SLM_JAX_HEARTBEAT_TIMEOUT_S when `heartbeat_s` is given. `base` defaults to this process's environment."""
+    env = dict(os.environ if base is None else base)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env.update({"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(processes),
+                "JAX_PROCESS_ID": str(index), "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+                "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
+                "PYTHONUNBUFFERED": "1"})
+    if heartbeat_s is not None:
+        env["SLM_JAX_HEARTBEAT_TIMEOUT_S"] = str(heartbeat_s)
+    return env
+
+
+def _forward(index: int, stream, lock: threading.Lock) -> None:
+    """Copy a child's output to ours line by line, each line prefixed with `[p<index>] `."""
+    for line in iter(stream.readline, ""):
+        with lock:
+            sys.stdout.write(f"[p{index}] {line}")
+            sys.stdout.flush()
+    stream.close()
+
+
+def _how(code: int) -> str:
+    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+
+
+def _say(message: str) -> None:
+    print(f"launch: {message}", file=sys.stderr, flush=True)
+
+
+def launch(command: list[str], processes: int, devices: int, grace_s: float, heartbeat_s: int | None) -> int:
+    """Run `command` (argv after `python`) as `processes` joined processes; returns the exit code for the launcher:
+    0 when all exit 0, else the first failure's code (128 + signal number for a signal). When one fails, the others
+    get `grace_s` seconds to end on their own (JAX's heartbeat timeout ends them), then SIGKILL."""
+    port, lock = free_port(), threading.Lock()
+    children, threads = [], []
+    try:
+        for index in range(processes):
+            child = subprocess.Popen([sys.executable, *command], env=process_env(index, processes, devices, port,
+                                                                                 heartbeat_s),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+            children.append(child)
+            _say(f"process {index} of {processes}: pid {child.pid}, {devices} CPU devices, coordinator "
+                 f"127.0.0.1:{port}")
+            threads.append(threading.Thread(target=_forward, args=(index, child.stdout, lock), daemon=True))
+            threads[-1].start()
+        failed = None
+        while any(c.poll() is None for c in children) and failed is None:
+            failed = next((i for i, c in enumerate(children) if c.poll() not in (None, 0)), None)
+            time.sleep(POLL_S)
+        failed = next((i for i, c in enumerate(children) if c.poll() not in (None, 0)), failed)
+        if failed is None:
+            return 0
+        code = children[failed].returncode
+        running = [i for i, c in enumerate(children) if c.poll() is None]
+        _say(f"process {failed} {_how(code)}" + (f"; stopping processes {running}" if running else ""))
+        deadline = time.monotonic() + grace_s
+        while any(children[i].poll() is None for i in running) and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        for i in running:
+            if children[i].poll() is None:
+                children[i].kill()
+                children[i].wait()
+                _say(f"process {i} killed after {grace_s:g} s")
+            else:
+                _say(f"process {i} {_how(children[i].returncode)} on its own")
+        return code if code > 0 else 128 - code
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+        for thread in threads:
+            thread.join(timeout=5)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.launch", description=__doc__,
+                                     usage="python -m train.launch [options] -- ARGS FOR THE MODULE")
+    parser.add_argument("--processes", type=positive_int, default=2, help="how many processes (simulated hosts)")
+    parser.add_argument("--devices-per-process", type=positive_int, default=4, help="CPU devices of each process")
+    parser.add_argument("--module", default="train.main", help="the module each process runs (python -m MODULE)")
+    parser.add_argument("--grace", type=non_negative_float, default=0.0,
+                        help="seconds the other processes get to end on their own after one fails, before SIGKILL")
+    parser.add_argument("--heartbeat-timeout", type=positive_int,
+                        help="seconds without a heartbeat before JAX declares a process dead (default: "
+                             "train.sharding.HEARTBEAT_TIMEOUT_S or $SLM_JAX_HEARTBEAT_TIMEOUT_S)")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="after --: the module's own arguments")
+    args = parser.parse_args(argv)
+    if args.args[:1] == ["--"]:
+        args.args = args.args[1:]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        code = launch(["-m", args.module, *args.args], args.processes, args.devices_per_process, args.grace,
+                      args.heartbeat_timeout)
+    except KeyboardInterrupt:
+        _say("interrupted; stopped every process")
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
