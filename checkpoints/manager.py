@@ -189,6 +189,15 @@ def _wait_for_failed_reads(captured_size, quiet_for: float = 0.5, limit: float =
             size, quiet_since = captured_size(), time.monotonic()
 
 
+def _with_sharding(leaf: Any) -> Any:
+    """An abstract array as a restore target that names its devices (Orbax refuses to guess when the checkpoint was
+    written on another topology): its own sharding, else this process's first device."""
+    if getattr(leaf, "sharding", None) is not None or not hasattr(leaf, "shape"):
+        return leaf
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=jax.sharding.SingleDeviceSharding(
+        jax.local_devices()[0]))
+
+
 class CheckpointStore:
     """Checkpoints of one run under `directory` (usually `<workdir>/checkpoints`).
 
@@ -268,8 +277,11 @@ class CheckpointStore:
                 from None
 
     def restore(self, target: Any, step: int | None = None) -> Any:
-        """Restore the state at `step` (default latest) into the structure of `target` (abstract arrays)."""
+        """Restore the state at `step` (default latest) into the structure of `target` (abstract arrays). Leaves
+        that carry a sharding are restored (resharded) into it; the others whole onto this process's first device,
+        whatever devices or processes saved them."""
         step = self._resolve(step)
+        target = jax.tree_util.tree_map(_with_sharding, target)
         # A CLI reports a failed restore in one line: what Orbax's reader threads print meanwhile is kept back.
         with _orbax_quiet(), _stderr_captured() as captured:
             try:

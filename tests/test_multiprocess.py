@@ -1,0 +1,141 @@
+"""Multi-process (multi-host) runs on one machine: `python -m train.launch` starts 2 processes of `train.main`, each
+with 2 CPU devices, joined by `jax.distributed` over a free local port with gloo collectives, on a data=2 x fsdp=2
+mesh spanning both. The reference is one process with 4 devices on the same mesh shape."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from train.launch import free_port, process_env
+from train.run import load_run
+from train.sharding import coordination_timeouts
+from slm_jax.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+HEARTBEAT_S = 5  # the killed run's heartbeat timeout: the survivor must be gone well within BOUND_S
+BOUND_S = 40
+TIMEOUT_S = 300  # any one subprocess
+
+
+def settings(corpus, *extra):
+    """A tiny run whose learning rate does not depend on train.steps (constant after one warmup step), so runs of
+    different lengths follow the same trajectory step by step."""
+    return ["--config", "tiny", "--set", f"data.path={corpus}", "--set", "mesh.data=2", "--set", "mesh.fsdp=2",
+            "--set", "train.log_every=1", "--set", "train.eval_every=2", "--set", "train.eval_batches=2",
+            "--set", "train.warmup_steps=1", "--set", "train.min_lr_ratio=1.0", "--set", "train.sample_tokens=0",
+            "--set", "checkpoint.every=2", "--set", "checkpoint.keep=5", *[a for e in extra for a in ("--set", e)]]
+
+
+def one_process(workdir, corpus, *extra):
+    """`train.main` in one process with 4 CPU devices."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run([sys.executable, "-m", "train.main", *settings(corpus, *extra), "--workdir", str(workdir)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def launch(workdir, corpus, *extra, launcher=()):
+    """`python -m train.launch` with 2 processes of 2 CPU devices each, output piped (stderr merged)."""
+    return subprocess.Popen([sys.executable, "-m", "train.launch", "--processes", "2", "--devices-per-process", "2",
+                             *launcher, "--", *settings(corpus, *extra), "--workdir", str(workdir)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def losses(workdir) -> dict[int, float]:
+    records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert len(steps) == len(set(steps)), f"a step was recorded twice (by two processes?): {steps}"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def val_losses(workdir) -> dict[int, float]:
+    records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+
+
+def test_two_processes_match_one_restore_both_ways_and_survive_a_kill(tmp_path, corpus_file):
+    # One process, 4 devices: the reference trajectory, with checkpoints at steps 2, 4 and 6.
+    ref = tmp_path / "one"
+    one_process(ref, corpus_file, "train.steps=6")
+    expected, expected_val = losses(ref), val_losses(ref)
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+
+    # Two processes of 2 devices, the same data=2 x fsdp=2 mesh: the same losses and validation losses.
+    two = tmp_path / "two"
+    proc = launch(two, corpus_file, "train.steps=6")
+    out, _ = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 0, out[-3000:]
+    got = losses(two)
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_allclose([got[s] for s in expected], [expected[s] for s in expected], rtol=0, atol=1e-5)
+    np.testing.assert_allclose([val_losses(two)[s] for s in expected_val], list(expected_val.values()), atol=1e-5)
+    progress = [line for line in out.splitlines() if re.match(r"\[p\d\] (step|eval|done|model)", line)]
+    assert progress and all(line.startswith("[p0] ") for line in progress), progress  # only process 0 reports
+    assert {"config.yaml", "tokenizer.json", "metrics.jsonl"} <= {p.name for p in two.iterdir()}
+
+    # 2 -> 1: the checkpoint the two processes wrote restores in this single-device process, equal to the
+    # one-process run's params at the same step.
+    for step in (4, 6):
+        a, b = load_run(ref, step).variables["params"], load_run(two, step).variables["params"]
+        jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5), a, b)
+
+    # 1 -> 2: the one-process run's step-2 checkpoint resumed by two processes, which go on (steps 3 and 4 must
+    # match the reference) until process 1 is SIGKILLed.
+    killed = tmp_path / "killed"
+    shutil.copytree(ref, killed)
+    for step in (4, 6):
+        shutil.rmtree(killed / "checkpoints" / str(step))
+    (killed / "metrics.jsonl").unlink()
+    proc = launch(killed, corpus_file, "train.steps=100000",
+                  launcher=("--heartbeat-timeout", str(HEARTBEAT_S), "--grace", str(BOUND_S)))
+    lines, pids = [], {}
+    for line in proc.stdout:
+        lines.append(line)
+        if match := re.match(r"launch: process (\d) of 2: pid (\d+)", line):
+            pids[int(match[1])] = int(match[2])
+        if line.startswith("[p0] step      6/"):
+            break
+    assert "resuming from step 2" in "".join(lines), "".join(lines)[-3000:]
+    resumed = losses(killed)
+    np.testing.assert_allclose([resumed[s] for s in (3, 4, 5, 6)], [expected[s] for s in (3, 4, 5, 6)], atol=1e-5)
+    os.kill(pids[1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    rest, _ = proc.communicate(timeout=BOUND_S + 30)
+    elapsed = time.monotonic() - killed_at
+    assert elapsed < BOUND_S, f"the survivor took {elapsed:.0f} s to exit"
+    assert "process 1 was killed by SIGKILL" in rest, rest[-3000:]
+    assert re.search(r"process 0 (exited with code|was killed by SIG\w+) .*on its own", rest), rest[-3000:]
+    assert proc.returncode == 128 + signal.SIGKILL
+
+    # The last complete checkpoint is readable, and a rerun (here in one process: 2 -> 1 again) resumes from it.
+    last = load_run(killed)
+    assert last.step >= 4 and last.step % 2 == 0
+    out = one_process(killed, corpus_file, f"train.steps={last.step + 1}")
+    assert f"resuming from step {last.step}" in out and f"step {last.step + 1:>6}/{last.step + 1}" in out
+
+
+def test_launcher_environment_joins_processes_on_cpu():
+    env = process_env(1, 2, 3, 4567, heartbeat_s=7, base={"XLA_FLAGS": "--xla_foo=1 "
+                                                               "--xla_force_host_platform_device_count=8"})
+    assert env["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:4567"
+    assert (env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"], env["JAX_PLATFORMS"]) == ("2", "1", "cpu")
+    assert env["XLA_FLAGS"] == "--xla_foo=1 --xla_force_host_platform_device_count=3"
+    assert env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] == "gloo" and env["SLM_JAX_HEARTBEAT_TIMEOUT_S"] == "7"
+    assert 0 < free_port() < 65536
+
+
+def test_coordination_timeouts_from_the_environment():
+    assert coordination_timeouts({"SLM_JAX_HEARTBEAT_TIMEOUT_S": "5"}) == {
+        "initialization_timeout": 120, "heartbeat_timeout_seconds": 5, "shutdown_timeout_seconds": 60}
+    with pytest.raises(UserError, match="SLM_JAX_INIT_TIMEOUT_S"):
+        coordination_timeouts({"SLM_JAX_INIT_TIMEOUT_S": "0"})
