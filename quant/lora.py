@@ -16,7 +16,7 @@ from quant.serving import quantized_weights
 from quant.plan import WEIGHT, Path, model_layers, path_str
 from quant.provider import dequantize_weight
 from slm_jax.config import ModelConfig
-from slm_jax.layers import MatmulProvider, embeds_by_matmul
+from slm_jax.layers import MatmulProvider, embedding_lookup, embeds_by_matmul
 
 ADAPTER = "lora"  # module name of an adapter inside its layer; its params are "lora_a" and "lora_b"
 
@@ -60,6 +60,9 @@ class LoraProvider:
 
     def embeds_by_matmul(self, path: Path) -> bool:
         return embeds_by_matmul(self.base, path)
+
+    def embedding_lookup(self, path: Path):
+        return embedding_lookup(self.base, path)
 
     def dot_general(self, path: Path):
         base_dot = self.base.dot_general(path)  # keeps its own name ("dot_general") inside the layer

@@ -19,6 +19,7 @@ from aqt.jax.v2.flax import aqt_flax
 from aqt.jax.v2.utils import QuantMode
 
 from quant.config import QuantConfig
+from quant.embedding import ServedEmbedding
 from quant.hooks import HookContext, LayerHook, chain
 from quant.plan import ATTENTION, EMBED, LayerPlan, Path, model_layers, path_str, resolve_plan
 from slm_jax.config import ModelConfig
@@ -191,6 +192,14 @@ class AqtProvider:
     def embeds_by_matmul(self, path: Path) -> bool:
         plan = self.plan.get(path)
         return plan is not None and plan.kind == EMBED
+
+    def embedding_lookup(self, path: Path) -> ServedEmbedding | None:
+        """A serving embedding table is read by row (see quant.embedding); None for every other layer and mode."""
+        plan = self.plan.get(path)
+        if self.quant_mode != QuantMode.SERVE or plan is None or plan.kind != EMBED:
+            return None
+        value_dtype = aqt_dot_general_config(plan, self.numerics).fwd.dg_quantizer.rhs.numerics.get_dtype()
+        return ServedEmbedding(value_dtype, jnp.dtype(plan.scale_dtype), self.numerics, name="dot_general")
 
     def dot_general(self, path: Path):
         plan = self.layer_plan(path)

@@ -1,7 +1,8 @@
 """Causal multi-head attention with rotary embeddings, grouped-query heads and a ring-buffer KV cache.
 
-The cache keeps the last `size` keys/values with their absolute positions. Because RoPE makes scores depend only
-on the distance between positions, decoding past the training context just keeps a sliding window of it.
+A query attends to at most `cfg.context` keys (the model's maximum context, by default its training window). The
+cache keeps the last `size` keys/values with their absolute positions; because RoPE makes scores depend only on the
+distance between positions, decoding past the context just keeps a sliding window of it.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, dtype: Any = jnp.float32, size: int | None = None) -> "KVCache":
-        shape = (batch, size or cfg.seq_len, cfg.kv_heads, cfg.head_dim)
+        """An empty cache of `size` slots per layer (default: the model's context, cfg.context)."""
+        shape = (batch, size or cfg.context, cfg.kv_heads, cfg.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
         return cls(k=zeros, v=zeros, positions=jnp.full((shape[1],), -1, jnp.int32), length=jnp.zeros((), jnp.int32))
 
@@ -61,8 +63,9 @@ class Attention(nn.Module):
         q = Linear(cfg.n_heads * cfg.head_dim, ("embed", "heads"), name="q", **dense)(x)
         k = Linear(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), name="k", **dense)(x)
         v = Linear(cfg.kv_heads * cfg.head_dim, ("embed", "kv_heads"), name="v", **dense)(x)
-        q = apply_rope(q.reshape(batch, seq, cfg.n_heads, cfg.head_dim), positions[None], cfg.rope_theta)
-        k = apply_rope(k.reshape(batch, seq, cfg.kv_heads, cfg.head_dim), positions[None], cfg.rope_theta)
+        rope = dict(theta=cfg.rope_theta, scaling=cfg.rope_scaling)
+        q = apply_rope(q.reshape(batch, seq, cfg.n_heads, cfg.head_dim), positions[None], **rope)
+        k = apply_rope(k.reshape(batch, seq, cfg.kv_heads, cfg.head_dim), positions[None], **rope)
         v = v.reshape(batch, seq, cfg.kv_heads, cfg.head_dim)
 
         if layer_cache is None:
@@ -71,7 +74,7 @@ class Attention(nn.Module):
             k = layer_cache[0].at[:, slots].set(k.astype(layer_cache[0].dtype))
             v = layer_cache[1].at[:, slots].set(v.astype(layer_cache[1].dtype))
             new_cache, key_pos = (k, v), key_positions
-        window = cfg.seq_len
+        window = cfg.context
         visible = (key_pos[None, :] >= 0) & (key_pos[None, :] <= positions[:, None]) & (
             key_pos[None, :] > positions[:, None] - window)  # [seq, keys]
 

@@ -8,20 +8,47 @@ import jax.numpy as jnp
 from slm_jax.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ROPE_SCALING_TYPES = ("llama3",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's rotary frequency scaling (field names as in Hugging Face's `rope_scaling`): wavelengths longer
+    than original_max_position_embeddings / low_freq_factor are divided by `factor`, those shorter than
+    original_max_position_embeddings / high_freq_factor are kept, and the band between is interpolated."""
+
+    type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.type not in ROPE_SCALING_TYPES:
+            raise UserError(f"model.rope_scaling.type must be one of {', '.join(ROPE_SCALING_TYPES)}, "
+                            f"got {self.type!r}")
+        if self.factor <= 0 or self.original_max_position_embeddings <= 0:
+            raise UserError("model.rope_scaling.factor and .original_max_position_embeddings must be positive")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise UserError(f"model.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                            f"{self.low_freq_factor} and {self.high_freq_factor}")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 256
-    seq_len: int = 128
+    seq_len: int = 128  # the training window: sequences the model is trained and evaluated on
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: as many as n_heads; fewer gives grouped-query attention
     d_model: int = 128
+    head_size: int | None = None  # width of one attention head; None: d_model // n_heads (see `head_dim`)
     mlp_hidden: int | None = None  # None: the Llama choice, about 8/3 * d_model rounded up to a multiple of 32
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-5
+    max_context: int | None = None  # keys a query attends to, and the KV cache's default size; None: seq_len
     dropout: float = 0.0
     quantize_attention: bool = False  # also route QK^T and attention x V through the injected dot_general
 
@@ -29,16 +56,24 @@ class ModelConfig:
         for key in ("vocab_size", "seq_len", "n_layers", "n_heads", "d_model"):
             if getattr(self, key) <= 0:
                 raise UserError(f"model.{key} must be a positive integer, got {getattr(self, key)}")
-        if self.d_model % self.n_heads:
-            raise UserError(f"model.n_heads ({self.n_heads}) must divide model.d_model ({self.d_model})")
-        if (self.d_model // self.n_heads) % 2:
-            raise UserError(f"model.d_model / model.n_heads must be even for rotary embeddings, "
-                            f"got {self.d_model // self.n_heads}")
+        if self.head_size is None:
+            if self.d_model % self.n_heads:
+                raise UserError(f"model.n_heads ({self.n_heads}) must divide model.d_model ({self.d_model}), or "
+                                f"set model.head_size")
+            if (self.d_model // self.n_heads) % 2:
+                raise UserError(f"model.d_model / model.n_heads must be even for rotary embeddings, "
+                                f"got {self.d_model // self.n_heads}")
+        elif self.head_size <= 0 or self.head_size % 2:
+            raise UserError(f"model.head_size must be a positive even integer (rotary embeddings) or null, "
+                            f"got {self.head_size}")
         if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
             raise UserError(f"model.n_kv_heads ({self.n_kv_heads}) must be positive and divide model.n_heads "
                             f"({self.n_heads})")
         if self.mlp_hidden is not None and self.mlp_hidden <= 0:
             raise UserError(f"model.mlp_hidden must be a positive integer or null, got {self.mlp_hidden}")
+        if self.max_context is not None and self.max_context < self.seq_len:
+            raise UserError(f"model.max_context ({self.max_context}) must be null or at least model.seq_len "
+                            f"({self.seq_len})")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
@@ -46,11 +81,16 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_size or self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def context(self) -> int:
+        """The attention window: a query sees at most this many keys, its own included."""
+        return self.max_context or self.seq_len
 
     @property
     def hidden(self) -> int:

@@ -5,11 +5,14 @@ the model a `MatmulProvider` instead of editing the model: the model file stays 
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from slm_jax.config import RopeScaling
 
 DotGeneral = Callable[..., jax.Array]
 
@@ -23,6 +26,8 @@ class MatmulProvider(Protocol):
     collection: the layer then creates no float kernel at all.
     `embeds_by_matmul(path)` (optional; False if absent): the token embedding at `path` is computed as
     one_hot(tokens) @ table through a `Linear`, so that its table can be quantized like any weight.
+    `embedding_lookup(path)` (optional; None if absent): for such a table stored as integers (serving), an unbound
+    module `(ids, (vocab, features), dtype) -> rows [..., features]` that reads rows instead of multiplying.
     """
 
     def dot_general(self, path: tuple[str, ...]) -> DotGeneral: ...
@@ -32,6 +37,26 @@ class MatmulProvider(Protocol):
 
 def embeds_by_matmul(matmul: MatmulProvider | None, path: tuple[str, ...]) -> bool:
     return matmul is not None and getattr(matmul, "embeds_by_matmul", lambda _: False)(path)
+
+
+def embedding_lookup(matmul: MatmulProvider | None, path: tuple[str, ...]):
+    """The provider's row lookup for the embedding table at `path`, or None (see MatmulProvider)."""
+    return None if matmul is None else getattr(matmul, "embedding_lookup", lambda _: None)(path)
+
+
+class StoredEmbed(nn.Module):
+    """A token embedding whose table only the provider holds (e.g. integer rows and scales): ids [...] int ->
+    [..., features], read by the provider's `embedding_lookup`, which becomes this module's child."""
+
+    num_embeddings: int
+    features: int
+    matmul: MatmulProvider
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        lookup = embedding_lookup(self.matmul, tuple(self.scope.path))
+        return lookup(ids, (self.num_embeddings, self.features), self.dtype)
 
 
 class Linear(nn.Module):
@@ -80,18 +105,32 @@ class RMSNorm(nn.Module):
         return (normed * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
-    """Inverse frequencies [head_dim // 2] of rotary position embeddings (Su et al., 2021)."""
-    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+    """Inverse frequencies [head_dim // 2] (float32) of rotary position embeddings (Su et al., 2021).
+
+    With `scaling` (Llama 3.1), low frequencies are divided by scaling.factor and the middle band is interpolated
+    smoothly, as Hugging Face transformers' `_compute_llama3_parameters` computes them.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    original = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > original / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
+    medium = (wavelen >= original / scaling.high_freq_factor) & (wavelen <= original / scaling.low_freq_factor)
+    return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
     """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x: [batch, seq, heads, head_dim] by position-dependent angles.
 
-    positions: [batch, seq] absolute token positions (they differ from arange during cached decoding).
+    positions: [batch, seq] absolute token positions (they differ from arange during cached decoding); `theta` and
+    `scaling` give the frequencies (see `rope_frequencies`).
     """
     head_dim = x.shape[-1]
-    angles = positions[..., None].astype(jnp.float32) * rope_frequencies(head_dim, theta)  # [batch, seq, d/2]
+    angles = positions[..., None].astype(jnp.float32) * rope_frequencies(head_dim, theta, scaling)  # [b, s, d/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

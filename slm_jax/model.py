@@ -2,7 +2,8 @@
 
 Quantization never changes this file: each projection is a `Linear` that asks the optional `MatmulProvider`
 for its dot_general. The token embedding is a table lookup, or, when the provider quantizes the table,
-one_hot(tokens) @ table through a `Linear` (same parameter, cheap at byte-level vocabularies).
+one_hot(tokens) @ table through a `Linear` (same parameter), and a lookup of the provider's stored integer rows
+once the table is served as integers.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 
 from slm_jax.attention import Attention, KVCache
 from slm_jax.config import ModelConfig
-from slm_jax.layers import Linear, MatmulProvider, RMSNorm, embeds_by_matmul
+from slm_jax.layers import Linear, MatmulProvider, RMSNorm, StoredEmbed, embedding_lookup, embeds_by_matmul
 
 
 class SwiGLU(nn.Module):
@@ -61,9 +62,12 @@ class Transformer(nn.Module):
     def __call__(self, tokens: jax.Array, cache: KVCache | None = None, deterministic: bool = True):
         cfg, sub = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         seq = tokens.shape[1]
-        if embeds_by_matmul(self.matmul, ("embed",)):
-            if cfg.tie_embeddings:
-                raise ValueError("a quantized embedding table cannot be tied to the LM head")
+        quantized_table = embeds_by_matmul(self.matmul, ("embed",))
+        if quantized_table and cfg.tie_embeddings:
+            raise ValueError("a quantized embedding table cannot be tied to the LM head")
+        if embedding_lookup(self.matmul, ("embed",)) is not None:
+            x = StoredEmbed(cfg.vocab_size, cfg.d_model, self.matmul, self.dtype, name="embed")(tokens)
+        elif quantized_table:
             table = Linear(cfg.d_model, ("vocab", "embed"), name="embed", matmul=self.matmul,
                            kernel_name="embedding", **sub)
             x = table(jax.nn.one_hot(tokens, cfg.vocab_size, dtype=self.dtype))

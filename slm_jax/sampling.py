@@ -27,8 +27,13 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
 def generate(model: nn.Module, variables, prompt: jax.Array, rng: jax.Array, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None) -> jax.Array:
-    """prompt: [batch, prompt_len] int32 (at most the model's seq_len) -> new tokens [batch, max_new_tokens]."""
-    cache = KVCache.init(model.cfg, prompt.shape[0], model.dtype)
+    """prompt: [batch, prompt_len] int32 (at most the model's context) -> new tokens [batch, max_new_tokens].
+
+    The KV cache holds min(context, prompt_len + max_new_tokens) slots: every token when they fit in the context,
+    else a sliding window of the last `context` ones.
+    """
+    size = min(model.cfg.context, prompt.shape[1] + max_new_tokens)
+    cache = KVCache.init(model.cfg, prompt.shape[0], model.dtype, size)
     logits, cache = model.apply(variables, prompt, cache=cache)
     first = sample_logits(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_k)
 
