@@ -28,7 +28,7 @@ def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int) -
                             f"report on that run instead (--workdir RUN --bits N)")
         scheme = scheme or run.config.quant
         run = load_run(Path(source))
-    elif kind not in ("train", None):
+    elif kind not in ("train", "imported", None):
         raise UserError(f"{workdir} is a {kind} run; report on a float, QAT or serving run")
     quant = dataclasses.replace(serving_quant_config(run.config, scheme), mode="qat")
     splits = load_splits(run.config.data, run.tokenizer)

@@ -83,6 +83,8 @@ def load_run(workdir: Path, step: int | None = None, base: Path | None = None) -
             variables = merge_variables(state.params, lora_base.variables)
         elif kind == "serving":
             variables = store.restore(serving_template(config.model, config.quant), metadata["step"])
+        elif kind == "imported":  # params only (checkpoints.hf_import)
+            variables = store.restore({"params": abstract_state(config, model).params}, metadata["step"])
         else:
             state = store.restore(abstract_state(config, model), metadata["step"])
             variables = {"params": state.params, **state.frozen}

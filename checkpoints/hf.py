@@ -1,0 +1,248 @@
+"""Hugging Face Llama folders in and out: config.json <-> ModelConfig and safetensors tensors <-> model params.
+
+Two tables say everything about the format (`CONFIG_FIELDS`, `TENSORS`); reading goes tensor by tensor through
+`safetensors` (one file or a sharded index), after every name, shape and dtype has been checked against config.json,
+so what the model cannot represent is refused before anything is read or written.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+from safetensors import safe_open
+
+from slm_jax.config import ModelConfig, RopeScaling
+from slm_jax.errors import UserError
+from slm_jax.model import Transformer
+
+# config.json field -> ModelConfig field (transformers' LlamaConfig names; defaults as LlamaConfig's below).
+CONFIG_FIELDS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "d_model",
+    "intermediate_size": "mlp_hidden",
+    "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads",
+    "head_dim": "head_size",
+    "rms_norm_eps": "norm_eps",
+    "rope_theta": "rope_theta",
+    "tie_word_embeddings": "tie_embeddings",
+    "max_position_embeddings": "max_context",
+}
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+            "max_position_embeddings": 2048}
+
+# HF tensor name -> (slm-jax param path, transposed?). HF stores a linear layer as [out, in], slm-jax as [in, out].
+TENSORS = {
+    "model.embed_tokens.weight": ("embed/embedding", False),
+    "model.layers.{i}.input_layernorm.weight": ("layer_{i}/attn_norm/scale", False),
+    "model.layers.{i}.self_attn.q_proj.weight": ("layer_{i}/attn/q/kernel", True),
+    "model.layers.{i}.self_attn.k_proj.weight": ("layer_{i}/attn/k/kernel", True),
+    "model.layers.{i}.self_attn.v_proj.weight": ("layer_{i}/attn/v/kernel", True),
+    "model.layers.{i}.self_attn.o_proj.weight": ("layer_{i}/attn/o/kernel", True),
+    "model.layers.{i}.post_attention_layernorm.weight": ("layer_{i}/mlp_norm/scale", False),
+    "model.layers.{i}.mlp.gate_proj.weight": ("layer_{i}/mlp/gate/kernel", True),
+    "model.layers.{i}.mlp.up_proj.weight": ("layer_{i}/mlp/up/kernel", True),
+    "model.layers.{i}.mlp.down_proj.weight": ("layer_{i}/mlp/down/kernel", True),
+    "model.norm.weight": ("final_norm/scale", False),
+    "lm_head.weight": ("lm_head/kernel", True),  # absent when tie_word_embeddings
+}
+ACCEPTED_TYPES = ("llama", "mistral")  # mistral only without sliding-window attention: then it is a Llama
+UNSUPPORTED_TRUE = ("attention_bias", "mlp_bias", "use_sliding_window")
+UNSUPPORTED_SET = ("sliding_window", "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok",
+                   "moe_intermediate_size")
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+EXPORT_DTYPES = {"bf16": ml_dtypes.bfloat16, "f16": np.float16, "f32": np.float32}
+IGNORED_SUFFIX = ".rotary_emb.inv_freq"  # a buffer that older transformers saved; recomputed from config.json
+
+
+def read_config(folder: Path) -> dict:
+    """config.json of a Hugging Face model folder as a dict (UserError if missing or not JSON)."""
+    path = Path(folder) / "config.json"
+    try:
+        values = json.loads(path.read_text())
+    except OSError:
+        raise UserError(f"{folder} is not a Hugging Face model folder (no readable config.json)") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return values
+
+
+def rope_settings(hf: dict) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) from config.json, in transformers 4's form (rope_theta, rope_scaling) or 5's
+    (rope_parameters with rope_type and rope_theta inside)."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = hf.get("rope_theta", rope.get("rope_theta", DEFAULTS["rope_theta"]))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    if kind != "llama3":
+        raise UserError(f"config.json rope_scaling type {kind!r} is not supported (accepted: default, llama3)")
+    fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [f for f in fields if not isinstance(rope.get(f), (int, float))]
+    if missing:
+        raise UserError(f"config.json rope_scaling of type llama3 needs a number for {missing[0]}")
+    return float(theta), RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+                                     high_freq_factor=float(rope["high_freq_factor"]),
+                                     original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+
+
+def model_config(hf: dict, seq_len: int | None = None) -> ModelConfig:
+    """The ModelConfig of a config.json (a dict), refusing in one line what the model cannot represent.
+
+    seq_len (the training window) defaults to min(max_position_embeddings, 512); max_context is
+    max_position_embeddings, so the model attends to its whole prefix as the original does.
+    """
+    if hf.get("model_type") not in ACCEPTED_TYPES:
+        raise UserError(f"config.json model_type {hf.get('model_type')!r} is not a Llama-architecture model "
+                        f"(accepted: {', '.join(ACCEPTED_TYPES)})")
+    for key in UNSUPPORTED_TRUE:
+        if hf.get(key):
+            raise UserError(f"config.json {key} is true; the model has no attention/MLP biases or sliding windows")
+    for key in UNSUPPORTED_SET:
+        if hf.get(key) not in (None, 0):
+            raise UserError(f"config.json {key} is {hf[key]!r}; sliding-window attention and mixtures of experts "
+                            f"are not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"config.json hidden_act {hf['hidden_act']!r} is not supported (the MLP is SwiGLU: silu)")
+    for key in REQUIRED:
+        if not isinstance(hf.get(key), int) or isinstance(hf.get(key), bool):
+            raise UserError(f"config.json {key} must be an integer, got {hf.get(key)!r}")
+    values = {field: hf.get(key, DEFAULTS.get(key)) for key, field in CONFIG_FIELDS.items()}
+    values["rope_theta"], values["rope_scaling"] = rope_settings(hf)
+    if values["head_size"] == hf["hidden_size"] // hf["num_attention_heads"] and \
+            hf["hidden_size"] % hf["num_attention_heads"] == 0:
+        values["head_size"] = None  # the default width: no need to record it
+    context = values["max_context"]
+    return ModelConfig(**values, seq_len=seq_len or min(context, 512))
+
+
+def hf_config(cfg: ModelConfig, dtype: str = "bf16", extra: dict | None = None) -> dict:
+    """config.json for `cfg` (transformers 4's form, which transformers 5 reads too); `extra` adds token ids."""
+    scaling = None if cfg.rope_scaling is None else {
+        "rope_type": cfg.rope_scaling.type, "factor": cfg.rope_scaling.factor,
+        "low_freq_factor": cfg.rope_scaling.low_freq_factor, "high_freq_factor": cfg.rope_scaling.high_freq_factor,
+        "original_max_position_embeddings": cfg.rope_scaling.original_max_position_embeddings}
+    values = {key: getattr(cfg, field) for key, field in CONFIG_FIELDS.items()}
+    values.update(intermediate_size=cfg.hidden, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                  max_position_embeddings=cfg.context)
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **values, "rope_scaling": scaling,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+            "torch_dtype": {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[dtype], **(extra or {})}
+
+
+def tensor_map(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
+    """TENSORS expanded for `cfg`'s layers (without lm_head.weight when the embeddings are tied)."""
+    out = {}
+    for name, (path, transposed) in TENSORS.items():
+        for i in range(cfg.n_layers) if "{i}" in name else [None]:
+            out[name.format(i=i)] = (path.format(i=i), transposed)
+    if cfg.tie_embeddings:
+        del out["lm_head.weight"]
+    return out
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{param path "layer_0/attn/q/kernel": shape} of the float model of `cfg` (traced abstractly)."""
+    abstract = jax.eval_shape(lambda: nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0),
+                                                                      jnp.zeros((1, 1), jnp.int32))))
+    leaves = jax.tree_util.tree_flatten_with_path(abstract["params"])[0]
+    return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def shard_files(folder: Path) -> dict[str, Path]:
+    """{tensor name: safetensors file} of a folder with model.safetensors or model.safetensors.index.json."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{index} is not a safetensors index (no weight_map)") from None
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise UserError(f"{folder} has no model.safetensors or model.safetensors.index.json")
+    with safe_open(single, framework="np") as f:
+        return {name: single for name in f.keys()}
+
+
+def check_tensors(folder: Path, cfg: ModelConfig) -> dict[str, Path]:
+    """{tensor name: file} of the tensors the model takes, after checking every name, dtype and shape (read from
+    the safetensors headers only) against `cfg`: UserError naming the first tensor that does not fit."""
+    files, wanted, shapes = shard_files(folder), tensor_map(cfg), param_shapes(cfg)
+    for name in files:
+        if name not in wanted and not name.endswith(IGNORED_SUFFIX) and not (name == "lm_head.weight"
+                                                                               and cfg.tie_embeddings):
+            raise UserError(f"{folder}: tensor {name} has no place in a Llama model of this config.json "
+                            f"(biases, experts or another architecture?)")
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        if name not in files:
+            raise UserError(f"{folder}: tensor {name} is missing")
+        by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        if not file.is_file():
+            raise UserError(f"{folder}: shard {file.name} named in the index is missing")
+        with safe_open(file, framework="np") as f:
+            for name in names:
+                info = f.get_slice(name)
+                path, transposed = wanted[name]
+                expected = shapes[path][::-1] if transposed else shapes[path]
+                if info.get_dtype() not in DTYPES:
+                    raise UserError(f"{folder}: tensor {name} is {info.get_dtype()}; only F32, F16 and BF16 are read")
+                if tuple(info.get_shape()) != expected:
+                    raise UserError(f"{folder}: tensor {name} has shape {list(info.get_shape())}, config.json "
+                                    f"implies {list(expected)}")
+    return {name: files[name] for name in wanted}
+
+
+def read_tensors(files: dict[str, Path], cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """(param path, float32 array in slm-jax layout) for each checked tensor, one at a time, file by file."""
+    wanted, by_file = tensor_map(cfg), {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, framework="np") as f:
+            for name in names:
+                path, transposed = wanted[name]
+                array = f.get_tensor(name).astype(np.float32)
+                yield path, np.ascontiguousarray(array.T) if transposed else array
+
+
+def read_params(folder: Path, cfg: ModelConfig) -> dict:
+    """The float32 "params" tree of `cfg` from a Hugging Face folder's safetensors (checked first)."""
+    params: dict = {}
+    for path, array in read_tensors(check_tensors(folder, cfg), cfg):
+        *parents, leaf = path.split("/")
+        node = params
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = array
+    return params
+
+
+def write_safetensors(path: Path, params: dict, cfg: ModelConfig, dtype: str = "bf16") -> None:
+    """model.safetensors of float `params` ({"embed": {"embedding": [vocab, d]}, ...}) in HF names and layout,
+    cast to `dtype` (bf16 | f16 | f32, rounding to nearest even)."""
+    def param(path: str):
+        node = params
+        for key in path.split("/"):
+            node = node[key]
+        return np.asarray(node, np.float32)
+
+    tensors = {}
+    for name, (path, transposed) in tensor_map(cfg).items():
+        array = param(path)
+        tensors[name] = np.ascontiguousarray((array.T if transposed else array).astype(EXPORT_DTYPES[dtype]))
+    safetensors.numpy.save_file(tensors, str(path), metadata={"format": "pt"})
