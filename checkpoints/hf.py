@@ -232,12 +232,12 @@ def read_params(folder: Path, cfg: ModelConfig) -> dict:
     return params
 
 
-def write_safetensors(path: Path, params: dict, cfg: ModelConfig, dtype: str = "bf16") -> None:
+def write_safetensors(file: Path, params: dict, cfg: ModelConfig, dtype: str = "bf16") -> None:
     """model.safetensors of float `params` ({"embed": {"embedding": [vocab, d]}, ...}) in HF names and layout,
     cast to `dtype` (bf16 | f16 | f32, rounding to nearest even)."""
-    def param(path: str):
+    def param(param_path: str):
         node = params
-        for key in path.split("/"):
+        for key in param_path.split("/"):
             node = node[key]
         return np.asarray(node, np.float32)
 
@@ -245,4 +245,4 @@ def write_safetensors(path: Path, params: dict, cfg: ModelConfig, dtype: str = "
     for name, (path, transposed) in tensor_map(cfg).items():
         array = param(path)
         tensors[name] = np.ascontiguousarray((array.T if transposed else array).astype(EXPORT_DTYPES[dtype]))
-    safetensors.numpy.save_file(tensors, str(path), metadata={"format": "pt"})
+    safetensors.numpy.save_file(tensors, str(file), metadata={"format": "pt"})

@@ -59,7 +59,7 @@ def import_folder(folder: Path, out: Path, seq_len: int | None = None, log=print
     try:
         shutil.copyfile(folder / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         tokenizer["path"] = str(final / TOKENIZER_FILE)
-        source = {"path": str(folder.resolve()), **{key: hf[key] for key in TOKEN_IDS if key in hf}}
+        source = {"path": str(folder.resolve()), **{key: hf[key] for key in TOKEN_IDS if hf.get(key) is not None}}
         store = CheckpointStore(tmp / "checkpoints", keep=1, async_save=False)
         try:
             store.save(0, {"params": params}, build_metadata(config.to_dict(), 0, params, tokenizer,
