@@ -7,6 +7,8 @@ that has them:
         writes small random `LlamaForCausalLM` folders (GQA, tied and untied embeddings, llama3 rope scaling,
         head_dim != hidden / heads, bf16 sharded), each with a tiny byte-level BPE tokenizer.json, the token ids
         ids.npy [1, seq] and transformers' float32 logits.npy [1, seq, vocab] for them.
+    python -m checkpoints.make_hf_fixtures --smollm2 DIR
+        writes a random bf16 model of SmolLM2-135M's shape (for measurements; not a test fixture).
     python -m checkpoints.make_hf_fixtures --check-export RUN_DIR... --slm-python .venv/bin/python
         exports each slm-jax run with `checkpoints.hf_export` (through --slm-python, the environment with JAX),
         loads the folder with AutoModelForCausalLM and its tokenizer.json with PreTrainedTokenizerFast, and prints the
@@ -41,12 +43,15 @@ FIXTURES = {
     "bf16_sharded": (dict(num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False),
                      torch.bfloat16, "40KB"),
 }
-# slm-jax's logits of a run for the ids in argv[2], saved to argv[3] (run by --slm-python, where JAX lives).
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=8192,
+                    rope_theta=100000.0, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
+# slm-jax's float32 logits of a run for the ids in argv[2], saved to argv[3] (run by --slm-python, where JAX lives).
 SLM_LOGITS = """
-import sys, numpy as np, jax
+import sys, numpy as np, jax, jax.numpy as jnp
 from train.run import load_run
 run = load_run(sys.argv[1])
-logits, _ = jax.jit(run.model.apply)(run.variables, np.load(sys.argv[2]))
+logits, _ = jax.jit(run.model.clone(dtype=jnp.float32).apply)(run.variables, np.load(sys.argv[2]))
 np.save(sys.argv[3], np.asarray(logits, np.float32))
 """
 
@@ -97,6 +102,14 @@ def make_fixture(name: str, out: Path, seed: int) -> None:
     print(f"wrote {folder}: {sorted(p.name for p in folder.iterdir())}, {size / 1024:.0f} KB")
 
 
+def make_smollm2_shaped(folder: Path) -> None:
+    """Random weights in SmolLM2-135M's shape, bf16 as published, with the tiny tokenizer."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(torch.bfloat16).save_pretrained(folder)
+    tiny_tokenizer().save(str(folder / "tokenizer.json"))
+    print(f"wrote {folder}: {sum(p.stat().st_size for p in folder.iterdir()) / 2**20:.0f} MiB")
+
+
 def check_export(run: Path, slm_python: str, tolerance: float) -> bool:
     """Export `run`, load it in transformers, compare logits with slm-jax's; True if within `tolerance`."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,12 +135,15 @@ def check_export(run: Path, slm_python: str, tolerance: float) -> bool:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m checkpoints.make_hf_fixtures", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="folder for the fixtures, e.g. tests/fixtures/hf")
+    parser.add_argument("--smollm2", type=Path, metavar="DIR", help="write a random SmolLM2-135M-shaped model")
     parser.add_argument("--check-export", type=Path, nargs="+", metavar="RUN_DIR", help="slm-jax runs to export")
     parser.add_argument("--slm-python", default=sys.executable, help="a Python with slm-jax and JAX installed")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted logit difference")
     args = parser.parse_args(argv)
-    if not args.out and not args.check_export:
-        parser.error("give --out or --check-export")
+    if not (args.out or args.smollm2 or args.check_export):
+        parser.error("give --out, --smollm2 or --check-export")
+    if args.smollm2:
+        make_smollm2_shaped(args.smollm2)
     if args.out:
         for i, name in enumerate(FIXTURES):
             make_fixture(name, args.out, seed=i)
