@@ -61,6 +61,7 @@ UNSUPPORTED_SET = ("sliding_window", "num_local_experts", "num_experts", "n_rout
                    "moe_intermediate_size")
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 EXPORT_DTYPES = {"bf16": ml_dtypes.bfloat16, "f16": np.float16, "f32": np.float32}
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # kept by an import, written back by an export
 IGNORED_SUFFIX = ".rotary_emb.inv_freq"  # a buffer that older transformers saved; recomputed from config.json
 
 

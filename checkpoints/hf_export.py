@@ -15,8 +15,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models
 
-from checkpoints.hf import EXPORT_DTYPES, hf_config, write_safetensors
-from checkpoints.hf_import import TOKEN_IDS
+from checkpoints.hf import EXPORT_DTYPES, TOKEN_IDS, hf_config, write_safetensors
 from quant.lora_merge import merged_float_params
 from slm_jax.errors import UserError
 from train.cli import main_guard

@@ -13,14 +13,13 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from checkpoints.hf import model_config, read_config, read_params
+from checkpoints.hf import TOKEN_IDS, model_config, read_config, read_params
 from checkpoints.manager import CheckpointStore, build_metadata, param_count
 from slm_jax.errors import UserError
 from train.cli import main_guard
 from train.config import Config, check_consistency, save_yaml
 
 TOKENIZER_FILE = "tokenizer.json"
-TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # carried over to export's config.json
 
 
 def tokenizer_description(path: Path) -> dict:
