@@ -18,12 +18,12 @@ from checkpoints.hf import model_config
 from checkpoints.hf_export import byte_tokenizer, export_run
 from checkpoints.hf_import import import_folder
 from quant.config import QuantConfig
-from quant.convert import dequantize, quantized_weights
+from quant.serving import dequantize, quantized_weights
 from slm_jax import Transformer
 from slm_jax.errors import UserError
 from train.data import ByteTokenizer
 from train.ptq import convert_workdir
-from train.workdir import load_run
+from train.run import load_run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 NAMES = ("gqa_tied", "llama3_head_dim", "bf16_sharded")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from quant.config import QuantConfig
-from quant.convert import convert
+from quant.serving import convert
 from quant.provider import make_matmul
 from slm_jax import KVCache, ModelConfig, Transformer
 from slm_jax.config import RopeScaling
