@@ -1,8 +1,8 @@
 """`python -m checkpoints.hf_import HF_DIR --out runs/NAME [--seq-len N]`: a local Hugging Face Llama folder
 (config.json, model.safetensors or a sharded index, tokenizer.json) as an ordinary slm-jax run.
 
-The run holds float32 params only (kind "imported", step 0), the full config and a copy of tokenizer.json; every
-command that reads runs takes it. It is written under a temporary name and renamed when complete.
+The run holds float32 params only (kind "imported", step 0), the full config and a copy of tokenizer.json (its
+`data.tokenizer`); every command that reads runs takes it. It is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
@@ -11,25 +11,13 @@ import os
 import shutil
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
 from checkpoints.hf import TOKEN_IDS, model_config, read_config, read_params
 from checkpoints.manager import CheckpointStore, build_metadata, param_count
 from slm_jax.errors import UserError
 from train.cli import main_guard
 from train.config import Config, check_consistency, save_yaml
-
-TOKENIZER_FILE = "tokenizer.json"
-
-
-def tokenizer_description(path: Path) -> dict:
-    """What a run's metadata says about a tokenizer.json (the `tokenizers` library's format): UserError if it
-    cannot be read by that library."""
-    try:
-        vocab = Tokenizer.from_file(str(path)).get_vocab_size()
-    except Exception as err:  # the library raises a bare Exception for files it cannot parse
-        raise UserError(f"{path} is not a tokenizer.json the tokenizers library reads ({str(err)[:120]})") from None
-    return {"kind": "tokenizer.json", "path": str(path), "vocab_size": vocab}
+from train.data import DataConfig
+from train.tokenizer import TOKENIZER_FILE, read_tokenizer_file, save_tokenizer
 
 
 def import_folder(folder: Path, out: Path, seq_len: int | None = None, log=print) -> Path:
@@ -44,24 +32,24 @@ def import_folder(folder: Path, out: Path, seq_len: int | None = None, log=print
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder")
     hf = read_config(folder)
-    config = Config(model=model_config(hf, seq_len))
-    check_consistency(config)
+    model = model_config(hf, seq_len)
     if not (folder / TOKENIZER_FILE).is_file():
         raise UserError(f"{folder} has no {TOKENIZER_FILE} (the tokenizers library's format; tokenizer.model alone "
                         f"is not read)")
-    tokenizer = tokenizer_description(folder / TOKENIZER_FILE)
-    params = read_params(folder, config.model)
+    tokenizer = read_tokenizer_file(folder / TOKENIZER_FILE, key=str(folder / TOKENIZER_FILE))
+    check_consistency(Config(model=model, data=DataConfig(tokenizer=str(folder / TOKENIZER_FILE))))
+    params = read_params(folder, model)
 
     final = out.resolve()
+    config = Config(model=model, data=DataConfig(tokenizer=str(final / TOKENIZER_FILE)))  # the run's own copy
     tmp = final.with_name(f".{final.name}.importing-{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
-        shutil.copyfile(folder / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-        tokenizer["path"] = str(final / TOKENIZER_FILE)
+        save_tokenizer(tokenizer, tmp)
         source = {"path": str(folder.resolve()), **{key: hf[key] for key in TOKEN_IDS if hf.get(key) is not None}}
         store = CheckpointStore(tmp / "checkpoints", keep=1, async_save=False)
         try:
-            store.save(0, {"params": params}, build_metadata(config.to_dict(), 0, params, tokenizer,
+            store.save(0, {"params": params}, build_metadata(config.to_dict(), 0, params, tokenizer.describe(),
                                                               kind="imported", imported_from=source))
         finally:
             store.close()

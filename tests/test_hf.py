@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+from tokenizers import Tokenizer
 
 from checkpoints import hf_import
 from checkpoints.hf import model_config
-from checkpoints.hf_export import byte_tokenizer, export_run
+from checkpoints.hf_export import export_run
 from checkpoints.hf_import import import_folder
 from quant.config import QuantConfig
 from quant.serving import dequantize, quantized_weights
 from slm_jax import Transformer
 from slm_jax.errors import UserError
-from train.data import ByteTokenizer
 from train.ptq import convert_workdir
 from train.run import load_run
 
@@ -50,7 +50,10 @@ def test_imported_fixture_matches_transformers_logits(name, tmp_path):
     assert run.config.model.context == 128 and run.config.model.norm_eps == json.loads(
         (FIXTURES / name / "config.json").read_text())["rms_norm_eps"]
     assert (tmp_path / "run" / "tokenizer.json").read_bytes() == (FIXTURES / name / "tokenizer.json").read_bytes()
-    assert run.metadata["tokenizer"]["path"] == str((tmp_path / "run" / "tokenizer.json").resolve())
+    assert run.config.data.tokenizer == str((tmp_path / "run" / "tokenizer.json").resolve())
+    text = "to be or not to be, that is the question"
+    assert run.tokenizer.encode(text).tolist() == Tokenizer.from_file(str(FIXTURES / name / "tokenizer.json")).encode(
+        text).ids
     if name == "llama3_head_dim":  # the fixture pins the rope scaling and the head width: without them it differs
         assert run.config.model.head_dim == 16 and run.config.model.rope_scaling.factor == 8.0
         plain = dataclasses.replace(run.config.model, rope_scaling=None)
@@ -118,7 +121,7 @@ def test_import_export_import_is_bit_exact(name, dtype, tmp_path):
     export_run(tmp_path / "a", tmp_path / "hf", dtype, log=lambda _: None)
     import_folder(tmp_path / "hf", tmp_path / "b", log=lambda _: None)
     a, b = load_run(tmp_path / "a"), load_run(tmp_path / "b")
-    assert a.config == b.config
+    assert a.config.model == b.config.model and a.tokenizer.sha256 == b.tokenizer.sha256
     chex.assert_trees_all_equal(flat(a.variables), flat(b.variables))
     exported = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert exported["model_type"] == "llama" and exported["bos_token_id"] == 1
@@ -151,12 +154,3 @@ def test_a_serving_run_exports_its_dequantized_weights(tmp_path):
     import_folder(tmp_path / "hf", tmp_path / "back", log=lambda _: None)
     ids = np.load(FIXTURES / "gqa_tied" / "ids.npy")
     np.testing.assert_allclose(logits(load_run(tmp_path / "back"), ids), logits(served, ids), atol=1e-5, rtol=0)
-
-
-def test_byte_tokenizer_in_tokenizers_format_gives_the_byte_ids():
-    tokenizer = byte_tokenizer()
-    for text in ("ROMEO:\nBut soft!", "héllo — ✓ 日本語", " \t\n"):
-        ids = tokenizer.encode(text).ids
-        assert ids == ByteTokenizer().encode(text).tolist()
-        assert tokenizer.decode(ids) == text
-    assert tokenizer.get_vocab_size() == 256
