@@ -154,3 +154,21 @@ def test_a_serving_run_exports_its_dequantized_weights(tmp_path):
     import_folder(tmp_path / "hf", tmp_path / "back", log=lambda _: None)
     ids = np.load(FIXTURES / "gqa_tied" / "ids.npy")
     np.testing.assert_allclose(logits(load_run(tmp_path / "back"), ids), logits(served, ids), atol=1e-5, rtol=0)
+
+
+def test_qat_fine_tuning_starts_from_an_imported_model_without_repeating_its_shape(tmp_path):
+    from train.config import load_config
+    from train.loop import run_training
+    import_folder(FIXTURES / "gqa_tied", tmp_path / "run", log=lambda _: None)
+    imported = load_run(tmp_path / "run")
+    config = load_config("tiny", [f"train.init_from={tmp_path / 'run'}", "train.steps=2", "train.eval_batches=1",
+                                  "train.sample_tokens=0", "quant.mode=qat", "quant.weight_bits=8",
+                                  "checkpoint.every=2"])
+    assert config.model != imported.config.model  # tiny's own shape, as a user would type it
+    run_training(config, tmp_path / "qat", log=lambda _: None)
+    qat = load_run(tmp_path / "qat")
+    assert qat.config.model == dataclasses.replace(imported.config.model, seq_len=config.model.seq_len)
+    assert qat.tokenizer.sha256 == imported.tokenizer.sha256
+    before, after = flat(imported.variables["params"]), flat(qat.variables["params"])
+    assert before.keys() == after.keys() and all(before[k].shape == after[k].shape for k in before)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)  # it trained

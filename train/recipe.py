@@ -15,7 +15,7 @@ from train.build import build_model, build_optimizer, state_initializer
 from train.config import Config
 from train.data import check_inherited_tokenizer
 from train.lora_run import LoraBase, lora_initializer
-from train.run import check_resumable, load_params, open_lora_base, tokenizer_of
+from train.run import check_resumable, load_params, open_lora_base, tokenizer_of, with_model_of
 from train.sharding import (abstract_with_shardings, create_sharded_state, logical_axes, state_shardings,
                             tree_shardings)
 from train.steps import TrainState
@@ -25,6 +25,8 @@ class FullRecipe:
     """Every param trains; the checkpoint holds the whole TrainState."""
 
     def __init__(self, config: Config):
+        if config.train.init_from:  # the starting run's shape is the one source of truth (imported models too)
+            config = with_model_of(Path(config.train.init_from), config)
         self.config = config
         self.model = build_model(config)
         self.optimizer = build_optimizer(config)

@@ -19,7 +19,7 @@ from train.build import abstract_state, build_model
 from train.config import Config, save_yaml
 from train.lora_run import LoraBase, fingerprint, lora_initializer
 from train.steps import merge_variables
-from train.tokenizer import run_tokenizer, save_tokenizer
+from train.tokenizer import KINDS, TOKENIZER_FILE, run_tokenizer, save_tokenizer
 
 
 @dataclasses.dataclass
@@ -119,10 +119,36 @@ def open_lora_base(path: str | Path, key: str = "finetune.base") -> LoraBase:
     return LoraBase(Path(path).resolve(), run.step, fingerprint(run.variables), run.config, run.variables)
 
 
+TRAINING_FIELDS = ("seq_len", "dropout", "quantize_attention")  # model fields a run may choose for itself
+
+
+def with_model_of(workdir: Path, config: Config) -> Config:
+    """`config` with the model section of the run in `workdir` (read from its metadata, no arrays restored), except
+    the fields that only shape training (`TRAINING_FIELDS`: window, dropout, quantized attention), which stay
+    `config`'s; and, where `config` keeps the default byte tokenizer, that run's tokenizer. So a run started from
+    another (`train.init_from`: an imported model, a float parent) never repeats its shape or tokenizer by hand.
+    UserError if `workdir` is not a run."""
+    store = open_store(workdir)
+    try:
+        metadata = store.metadata()
+    finally:
+        store.close()
+    source = config_from_metadata(metadata, workdir).model
+    own = {name: getattr(config.model, name) for name in TRAINING_FIELDS}
+    config = dataclasses.replace(config, model=dataclasses.replace(source, **own))
+    tokenizer = run_tokenizer(workdir, metadata.get("tokenizer"))
+    if config.data.tokenizer == "byte" and tokenizer.kind != "byte":
+        asked = tokenizer.kind if tokenizer.kind in KINDS else str(Path(workdir) / TOKENIZER_FILE)
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=asked))
+    return config
+
+
 def load_params(workdir: Path, config: Config):
-    """Float (or QAT) params of another run, to start this one from (`train.init_from`)."""
+    """Float (or QAT) params of another run, to start this one from (`train.init_from`); UserError unless its
+    weights have this config's shapes (fields in `TRAINING_FIELDS` may differ)."""
     run = load_run(workdir)
-    if run.config.model != config.model:
+    own = {name: getattr(config.model, name) for name in TRAINING_FIELDS}
+    if dataclasses.replace(run.config.model, **own) != config.model:
         raise UserError(f"train.init_from={workdir} has a different model shape than this config "
                         f"(e.g. d_model {run.config.model.d_model} vs {config.model.d_model})")
     return run.variables["params"]
