@@ -1,18 +1,21 @@
 """`QuantConfig`: the `quant` section of the root config, and `QuantRule` per-layer overrides.
 
 A rule field left at `INHERIT` takes the section's value; `weight_bits: null` in a rule keeps that layer float.
+`scheme` picks the numerics: AQT's (any bits, scales as configured) or one of ggml's block formats (fixed).
 """
 from __future__ import annotations
 
 import dataclasses
 import re
 
+from quant import ggml
 from slm_jax.errors import UserError
 
 MODES = ("none", "qat", "serve")
 GRANULARITIES = ("per_channel", "per_group")
 NUMERICS = ("auto", "int", "fake")
-SCALE_DTYPES = ("float32", "bfloat16")
+SCALE_DTYPES = ("float32", "bfloat16", "float16")
+SCHEMES = ("aqt",) + ggml.SCHEMES
 BIT_WIDTHS = range(2, 9)  # what AQT's integer numerics support
 INHERIT = "inherit"
 
@@ -67,9 +70,13 @@ class QuantConfig:
     numerics: str = "auto"  # int (integer matmul) | fake (dequantize, then float matmul) | auto (fake on CPU)
     scale_dtype: str = "float32"  # dtype of the weight scales, as trained and as stored: float32 | bfloat16
     rules: tuple[QuantRule, ...] = ()
+    scheme: str = "aqt"  # aqt | ggml_q8_0 | ggml_q4_0 (llama.cpp's blocks of 32 weights, float16 scale each)
 
     def __post_init__(self):
         check_choice(self.mode, MODES, "quant.mode")
+        check_choice(self.scheme, SCHEMES, "quant.scheme")
+        if self.scheme in ggml.SCHEMES:
+            self._fix_ggml_fields()
         check_bits(self.weight_bits, "quant.weight_bits")
         check_bits(self.act_bits, "quant.act_bits")
         check_bits(self.embed_bits, "quant.embed_bits")
@@ -82,3 +89,26 @@ class QuantConfig:
         check_choice(self.scale_dtype, SCALE_DTYPES, "quant.scale_dtype")
         for i, rule in enumerate(self.rules):
             rule.validate(i)
+
+    def _fix_ggml_fields(self) -> None:
+        """A ggml scheme fixes the weights' bits, blocks and scale dtype: each such key may be left at its default
+        or set to the scheme's own value; the resolved config then holds the scheme's values."""
+        fixed = {"weight_bits": ggml.BITS[self.scheme], "granularity": "per_group", "group_size": ggml.BLOCK,
+                 "scale_dtype": "float16"}
+        for key, value in fixed.items():
+            default = QuantConfig.__dataclass_fields__[key].default
+            if getattr(self, key) not in (default, value):
+                raise UserError(f"quant.{key}: scheme {self.scheme} fixes it to {value!r}; remove the key, "
+                                f"got {getattr(self, key)!r}")
+            object.__setattr__(self, key, value)
+        for key in ("act_bits", "embed_bits", "bwd_bits"):
+            if getattr(self, key) is not None:
+                raise UserError(f"quant.{key} must be null with scheme {self.scheme} (weight-only ggml blocks; "
+                                f"the embedding table and gradients stay float), got {getattr(self, key)!r}")
+        for i, rule in enumerate(self.rules):
+            if rule.weight_bits not in (INHERIT, None, *ggml.BITS.values()):
+                raise UserError(f"quant.rules[{i}].weight_bits must be null (float), 8 (Q8_0) or 4 (Q4_0) with "
+                                f"scheme {self.scheme}, got {rule.weight_bits!r}")
+            if rule.act_bits not in (INHERIT, None) or (rule.granularity, rule.group_size) != (INHERIT, INHERIT):
+                raise UserError(f"quant.rules[{i}]: only match and weight_bits can be set with scheme {self.scheme} "
+                                f"(ggml fixes blocks of {ggml.BLOCK} weights and float activations)")

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from quant import ggml
 from quant.config import INHERIT, QuantConfig, QuantRule
 from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
@@ -55,6 +56,7 @@ class LayerPlan:
     bwd_bits: int | None
     kind: str = WEIGHT
     scale_dtype: str = "float32"  # of the weight's scales (AQT computes, trains with and stores them in it)
+    scheme: str = "aqt"  # aqt | ggml_q8_0 | ggml_q4_0: whose numerics quantize the weight (see quant.ggml)
 
 
 Plan = Mapping[Path, "LayerPlan | None"]  # ordered as the model runs; None keeps the layer float
@@ -123,6 +125,9 @@ def resolve_plan(quant_cfg: QuantConfig, layers: Sequence[LayerInfo],
             used[index] = True
         if layer.kind == EMBED:
             bits = quant_cfg.embed_bits if rule is None or rule.weight_bits == INHERIT else rule.weight_bits
+            if bits is not None and quant_cfg.scheme != "aqt":
+                raise UserError(f"quant.rules[{index}] quantizes the embedding table, which stays float with scheme "
+                                f"{quant_cfg.scheme}; make the rule's match skip {name}")
             if bits is not None and tied_embeddings:
                 raise UserError(f"{_key(index, rule, 'weight_bits') if rule else 'quant.embed_bits'}: a quantized "
                                 f"embedding table cannot be tied to the LM head; set model.tie_embeddings=false")
@@ -132,6 +137,9 @@ def resolve_plan(quant_cfg: QuantConfig, layers: Sequence[LayerInfo],
         weight_bits = _field(rule, quant_cfg, "weight_bits")
         if weight_bits is None:
             plan[layer.path] = None
+            continue
+        if quant_cfg.scheme != "aqt":
+            plan[layer.path] = None if layer.kind == ATTENTION else _ggml_plan(layer, weight_bits, index, rule)
             continue
         act_bits = _field(rule, quant_cfg, "act_bits")
         if layer.kind == ATTENTION:
@@ -153,6 +161,17 @@ def resolve_plan(quant_cfg: QuantConfig, layers: Sequence[LayerInfo],
     return plan
 
 
+def _ggml_plan(layer: LayerInfo, weight_bits: int, rule_index: int | None, rule: QuantRule | None) -> LayerPlan:
+    """A weight layer in one of ggml's block formats (8 bits: Q8_0, 4 bits: Q4_0), weight-only, float16 scales."""
+    if layer.in_features % ggml.BLOCK:
+        raise UserError(f"{path_str(layer.path)}: ggml blocks of {ggml.BLOCK} must divide its input width "
+                        f"({layer.in_features}); keep it float with a rule such as "
+                        f"{{match: {path_str(layer.path)}, weight_bits: null}}"
+                        + (f" (quant.rules[{rule_index}] matched it)" if rule is not None else ""))
+    scheme = next(name for name, bits in ggml.BITS.items() if bits == weight_bits)
+    return LayerPlan(weight_bits, None, "per_group", ggml.BLOCK, None, scale_dtype="float16", scheme=scheme)
+
+
 def make_plan(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> dict[Path, LayerPlan | None]:
     return resolve_plan(quant_cfg, model_layers(model_cfg), model_cfg.tie_embeddings)
 
@@ -164,6 +183,8 @@ def _describe(plan: LayerPlan | None) -> tuple[str, str, str, str]:
     if plan.kind == ATTENTION:  # no weights: both operands are activations
         return "-", f"int{plan.act_bits} (both)", "per_channel", grads
     acts = "float" if plan.act_bits is None else f"int{plan.act_bits}"
+    if plan.scheme != "aqt":
+        return plan.scheme.removeprefix("ggml_").upper(), acts, f"blocks({plan.group_size}, float16)", grads
     scales = f"per_group({plan.group_size})" if plan.granularity == "per_group" else "per_channel"
     return f"int{plan.weight_bits}", acts, scales, grads
 

@@ -18,6 +18,7 @@ from aqt.jax.v2 import tiled_dot_general
 from aqt.jax.v2.flax import aqt_flax
 from aqt.jax.v2.utils import QuantMode
 
+from quant import ggml
 from quant.config import QuantConfig
 from quant.embedding import ServedEmbedding
 from quant.hooks import HookContext, LayerHook, chain
@@ -85,14 +86,15 @@ def split_groups(x: jax.Array, kernel: jax.Array, group_size: int):
     return x, kernel, (((x.ndim - 2, x.ndim - 1), (0, 1)), ((), ()))
 
 
-def serve_dequantized(stored: dict, x: jax.Array, dimension_numbers, precision) -> jax.Array:
+def serve_dequantized(stored: dict, x: jax.Array, dimension_numbers, precision, dequant_dtype=None) -> jax.Array:
     """x @ W for a served weight-only per-group layer, W dequantized from AQT's frozen {"value": [groups, group_size,
-    out], "scale": [groups, 1, 1, out]} in the compute dtype, as the QAT forward computes it.
+    out], "scale": [groups, 1, 1, out]} in `dequant_dtype` (default: the compute dtype), as the QAT forward computes
+    it; ggml schemes dequantize in float32, as `quant.ggml.fake_quant`, then cast to the compute dtype.
 
     With fake numerics AQT's tiled form computes the same sum as `groups` batched matmuls plus a reduction, about
     10x slower on CPU than this single matmul (the same reason QAT splits groups by reshaping, see split_groups).
     """
-    kernel = dequantize_weight(stored["value"], stored["scale"], x.dtype)
+    kernel = dequantize_weight(stored["value"], stored["scale"], dequant_dtype or x.dtype).astype(x.dtype)
     return jax.lax.dot_general(x, kernel, dimension_numbers, precision)
 
 
@@ -112,7 +114,8 @@ class QuantDotGeneral(nn.Module):
 
     Only the weight (rhs) is frozen in CONVERT/SERVE; activations are always quantized on the fly (per token).
     Per-group scales use AQT's tiling, except for QAT with fake numerics, which nothing freezes: there the groups
-    are split by reshaping (`split_groups`), same numbers, much faster.
+    are split by reshaping (`split_groups`), same numbers, much faster. A ggml scheme's layer trains with
+    `quant.ggml.fake_quant` (not AQT) and serves its stored blocks dequantized, whatever the numerics.
     """
 
     layer_path: Path  # (`path` is taken by nn.Module)
@@ -126,6 +129,10 @@ class QuantDotGeneral(nn.Module):
         plan = self.plan
         if plan is None:
             def dot(x, w):
+                return jax.lax.dot_general(x, w, dimension_numbers, precision, preferred_element_type)
+        elif plan.scheme != "aqt" and self.quant_mode == QuantMode.TRAIN:
+            def dot(x, w):
+                w = ggml.fake_quant(w, plan.scheme).astype(w.dtype)
                 return jax.lax.dot_general(x, w, dimension_numbers, precision, preferred_element_type)
         else:
             rounding = plan.bwd_bits is not None and self.has_rng(NOISE_RNG)
@@ -143,15 +150,17 @@ class QuantDotGeneral(nn.Module):
                 rhs_scale_init=functools.partial(jnp.zeros, dtype=jnp.dtype(plan.scale_dtype)),  # serving template
                 name="aqt")
 
+            ggml_scheme = plan.scheme != "aqt"
             grouped_weights_only = (self.quant_mode == QuantMode.SERVE and plan.group_size is not None
-                                    and self.numerics == "fake" and plan.act_bits is None)
+                                    and (self.numerics == "fake" or ggml_scheme) and plan.act_bits is None)
 
             def dot(x, w):
                 if reshape:
                     return aqt(*split_groups(x, w, plan.group_size), precision)
                 y = aqt(x, w, dimension_numbers, precision)
                 if grouped_weights_only:  # the same numbers as one matmul; AQT's output is left unused (and DCE'd)
-                    return serve_dequantized(self.variables["aqt"]["aqt"]["qrhs"], x, dimension_numbers, precision)
+                    return serve_dequantized(self.variables["aqt"]["aqt"]["qrhs"], x, dimension_numbers, precision,
+                                             jnp.float32 if ggml_scheme else None)
                 return y
         return chain(self.hooks, HookContext(self.layer_path, plan, self), dot)(lhs, rhs)
 

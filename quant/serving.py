@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from aqt.jax.v2.utils import QuantMode
 
+from quant import ggml
 from quant.config import QuantConfig
 from quant.plan import ATTENTION, Path, Plan, kernel_name, make_plan, path_str
 from quant.provider import dequantize_weight, make_matmul
@@ -62,7 +63,7 @@ def convert(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, sample
     _, written = jax.jit(lambda p, t: model.apply({"params": p}, t, mutable=["aqt"]))(params, tokens)
     variables = {"params": strip_quantized_kernels(params, plan)}
     if written.get("aqt"):  # a plan with every layer float writes none (and restores none)
-        variables["aqt"] = written["aqt"]
+        variables["aqt"] = replace_quantized_weights(written["aqt"], ggml_blocks(params, plan))
     check_serving_variables(model_cfg, quant_cfg, variables)
     return variables
 
@@ -158,6 +159,22 @@ def replace_quantized_weights(aqt_vars: dict, weights: dict[Path, dict[str, Any]
         return out
 
     return walk(flax.core.unfreeze(aqt_vars), ())
+
+
+def ggml_blocks(params: dict, plan: Plan) -> dict[Path, dict[str, jax.Array]]:
+    """{layer: {"value", "scale"}} for the layers of `plan` in a ggml scheme: their float kernels [in, out] quantized
+    by `quant.ggml` (gguf's codes and scales exactly), in AQT's serving layout: value [in // 32, 32, out] int8 (Q8_0)
+    or int4 (Q4_0), scale [in // 32, 1, 1, out] float16."""
+    blocks = {}
+    for path, layer in plan.items():
+        if layer is not None and layer.scheme != "aqt":
+            kernel = params
+            for key in path + (kernel_name(path),):
+                kernel = kernel[key]
+            codes, scales = ggml.quantize(kernel, layer.scheme)
+            value_dtype = jnp.int4 if layer.weight_bits == 4 else jnp.int8
+            blocks[path] = {"value": codes.astype(value_dtype), "scale": scales[:, None, None, :]}
+    return blocks
 
 
 def dequantize(value, scale) -> np.ndarray:

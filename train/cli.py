@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from quant.config import QuantConfig
+from quant.config import SCALE_DTYPES, SCHEMES, QuantConfig
 from slm_jax.errors import UserError
 from train.config import read_yaml
 from train.config_loader import build
@@ -94,15 +94,20 @@ def main_guard(fn):
 
 
 def add_scheme_args(parser: argparse.ArgumentParser) -> None:
-    """--bits, --act-bits, --granularity, --group-size, --embed-bits, --scale-dtype, --rules: a serving scheme."""
+    """--scheme, --bits, --act-bits, --granularity, --group-size, --embed-bits, --scale-dtype, --rules: a serving
+    scheme."""
     group = parser.add_argument_group("quantization scheme (default: the scheme a QAT run trained with)")
+    group.add_argument("--scheme", choices=SCHEMES, help="aqt (default) or one of llama.cpp's block formats, which "
+                                                         "fix bits, blocks of 32 and float16 scales")
     group.add_argument("--bits", type=int_in(2, 8), help="weight bits, 2..8 (8 and 4 are the usual)")
-    group.add_argument("--act-bits", type=int_in(2, 8), help="also quantize activations to this many bits (default: float)")
+    group.add_argument("--act-bits", type=int_in(2, 8),
+                       help="also quantize activations to this many bits (default: float)")
     group.add_argument("--granularity", choices=("per_channel", "per_group"),
                        help="default: per_group for 4 bits or fewer, else per_channel")
     group.add_argument("--group-size", type=positive_int, default=32, help="input features per scale with per_group")
-    group.add_argument("--embed-bits", type=int_in(2, 8), help="also quantize the token embedding table (default: float)")
-    group.add_argument("--scale-dtype", choices=("float32", "bfloat16"), default="float32",
+    group.add_argument("--embed-bits", type=int_in(2, 8),
+                       help="also quantize the token embedding table (default: float)")
+    group.add_argument("--scale-dtype", choices=SCALE_DTYPES, default="float32",
                        help="dtype of the stored weight scales")
     group.add_argument("--rules", type=Path, help="YAML file with a list of per-layer rules (or a `rules:` key), "
                                                   "e.g. [{match: lm_head, weight_bits: null}]")
@@ -110,7 +115,13 @@ def add_scheme_args(parser: argparse.ArgumentParser) -> None:
 
 def scheme_from_args(args: argparse.Namespace) -> QuantConfig | None:
     """The serving QuantConfig the `add_scheme_args` flags describe, validated like the `quant` config section
-    (None when --bits is absent). UserError for a refinement without --bits or an invalid value."""
+    (None when --bits and --scheme are absent). UserError for a refinement without --bits or an invalid value."""
+    if args.scheme not in (None, "aqt"):
+        if (args.bits, args.act_bits, args.granularity, args.embed_bits) != (None,) * 4 or \
+                args.scale_dtype != "float32":
+            raise UserError(f"--scheme {args.scheme} fixes bits, blocks and scales: give only --rules with it")
+        values = {"mode": "serve", "scheme": args.scheme, "rules": read_rules(args.rules) if args.rules else []}
+        return build(QuantConfig, values, prefix="quant.")
     if args.bits is None:
         if (args.act_bits, args.granularity, args.rules, args.embed_bits) != (None,) * 4 or \
                 args.scale_dtype != "float32":
