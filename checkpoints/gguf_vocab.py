@@ -1,0 +1,67 @@
+"""Tokenizers as llama.cpp's byte-level BPE vocabulary (`tokenizer.ggml.model = gpt2`), so that llama.cpp turns text
+into the same ids as slm-jax: the byte tokenizer as the 256 GPT-2 byte symbols, a BPE `tokenizer.json` as its own
+vocabulary and merges.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from gguf import TokenType
+
+from slm_jax.errors import UserError
+
+
+def byte_symbols() -> list[str]:
+    """GPT-2's printable stand-in for each byte 0..255 (Radford et al. 2019, `bytes_to_unicode`): bytes that are
+    printable Latin-1 characters other than the space stand for themselves; the other 68 take the code points
+    256, 257, ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + extra)
+            extra += 1
+    return [symbols[byte] for byte in range(256)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+    """What GGUF's `tokenizer.ggml.*` keys hold: token strings by id, their TokenType, merges ("a b", by rank) and
+    llama.cpp's name for the pre-tokenizer (how text is split before merging)."""
+
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str
+
+
+def byte_vocab() -> Vocab:
+    """The byte tokenizer (id = byte value). llama.cpp refuses a byte-level BPE vocabulary without merges, so it
+    gets one that never applies in text: two NUL bytes, whose merged symbol is not a token (were it ever to apply,
+    llama.cpp would fall back to the bytes of the unknown symbol)."""
+    symbols = byte_symbols()
+    return Vocab(symbols, [TokenType.NORMAL] * 256, [f"{symbols[0]} {symbols[0]}"], "gpt-2")
+
+
+def bpe_vocab(tokenizer_json: dict) -> Vocab:
+    """A Hugging Face `tokenizer.json` of a byte-level BPE model (`model.type` BPE over GPT-2 byte symbols, with a
+    ByteLevel pre-tokenizer) as a Vocab; its added special tokens become CONTROL tokens. UserError for another
+    kind of tokenizer, which llama.cpp's gpt2 vocabulary cannot reproduce."""
+    model = tokenizer_json.get("model") or {}
+    if model.get("type") != "BPE":
+        raise UserError(f"tokenizer.json holds a {model.get('type')!r} model; GGUF export needs byte-level BPE")
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if not any(step.get("type") == "ByteLevel" for step in steps):
+        raise UserError(f"tokenizer.json pre-tokenizer {pre.get('type')!r} is not byte-level; llama.cpp's gpt2 "
+                        f"vocabulary would split text differently")
+    vocab: dict[str, int] = model["vocab"]
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise UserError("tokenizer.json vocabulary ids must be 0..n-1 without gaps")
+    tokens = sorted(vocab, key=vocab.get)
+    special = {added["content"] for added in tokenizer_json.get("added_tokens", []) if added.get("special")}
+    types = [TokenType.CONTROL if token in special else TokenType.NORMAL for token in tokens]
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
+    return Vocab(tokens, types, merges or byte_vocab().merges, "gpt-2")

@@ -1,0 +1,149 @@
+"""`python -m checkpoints.gguf_export` on real tiny runs, read back with gguf's own reader and dequantizer: served
+Q8_0/Q4_0 weights bit for bit, metadata, the rotary row permutation against an adjacent-pair RoPE, refusals."""
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as GGMLType
+
+from checkpoints import gguf as gguf_export_lib
+from checkpoints.gguf_export import main as export_main
+from checkpoints.gguf_vocab import byte_symbols
+from quant.config import QuantConfig, QuantRule
+from quant.serving import dequantize, quantized_weights
+from slm_jax.layers import apply_rope
+from train.config import load_config
+from train.loop import run_training
+from train.ptq import convert_workdir
+from train.run import load_run
+
+TINY = ("train.steps=8", "train.sample_tokens=0", "train.eval_every=1000", "checkpoint.every=8", "model.n_layers=1",
+        "model.n_kv_heads=1")
+MATRICES = {"attn_q": ("attn", "q"), "attn_k": ("attn", "k"), "attn_v": ("attn", "v"), "attn_output": ("attn", "o"),
+            "ffn_gate": ("mlp", "gate"), "ffn_up": ("mlp", "up"), "ffn_down": ("mlp", "down")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(f"SPEAKER{i % 7}:\nThe quick brown fox {i} jumps over the lazy dog.\n\n"
+                              for i in range(400)))
+    common = (*TINY, f"data.path={corpus}", f"data.cache_dir={root / 'cache'}")
+    quiet = dict(log=lambda *_: None)
+    run_training(load_config("tiny", common), root / "float", **quiet)
+    run_training(load_config("tiny", (*common, "quant.mode=qat", "quant.scheme=ggml_q4_0", "train.steps=4",
+                                      "checkpoint.every=4", f"train.init_from={root / 'float'}",
+                                      "quant.rules=[{match: lm_head, weight_bits: null}]")), root / "qat", **quiet)
+    for scheme in ("ggml_q8_0", "ggml_q4_0"):
+        convert_workdir(root / "float", root / scheme, QuantConfig(mode="serve", scheme=scheme), **quiet)
+    convert_workdir(root / "float", root / "aqt_int8", QuantConfig(mode="serve", weight_bits=8), **quiet)
+    return root
+
+
+def export(workdir, out, *extra):
+    export_main(["--workdir", str(workdir), "--out", str(out), *extra])
+    return {t.name: t for t in gguf.GGUFReader(out).tensors}
+
+
+def matrix(tensor) -> np.ndarray:
+    """A GGUF matrix as float32 [rows, cols], dequantized by gguf.quants."""
+    return gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(tensor.shape[::-1])
+
+
+def bits_of(x) -> np.ndarray:
+    return np.ascontiguousarray(x, np.float32).view(np.uint32)
+
+
+@pytest.mark.parametrize("scheme, ggml_type", [("ggml_q8_0", GGMLType.Q8_0), ("ggml_q4_0", GGMLType.Q4_0)])
+def test_serving_run_file_holds_the_served_weights_bit_for_bit(runs, tmp_path, scheme, ggml_type):
+    tensors = export(runs / scheme, tmp_path / "model.gguf")
+    run = load_run(runs / scheme)
+    cfg, stored = run.config.model, quantized_weights(run.variables["aqt"])
+    assert tensors["token_embd.weight"].tensor_type == GGMLType.F16
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == GGMLType.F32
+    for path, name in [(("lm_head",), "output.weight")] + [
+            (("layer_0", *sub), f"blk.0.{short}.weight") for short, sub in MATRICES.items()]:
+        assert tensors[name].tensor_type == ggml_type, name
+        served = dequantize(stored[path]["value"], stored[path]["scale"]).T  # [out, in]
+        rows = {"attn_q": cfg.n_heads, "attn_k": cfg.kv_heads}.get(name.split(".")[-2])
+        if rows is not None:
+            served = served[gguf_export_lib.rotary_rows(rows, cfg.head_dim)]
+        np.testing.assert_array_equal(bits_of(matrix(tensors[name])), bits_of(served), err_msg=name)
+
+
+def test_metadata_round_trips(runs, tmp_path):
+    export(runs / "float", tmp_path / "model.gguf", "--type", "f32")
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    value = lambda key: reader.fields[key].contents()
+    cfg = load_run(runs / "float").config.model
+    assert value("general.architecture") == "llama"
+    assert value("llama.context_length") == cfg.seq_len and value("llama.embedding_length") == cfg.d_model
+    assert value("llama.block_count") == 1 and value("llama.feed_forward_length") == cfg.hidden
+    assert value("llama.attention.head_count") == 2 and value("llama.attention.head_count_kv") == 1
+    assert value("llama.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.norm_eps)
+    assert value("llama.rope.freq_base") == cfg.rope_theta and value("llama.rope.dimension_count") == cfg.head_dim
+    assert value("tokenizer.ggml.model") == "gpt2" and value("tokenizer.ggml.tokens") == byte_symbols()
+    assert len(value("tokenizer.ggml.merges")) == 1
+    symbols = byte_symbols()
+    assert symbols[ord("A")] == "A" and symbols[ord(" ")] == "Ġ" and symbols[ord("\n")] == "Ċ"  # GPT-2's own symbols
+    tensors = {t.name: t for t in reader.tensors}
+    params = load_run(runs / "float").variables["params"]
+    np.testing.assert_array_equal(matrix(tensors["token_embd.weight"]), np.asarray(params["embed"]["embedding"]))
+    np.testing.assert_array_equal(matrix(tensors["blk.0.ffn_down.weight"]),
+                                  np.asarray(params["layer_0"]["mlp"]["down"]["kernel"]).T)
+
+
+def test_permuted_q_rows_under_adjacent_pair_rope_give_slm_jax_rotary_output(runs, tmp_path):
+    """llama.cpp's `llama` rotates pairs (2i, 2i+1) by pos * base^(-2i/d); on the exported rows that must equal
+    slm-jax's split-half rotation of the original q, row for row (an independent numpy reference of llama.cpp)."""
+    tensors = export(runs / "float", tmp_path / "model.gguf", "--type", "f32")
+    cfg = load_run(runs / "float").config.model
+    kernel = np.asarray(load_run(runs / "float").variables["params"]["layer_0"]["attn"]["q"]["kernel"])
+    x = np.random.default_rng(0).normal(size=(1, 5, cfg.d_model)).astype(np.float32)
+    positions = np.arange(5)
+    ours = np.asarray(apply_rope(jnp.asarray((x @ kernel).reshape(1, 5, cfg.n_heads, cfg.head_dim)),
+                                 jnp.asarray(positions)[None], cfg.rope_theta))
+    q = (x @ matrix(tensors["blk.0.attn_q.weight"]).T).reshape(1, 5, cfg.n_heads, cfg.head_dim // 2, 2)
+    angle = positions[:, None] * cfg.rope_theta ** (-2 * np.arange(cfg.head_dim // 2) / cfg.head_dim)
+    cos, sin = np.cos(angle)[None, :, None, :], np.sin(angle)[None, :, None, :]
+    theirs = np.stack([q[..., 0] * cos - q[..., 1] * sin, q[..., 0] * sin + q[..., 1] * cos], axis=-1)
+    rows = gguf_export_lib.rotary_rows(cfg.n_heads, cfg.head_dim)
+    np.testing.assert_allclose(theirs.reshape(1, 5, -1), ours.reshape(1, 5, -1)[..., rows], rtol=1e-5, atol=1e-5)
+
+
+def test_qat_run_quantizes_with_gguf_and_keeps_rule_layers_float(runs, tmp_path):
+    tensors = export(runs / "qat", tmp_path / "model.gguf")
+    params = load_run(runs / "qat").variables["params"]
+    assert tensors["output.weight"].tensor_type == GGMLType.F16  # the run's rule kept the LM head float
+    np.testing.assert_array_equal(np.asarray(tensors["blk.0.ffn_up.weight"].data), gguf.quants.quantize(
+        np.asarray(params["layer_0"]["mlp"]["up"]["kernel"]).T, GGMLType.Q4_0))
+
+
+@pytest.mark.parametrize("run, extra, message", [
+    ("aqt_int8", (), "AQT int8 per_channel weights, which have no ggml type"),
+    ("ggml_q4_0", ("--type", "q8_0"), "is written as q4_0"),
+    ("float", ("--type", "q5_1"), "--type must be one of"),
+])
+def test_refusals_are_one_line_and_leave_no_file(runs, tmp_path, capsys, run, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--workdir", str(runs / run), "--out", str(tmp_path / "model.gguf"), *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unmerged_lora_run_is_refused():
+    with pytest.raises(gguf_export_lib.UserError, match="merge them first"):
+        gguf_export_lib.check_kind("lora")
+
+
+def test_failed_write_leaves_no_partial_file(runs, tmp_path, monkeypatch):
+    def fail(self, **_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_main(["--workdir", str(runs / "float"), "--out", str(tmp_path / "model.gguf")])
+    assert list(tmp_path.iterdir()) == []
