@@ -1,0 +1,62 @@
+"""`python -m checkpoints.gguf_reference --workdir RUN --out ref.npz`: slm-jax's side of the llama.cpp check.
+
+Saves what `checkpoints.gguf_check` (run in a venv with llama-cpp-python and no jax) compares a GGUF file against:
+validation windows, slm-jax's logits on them, a text sample with its token ids, and slm-jax's decode speed.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from slm_jax.errors import UserError
+from train.bench.serving import decode_speed
+from train.cli import main_guard
+from train.data import ByteTokenizer, eval_batches, load_splits
+from train.run import load_run
+
+BATCH = 16  # windows per forward pass
+
+
+def reference(workdir: Path, windows: int, new_tokens: int) -> dict[str, np.ndarray]:
+    """{"inputs", "targets": int32 [windows, seq_len]; "logits": float32 [windows, seq_len, vocab]; "text": uint8
+    UTF-8 bytes of a validation sample; "text_ids": its token ids; "seq_len"; "decode_tokens_per_s" (batch 1)}."""
+    run = load_run(workdir)
+    cfg = run.config.model
+    tokenizer = ByteTokenizer()
+    splits = load_splits(run.config.data, tokenizer)
+    forward = jax.jit(lambda v, x: run.model.apply(v, x)[0])
+    inputs, targets, logits = [], [], []
+    for x, y in eval_batches(splits.val, min(BATCH, windows), cfg.seq_len, -(-windows // BATCH)):
+        inputs.append(x)
+        targets.append(y)
+        logits.append(np.asarray(forward(run.variables, x), np.float32))
+    text = tokenizer.decode(splits.val[:2000]).encode("utf-8")
+    speed = decode_speed(run, 1, min(new_tokens, cfg.seq_len // 2), reps=3)
+    return {"inputs": np.concatenate(inputs)[:windows].astype(np.int32),
+            "targets": np.concatenate(targets)[:windows].astype(np.int32),
+            "logits": np.concatenate(logits)[:windows], "text": np.frombuffer(text, np.uint8),
+            "text_ids": tokenizer.encode(text.decode("utf-8")).astype(np.int32), "seq_len": np.int32(cfg.seq_len),
+            "decode_tokens_per_s": np.float64(speed["decode_tokens_per_s"])}
+
+
+@main_guard
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m checkpoints.gguf_reference", description=__doc__)
+    parser.add_argument("--workdir", type=Path, required=True, help="the run the GGUF files were exported from")
+    parser.add_argument("--out", type=Path, required=True, help="the .npz file to write")
+    parser.add_argument("--windows", type=int, default=64, help="validation windows of seq_len tokens")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded when timing slm-jax")
+    args = parser.parse_args(argv)
+    if args.windows <= 0 or args.new_tokens <= 0:
+        raise UserError("--windows and --new-tokens must be positive")
+    arrays = reference(args.workdir, args.windows, args.new_tokens)
+    np.savez(args.out, **arrays)
+    print(f"wrote {args.out}: {len(arrays['inputs'])} windows of {int(arrays['seq_len'])} tokens; slm-jax decode "
+          f"{float(arrays['decode_tokens_per_s']):,.0f} tokens/s at batch 1")
+
+
+if __name__ == "__main__":
+    main()
