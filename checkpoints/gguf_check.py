@@ -31,9 +31,23 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def load(path: Path, n_ctx: int, threads: int) -> llama_cpp.Llama:
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                           n_threads=threads, n_threads_batch=threads, verbose=False)
+def load(path: Path, n_ctx: int, threads: int, repack: bool) -> llama_cpp.Llama:
+    """The model in llama.cpp's CPU backend. repack=False turns off its extra buffer types (weights repacked for
+    AMX / AVX512 kernels; the AMX path crashes on these small Q8_0/Q4_0 models in llama.cpp as of 0.3.36), which
+    llama-cpp-python does not expose, so its default model params are wrapped."""
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        model_params = default_params()
+        model_params.use_extra_bufts = repack
+        return model_params
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                               n_threads=threads, n_threads_batch=threads, verbose=False)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default_params
 
 
 def window_logits(llm: llama_cpp.Llama, tokens: np.ndarray) -> np.ndarray:
@@ -58,9 +72,9 @@ def decode_speed(llm: llama_cpp.Llama, prompt: np.ndarray, new_tokens: int, reps
     return statistics.median(rates)
 
 
-def check_file(path: Path, ref: dict, threads: int) -> dict:
+def check_file(path: Path, ref: dict, threads: int, repack: bool) -> dict:
     seq_len = int(ref["seq_len"])
-    llm = load(path, seq_len, threads)
+    llm = load(path, seq_len, threads, repack)
     text_ids = llm.tokenize(ref["text"].tobytes(), add_bos=False, special=False)
     ref_logits, targets = ref["logits"], ref["targets"]
     max_diff, kl, top1, nll, ours_nll = 0.0, [], [], [], []
@@ -113,6 +127,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reference", type=Path, help="the .npz written by python -m checkpoints.gguf_reference")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repack", action="store_true", help="let llama.cpp repack weights for AMX/AVX512 kernels")
     parser.add_argument("--llama-quantize", nargs=2, type=Path, metavar=("SRC", "DST"),
                         help="quantize SRC with llama.cpp's own quantizer into DST instead of checking")
     parser.add_argument("--type", choices=sorted(FTYPES), default="q4_0", help="with --llama-quantize")
@@ -132,7 +147,7 @@ def main(argv=None) -> None:
         if not path.is_file():
             parser.error(f"{path} does not exist")
     ref = dict(np.load(args.reference))
-    rows = [check_file(path, ref, args.threads) for path in args.files]
+    rows = [check_file(path, ref, args.threads, args.repack) for path in args.files]
     print(f"llama.cpp via llama-cpp-python {llama_cpp.__version__}; {len(ref['inputs'])} validation windows of "
           f"{int(ref['seq_len'])} tokens")
     print(format_rows(rows))
