@@ -11,27 +11,23 @@ import time
 from pathlib import Path
 
 from checkpoints.gguf import check_exportable, check_kind, export_type, gguf_tensors, write_gguf
-from checkpoints.gguf_vocab import Vocab, bpe_vocab, byte_vocab
+from checkpoints.gguf_vocab import Vocab, bpe_vocab, byte_vocab, pad_vocab
 from slm_jax.errors import UserError
 from train.cli import main_guard
-from train.run import load_run, open_store
-
-TOKENIZER_FILE = "tokenizer.json"  # a BPE run's tokenizer, in Hugging Face tokenizers' format, in its workdir
+from train.run import load_run, open_store, tokenizer_of
 
 
-def run_vocab(workdir: Path, tokenizer: dict) -> Vocab:
-    """The vocabulary of a run from its checkpoint's tokenizer description: bytes, or the BPE `tokenizer.json`
-    kept in the workdir. UserError for a tokenizer llama.cpp cannot reproduce."""
-    kind = tokenizer.get("kind")
-    if kind == "byte":
+def run_vocab(workdir: Path) -> Vocab:
+    """The vocabulary of the run in `workdir`, from its own tokenizer (`train.run.tokenizer_of`: bytes, or the
+    tokenizer.json kept in the workdir, checked against the sha256 its checkpoints record). UserError for a run
+    without a tokenizer or one llama.cpp's byte-level BPE cannot reproduce."""
+    tokenizer = tokenizer_of(workdir)
+    if tokenizer.kind == "byte":
         return byte_vocab()
-    path = Path(workdir) / TOKENIZER_FILE
-    if not path.is_file():
-        raise UserError(f"{workdir}: a {kind!r} tokenizer needs its {TOKENIZER_FILE} in the workdir for GGUF export")
-    try:
-        return bpe_vocab(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-        raise UserError(f"{path} is not a usable tokenizer.json ({err})") from None
+    if tokenizer.kind == "none":
+        raise UserError(f"{workdir} was trained on pre-tokenized ids without a tokenizer; GGUF export needs one "
+                        f"(llama.cpp reads text)")
+    return bpe_vocab(json.loads(tokenizer.to_json()))
 
 
 def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, log=print) -> Path:
@@ -48,14 +44,14 @@ def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, 
         store.close()
     kind = metadata.get("kind") or "train"
     check_kind(kind)  # before a LoRA run's base would be read
-    vocab = run_vocab(workdir, metadata.get("tokenizer") or {})
+    vocab = run_vocab(workdir)
     start = time.perf_counter()
     run = load_run(workdir)
     config = run.config
     out_type = export_type(kind, config.quant, requested_type)
     check_exportable(config.model, config.quant, out_type)
     tensors = gguf_tensors(config.model, config.quant, run.variables, kind, out_type)
-    write_gguf(out, config.model, tensors, vocab, out_type, name=workdir.resolve().name)
+    write_gguf(out, config.model, tensors, pad_vocab(vocab, config.model.vocab_size), out_type, name=workdir.resolve().name)
     log(f"wrote {out} ({out_type}, {out.stat().st_size:,} bytes, {len(tensors)} tensors) from {workdir} "
         f"(step {run.step}, {kind}) in {time.perf_counter() - start:.1f}s")
     return out

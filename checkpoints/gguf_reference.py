@@ -14,7 +14,7 @@ import numpy as np
 from slm_jax.errors import UserError
 from train.bench.serving import decode_speed
 from train.cli import main_guard
-from train.data import ByteTokenizer, eval_batches, load_splits
+from train.data import eval_batches, load_splits
 from train.run import load_run
 
 BATCH = 16  # windows per forward pass
@@ -22,10 +22,11 @@ BATCH = 16  # windows per forward pass
 
 def reference(workdir: Path, windows: int, new_tokens: int) -> dict[str, np.ndarray]:
     """{"inputs", "targets": int32 [windows, seq_len]; "logits": float32 [windows, seq_len, vocab]; "text": uint8
-    UTF-8 bytes of a validation sample; "text_ids": its token ids; "seq_len"; "decode_tokens_per_s" (batch 1)}."""
+    UTF-8 bytes of a validation sample; "text_ids": its ids under the run's own tokenizer; "seq_len";
+    "decode_tokens_per_s" (batch 1)}."""
     run = load_run(workdir)
     cfg = run.config.model
-    tokenizer = ByteTokenizer()
+    tokenizer = run.tokenizer  # the run's own (bytes, or its tokenizer.json), as the GGUF file's vocabulary
     splits = load_splits(run.config.data, tokenizer)
     forward = jax.jit(lambda v, x: run.model.apply(v, x)[0])
     inputs, targets, logits = [], [], []

@@ -54,9 +54,11 @@ def bpe_vocab(tokenizer_json: dict) -> Vocab:
         raise UserError(f"tokenizer.json holds a {model.get('type')!r} model; GGUF export needs byte-level BPE")
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    if not any(step.get("type") == "ByteLevel" for step in steps):
-        raise UserError(f"tokenizer.json pre-tokenizer {pre.get('type')!r} is not byte-level; llama.cpp's gpt2 "
-                        f"vocabulary would split text differently")
+    byte_level = [step for step in steps if step.get("type") == "ByteLevel"]
+    if len(steps) != 1 or not byte_level or not byte_level[0].get("use_regex", True) \
+            or byte_level[0].get("add_prefix_space") or tokenizer_json.get("normalizer"):
+        raise UserError("tokenizer.json must split text as GPT-2 does (a lone ByteLevel pre-tokenizer with its regex, "
+                        "no prefix space, no normalizer); llama.cpp's gpt-2 pre-tokenizer would split it differently")
     vocab: dict[str, int] = model["vocab"]
     if sorted(vocab.values()) != list(range(len(vocab))):
         raise UserError("tokenizer.json vocabulary ids must be 0..n-1 without gaps")
@@ -65,3 +67,13 @@ def bpe_vocab(tokenizer_json: dict) -> Vocab:
     types = [TokenType.CONTROL if token in special else TokenType.NORMAL for token in tokens]
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
     return Vocab(tokens, types, merges or byte_vocab().merges, "gpt-2")
+
+
+def pad_vocab(vocab: Vocab, size: int) -> Vocab:
+    """`vocab` with UNUSED tokens "[PAD{id}]" appended up to `size` ids, as llama.cpp's converters pad a model whose
+    embedding has more rows than its tokenizer has tokens. UserError when the tokenizer has more than `size`."""
+    if len(vocab.tokens) > size:
+        raise UserError(f"the tokenizer has {len(vocab.tokens)} tokens but model.vocab_size is {size}")
+    pads = range(len(vocab.tokens), size)
+    return dataclasses.replace(vocab, tokens=[*vocab.tokens, *(f"[PAD{i}]" for i in pads)],
+                               types=[*vocab.types, *([TokenType.UNUSED] * len(pads))])

@@ -1,6 +1,11 @@
 """`python -m checkpoints.gguf_export` on real tiny runs, read back with gguf's own reader and dequantizer: served
-Q8_0/Q4_0 weights bit for bit, metadata, the rotary row permutation against an adjacent-pair RoPE, refusals."""
+Q8_0/Q4_0 weights bit for bit, metadata, a BPE run's vocabulary and merges, the rotary row permutation against an
+adjacent-pair RoPE, refusals. Where llama-cpp-python is importable (extra coverage): llama.cpp's tokenization and
+logits of the exported files against slm-jax's."""
+import json
+
 import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,7 +13,7 @@ from gguf import GGMLQuantizationType as GGMLType
 
 from checkpoints import gguf as gguf_export_lib
 from checkpoints.gguf_export import main as export_main
-from checkpoints.gguf_vocab import byte_symbols
+from checkpoints.gguf_vocab import bpe_vocab, byte_symbols
 from quant.config import QuantConfig, QuantRule
 from quant.serving import dequantize, quantized_weights
 from slm_jax.layers import apply_rope
@@ -38,6 +43,8 @@ def runs(tmp_path_factory):
     for scheme in ("ggml_q8_0", "ggml_q4_0"):
         convert_workdir(root / "float", root / scheme, QuantConfig(mode="serve", scheme=scheme), **quiet)
     convert_workdir(root / "float", root / "aqt_int8", QuantConfig(mode="serve", weight_bits=8), **quiet)
+    run_training(load_config("tiny", (*common, "data.tokenizer=bpe", "data.vocab_size=300", "model.vocab_size=320")),
+                 root / "bpe", **quiet)  # embedding rows beyond the tokenizer's ids: padded in the GGUF vocabulary
     return root
 
 
@@ -94,6 +101,30 @@ def test_metadata_round_trips(runs, tmp_path):
                                   np.asarray(params["layer_0"]["mlp"]["down"]["kernel"]).T)
 
 
+def test_bpe_run_exports_its_tokenizer_json_vocabulary_and_merges(runs, tmp_path):
+    export(runs / "bpe", tmp_path / "model.gguf", "--type", "f32")
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    value = lambda key: reader.fields[key].contents()
+    model = json.loads((runs / "bpe" / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    vocab, merges = model["vocab"], [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    tokens = value("tokenizer.ggml.tokens")
+    assert len(tokens) == 320 and len(vocab) == load_run(runs / "bpe").tokenizer.vocab_size < 320
+    assert tokens[:len(vocab)] == sorted(vocab, key=vocab.get) and value("tokenizer.ggml.merges") == merges
+    assert len(merges) == len(vocab) - 256 > 0  # one merge per token beyond the byte alphabet
+    types = value("tokenizer.ggml.token_type")
+    assert set(types[:len(vocab)]) == {gguf.TokenType.NORMAL} and set(types[len(vocab):]) == {gguf.TokenType.UNUSED}
+    assert value("tokenizer.ggml.pre") == "gpt-2"
+
+
+@pytest.mark.parametrize("pre_tokenizer", [{"type": "Whitespace"},
+                                           {"type": "ByteLevel", "add_prefix_space": True, "use_regex": True},
+                                           {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}])
+def test_tokenizer_json_llama_cpp_would_split_differently_is_refused(pre_tokenizer):
+    tokenizer = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "pre_tokenizer": pre_tokenizer}
+    with pytest.raises(gguf_export_lib.UserError, match="split text as GPT-2 does"):
+        bpe_vocab(tokenizer)
+
+
 def test_permuted_q_rows_under_adjacent_pair_rope_give_slm_jax_rotary_output(runs, tmp_path):
     """llama.cpp's `llama` rotates pairs (2i, 2i+1) by pos * base^(-2i/d); on the exported rows that must equal
     slm-jax's split-half rotation of the original q, row for row (an independent numpy reference of llama.cpp)."""
@@ -147,3 +178,24 @@ def test_failed_write_leaves_no_partial_file(runs, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         export_main(["--workdir", str(runs / "float"), "--out", str(tmp_path / "model.gguf")])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("run", ["float", "bpe"])
+def test_llama_cpp_tokenizes_and_computes_as_slm_jax(runs, tmp_path, run):
+    """Extra coverage where llama-cpp-python is importable: the exported F32 file in llama.cpp turns text into the
+    run's own token ids and gives slm-jax's logits (float32 both sides; llama.cpp sums in another order)."""
+    pytest.importorskip("llama_cpp")
+    from checkpoints.gguf_check import load  # needs llama_cpp, so only past the skip
+
+    export(runs / run, tmp_path / "model.gguf", "--type", "f32")
+    loaded = load_run(runs / run)
+    text = "SPEAKER3:\nThe quick brown fox 17 jumps over the lazy dog. Ünïcode, tabs\tand  spaces.\n"
+    ids = [int(i) for i in loaded.tokenizer.encode(text)]
+    llm = load(tmp_path / "model.gguf", n_ctx=loaded.config.model.seq_len, threads=1, repack=False)
+    assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == ids
+    window = np.asarray(ids[:loaded.config.model.seq_len], np.int32)
+    ours = np.asarray(jax.jit(loaded.model.apply)(loaded.variables, window[None])[0][0], np.float32)
+    llm.eval([int(t) for t in window])
+    theirs = np.array(llm.scores[:len(window)], np.float32)
+    np.testing.assert_allclose(theirs, ours, atol=2e-3)
+    assert (theirs.argmax(-1) == ours.argmax(-1)).all()
