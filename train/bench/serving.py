@@ -30,19 +30,25 @@ RUNTIME_ONLY = "import jax.numpy as jnp, train.generate; jnp.zeros(1).block_unti
 
 def decode_speed(run, batch: int, new_tokens: int, reps: int) -> dict:
     """Prefill of a seq_len/2 prompt, timed alone, and `generate` (prefill + new_tokens decode steps, sampling
-    at temperature 0.8, top-k 40 as train.generate does); decode tokens/s = batch * new_tokens / (generate - prefill).
-    """
+    at temperature 0.8, top-k 40 as train.generate does). Decode seconds = generate with `new_tokens` minus the same
+    generate with none (the prompt's prefill and first sample), each the fastest of `reps` runs after compilation
+    (`time.perf_counter`, a monotonic clock): the least disturbed by other processes on a shared machine.
+    decode tokens/s = batch * new_tokens / decode seconds. UserError when the difference is not positive (too few
+    new tokens to resolve), rather than a meaningless rate."""
     model, variables, cfg = run.model, run.variables, run.config.model
     prompt_len = max(1, cfg.seq_len // 2)
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
     prefill = jax.jit(lambda v, p: model.apply(v, p, cache=KVCache.init(cfg, p.shape[0], model.dtype)))
     rng = jax.random.PRNGKey(0)
-    first_prefill = timed(lambda: prefill(variables, prompt))
-    first_generate = timed(lambda: generate(model, variables, prompt, rng, new_tokens, 0.8, 40))
-    prefill_s = statistics.median(timed(lambda: prefill(variables, prompt)) for _ in range(reps))
-    generate_s = statistics.median(timed(lambda: generate(model, variables, prompt, rng, new_tokens, 0.8, 40))
-                                   for _ in range(reps))
-    decode_s = max(generate_s - prefill_s, 1e-9)
+    run_prefill = lambda: prefill(variables, prompt)
+    run_generate = lambda n: lambda: generate(model, variables, prompt, rng, n, 0.8, 40)
+    first_prefill, first_generate, _ = timed(run_prefill), timed(run_generate(new_tokens)), timed(run_generate(0))
+    prefill_s = min(timed(run_prefill) for _ in range(reps))
+    generate_s = min(timed(run_generate(new_tokens)) for _ in range(reps))
+    decode_s = generate_s - min(timed(run_generate(0)) for _ in range(reps))
+    if decode_s <= 0:
+        raise UserError(f"decode of {new_tokens} new tokens took no measurable time beyond the prefill; measure "
+                        f"more new tokens")
     return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "first_prefill_s": first_prefill,
             "first_generate_s": first_generate, "prefill_s": prefill_s, "generate_s": generate_s,
             "prefill_tokens_per_s": batch * prompt_len / prefill_s,
@@ -127,7 +133,7 @@ def measure_serving(quality: dict, work: Path, batches, new_tokens: int, reps: i
             r.update(measured[r["name"]])
             r["rss_command"] = (f"/usr/bin/time -v python -m train.generate --workdir {shlex.quote(r['workdir'])} "
                                 f"--max-new-tokens {new_tokens}")
-    return {"how": f"tokens/s after compilation, median of {reps}; prompt seq_len/2 random tokens; decode "
+    return {"how": f"tokens/s after compilation, fastest of {reps}; prompt seq_len/2 random tokens; decode "
                    f"{new_tokens} new tokens with the KV cache (slm_jax.sampling.generate)",
             "runtime_rss": {**measured["runtime"], "command": f"python -c {shlex.quote(RUNTIME_ONLY)}"},
             "rows": rows}
