@@ -51,7 +51,8 @@ def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, 
     out_type = export_type(kind, config.quant, requested_type)
     check_exportable(config.model, config.quant, out_type)
     tensors = gguf_tensors(config.model, config.quant, run.variables, kind, out_type)
-    write_gguf(out, config.model, tensors, pad_vocab(vocab, config.model.vocab_size), out_type, name=workdir.resolve().name)
+    vocab = pad_vocab(vocab, config.model.vocab_size)
+    write_gguf(out, config.model, tensors, vocab, out_type, name=workdir.resolve().name)
     log(f"wrote {out} ({out_type}, {out.stat().st_size:,} bytes, {len(tensors)} tensors) from {workdir} "
         f"(step {run.step}, {kind}) in {time.perf_counter() - start:.1f}s")
     return out
