@@ -20,6 +20,7 @@ from quant.config import QuantConfig
 from quant.plan import LayerPlan, Path as LayerPath, make_plan
 from quant.serving import quantized_weights
 from slm_jax.config import ModelConfig
+from slm_jax.layers import rope_frequencies
 from slm_jax.errors import UserError
 
 ARCH = gguf.MODEL_ARCH.LLAMA
@@ -140,9 +141,20 @@ def gguf_tensors(model_cfg: ModelConfig, quant_cfg: QuantConfig, variables: dict
             tensors.append((tensor_name(tensor, block), *matrix((prefix, *sub), rows)))
     tensors.append((tensor_name(MODEL_TENSOR.OUTPUT_NORM), _node(params, ("final_norm", "scale")).astype(np.float32),
                     GGMLType.F32))
+    if model_cfg.rope_scaling is not None:
+        tensors.append((tensor_name(MODEL_TENSOR.ROPE_FREQS), rope_factors(model_cfg), GGMLType.F32))
     if not model_cfg.tie_embeddings:  # a tied head is llama.cpp's default: no output tensor, token_embd reused
         tensors.append((tensor_name(MODEL_TENSOR.OUTPUT), *matrix(("lm_head",))))
     return tensors
+
+
+def rope_factors(model_cfg: ModelConfig) -> np.ndarray:
+    """llama.cpp's `rope_freqs` tensor [head_dim // 2] (float32): the divisor of each rotary frequency, i.e. the
+    plain frequency over the scaled one that slm-jax computes (`slm_jax.layers.rope_frequencies` with Llama 3.1
+    scaling), so llama.cpp rotates by exactly slm-jax's angles."""
+    plain = np.asarray(rope_frequencies(model_cfg.head_dim, model_cfg.rope_theta), np.float32)
+    scaled = np.asarray(rope_frequencies(model_cfg.head_dim, model_cfg.rope_theta, model_cfg.rope_scaling), np.float32)
+    return plain / scaled
 
 
 def check_exportable(model_cfg: ModelConfig, quant_cfg: QuantConfig, out_type: str) -> None:
@@ -172,7 +184,7 @@ def write_gguf(out: Path, model_cfg: ModelConfig, tensors, vocab: Vocab, out_typ
         writer.add_file_type(FILE_TYPES[out_type])
         if out_type in ("q8_0", "q4_0"):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_context_length(model_cfg.seq_len)
+        writer.add_context_length(model_cfg.context)
         writer.add_embedding_length(model_cfg.d_model)
         writer.add_block_count(model_cfg.n_layers)
         writer.add_feed_forward_length(model_cfg.hidden)
@@ -181,6 +193,9 @@ def write_gguf(out: Path, model_cfg: ModelConfig, tensors, vocab: Vocab, out_typ
         writer.add_layer_norm_rms_eps(model_cfg.norm_eps)
         writer.add_rope_freq_base(model_cfg.rope_theta)
         writer.add_rope_dimension_count(model_cfg.head_dim)
+        if model_cfg.head_dim * model_cfg.n_heads != model_cfg.d_model:  # llama.cpp assumes d_model / n_heads
+            writer.add_key_length(model_cfg.head_dim)
+            writer.add_value_length(model_cfg.head_dim)
         writer.add_vocab_size(model_cfg.vocab_size)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(vocab.pre)

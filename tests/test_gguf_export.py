@@ -199,3 +199,27 @@ def test_llama_cpp_tokenizes_and_computes_as_slm_jax(runs, tmp_path, run):
     theirs = np.array(llm.scores[:len(window)], np.float32)
     np.testing.assert_allclose(theirs, ours, atol=2e-3)
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
+
+
+def test_head_width_and_llama3_rope_scaling_are_written_as_llama_cpp_reads_them(tmp_path):
+    import flax.linen as nn
+    from slm_jax import ModelConfig, Transformer
+    from slm_jax.config import RopeScaling
+    from checkpoints.gguf_vocab import byte_vocab
+    scaling = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+    cfg = ModelConfig(vocab_size=256, seq_len=16, max_context=512, n_layers=1, n_heads=2, n_kv_heads=1, d_model=32,
+                      head_size=24, rope_theta=500000.0, rope_scaling=scaling)
+    params = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), np.zeros((1, 4), np.int32)))["params"]
+    tensors = gguf_export_lib.gguf_tensors(cfg, QuantConfig(), {"params": params}, "train", "f32")
+    gguf_export_lib.write_gguf(tmp_path / "m.gguf", cfg, tensors, byte_vocab(), "f32", "probe")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    value = lambda key: reader.fields[key].contents()
+    assert value("llama.context_length") == 512
+    assert value("llama.attention.key_length") == 24 and value("llama.attention.value_length") == 24
+    factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
+    inv_freq = 1.0 / 500000.0 ** (np.arange(0, 24, 2) / 24)  # float64 reference of Llama 3.1's scaling
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
+    expected = np.where(wavelen < 64 / 4.0, 1.0, np.where(wavelen > 64 / 1.0, 8.0, 1 / ((1 - smooth) / 8.0 + smooth)))
+    np.testing.assert_allclose(factors, expected, rtol=1e-5)
+    assert factors[0] == 1.0 and factors[-1] == pytest.approx(8.0)
