@@ -14,7 +14,7 @@ from pathlib import Path
 from checkpoints.hf import TOKEN_IDS, model_config, read_config, read_params
 from checkpoints.manager import CheckpointStore, build_metadata, param_count
 from slm_jax.errors import UserError
-from train.cli import main_guard
+from train.cli import main_guard, positive_int
 from train.config import Config, check_consistency, save_yaml
 from train.data import DataConfig
 from train.tokenizer import TOKENIZER_FILE, read_tokenizer_file, save_tokenizer
@@ -68,7 +68,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m checkpoints.hf_import", description=__doc__.split("\n\n")[0])
     parser.add_argument("hf_dir", type=Path, help="a local Hugging Face model folder of the Llama architecture")
     parser.add_argument("--out", type=Path, required=True, help="the new run's folder, e.g. runs/smollm2")
-    parser.add_argument("--seq-len", type=int, help="training window (default: min(max_position_embeddings, 512))")
+    parser.add_argument("--seq-len", type=positive_int, help="training window (default: min(max_position_embeddings, 512))")
     args = parser.parse_args(argv)
     if args.seq_len is not None and args.seq_len <= 0:
         raise UserError("--seq-len must be a positive integer")
