@@ -18,10 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 
-FTYPES = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}
+try:  # the optional `llamacpp` extra: without it --help still works and a check says what to install
+    import llama_cpp
+except ImportError:
+    llama_cpp = None
+
+FTYPE_NAMES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # llama_cpp constants
 GGML_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8}  # ggml_type ids (ggml.h), for the per-tensor overrides
 
 
@@ -100,7 +104,7 @@ def llama_quantize(source: Path, dest: Path, type_name: str, token_embd: str, ou
     """Quantize `source` (an F16/F32 GGUF) to `type_name` with llama.cpp's own quantizer (llama_model_quantize),
     the token table as `token_embd` and the output matrix as `output` (so the mix of types can match ours)."""
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[type_name]
+    params.ftype = getattr(llama_cpp, FTYPE_NAMES[type_name])
     params.nthread = threads
     params.token_embedding_type = GGML_TYPES[token_embd]
     params.output_tensor_type = GGML_TYPES[output]
@@ -130,10 +134,13 @@ def main(argv=None) -> None:
     parser.add_argument("--repack", action="store_true", help="let llama.cpp repack weights for AMX/AVX512 kernels")
     parser.add_argument("--llama-quantize", nargs=2, type=Path, metavar=("SRC", "DST"),
                         help="quantize SRC with llama.cpp's own quantizer into DST instead of checking")
-    parser.add_argument("--type", choices=sorted(FTYPES), default="q4_0", help="with --llama-quantize")
+    parser.add_argument("--type", choices=sorted(FTYPE_NAMES), default="q4_0", help="with --llama-quantize")
     parser.add_argument("--token-embd", choices=sorted(GGML_TYPES), default="f16", help="with --llama-quantize")
     parser.add_argument("--output", choices=sorted(GGML_TYPES), help="with --llama-quantize (default: --type)")
     args = parser.parse_args(argv)
+    if llama_cpp is None:
+        parser.exit(2, "error: python -m checkpoints.gguf_check needs llama-cpp-python: pip install "
+                       "'slm-jax[llamacpp]' in a virtualenv of its own (it builds llama.cpp)\n")
     if args.llama_quantize:
         source, dest = args.llama_quantize
         if not source.is_file():

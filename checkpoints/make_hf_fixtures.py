@@ -24,9 +24,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+try:  # the optional `reference` extra: without it --help still works and a run says what to install
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+except ImportError:
+    torch = None
 
 VOCAB = 300
 SEQ = 32
@@ -34,14 +38,14 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden
               initializer_range=0.1, bos_token_id=1, eos_token_id=2)
 FIXTURES = {
     # name: (LlamaConfig overrides, dtype of the saved weights, shard size or None)
-    "gqa_tied": (dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True), torch.float32, None),
+    "gqa_tied": (dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True), "float32", None),
     "llama3_head_dim": (dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False,
                              rms_norm_eps=1e-5, rope_scaling={"rope_type": "llama3", "factor": 8.0,
                                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                               "original_max_position_embeddings": 64}),
-                        torch.float32, None),
+                        "float32", None),
     "bf16_sharded": (dict(num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False),
-                     torch.bfloat16, "40KB"),
+                     "bfloat16", "40KB"),
 }
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=8192,
@@ -72,7 +76,7 @@ def tiny_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def randomize_norms(model: LlamaForCausalLM, generator: torch.Generator) -> None:
+def randomize_norms(model, generator) -> None:
     """RMSNorm weights start at one; perturb them so the fixture pins which norm goes where."""
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -93,7 +97,7 @@ def make_fixture(name: str, out: Path, seed: int) -> None:
     model = LlamaForCausalLM(LlamaConfig(**COMMON, **overrides)).eval()
     randomize_norms(model, torch.Generator().manual_seed(seed))
     folder = out / name
-    model.to(dtype).save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    model.to(getattr(torch, dtype)).save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
     tiny_tokenizer().save(str(folder / "tokenizer.json"))
     ids = ((np.arange(SEQ) * 37 + 5) % VOCAB).astype(np.int32)[None]
     np.save(folder / "ids.npy", ids)
@@ -140,6 +144,9 @@ def main(argv=None) -> None:
     parser.add_argument("--slm-python", default=sys.executable, help="a Python with slm-jax and JAX installed")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted logit difference")
     args = parser.parse_args(argv)
+    if torch is None:
+        parser.exit(2, "error: python -m checkpoints.make_hf_fixtures needs torch and transformers: pip install "
+                       "'slm-jax[reference]'\n")
     if not (args.out or args.smollm2 or args.check_export):
         parser.error("give --out, --smollm2 or --check-export")
     if args.smollm2:
