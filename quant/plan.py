@@ -203,3 +203,27 @@ def plan_to_json(plan: Plan) -> dict:
     """{layer path: {weight_bits, act_bits, granularity, group_size, bwd_bits, kind} or null}, JSON-able."""
     return {path_str(path): None if p is None else dataclasses.asdict(p) for path, p in plan.items()}
 
+
+
+def _weights(plan: LayerPlan | None) -> str:
+    if plan is None:
+        return "float"
+    return f"int{plan.weight_bits}" + (f" per_group({plan.group_size})" if plan.granularity == "per_group" else "")
+
+
+def describe_scheme(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> str:
+    """The resolved scheme in one line, e.g. "scheme: w4 per_group(32) bfloat16 scales, activations float,
+    embedding int8, lm_head int4 per_group(32)"; with rules, how many of the model's matmuls they change.
+    UserError as `make_plan` for an impossible scheme."""
+    plan = make_plan(model_cfg, quant_cfg)
+    scales = f"per_group({quant_cfg.group_size})" if quant_cfg.granularity == "per_group" else "per_channel"
+    weights = "float" if quant_cfg.weight_bits is None else f"w{quant_cfg.weight_bits} {scales} " \
+                                                            f"{quant_cfg.scale_dtype} scales"
+    acts = "float" if quant_cfg.act_bits is None else f"int{quant_cfg.act_bits} per token"
+    head = _weights(plan[("lm_head",)]) if ("lm_head",) in plan else "tied to the embedding"
+    line = f"scheme: {weights}, activations {acts}, embedding {_weights(plan[EMBED_PATH])}, lm_head {head}"
+    if quant_cfg.rules:
+        plain = make_plan(model_cfg, dataclasses.replace(quant_cfg, rules=()))
+        changed = sum(plan[path] != plain[path] for path in plan)
+        line += f"; {len(quant_cfg.rules)} rule(s) change {changed} of {len(plan)} matmuls"
+    return line

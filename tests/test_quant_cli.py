@@ -1,11 +1,14 @@
 """`python -m quant.convert` and `python -m quant.report` on real (tiny) runs: what they write and print, and their
 one-line errors."""
+import argparse
+
 import numpy as np
 import pytest
 
 from checkpoints.manager import CheckpointStore
 from quant.convert import main as convert_main
 from quant.report import main as report_main
+from train.cli import add_scheme_args, scheme_from_args
 from train.config import load_config
 from train.evaluation import evaluate_workdir
 from train.loop import run_training
@@ -48,6 +51,8 @@ def test_convert_float_run_to_int4_keeps_only_integer_kernels_and_prints_the_com
     convert_main(["--workdir", str(runs / "float"), "--out", str(tmp_path / "int4"), "--bits", "4",
                   "--embed-bits", "8", "--scale-dtype", "bfloat16", "--rules", str(rules)])
     out = capsys.readouterr().out
+    assert out.splitlines()[0] == ("scheme: w4 per_group(32) bfloat16 scales, activations float, embedding int8, "
+                                   "lm_head float; 1 rule(s) change 1 of 9 matmuls")
     assert "converted" in out and "val loss" in out and str(tmp_path / "int4") in out
     arrays = stored_arrays(tmp_path / "int4")
     kernels = {p: a for p, a in arrays.items() if p.endswith("/kernel")}
@@ -61,6 +66,26 @@ def test_convert_float_run_to_int4_keeps_only_integer_kernels_and_prints_the_com
     assert run.metadata["kind"] == "serving" and run.config.quant.granularity == "per_group"
     assert run.metadata["quant_plan"]["lm_head"] is None  # float in the saved plan
     assert run.metadata["quant_plan"]["layer_0/mlp/up"]["weight_bits"] == 4
+
+
+@pytest.mark.parametrize("flags, config", [(["--bits", "4", "--embed-bits", "8"], "ptq_int4"),
+                                           (["--bits", "8", "--act-bits", "8", "--embed-bits", "8"], "ptq_int8")])
+def test_convert_flags_the_readme_gives_make_the_ptq_configs_scheme(flags, config):
+    parser = argparse.ArgumentParser()
+    add_scheme_args(parser)
+    fields = ("mode", "weight_bits", "act_bits", "granularity", "group_size", "embed_bits", "scale_dtype", "rules")
+    expected = load_config(config).quant
+    assert [getattr(scheme_from_args(parser.parse_args(flags)), f) for f in fields] == \
+           [getattr(expected, f) for f in fields]
+
+
+def test_convert_defaults_and_the_scheme_line_for_8_bits_weight_only(runs, capsys, tmp_path):
+    convert_main(["--workdir", str(runs / "float"), "--out", str(tmp_path / "int8"), "--bits", "8"])
+    assert capsys.readouterr().out.splitlines()[0] == ("scheme: w8 per_channel float32 scales, activations float, "
+                                                       "embedding float, lm_head int8")
+    arrays = stored_arrays(tmp_path / "int8")
+    assert {str(a.dtype) for p, a in arrays.items() if p.startswith("aqt/") and p.endswith("/scale")} == {"float32"}
+    assert load_run(tmp_path / "int8").config.quant.act_bits is None
 
 
 def test_converting_a_qat_run_reuses_its_scheme_and_serves_its_loss(runs, tmp_path):
@@ -89,7 +114,9 @@ def test_report_lists_every_quantized_layer_with_scales_clipping_and_error(runs,
         assert 0 < float(scale_min) <= float(scale_max) and 0 <= float(clipped.rstrip("%")) < 5
         assert float(w_sqnr) > 30 and 0 < float(w_err) < 0.05 and float(out_sqnr) > 20  # int8: ~40 dB weights
     convert_main(["--workdir", str(runs / "float"), "--out", str(tmp_path / "int4"), "--bits", "4"])
-    capsys.readouterr()
+    assert capsys.readouterr().out.splitlines()[0].startswith("scheme: w4 per_group(32) bfloat16 scales")
+    assert {str(a.dtype) for p, a in stored_arrays(tmp_path / "int4").items()  # bfloat16 by default, as ptq_int4
+            if p.startswith("aqt/") and p.endswith("/scale")} == {"bfloat16"}
     report_main(["--workdir", str(tmp_path / "int4")])  # a serving run: measured against its float source
     int4 = table_rows(capsys.readouterr().out)
     assert all(cells[1] == "int4" and cells[3] == "per_group(32)" for cells in int4.values())
@@ -100,6 +127,7 @@ def test_report_lists_every_quantized_layer_with_scales_clipping_and_error(runs,
     (["--bits", "9"], "argument --bits: must be an integer from 2 to 8, got 9"),  # refused by argparse's type
     ([], "a float run needs a quantization scheme to convert to"),
     (["--granularity", "per_group"], "give --bits too"),
+    (["--scale-dtype", "bfloat16"], "give --bits too"),
 ])
 def test_bad_conversions_are_one_line_errors_and_write_nothing(runs, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -107,30 +107,32 @@ def add_scheme_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--group-size", type=positive_int, default=32, help="input features per scale with per_group")
     group.add_argument("--embed-bits", type=int_in(2, 8),
                        help="also quantize the token embedding table (default: float)")
-    group.add_argument("--scale-dtype", choices=SCALE_DTYPES, default="float32",
-                       help="dtype of the stored weight scales")
+    group.add_argument("--scale-dtype", choices=SCALE_DTYPES,
+                       help="dtype of the stored weight scales (default: bfloat16 for 4 bits or fewer, as ptq_int4 "
+                            "and int4_qat; float32 otherwise, as ptq_int8; float16 with a ggml --scheme)")
     group.add_argument("--rules", type=Path, help="YAML file with a list of per-layer rules (or a `rules:` key), "
                                                   "e.g. [{match: lm_head, weight_bits: null}]")
 
 
 def scheme_from_args(args: argparse.Namespace) -> QuantConfig | None:
     """The serving QuantConfig the `add_scheme_args` flags describe, validated like the `quant` config section
-    (None when --bits and --scheme are absent). UserError for a refinement without --bits or an invalid value."""
+    (None when --bits and --scheme are absent); 4 bits or fewer default to per-group bfloat16 scales, more bits to
+    per-channel float32 scales, as the ptq_int4 and ptq_int8 configs. UserError for a refinement without --bits or an
+    invalid value."""
     if args.scheme not in (None, "aqt"):
-        if (args.bits, args.act_bits, args.granularity, args.embed_bits) != (None,) * 4 or \
-                args.scale_dtype != "float32":
+        if (args.bits, args.act_bits, args.granularity, args.embed_bits, args.scale_dtype) != (None,) * 5:
             raise UserError(f"--scheme {args.scheme} fixes bits, blocks and scales: give only --rules with it")
         values = {"mode": "serve", "scheme": args.scheme, "rules": read_rules(args.rules) if args.rules else []}
         return build(QuantConfig, values, prefix="quant.")
     if args.bits is None:
-        if (args.act_bits, args.granularity, args.rules, args.embed_bits) != (None,) * 4 or \
-                args.scale_dtype != "float32":
+        if (args.act_bits, args.granularity, args.rules, args.embed_bits, args.scale_dtype) != (None,) * 5:
             raise UserError("--act-bits, --granularity, --rules, --embed-bits and --scale-dtype refine a scheme: "
                             "give --bits too")
         return None
     granularity = args.granularity or ("per_group" if args.bits <= 4 else "per_channel")
+    scale_dtype = args.scale_dtype or ("bfloat16" if args.bits <= 4 else "float32")
     values = {"mode": "serve", "weight_bits": args.bits, "act_bits": args.act_bits, "granularity": granularity,
-              "group_size": args.group_size, "embed_bits": args.embed_bits, "scale_dtype": args.scale_dtype,
+              "group_size": args.group_size, "embed_bits": args.embed_bits, "scale_dtype": scale_dtype,
               "rules": read_rules(args.rules) if args.rules else []}
     return build(QuantConfig, values, prefix="quant.")
 

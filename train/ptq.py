@@ -8,6 +8,7 @@ from pathlib import Path
 
 from checkpoints.manager import tree_bytes
 from quant.config import QuantConfig
+from quant.plan import describe_scheme
 from quant.serving import convert
 from slm_jax.errors import UserError
 from train.config import Config
@@ -26,7 +27,8 @@ def serving_quant_config(source: Config, override: QuantConfig | None) -> QuantC
 
 def convert_workdir(source: Path, out: Path, quant_cfg: QuantConfig | None = None, log=print) -> Path:
     """Convert the latest checkpoint of `source` (float or QAT) into a serving run in `out`; UserError if `source`
-    is already a serving run, a float run gets no scheme, or `out` is not a new, empty folder."""
+    is already a serving run, a float run gets no scheme, or `out` is not a new, empty folder. Logs the resolved
+    scheme in one line (`quant.plan.describe_scheme`) before converting."""
     source, out = Path(source), Path(out)
     check_output_folder(source, out)
     run = load_run(source)
@@ -34,6 +36,7 @@ def convert_workdir(source: Path, out: Path, quant_cfg: QuantConfig | None = Non
         raise UserError(f"{source} is already a serving (integer) run")
     serve_quant = serving_quant_config(run.config, quant_cfg)
     config = dataclasses.replace(run.config, quant=serve_quant)
+    log(describe_scheme(config.model, serve_quant))
     splits = load_splits(config.data, run.tokenizer)
     sample, _ = get_batch(splits.train, config.train.seed, 0, 1, config.model.seq_len)
     variables = convert(config.model, serve_quant, run.variables["params"], sample)
