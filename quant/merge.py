@@ -18,7 +18,7 @@ from train.build import build_model
 from train.cli import main_guard, positive_int
 from train.config import FinetuneConfig
 from train.data import eval_batches, load_splits
-from train.evaluation import mean_loss
+from train.evaluation import eval_windows, mean_loss
 from train.run import check_output_folder, load_run, write_serving_run
 from train.steps import make_eval_step, split_variables
 
@@ -55,7 +55,8 @@ def merge_workdir(workdir: Path, out: Path, batches: int = 20, batch_size: int =
     for name, e in errors.items():
         log(f"logits {name.replace('_', ' ')}: rel err {e['rel_err']:.4f} | max abs {e['max_abs']:.4f} | "
             f"top-1 agreement {100 * e['top1_agree']:.1f}%")
-    log("validation loss on the fine-tuning data: " + " | ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    log("validation loss on the fine-tuning data: " + " | ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        + f" | over {eval_windows(splits.val, batch_size, seq_len, batches)}")
     log(f"merged {workdir} (step {run.step}) -> {out}: {tree_bytes(merged)['total']:,} parameter bytes")
     return {"rows": rows, "logits": errors, "val_loss": losses}
 

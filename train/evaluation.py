@@ -24,6 +24,14 @@ def mean_loss(eval_step, variables_params, frozen, tokens: np.ndarray, batch_siz
     return float(np.mean(jax.device_get(losses)))
 
 
+def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int) -> str:
+    """How many windows a validation loss over `tokens` averages (the batches `mean_loss` really runs, fewer than
+    `max_batches` on a short split), e.g. "20 batches x 16 windows x 32 tokens": every loss table and log line says
+    it, so losses over different windows are never compared unawares."""
+    starts = eval_starts(tokens, batch_size, seq_len, max_batches)
+    return f"{len(starts)} batch{'es' if len(starts) != 1 else ''} x {len(starts[0])} windows x {seq_len} tokens"
+
+
 def loss_summary(loss: float, chars_per_tok: float | None = 1.0) -> dict:
     """loss (nats/token) -> {'loss', 'perplexity', 'bits_per_char'}; bits_per_char is None when characters per
     token are unknown (pre-tokenized ids without a tokenizer), never a number in the wrong unit."""
@@ -39,14 +47,15 @@ def format_bits_per_char(bits: float | None) -> str:
 def evaluate_workdir(workdir: Path, batches: int, batch_size: int, data: DataConfig | None = None) -> dict:
     """Validation loss of any run in `workdir` on its own validation split, or on `data`'s (e.g. a fine-tuning
     target), tokenized by the run's own tokenizer: {'workdir', 'step', 'quant', 'loss', 'perplexity',
-    'bits_per_char' (None without text), 'param_bytes'}."""
+    'bits_per_char' (None without text), 'param_bytes', 'val_windows' (`eval_windows`)}."""
     run = load_run(workdir)
     splits = load_splits(data or run.config.data, run.tokenizer)
     loss = mean_loss(jax.jit(make_eval_step(run.model)), *split_variables(run.variables), splits.val, batch_size,
                      run.config.model.seq_len, batches)
     return {"workdir": str(workdir), "step": run.step, "quant": run.config.quant.mode,
             **loss_summary(loss, splits.chars_per_token),
-            "param_bytes": tree_bytes(run.variables)["total"]}
+            "param_bytes": tree_bytes(run.variables)["total"],
+            "val_windows": eval_windows(splits.val, batch_size, run.config.model.seq_len, batches)}
 
 
 def format_bits(value: float | None) -> str:
@@ -55,10 +64,15 @@ def format_bits(value: float | None) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """`evaluate_workdir` rows as an aligned text table, one line per run."""
+    """`evaluate_workdir` rows as an aligned text table, one line per run, then the validation windows the losses
+    average (one line when all runs used the same, else one per run)."""
     header = f"{'workdir':<28} {'step':>6} {'quant':>6} {'val loss':>9} {'ppl':>8} {'bits/char':>9} {'param MB':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['workdir']:<28} {r['step']:>6} {r['quant']:>6} {r['loss']:>9.4f} {r['perplexity']:>8.3f} "
                      f"{format_bits(r['bits_per_char']):>9} {r['param_bytes'] / 1e6:>9.3f}")
+    if len({r["val_windows"] for r in rows}) == 1:
+        lines.append(f"val loss over {rows[0]['val_windows']} of each run's validation split")
+    else:
+        lines += [f"val loss of {r['workdir']} over {r['val_windows']}" for r in rows]
     return "\n".join(lines)

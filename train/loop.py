@@ -21,7 +21,7 @@ from slm_jax.errors import UserError
 from slm_jax.sampling import generate
 from train.config import Config, save_yaml
 from train.data import batch_starts, load_splits, windows
-from train.evaluation import format_bits_per_char, loss_summary, mean_loss
+from train.evaluation import eval_windows, format_bits_per_char, loss_summary, mean_loss
 from train.metrics import MetricsLog, Throughput, format_duration
 from train.optim import learning_rate_schedule
 from train.recipe import make_recipe
@@ -110,6 +110,7 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
     eval_step = jax.jit(make_eval_step(model), out_shardings=NamedSharding(mesh, PartitionSpec()))
     cpt = splits.chars_per_token
     seq_len = config.model.seq_len
+    val_windows = eval_windows(splits.val, cfg.batch_size, seq_len, cfg.eval_batches)
 
     def validate() -> dict:
         loss = mean_loss(eval_step, state.params, state.frozen, splits.val, cfg.batch_size, seq_len,
@@ -150,7 +151,8 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
             if done % cfg.eval_every == 0 and done != cfg.steps:
                 val = validate()
                 metrics_log.write(step=done, val_loss=val["loss"], val_perplexity=val["perplexity"])
-                log(f"eval   {done:>6} | val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f}")
+                log(f"eval   {done:>6} | val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
+                    f"over {val_windows}")
             if done % config.checkpoint.every == 0 or done == cfg.steps:
                 save(done)
                 last_good = done
@@ -169,7 +171,7 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
     log(f"done: {cfg.steps} steps in {format_duration(wall)}"
         + (f" | {rates['tokens_per_s']:,.0f} tok/s" if rates else "")
         + f" | val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
-        + format_bits_per_char(val["bits_per_char"]))
+        + format_bits_per_char(val["bits_per_char"]) + f" | over {val_windows}")
     if cfg.sample_tokens and tokenizer.kind == "none":
         log("no sample: the run reads pre-tokenized ids without a tokenizer (set data.tokenizer to have text)")
     elif cfg.sample_tokens:

@@ -83,6 +83,6 @@ def measure_quality(profile: Profile, work: Path, say) -> dict:
     for row in rows:
         row["loss_vs_float"] = row["loss"] - reference
     curves = {row["name"]: loss_curve(Path(row["workdir"])) for row in rows if row["kind"] != "ptq"}
-    return {"how": f"validation loss over {profile.eval_batches} batches of {profile.eval_batch_size} windows "
-                   f"spread over the held-out plays (train.evaluate); bits/char = loss / ln 2 / chars per token",
+    return {"how": f"validation loss over {rows[0]['val_windows']} spread over the held-out plays "
+                   f"(train.evaluate); bits/char = loss / ln 2 / chars per token",
             "float_run": float_variant, "rows": rows, "curves": curves}

@@ -1,0 +1,54 @@
+"""Every validation loss says what it averages: `eval_windows` names the batches `mean_loss` really runs, and the
+evaluate/convert table and training's eval and done lines print it."""
+import re
+
+import numpy as np
+import pytest
+
+from train.config import load_config
+from train.data import load_splits
+from train.evaluation import eval_windows, format_table, mean_loss
+from train.loop import run_training
+
+
+@pytest.mark.parametrize("length, batch_size, seq_len, max_batches, expected", [
+    (1001, 4, 8, 3, "3 batches x 4 windows x 8 tokens"),  # 125 windows: the cap of 3 batches applies
+    (1001, 4, 8, 100, "31 batches x 4 windows x 8 tokens"),  # 125 windows -> 31 whole batches of 4
+    (30, 4, 8, 5, "1 batch x 3 windows x 8 tokens"),  # (30 - 1) // 8 = 3 windows: one small batch
+])
+def test_eval_windows_names_the_batches_mean_loss_runs(length, batch_size, seq_len, max_batches, expected):
+    shapes = []
+
+    def eval_step(params, frozen, inputs, targets):
+        shapes.append(inputs.shape)
+        return 0.0
+
+    tokens = np.arange(length, dtype=np.int32)
+    mean_loss(eval_step, None, None, tokens, batch_size, seq_len, max_batches)
+    assert eval_windows(tokens, batch_size, seq_len, max_batches) == expected
+    n, rows = map(int, re.match(r"(\d+) batch(?:es)? x (\d+) windows", expected).groups())
+    assert shapes == [(rows, seq_len)] * n
+
+
+def row(workdir, windows):
+    return {"workdir": workdir, "step": 10, "quant": "none", "loss": 2.0, "perplexity": 7.389, "bits_per_char": 2.9,
+            "param_bytes": 1000, "val_windows": windows}
+
+
+def test_the_loss_table_says_which_windows_each_run_used():
+    same = format_table([row("a", "2 batches x 4 windows x 8 tokens"), row("b", "2 batches x 4 windows x 8 tokens")])
+    assert same.splitlines()[-1] == "val loss over 2 batches x 4 windows x 8 tokens of each run's validation split"
+    mixed = format_table([row("a", "2 batches x 4 windows x 8 tokens"), row("b", "1 batch x 3 windows x 8 tokens")])
+    assert mixed.splitlines()[-2:] == ["val loss of a over 2 batches x 4 windows x 8 tokens",
+                                       "val loss of b over 1 batch x 3 windows x 8 tokens"]
+
+
+def test_training_eval_and_done_lines_say_their_windows(tmp_path, corpus_file):
+    config = load_config("tiny", [f"data.path={corpus_file}", "train.sample_tokens=0", "train.steps=4",
+                                  "train.eval_every=2", "train.log_every=2", "checkpoint.every=4"])
+    lines = []
+    run_training(config, tmp_path / "run", log=lines.append)
+    windows = eval_windows(load_splits(config.data).val, 8, 32, 4)
+    assert re.fullmatch(r"\d+ batch(es)? x \d+ windows x 32 tokens", windows)
+    evals = [line for line in lines if line.startswith(("eval ", "done:"))]
+    assert len(evals) == 2 and all(line.endswith(f"| over {windows}") for line in evals)
