@@ -105,8 +105,13 @@ def layer_report(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, t
     return rows
 
 
+CLIPPED_LEGEND = ("clipped: share of the layer's weights beyond the largest integer level, which rounding to that "
+                  "level moves by at most half a step (abs-max scales put each channel's or group's max there); "
+                  "about 1/in_features (1/group_size) is expected, much more would mean a clipping calibration")
+
+
 def format_report(rows: list[LayerReport]) -> str:
-    """The report as an aligned text table."""
+    """The report as an aligned text table, then a blank line and the legend of its "clipped" column."""
     header = ("layer", "w", "a", "scales", "scale min", "scale max", "clipped", "w SQNR dB", "w rel err",
               "out SQNR dB", "out rel err")
     table = [header] + [(
@@ -117,4 +122,4 @@ def format_report(rows: list[LayerReport]) -> str:
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join([*lines, "", CLIPPED_LEGEND])

@@ -99,12 +99,15 @@ def test_converting_a_qat_run_reuses_its_scheme_and_serves_its_loss(runs, tmp_pa
 def table_rows(text: str) -> dict[str, list[str]]:
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("layer "))
-    return {line.split()[0]: line.split() for line in lines[start + 2:]}
+    end = lines.index("", start)  # the legend follows the table after a blank line
+    return {line.split()[0]: line.split() for line in lines[start + 2:end]}
 
 
 def test_report_lists_every_quantized_layer_with_scales_clipping_and_error(runs, capsys, tmp_path):
     report_main(["--workdir", str(runs / "qat")])
-    rows = table_rows(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert out.rstrip().splitlines()[-1].startswith("clipped: share of the layer's weights beyond the largest")
     expected = {f"layer_0/{m}/{p}" for m, ps in (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for p in ps}
     assert expected <= set(rows)
     assert rows["embed"][1:4] == ["int8", "float", "per_channel"]  # int8_qat quantizes the embedding table too

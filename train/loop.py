@@ -156,8 +156,6 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
             if done % config.checkpoint.every == 0 or done == cfg.steps:
                 save(done)
                 last_good = done
-        if start >= cfg.steps:
-            log(f"already trained to step {start} (train.steps = {cfg.steps})")
         val = validate()
     finally:
         store.close()
@@ -168,13 +166,17 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
                "val_bits_per_char": val["bits_per_char"],
                **{k: v for k, v in rates.items() if k != "eta_s"}}
     metrics_log.write(**summary)
+    val_line = (f"val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
+                + format_bits_per_char(val["bits_per_char"]) + f" | over {val_windows}")
+    if start >= cfg.steps:  # a resume of a finished run: no training, no sample
+        log(f"already trained to step {start}; nothing to do (train.steps = {cfg.steps}) | {val_line}")
+        return summary
     log(f"done: {cfg.steps} steps in {format_duration(wall)}"
-        + (f" | {rates['tokens_per_s']:,.0f} tok/s" if rates else "")
-        + f" | val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
-        + format_bits_per_char(val["bits_per_char"]) + f" | over {val_windows}")
+        + (f" | {rates['tokens_per_s']:,.0f} tok/s" if rates else "") + f" | {val_line}")
     if cfg.sample_tokens and tokenizer.kind == "none":
         log("no sample: the run reads pre-tokenized ids without a tokenizer (set data.tokenizer to have text)")
     elif cfg.sample_tokens:
+        log(f"sampling {cfg.sample_tokens} tokens from {cfg.sample_prompt!r} (train.sample_tokens) ...")
         text = sample_text(model, merge_variables(state.params, state.frozen), tokenizer, cfg.sample_prompt,
                            cfg.sample_tokens, seq_len, seed=cfg.seed, source="train.sample_prompt")
         log(f"sample:\n{cfg.sample_prompt}{text}")

@@ -1,5 +1,6 @@
-"""Every validation loss says what it averages: `eval_windows` names the batches `mean_loss` really runs, and the
-evaluate/convert table and training's eval and done lines print it."""
+"""What training and evaluation say: `eval_windows` names the batches `mean_loss` really runs, and the
+evaluate/convert table and training's eval and done lines print it; a resume with nothing to train says so; the sample
+after training is announced."""
 import re
 
 import numpy as np
@@ -52,3 +53,17 @@ def test_training_eval_and_done_lines_say_their_windows(tmp_path, corpus_file):
     assert re.fullmatch(r"\d+ batch(es)? x \d+ windows x 32 tokens", windows)
     evals = [line for line in lines if line.startswith(("eval ", "done:"))]
     assert len(evals) == 2 and all(line.endswith(f"| over {windows}") for line in evals)
+
+
+def test_a_resume_with_nothing_to_train_says_so_and_a_sample_is_announced(tmp_path, corpus_file):
+    overrides = [f"data.path={corpus_file}", "train.steps=4", "train.eval_every=100", "checkpoint.every=4",
+                 "train.sample_tokens=5"]
+    first = []
+    run_training(load_config("tiny", overrides), tmp_path, log=first.append)
+    notice = next(i for i, line in enumerate(first) if line.startswith("sampling 5 tokens from "))
+    assert first[notice - 1].startswith("done: 4 steps") and first[notice + 1].startswith("sample:")
+    again = []
+    summary = run_training(load_config("tiny", overrides), tmp_path, log=again.append)
+    assert again[-1].startswith("already trained to step 4; nothing to do")
+    assert not any(line.startswith(("done:", "sampling", "sample:", "step ")) for line in again)
+    assert summary["val_loss"] == pytest.approx(float(again[-1].split("val loss ")[1].split()[0]), abs=1e-4)
