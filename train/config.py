@@ -43,6 +43,7 @@ class TrainConfig:
     init_from: str | None = None  # a workdir whose latest params start this run (e.g. QAT from a float model)
     sample_prompt: str = "ROMEO:"
     sample_tokens: int = 200
+    tensorboard: bool = False  # also write metrics.jsonl's scalars as TensorBoard events to <workdir>/tensorboard
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches"):

@@ -23,6 +23,7 @@ from train.config import Config, save_yaml
 from train.data import batch_starts, load_splits, windows
 from train.evaluation import eval_windows, format_bits_per_char, loss_summary, mean_loss
 from train.metrics import MetricsLog, Throughput, format_duration
+from train.observe import StepProfiler, TensorBoardLog
 from train.optim import learning_rate_schedule
 from train.recipe import make_recipe
 from train.sharding import (batch_sharding, check_batch_rows, load_sharded, make_mesh, rows_sharding,
@@ -65,9 +66,11 @@ def describe_quant_plan(config: Config, workdir: Path | None, log) -> dict | Non
     return plan_to_json(plan)
 
 
-def run_training(config: Config, workdir: Path, log=print) -> dict:
-    """Train `config` in `workdir`; returns the final summary (also written to metrics.jsonl). What trains (every
-    param, or adapters over a frozen base) is the recipe's business; this loop is the same for all.
+def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 0) -> dict:
+    """Train `config` in `workdir`; returns the final summary (also written to metrics.jsonl, and as TensorBoard
+    scalars to <workdir>/tensorboard with train.tensorboard). What trains (every param, or adapters over a frozen
+    base) is the recipe's business; this loop is the same for all. `profile_steps` > 0: a jax.profiler trace of
+    that many steps after the first compiled one, to <workdir>/profile (process 0).
 
     In a multi-process run every process calls this (and takes part in every step, evaluation and Orbax save);
     only process 0 logs and writes config.yaml, tokenizer.json, quant_plan.json and metrics.jsonl."""
@@ -85,6 +88,7 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids, more than model.vocab_size="
                         f"{config.model.vocab_size}; leave model.vocab_size unset to take it from the tokenizer")
     quant_plan = describe_quant_plan(config, workdir if primary else None, log)
+    tensorboard = TensorBoardLog(workdir / "tensorboard") if primary and cfg.tensorboard else None
     store = CheckpointStore(workdir / "checkpoints", keep=config.checkpoint.keep,
                             async_save=config.checkpoint.async_save)
     mesh = make_mesh(config.mesh)
@@ -99,7 +103,10 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
     if primary:
         save_yaml(config, workdir / "config.yaml")
         save_tokenizer(tokenizer, workdir)
-    metrics_log = MetricsLog(workdir / "metrics.jsonl" if primary else None)
+    start = int(state.step)
+    if tensorboard:
+        tensorboard.open(start)
+    metrics_log = MetricsLog(workdir / "metrics.jsonl" if primary else None, tensorboard)
     n_params = param_count(state.params)
     log(f"model: {n_params:,} params | train {len(splits.train):,} tokens, val {len(splits.val):,} tokens | "
         f"precision {cfg.precision} | quant {config.quant.mode} | mesh {dict(mesh.shape)}")
@@ -122,16 +129,20 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
                               quant_plan=quant_plan, data=splits.description)
         store.save(step, *recipe.checkpoint(state, meta))
 
-    start = int(state.step)
     speed = Throughput(cfg.batch_size * cfg.grad_accum * seq_len, cfg.steps)
     wall_start = time.perf_counter()
     last_good = store.latest_step()
+    profiler = StepProfiler(workdir / "profile", profile_steps, start + 1, log) if profile_steps and primary else None
     try:
         for step in range(start, cfg.steps):
             batch = train_batch(splits.train, config, step, place)
+            if profiler:
+                profiler.before(step)
             tic = time.perf_counter()
             state, metrics = train_step(state, batch)
             loss = float(metrics["loss"])
+            if profiler:
+                profiler.after(step, state)
             if step > start:  # the first step of a process includes compilation
                 speed.add(time.perf_counter() - tic)
             if not math.isfinite(loss):
@@ -157,7 +168,12 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
                 save(done)
                 last_good = done
         val = validate()
+    except BaseException:
+        metrics_log.close()  # the curves up to the failure stay readable
+        raise
     finally:
+        if profiler:
+            profiler.close()
         store.close()
     wall = time.perf_counter() - wall_start
     rates = speed.rates(cfg.steps) if start < cfg.steps else {}
@@ -166,6 +182,7 @@ def run_training(config: Config, workdir: Path, log=print) -> dict:
                "val_bits_per_char": val["bits_per_char"],
                **{k: v for k, v in rates.items() if k != "eta_s"}}
     metrics_log.write(**summary)
+    metrics_log.close()
     val_line = (f"val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
                 + format_bits_per_char(val["bits_per_char"]) + f" | over {val_windows}")
     if start >= cfg.steps:  # a resume of a finished run: no training, no sample

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from slm_jax.errors import UserError
-from train.cli import main_guard
+from train.cli import main_guard, positive_int
 from train.config import load_config, resolve_path
 from train.evaluation import evaluate_workdir, format_table
 from train.loop import run_training
@@ -19,6 +19,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field (repeatable), e.g. --set train.steps=200")
     parser.add_argument("--workdir", type=Path, help="output folder (default runs/<config name>/)")
+    parser.add_argument("--profile", type=positive_int, metavar="N",
+                        help="write a jax.profiler trace of N training steps, after the first compiled one, to "
+                             "<workdir>/profile (view with TensorBoard's profile plugin or XProf)")
     return parser.parse_args(argv)
 
 
@@ -29,6 +32,8 @@ def main(argv=None):
     config = load_config(args.config, args.overrides)
     workdir = args.workdir or Path("runs") / resolve_path(args.config).stem
     if config.quant.mode == "serve":  # post-training quantization of the run named by train.init_from
+        if args.profile:
+            raise UserError("--profile traces training steps; quant.mode=serve converts a run and trains nothing")
         if not config.train.init_from:
             raise UserError("quant.mode=serve converts an existing run: set train.init_from to its workdir")
         if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
@@ -39,7 +44,7 @@ def main(argv=None):
                 for w in (Path(config.train.init_from), workdir)]
         print(format_table(rows))
         return
-    run_training(config, workdir)
+    run_training(config, workdir, profile_steps=args.profile or 0)
 
 
 if __name__ == "__main__":

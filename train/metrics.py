@@ -36,10 +36,11 @@ def to_json_line(record: dict) -> str:
 
 class MetricsLog:
     """Appends one JSON object per line; each record carries the step and wall-clock time. `path` None: records
-    nothing (the processes other than process 0 of a multi-process run)."""
+    nothing (the processes other than process 0 of a multi-process run). `tensorboard` (e.g. a
+    `train.observe.TensorBoardLog`): also given every record, as scalars, until `close()`."""
 
-    def __init__(self, path: Path | None):
-        self.path = path
+    def __init__(self, path: Path | None, tensorboard=None):
+        self.path, self.tensorboard = path, tensorboard
 
     def write(self, **record) -> None:
         """Append `record` (with a `time` in seconds since the epoch); NaN and infinities are written as null."""
@@ -48,6 +49,13 @@ class MetricsLog:
         record.setdefault("time", round(time.time(), 3))
         with self.path.open("a") as f:
             f.write(to_json_line(record))
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard mirror, if any (the JSON file is closed after every write)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def rewind(self, step: int) -> int:
         """Drop the records whose `step` is past `step` (the step training resumes from); returns how many.
