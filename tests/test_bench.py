@@ -4,6 +4,7 @@ import math
 
 from train.bench.common import device_name
 from train.bench.main import main as bench_main
+from train.bench.trust import busy_warning
 
 SECTIONS = {"matmul": ("dtype", "gflops"), "throughput": ("variant", "ms_per_step", "tokens_per_s", "mfu"),
             "quality": ("name", "loss", "perplexity", "bits_per_char", "command"),
@@ -42,6 +43,18 @@ def test_micro_bench_writes_results_tables_and_plots(tmp_path):
     assert {row["kind"] for row in results["quality"]["rows"]} >= {"trained", "ptq"}
 
     report = (tmp_path / "results.md").read_text()
+    for section in SECTIONS:  # the load around every section, and the busy verdict said in results.md iff found
+        load, busy = results[section]["load"], results[section]["busy"]
+        assert set(load) == {"load_before", "load_after", "own_cpu", "others_load"} and isinstance(busy, list)
+        assert (busy_warning(busy) in report) == bool(busy) and f"before / after: {load['load_before']} /" in report
+    assert ("UNRELIABLE: the machine was busy" in report) == any(results[s]["busy"] for s in SECTIONS)
+    for row in results["matmul"]["rows"]:
+        assert row["min_s"] <= row["median_s"] <= row["max_s"]
+    for row in results["throughput"]["rows"]:
+        assert row["ms_per_step_min"] <= row["ms_per_step"] <= row["ms_per_step_max"]
+    assert {"micro fp32 step", "matmul float32"} <= set(results["throughput"]["spreads"]) | set(
+        results["matmul"]["spreads"])
+    assert all(s["generate_spread"]["n"] == 1 for s in speeds) and "decode tok/s b=1 (all 1 seqs" in report
     tuned = {row["name"]: row for row in results["finetune"]["rows"]}
     assert {"float_ft", "int4_lora"} <= set(tuned)  # micro runs two of the five methods
     assert all("error" not in row for row in tuned.values()), tuned

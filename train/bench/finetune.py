@@ -113,7 +113,8 @@ def measure_finetune(profile, work: Path, say) -> dict:
                 row[f"{key}_vs_float_ft"] = row[key] / reference[key]
     windows = next((r["val_windows"] for r in rows if "val_windows" in r), "no windows (every method failed)")
     return {"how": f"{profile.adapt_base_steps} steps on tragedies + histories, then {steps} steps on the comedies "
-                   f"per method; validation loss on twelfth-night over {windows}; state = trainable params + optimizer state + frozen base, from the "
+                   f"per method; validation loss on twelfth-night over {windows}; state = trainable params + "
+                   f"optimizer state + frozen base, from the "
                    f"checkpoint; peak RSS of the whole training process (/usr/bin/time -v)",
             "base_command": train_command("baseline", base_overrides, base), "rows": rows}
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from train.bench import finetune, quality, report, serving, speed
 from train.bench.common import Progress, describe_machine, device_name, git_revision
 from train.bench.profiles import PROFILES, VARIANTS, Profile
+from train.bench.trust import SectionLoad, busy_reasons, busy_warning
 from train.cli import main_guard
 
 
@@ -48,10 +49,14 @@ def run_bench(profile: Profile, out: Path, command: str) -> dict:
 
     def section(key: str, title: str, fn):
         say(f"== {title}")
-        tic = time.perf_counter()
+        tic, load = time.perf_counter(), SectionLoad().start()
         results[key] = fn()
         results["section_s"][key] = round(time.perf_counter() - tic, 1)
+        results[key]["load"] = load.finish()
+        results[key]["busy"] = busy_reasons(results[key].get("spreads", {}), results[key]["load"], os.cpu_count())
         print(report.section_markdown(key, results), flush=True)
+        if results[key]["busy"]:
+            say(busy_warning(results[key]["busy"]))
 
     section("matmul", "1. matmul peak", lambda: speed.measure_matmul(profile.matmul_n, profile.matmul_reps, say))
     peak = results["matmul"]["rows"][0]["gflops"] * 1e9

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from train.bench.trust import busy_warning
+
 PLOTS = ("throughput.png", "loss_curves.png", "quality.png", "serving.png", "finetune.png")
 
 
@@ -10,6 +12,16 @@ def fmt(value, spec: str = ".3g", scale: float = 1.0) -> str:
     if value is None:
         return "—"
     return format(value * scale if scale != 1.0 else value, spec)
+
+
+def timing_ratio(section: dict, value, spec: str = ".2f", scale: float = 1.0) -> str:
+    """A timing ratio as a cell, marked "?" when the section ran on a busy machine (`train.bench.trust`)."""
+    return fmt(value, spec, scale) + ("?" if section.get("busy") and value is not None else "")
+
+
+def span(low, high, spec: str) -> str:
+    """The spread of a timed figure's repeats as a cell: "low..high"."""
+    return "—" if low is None or high is None else f"{format(low, spec)}..{format(high, spec)}"
 
 
 def code(text) -> str:
@@ -25,10 +37,12 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def matmul_markdown(section: dict, device: str) -> str:
-    rows = [[r["dtype"], str(r["n"]), fmt(r["gflops"], ".1f"), fmt(r["best_gflops"], ".1f"),
-             fmt(r["median_s"], ".4f"), fmt(r["first_call_s"], ".2f")] for r in section["rows"]]
+    rows = [[r["dtype"], str(r["n"]), fmt(r["gflops"], ".1f"), span(r.get("worst_gflops"), r["best_gflops"], ".1f"),
+             fmt(r["median_s"], ".4f"), span(r.get("min_s"), r.get("max_s"), ".4f"), fmt(r["first_call_s"], ".2f")]
+            for r in section["rows"]]
     return (f"## 1. Matmul peak ({device})\n\n{section['how']}.\n\n"
-            + table(["dtype", ">n", ">GFLOP/s (median)", ">GFLOP/s (best)", ">median s", ">first call s"], rows))
+            + table(["dtype", ">n", ">GFLOP/s (median)", ">GFLOP/s worst..best", ">median s", ">min..max s",
+                     ">first call s"], rows))
 
 
 def throughput_markdown(section: dict, device: str) -> str:
@@ -39,15 +53,18 @@ def throughput_markdown(section: dict, device: str) -> str:
                            f"({r['matmul_params']:,} in matmuls), {r['flops_per_token']:,} FLOPs/token"
                            for name, r in sizes.items())
     rows = [[r["size"], r["label"], code(r["config"]), " ".join(code(o) for o in r["variant_overrides"]),
-             fmt(r["first_call_s"], ".1f"), fmt(r["ms_per_step"], ".1f"), fmt(r["tokens_per_s"], ",.0f"),
-             fmt(r["mfu"], ".1f", 100), fmt(r.get("vs_bf16"), ".2f"), fmt(r.get("vs_fp32"), ".2f")]
+             fmt(r["first_call_s"], ".1f"), fmt(r["ms_per_step"], ".1f"),
+             span(r["ms_per_step_min"], r.get("ms_per_step_max"), ".1f"), fmt(r["tokens_per_s"], ",.0f"),
+             timing_ratio(section, r["mfu"], ".1f", 100), timing_ratio(section, r.get("vs_bf16")),
+             timing_ratio(section, r.get("vs_fp32"))]
             for r in section["rows"]]
     overrides = "; ".join(f"{name}: {' '.join(code(o) for o in r['size_overrides']) or 'none'}"
                           for name, r in sizes.items())
     return (f"## 2. Training throughput ({device})\n\n{section['how']}. Peak: {section['peak_gflops']:.1f} GFLOP/s "
             f"(float32, section 1).\n\nModel FLOPs: {section['flops_formula']}\n\n{size_lines}\n\nEach size's "
             f"overrides come first, then the variant's ({overrides}).\n\n"
-            + table(["size", "variant", "config", "overrides", ">first call s", ">ms/step", ">tokens/s", ">MFU %",
+            + table(["size", "variant", "config", "overrides", ">first call s", ">ms/step (median)",
+                     ">ms/step min..max", ">tokens/s", ">MFU %",
                      ">x bf16 time", ">x fp32 time"], rows))
 
 
@@ -63,10 +80,19 @@ def quality_markdown(section: dict, device: str) -> str:
               f"as in `eval_command` of results.json):\n\n{commands}")
 
 
+def decode_cell(speed: dict) -> str:
+    """Decode tokens/s (median) and its range over the generate repeats (each less the median prefill)."""
+    tokens, prefill = speed["batch"] * speed["new_tokens"], speed["prefill_s"]
+    rates = [tokens / max(speed["generate_spread"][k] - prefill, 1e-9) for k in ("max", "min")] \
+        if "generate_spread" in speed else [None, None]
+    return f"{fmt(speed['decode_tokens_per_s'], ',.0f')} ({span(*rates, ',.0f')})"
+
+
 def serving_markdown(section: dict, device: str) -> str:
     batches = sorted({s["batch"] for r in section["rows"] for s in r.get("speed", [])})
     headers = ["model", "compute", ">param bytes", ">x float", ">checkpoint bytes", ">x float params"]
-    headers += [f">prefill tok/s b={b}" for b in batches] + [f">decode tok/s b={b}" for b in batches]
+    headers += [f">prefill tok/s b={b} (all {b} seqs)" for b in batches]
+    headers += [f">decode tok/s b={b} (all {b} seqs; slowest..fastest)" for b in batches]
     headers += [">save s", ">restore s", ">peak RSS MB"]
     rows = []
     for r in section["rows"]:
@@ -75,7 +101,7 @@ def serving_markdown(section: dict, device: str) -> str:
         cells = [r["label"], compute, fmt(r.get("param_bytes"), ",.0f"), fmt(r.get("params_vs_float"), ".3f"),
                  fmt(r.get("checkpoint_bytes"), ",.0f"), fmt(r.get("checkpoint_vs_float_params"), ".3f")]
         cells += [fmt(speed[b]["prefill_tokens_per_s"], ",.0f") if b in speed else "—" for b in batches]
-        cells += [fmt(speed[b]["decode_tokens_per_s"], ",.0f") if b in speed else "—" for b in batches]
+        cells += [decode_cell(speed[b]) if b in speed else "—" for b in batches]
         cells += [fmt(r.get("save_s"), ".3f"), fmt(r.get("restore_s"), ".3f"), fmt(r.get("peak_rss_bytes"), ".0f", 1e-6)]
         rows.append(cells)
     runtime = section["runtime_rss"]
@@ -93,7 +119,7 @@ def finetune_markdown(section: dict, device: str) -> str:
     rows = [[r["label"], fmt(r.get("loss"), ".4f"), fmt(r.get("loss_vs_float_ft"), "+.1%"),
              fmt(r.get("trainable_params"), ",.0f"), fmt(r.get("state_bytes"), ",.0f"),
              fmt(r.get("state_bytes_vs_float_ft"), ".3f"), fmt(r.get("peak_rss_bytes"), ".0f", 1e-6),
-             fmt(r.get("ms_per_step"), ".1f"), fmt(r.get("ms_per_step_vs_float_ft"), ".2f")]
+             fmt(r.get("ms_per_step"), ".1f"), timing_ratio(section, r.get("ms_per_step_vs_float_ft"))]
             for r in section["rows"]]
     commands = "\n".join(f"- `{r['name']}`: `{r['command']}`" + (f" **failed**: {r['error']}" if "error" in r else "")
                          for r in section["rows"] if r.get("command"))
@@ -109,11 +135,20 @@ SECTIONS = {"matmul": matmul_markdown, "throughput": throughput_markdown, "quali
 
 
 def section_markdown(key: str, results: dict) -> str:
-    return SECTIONS[key](results[key], results["machine"]["name"])
+    """A section's Markdown: its heading, a plain busy-machine warning when `train.bench.trust` found one, the
+    load around it, then its tables."""
+    section = results[key]
+    heading, _, body = SECTIONS[key](section, results["machine"]["name"]).partition("\n\n")
+    load = section.get("load")
+    notes = ([f"**{busy_warning(section['busy'])}**"] if section.get("busy") else []) + (
+        [f"Load average before / after: {load['load_before']} / {load['load_after']} (the bench itself used "
+         f"{load['own_cpu']} cores on average)."] if load else [])
+    return "\n\n".join([heading, *notes, body])
 
 
 def header_markdown(results: dict) -> str:
     m = results["machine"]
+    busy = [key for key in SECTIONS if results.get(key, {}).get("busy")]
     sections = ", ".join(f"{k} {v:.0f} s" for k, v in results["section_s"].items())
     return (f"# slm-jax benchmarks: {m['name']} ({results['profile']})\n\n"
             f"- command: `{results['command']}` (commit {results['git'] or 'unknown'}, {results['started']})\n"
@@ -121,7 +156,9 @@ def header_markdown(results: dict) -> str:
             f"cores), jax {m['jax']}, Python {m['python']}\n"
             f"- load average at start / end: {m['load_average_at_start']} / {m.get('load_average_at_end')}\n"
             f"- total {results['total_s']:.0f} s ({sections})\n\n"
-            f"Absolute times hold for this device and its load only; compare ratios within one run.\n")
+            + (f"**UNRELIABLE: the machine was busy during {', '.join(busy)}; their timings and ratios (marked ?) "
+               f"are noise, not results. Rerun on a quiet machine.**\n" if busy else
+               "Absolute times hold for this device and its load only; compare ratios within one run.\n"))
 
 
 def write_report(results: dict, out: Path) -> None:
@@ -145,6 +182,9 @@ def make_plots(results: dict, out: Path) -> list[str]:
     device = results["machine"]["name"]
     style = dict(figsize=(8, 3.4), dpi=80)
 
+    def busy(key: str) -> str:
+        return " - BUSY MACHINE, unreliable" if results[key].get("busy") else ""
+
     def save(fig, name):
         fig.tight_layout()
         fig.savefig(out / name)
@@ -158,9 +198,11 @@ def make_plots(results: dict, out: Path) -> list[str]:
         ax.barh([r["label"] for r in these], [r["tokens_per_s"] for r in these], color="tab:blue")
         for i, r in enumerate(these):
             ratio = r.get("vs_bf16") or r.get("vs_fp32")
-            ax.text(r["tokens_per_s"], i, f" x{ratio:.2f} time" if ratio else "", va="center", fontsize=8)
+            ax.text(r["tokens_per_s"], i, f" x{ratio:.2f} time{'?' if busy('throughput') else ''}" if ratio else "",
+                    va="center", fontsize=8)
         ax.invert_yaxis()
-        ax.set_title(f"{size}: training tokens/s ({device})", fontsize=9)
+        ax.set_title(f"{size}: training tokens/s ({device}){busy('throughput')}", fontsize=9,
+                     color="red" if busy("throughput") else "black")
         ax.tick_params(labelsize=8)
         ax.margins(x=0.25)
     save(fig, "throughput.png")
@@ -203,7 +245,8 @@ def make_plots(results: dict, out: Path) -> list[str]:
         values = [next((s["decode_tokens_per_s"] for s in r["speed"] if s["batch"] == batch), 0) for r in timed]
         right.bar([i + j * width for i in range(len(timed))], values, width, label=f"batch {batch}")
     right.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(timed))], [r["name"] for r in timed])
-    right.set_title(f"decode tokens/s with KV cache ({device})", fontsize=9)
+    right.set_title(f"decode tokens/s with KV cache, all sequences ({device}){busy('serving')}", fontsize=9,
+                    color="red" if busy("serving") else "black")
     right.legend(fontsize=7)
     for ax in (left, right):
         ax.tick_params(labelsize=8)

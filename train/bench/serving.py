@@ -21,6 +21,7 @@ from slm_jax.attention import KVCache
 from slm_jax.errors import UserError
 from slm_jax.sampling import generate
 from train.bench.common import folder_bytes, peak_rss, quiet, shown, timed, train_command
+from train.bench.trust import spread
 from train.config import load_config
 from train.ptq import convert_workdir
 from train.run import load_run
@@ -43,14 +44,16 @@ def decode_speed(run, batch: int, new_tokens: int, reps: int) -> dict:
     run_prefill = lambda: prefill(variables, prompt)
     run_generate = lambda n: lambda: generate(model, variables, prompt, rng, n, 0.8, 40)
     first_prefill, first_generate, _ = timed(run_prefill), timed(run_generate(new_tokens)), timed(run_generate(0))
-    prefill_s = min(timed(run_prefill) for _ in range(reps))
-    generate_s = min(timed(run_generate(new_tokens)) for _ in range(reps))
-    decode_s = generate_s - min(timed(run_generate(0)) for _ in range(reps))
+    prefills = spread(timed(run_prefill) for _ in range(reps))
+    generates = spread(timed(run_generate(new_tokens)) for _ in range(reps))
+    prefill_s, generate_s = prefills["median"], generates["median"]
+    decode_s = generate_s - spread(timed(run_generate(0)) for _ in range(reps))["median"]
     if decode_s <= 0:
         raise UserError(f"decode of {new_tokens} new tokens took no measurable time beyond the prefill; measure "
                         f"more new tokens")
     return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "first_prefill_s": first_prefill,
             "first_generate_s": first_generate, "prefill_s": prefill_s, "generate_s": generate_s,
+            "prefill_spread": prefills, "generate_spread": generates,
             "prefill_tokens_per_s": batch * prompt_len / prefill_s,
             "decode_tokens_per_s": batch * new_tokens / decode_s, "decode_ms_per_token": 1000 * decode_s / new_tokens}
 
@@ -67,7 +70,8 @@ def save_restore_times(variables, folder: Path, reps: int) -> dict:
         finally:
             store.close()
     shutil.rmtree(folder, ignore_errors=True)
-    return {"save_s": statistics.median(saves[1:]), "restore_s": statistics.median(restores[1:])}
+    return {"save_s": statistics.median(saves[1:]), "restore_s": statistics.median(restores[1:]),
+            "save_spread": spread(saves[1:]), "restore_spread": spread(restores[1:])}
 
 
 def measure_serving(quality: dict, work: Path, batches, new_tokens: int, reps: int, rss_models: int | None,
@@ -95,7 +99,8 @@ def measure_serving(quality: dict, work: Path, batches, new_tokens: int, reps: i
         for batch in batches:
             speed = decode_speed(run, batch, new_tokens, reps)
             say(f"{name} batch {batch}: prefill {speed['prefill_tokens_per_s']:,.0f} tok/s, decode "
-                f"{speed['decode_tokens_per_s']:,.0f} tok/s (generate first call {speed['first_generate_s']:.1f} s)")
+                f"{speed['decode_tokens_per_s']:,.0f} tok/s, all {batch} sequences counted (generate first call "
+                f"{speed['first_generate_s']:.1f} s)")
             row["speed"].append(speed)
         rows.append(row)
 
@@ -133,7 +138,13 @@ def measure_serving(quality: dict, work: Path, batches, new_tokens: int, reps: i
             r.update(measured[r["name"]])
             r["rss_command"] = (f"/usr/bin/time -v python -m train.generate --workdir {shlex.quote(r['workdir'])} "
                                 f"--max-new-tokens {new_tokens}")
-    return {"how": f"tokens/s after compilation, fastest of {reps}; prompt seq_len/2 random tokens; decode "
-                   f"{new_tokens} new tokens with the KV cache (slm_jax.sampling.generate)",
+    spreads = {f"{r['name']} {kind}": r[f"{kind}_spread"] for r in rows for kind in ("save", "restore")
+               if f"{kind}_spread" in r}
+    spreads.update({f"{r['name']} b={s['batch']} {kind}": s[f"{kind}_spread"] for r in rows
+                    for s in r.get("speed", []) for kind in ("prefill", "generate")})
+    return {"how": f"tokens/s after compilation, median of {reps}; prompt seq_len/2 random tokens; decode "
+                   f"{new_tokens} new tokens with the KV cache (slm_jax.sampling.generate), timed as generate(n) "
+                   f"minus generate(0); tokens/s at batch b count the tokens of all b sequences (b x tokens / "
+                   f"seconds)", "spreads": spreads,
             "runtime_rss": {**measured["runtime"], "command": f"python -c {shlex.quote(RUNTIME_ONLY)}"},
             "rows": rows}

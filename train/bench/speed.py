@@ -1,7 +1,8 @@
 """Bench sections 1 and 2: the machine's matmul peak, and training-step speed of each precision and QAT variant.
 
-Steps are timed one by one (`block_until_ready`) and reported as medians; variants take turns, round after round,
-so a change of load on a shared machine slows all of them alike and their ratios stay meaningful.
+Steps are timed one by one (`block_until_ready`) and reported as medians with their spread (min/max, also in
+`spreads` for `train.bench.trust`); variants take turns, round after round, so a change of load on a shared machine
+slows all of them alike.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from train.bench.common import timed
+from train.bench.trust import spread
 from train.build import build_model, state_initializer
 from train.config import load_config
 from train.optim import make_optimizer
@@ -27,7 +29,7 @@ FLOPS_FORMULA = ("6*N + 12*n_layers*seq_len*d_model per token (PaLM, Chowdhery e
 
 def measure_matmul(n: int, reps: int, say) -> dict:
     """GFLOP/s of a jitted [n, n] @ [n, n] matmul in float32 and bfloat16 (median and best of `reps`)."""
-    rows = []
+    rows, spreads = [], {}
     for dtype in (jnp.float32, jnp.bfloat16):
         a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n), dtype) for i in (0, 1))
         matmul = jax.jit(jnp.matmul)
@@ -35,13 +37,16 @@ def measure_matmul(n: int, reps: int, say) -> dict:
         seconds = [timed(lambda: matmul(a, b)) for _ in range(reps)]
         flops = 2 * n ** 3
         row = {"dtype": jnp.dtype(dtype).name, "n": n, "reps": reps, "first_call_s": first,
-               "median_s": statistics.median(seconds), "gflops": flops / statistics.median(seconds) / 1e9,
-               "best_gflops": flops / min(seconds) / 1e9}
-        say(f"matmul {row['dtype']} {n}^3: {row['gflops']:.1f} GFLOP/s (median of {reps}), "
-            f"best {row['best_gflops']:.1f}")
+               "median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
+               "gflops": flops / statistics.median(seconds) / 1e9, "best_gflops": flops / min(seconds) / 1e9,
+               "worst_gflops": flops / max(seconds) / 1e9}
+        say(f"matmul {row['dtype']} {n}^3: {row['gflops']:.1f} GFLOP/s (median of {reps}; "
+            f"{row['worst_gflops']:.1f}..{row['best_gflops']:.1f})")
         rows.append(row)
+        spreads[f"matmul {row['dtype']}"] = spread(seconds)
     return {"how": f"jax.jit(jnp.matmul) of two random [n, n] arrays, one untimed call, then {reps} timed; 2*n^3 "
-                   "FLOPs per call; the float32 median is the peak MFU is measured against", "rows": rows}
+                   "FLOPs per call; the float32 median is the peak MFU is measured against", "rows": rows,
+            "spreads": spreads}
 
 
 def matmul_params(params) -> int:
@@ -69,7 +74,7 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
     batch. The initial state comes from `state_initializer` once per size (the float variant's): quantization is a
     configuration of the same model, so every variant starts from the same parameters.
     """
-    rows = []
+    rows, spreads = [], {}
     for size_label, size_overrides in sizes:
         built, init = [], None
         for name, label, config_name, extra in variants:
@@ -108,8 +113,10 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
             row, times = item["row"], item["times"]
             step_s = statistics.median(times)
             tokens = row["batch_size"] * row["seq_len"]
+            spreads[f"{size_label} {row['variant']} step"] = spread(times)
             row.update(timed_steps=len(times), ms_per_step=1000 * step_s, ms_per_step_min=1000 * min(times),
-                       tokens_per_s=tokens / step_s, model_tflops=row["flops_per_token"] * tokens / step_s / 1e12,
+                       ms_per_step_max=1000 * max(times), tokens_per_s=tokens / step_s,
+                       model_tflops=row["flops_per_token"] * tokens / step_s / 1e12,
                        mfu=row["flops_per_token"] * tokens / step_s / peak_flops)
             rows.append(row)
         reference = {r["variant"]: r["ms_per_step"] for r in rows if r["size"] == size_label}
@@ -119,9 +126,9 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
                     if base in reference:
                         row[f"vs_{base}"] = row["ms_per_step"] / reference[base]
         for row in (r for r in rows if r["size"] == size_label):
-            say(f"{size_label} {row['variant']}: {row['ms_per_step']:.1f} ms/step, {row['tokens_per_s']:,.0f} tok/s, "
-                f"MFU {100 * row['mfu']:.1f}%")
+            say(f"{size_label} {row['variant']}: {row['ms_per_step']:.1f} ms/step ({row['ms_per_step_min']:.1f}.."
+                f"{row['ms_per_step_max']:.1f}), {row['tokens_per_s']:,.0f} tok/s, MFU {100 * row['mfu']:.1f}%")
         del built
     return {"how": f"median of {rounds} x {steps} timed steps per variant (variants in turn each round) after "
                    f"{warmup} untimed step(s); fixed random batch; MFU = model FLOP/s / float32 matmul peak",
-            "flops_formula": FLOPS_FORMULA, "peak_gflops": peak_flops / 1e9, "rows": rows}
+            "flops_formula": FLOPS_FORMULA, "peak_gflops": peak_flops / 1e9, "rows": rows, "spreads": spreads}

@@ -1,0 +1,47 @@
+"""The bench's busy-machine rule: a figure whose repeats spread more than 1.5x, or a load average (less the bench's
+own CPU use) above 0.75 x the cores, marks a section unreliable; and the report says so in plain words."""
+import pytest
+
+from train.bench.report import section_markdown, timing_ratio
+from train.bench.trust import SectionLoad, busy_reasons, busy_warning, spread
+
+QUIET_LOAD = {"load_before": 0.4, "load_after": 1.9, "own_cpu": 1.6, "others_load": 0.3}
+
+
+def test_spread_is_min_median_max_of_the_repeats():
+    assert spread([0.3, 0.1, 0.2, 0.4]) == {"min": 0.1, "median": pytest.approx(0.25), "max": 0.4, "n": 4}
+
+
+@pytest.mark.parametrize("seconds, load, cores, expected", [
+    ([1.0, 1.1, 1.49], QUIET_LOAD, 2, []),  # 1.49x and other processes at 0.3 of 1.5 allowed: quiet
+    ([1.0, 1.2, 1.51], QUIET_LOAD, 2, ["step varied 1.5x between repeats (max/min > 1.5)"]),
+    ([1.0, 1.0], {**QUIET_LOAD, "load_after": 3.2, "others_load": 1.6}, 2,
+     ["load average 3.2 less the bench's own 1.6 cores = 1.6 > 1.5 (0.75 x 2 cores)"]),
+    ([1.0, 1.0], {**QUIET_LOAD, "load_after": 3.2, "others_load": 1.6}, 16, []),  # 1.6 of 12 allowed on 16 cores
+    ([1.0, 1.0], {**QUIET_LOAD, "load_after": None, "others_load": None}, 2, []),  # no load average: spread only
+])
+def test_busy_reasons(seconds, load, cores, expected):
+    assert busy_reasons({"step": spread(seconds)}, load, cores) == expected
+
+
+def test_section_load_subtracts_the_bench_s_own_cpu_use():
+    load = SectionLoad().start()
+    sum(i * i for i in range(2_000_000))  # this process keeps one core busy
+    result = load.finish()
+    assert 0 < result["own_cpu"] <= 1.1  # one thread: at most one core (CPU clock granularity aside)
+    assert result["others_load"] == pytest.approx(max(result["load_after"] - result["own_cpu"], 0), abs=0.011)
+
+
+def test_a_busy_section_says_so_and_marks_its_ratios():
+    row = {"dtype": "float32", "n": 64, "gflops": 5.0, "best_gflops": 9.0, "worst_gflops": 2.0, "median_s": 0.1,
+           "min_s": 0.05, "max_s": 0.2, "first_call_s": 0.3}
+    reasons = ["matmul float32 varied 4.0x between repeats (max/min > 1.5)"]
+    results = {"machine": {"name": "cpu-2core"},
+               "matmul": {"how": "h", "rows": [row], "busy": reasons, "load": QUIET_LOAD}}
+    text = section_markdown("matmul", results)
+    assert text.splitlines()[2] == f"**{busy_warning(reasons)}**"
+    assert busy_warning(reasons).startswith("BUSY MACHINE: these timings are unreliable")
+    assert "Load average before / after: 0.4 / 1.9" in text and "| 0.0500..0.2000 |" in text
+    assert timing_ratio(results["matmul"], 1.234) == "1.23?"
+    results["matmul"]["busy"] = []
+    assert "BUSY" not in section_markdown("matmul", results) and timing_ratio(results["matmul"], 1.234) == "1.23"
