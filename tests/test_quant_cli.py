@@ -165,6 +165,7 @@ def test_generate_and_evaluate_read_qat_serving_and_float_runs(runs, capsys, tmp
     evaluate_main(["--workdir", str(runs / "float"), "--workdir", str(runs / "qat"), "--workdir",
                    str(tmp_path / "served"), "--batches", "2", "--batch-size", "4"])
     table = capsys.readouterr().out.splitlines()
-    assert [line.split()[2] for line in table[2:]] == ["none", "qat", "serve"]
-    param_mb = [float(line.split()[-1]) for line in table[2:]]
+    assert [line.split()[2] for line in table[2:5]] == ["none", "qat", "serve"]
+    assert table[5] == "val loss over 2 batches x 4 windows x 32 tokens of each run's validation split"
+    param_mb = [float(line.split()[-1]) for line in table[2:5]]
     assert param_mb[2] < 0.4 * param_mb[1] and param_mb[0] == param_mb[1]
