@@ -13,13 +13,12 @@ import jax
 from checkpoints.manager import tree_bytes
 from quant.lora import split_adapters
 from quant.lora_merge import format_rows, logits_error, merge_adapters
-from slm_jax.errors import UserError
 from train.build import build_model
 from train.cli import main_guard, positive_int
 from train.config import FinetuneConfig
 from train.data import eval_batches, load_splits
 from train.evaluation import eval_windows, mean_loss
-from train.run import check_output_folder, load_run, write_serving_run
+from train.run import load_run, new_run_folder, write_serving_run
 from train.steps import make_eval_step, split_variables
 
 
@@ -28,10 +27,14 @@ def merge_workdir(workdir: Path, out: Path, batches: int = 20, batch_size: int =
     the validation losses of base, base + adapters and merged model on the LoRA run's (target) validation split.
     UserError if `workdir` is not a LoRA run or `out` is not a new, empty folder."""
     workdir, out = Path(workdir), Path(out)
-    check_output_folder(workdir, out)
-    run = load_run(workdir)
-    if run.metadata.get("kind") != "lora":
-        raise UserError(f"{workdir} is a {run.metadata.get('kind')} run, not a LoRA run; nothing to merge")
+    with new_run_folder(workdir, out) as folder:
+        return _merge(workdir, out, folder, batches, batch_size, log)
+
+
+def _merge(workdir: Path, out: Path, folder: Path, batches: int, batch_size: int, log) -> dict:
+    run = load_run(workdir, refuse={kind: f"it has no adapters to merge ({hint})" for kind, hint in (
+        ("float", "quantize it with python -m quant.convert"), ("qat", "quantize it with python -m quant.convert"),
+        ("serving", "evaluate or generate with it as it is"))})
     config = dataclasses.replace(run.config, finetune=FinetuneConfig())  # the merged model is a plain serving one
     splits = load_splits(config.data, run.tokenizer)
     seq_len = config.model.seq_len
@@ -48,7 +51,7 @@ def merge_workdir(workdir: Path, out: Path, batches: int = 20, batch_size: int =
                                     ("base + adapters", jax.jit(make_eval_step(run.model)), run.variables),
                                     ("merged", serve_loss, merged))}
 
-    write_serving_run(out, config, run.step, merged, splits, merged_from=str(workdir.resolve()),
+    write_serving_run(folder, config, run.step, merged, splits, merged_from=str(workdir.resolve()),
                       base=run.metadata["base"])
 
     log(format_rows(rows))

@@ -10,7 +10,7 @@ from pathlib import Path
 from quant.config import QuantConfig
 from quant.layer_report import format_report, layer_report
 from slm_jax.errors import UserError
-from train.cli import add_scheme_args, main_guard, scheme_from_args
+from train.cli import add_scheme_args, main_guard, positive_int, scheme_from_args
 from train.data import eval_batches, load_splits
 from train.ptq import serving_quant_config
 from train.run import load_run
@@ -19,7 +19,8 @@ from train.run import load_run
 def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int) -> str:
     """The report table for `workdir`. A serving run has no float weights left: it is measured against the run it
     was converted from, with its own scheme. UserError for a LoRA run or a serving run with no recorded source."""
-    run = load_run(workdir)
+    run = load_run(workdir, refuse={"lora": "report on the float or QAT run its base was converted from, or merge "
+                                            "it first (python -m quant.merge) and report on the merged run"})
     kind, source = run.metadata.get("kind"), workdir
     if kind == "serving":
         source = run.metadata.get("converted_from")
@@ -28,8 +29,6 @@ def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int) -
                             f"report on that run instead (--workdir RUN --bits N)")
         scheme = scheme or run.config.quant
         run = load_run(Path(source))
-    elif kind not in ("train", "imported", None):
-        raise UserError(f"{workdir} is a {kind} run; report on a float, QAT or serving run")
     quant = dataclasses.replace(serving_quant_config(run.config, scheme), mode="qat")
     splits = load_splits(run.config.data, run.tokenizer)
     tokens, _ = next(eval_batches(splits.val, batch_size, run.config.model.seq_len, 1))
@@ -46,11 +45,9 @@ def main(argv=None) -> None:
                     "quantization error of its weights and of its output on a batch of validation text.")
     parser.add_argument("--workdir", type=Path, required=True,
                         help="a QAT run, a float run (with --bits), or a serving run converted from one")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences of validation text to measure on")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="sequences of validation text to measure on")
     add_scheme_args(parser)
     args = parser.parse_args(argv)
-    if args.batch_size <= 0:
-        raise UserError("--batch-size must be positive")
     print(report_workdir(args.workdir, scheme_from_args(args), args.batch_size))
 
 

@@ -8,7 +8,9 @@ import pytest
 
 from checkpoints import inspect as inspect_cli
 from quant import merge as merge_cli
+from quant import report as report_cli
 from slm_jax.errors import UserError
+from train import evaluate as evaluate_cli
 from train import generate as generate_cli
 from train import main as train_main
 from train.cli import (finite_float, int_in, non_negative_float, non_negative_int, positive_float, positive_int,
@@ -123,6 +125,9 @@ def test_argument_types_accept_their_range_and_name_what_is_wrong(parse, good, b
     (generate_cli.main, ["--step", "1e3"], "argument --step: expected an integer, got '1e3'"),
     (merge_cli.main, ["--out", "x", "--batches", "0"], "argument --batches: must be an integer >= 1, got 0"),
     (merge_cli.main, ["--out", "x", "--batch-size", "-2"], "argument --batch-size: must be an integer >= 1, got -2"),
+    (evaluate_cli.main, ["--batches", "0"], "argument --batches: must be an integer >= 1, got 0"),
+    (evaluate_cli.main, ["--batch-size", "2.5"], "argument --batch-size: expected an integer, got '2.5'"),
+    (report_cli.main, ["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
 ])
 def test_numeric_flags_are_refused_at_parse_time_with_exit_code_2(tmp_path, capsys, main, argv, message):
     with pytest.raises(SystemExit) as exited:

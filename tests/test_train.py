@@ -103,6 +103,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
     before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     diverge = run_cli("train.main", "--config", "tiny", "--workdir", str(workdir), "--set", f"data.path={corpus_file}",
                       "--set", "train.steps=40", "--set", "train.learning_rate=1e30", "--set", "train.warmup_steps=0",
+                      "--set", "train.extend=true",
                       "--set", "train.sample_tokens=0")
     assert diverge.returncode == 2
     assert "loss became" in diverge.stderr and "last good checkpoint: 20" in diverge.stderr

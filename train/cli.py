@@ -79,7 +79,9 @@ probability = float_in(0.0, 1.0)
 
 
 def main_guard(fn):
-    """Run a CLI main; a UserError prints `error: <one line>` to stderr and exits with code 2."""
+    """Run a CLI main; a UserError prints `error: <one line>` to stderr and exits with code 2, and so does an
+    OSError the user's environment causes (a read-only folder, a file where a folder belongs, a missing parent, no
+    permission, a full disk), naming the path."""
     @functools.wraps(fn)
     def wrapper(argv=None):
         try:
@@ -87,10 +89,20 @@ def main_guard(fn):
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(USER_ERROR_EXIT)
+        except OSError as err:
+            print(f"error: {os_error_line(err)}", file=sys.stderr)
+            sys.exit(USER_ERROR_EXIT)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
     return wrapper
+
+
+def os_error_line(err: OSError) -> str:
+    """An OSError as one line: what failed and on which path(s), e.g. "Read-only file system: runs/a/config.yaml"."""
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    what = err.strerror or (str(err).splitlines() or [type(err).__name__])[0]
+    return f"{what}: {paths}" if paths else what
 
 
 def add_scheme_args(parser: argparse.ArgumentParser) -> None:

@@ -44,6 +44,7 @@ class TrainConfig:
     sample_prompt: str = "ROMEO:"
     sample_tokens: int = 200
     tensorboard: bool = False  # also write metrics.jsonl's scalars as TensorBoard events to <workdir>/tensorboard
+    extend: bool = False  # resume with another learning-rate schedule (train.steps, learning_rate, ...) on purpose
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches"):

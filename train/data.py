@@ -231,10 +231,18 @@ def _pretokenized(cfg: DataConfig, folder: Path, tokenizer) -> Splits:
     return Splits(train=train, val=val, description=description, tokenizer=tokenizer)
 
 
-def _check_length(tokens: np.ndarray, seq_len: int) -> None:
+def check_splits(splits: Splits, seq_len: int) -> None:
+    """UserError naming the split unless both hold at least one window of `seq_len` + 1 tokens (run it before any
+    training step: batches and evaluation both need one)."""
+    for name, tokens in (("training", splits.train), ("validation", splits.val)):
+        _check_length(tokens, seq_len, name)
+
+
+def _check_length(tokens: np.ndarray, seq_len: int, name: str = "a data") -> None:
     if len(tokens) < seq_len + 1:
-        raise UserError(f"a data split has {len(tokens)} tokens, too few for model.seq_len={seq_len} (needs "
-                        f"{seq_len + 1}); the corpus is too small: use more text or a shorter model.seq_len")
+        raise UserError(f"{name} split has {len(tokens)} tokens, too few for model.seq_len={seq_len} (needs "
+                        f"{seq_len + 1}); the corpus is too small: use more text, a larger data.val_fraction or a "
+                        f"shorter model.seq_len")
 
 
 def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from checkpoints.manager import tree_bytes
+from slm_jax.errors import UserError
 from train.data import DataConfig, eval_starts, load_splits, windows
 from train.run import load_run
 from train.steps import make_eval_step, split_variables
@@ -47,11 +48,15 @@ def format_bits_per_char(bits: float | None) -> str:
 def evaluate_workdir(workdir: Path, batches: int, batch_size: int, data: DataConfig | None = None) -> dict:
     """Validation loss of any run in `workdir` on its own validation split, or on `data`'s (e.g. a fine-tuning
     target), tokenized by the run's own tokenizer: {'workdir', 'step', 'quant', 'loss', 'perplexity',
-    'bits_per_char' (None without text), 'param_bytes', 'val_windows' (`eval_windows`)}."""
+    'bits_per_char' (None without text), 'param_bytes', 'val_windows' (`eval_windows`)}. UserError if the loss is
+    not finite (a NaN is never a result)."""
     run = load_run(workdir)
     splits = load_splits(data or run.config.data, run.tokenizer)
     loss = mean_loss(jax.jit(make_eval_step(run.model)), *split_variables(run.variables), splits.val, batch_size,
                      run.config.model.seq_len, batches)
+    if not math.isfinite(loss):
+        raise UserError(f"the validation loss of {workdir} (step {run.step}) is {loss}: its model overflows on this "
+                        f"data (precision {run.config.train.precision}); try train.precision=fp32 or another step")
     return {"workdir": str(workdir), "step": run.step, "quant": run.config.quant.mode,
             **loss_summary(loss, splits.chars_per_token),
             "param_bytes": tree_bytes(run.variables)["total"],

@@ -20,12 +20,14 @@ from quant.plan import format_plan, make_plan, plan_to_json
 from slm_jax.errors import UserError
 from slm_jax.sampling import generate
 from train.config import Config, save_yaml
-from train.data import batch_starts, load_splits, windows
+from train.data import batch_starts, check_splits, load_splits, windows
 from train.evaluation import eval_windows, format_bits_per_char, loss_summary, mean_loss
 from train.metrics import MetricsLog, Throughput, format_duration
 from train.observe import StepProfiler, TensorBoardLog
 from train.optim import learning_rate_schedule
+from train.precision import all_finite
 from train.recipe import make_recipe
+from train.run import check_schedule
 from train.sharding import (batch_sharding, check_batch_rows, load_sharded, make_mesh, rows_sharding,
                             shard_train_step)
 from train.steps import make_eval_step, make_train_step, merge_variables
@@ -33,7 +35,16 @@ from train.tokenizer import save_tokenizer
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN/inf: training stops and the last good checkpoint stays as it was."""
+    """The loss, the gradients or the state became NaN/inf: training stops without saving, and the last checkpoint
+    (which is finite: every save is checked) stays as it was."""
+
+
+def diverged(what: str, step: int, last_good: int | None, store: CheckpointStore, precision: str) -> TrainingDiverged:
+    """The stop message: what became non-finite, and the last checkpoint saved (finite: every save is checked)."""
+    return TrainingDiverged(
+        f"{what} at step {step}; stopped without saving (last good checkpoint: "
+        f"{last_good if last_good is not None else 'none'} in {store.directory}); try a lower train.learning_rate"
+        f" or train.grad_clip" + (", or train.precision=fp32" if precision != "fp32" else ""))
 
 
 def train_batch(tokens: np.ndarray, config: Config, step: int, sharding):
@@ -81,6 +92,7 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     cfg = config.train
     workdir.mkdir(parents=True, exist_ok=True)
     splits = load_splits(config.data, recipe.inherited_tokenizer())
+    check_splits(splits, config.model.seq_len)  # before any step, so a too-short split wastes no training
     tokenizer = splits.tokenizer
     if cfg.sample_tokens and tokenizer.kind != "none":  # refuse a prompt it cannot encode now, not after training
         tokenizer.encode(cfg.sample_prompt, source="train.sample_prompt")
@@ -96,6 +108,7 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     place = batch_sharding(mesh)
     try:
         check_same_tokenizer(store, tokenizer)
+        check_schedule(store, config, log)
         state = recipe.initial_state(store, log, shardings)
     except BaseException:
         store.close()
@@ -107,12 +120,14 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     if tensorboard:
         tensorboard.open(start)
     metrics_log = MetricsLog(workdir / "metrics.jsonl" if primary else None, tensorboard)
+    metrics_log.rewind(start)  # records past the restored step were never saved: they are redone
     n_params = param_count(state.params)
     log(f"model: {n_params:,} params | train {len(splits.train):,} tokens, val {len(splits.val):,} tokens | "
         f"precision {cfg.precision} | quant {config.quant.mode} | mesh {dict(mesh.shape)}")
 
     schedule = learning_rate_schedule(cfg)
-    train_step = shard_train_step(make_train_step(model, recipe.optimizer, schedule, cfg.precision == "fp16"),
+    fp16 = cfg.precision == "fp16"
+    train_step = shard_train_step(make_train_step(model, recipe.optimizer, schedule, fp16),
                                   shardings, place)
     eval_step = jax.jit(make_eval_step(model), out_shardings=NamedSharding(mesh, PartitionSpec()))
     cpt = splits.chars_per_token
@@ -122,9 +137,16 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     def validate() -> dict:
         loss = mean_loss(eval_step, state.params, state.frozen, splits.val, cfg.batch_size, seq_len,
                          cfg.eval_batches, place=lambda starts: eval_batch(splits.val, starts, seq_len, mesh))
+        if not math.isfinite(loss):
+            raise diverged(f"validation loss became {loss}", int(state.step), last_good, store, cfg.precision)
         return loss_summary(loss, cpt)
 
+    state_finite = jax.jit(lambda s: all_finite((s.params, s.opt_state)))
+
     def save(step: int) -> None:
+        if not bool(state_finite(state)):
+            raise diverged("the parameters or optimizer state became non-finite", step, last_good, store,
+                           cfg.precision)
         meta = build_metadata(config.to_dict(), step, state.params, splits.description["tokenizer"],
                               quant_plan=quant_plan, data=splits.description)
         store.save(step, *recipe.checkpoint(state, meta))
@@ -146,10 +168,10 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
             if step > start:  # the first step of a process includes compilation
                 speed.add(time.perf_counter() - tic)
             if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss became {loss} at step {step + 1}; stopped without saving (last good checkpoint: "
-                    f"{last_good if last_good is not None else 'none'} in {store.directory}); "
-                    f"try a lower train.learning_rate or train.precision=fp32")
+                raise diverged(f"loss became {loss}", step + 1, last_good, store, cfg.precision)
+            if not (fp16 or bool(metrics["grads_finite"])):  # fp16 skips such a step and lowers its loss scale
+                raise diverged(f"gradient norm became {float(metrics['grad_norm'])}", step + 1, last_good, store,
+                               cfg.precision)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 rates = speed.rates(done)

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
+import jax
+
+from checkpoints.lock import lock_workdir
 from slm_jax.errors import UserError
 from train.cli import main_guard, positive_int
 from train.config import load_config, resolve_path
@@ -44,7 +48,10 @@ def main(argv=None):
                 for w in (Path(config.train.init_from), workdir)]
         print(format_table(rows))
         return
-    run_training(config, workdir, profile_steps=args.profile or 0)
+    # One writer per run: a second train.main on it is refused in one line. In a multi-process run the processes of
+    # one run share it, so only process 0 holds the lock.
+    with lock_workdir(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        run_training(config, workdir, profile_steps=args.profile or 0)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,11 @@ from quant.serving import convert
 from slm_jax.errors import UserError
 from train.config import Config
 from train.data import get_batch, load_splits
-from train.run import check_output_folder, load_run, write_serving_run
+from train.run import load_run, new_run_folder, write_serving_run
+
+REFUSED = {"serving": "it is already quantized: evaluate or generate with it as it is, or convert the float or QAT "
+                      "run it came from",
+           "lora": "merge its adapters into its base first with python -m quant.merge (the result is a serving run)"}
 
 
 def serving_quant_config(source: Config, override: QuantConfig | None) -> QuantConfig:
@@ -26,21 +30,20 @@ def serving_quant_config(source: Config, override: QuantConfig | None) -> QuantC
 
 
 def convert_workdir(source: Path, out: Path, quant_cfg: QuantConfig | None = None, log=print) -> Path:
-    """Convert the latest checkpoint of `source` (float or QAT) into a serving run in `out`; UserError if `source`
-    is already a serving run, a float run gets no scheme, or `out` is not a new, empty folder. Logs the resolved
+    """Convert the latest checkpoint of `source` (float or QAT) into a serving run in `out`, built whole under a
+    temporary name (`train.run.new_run_folder`); UserError if `source` is a serving or LoRA run, a float run gets
+    no scheme, or `out` is not a new, empty folder (or is being written by another process). Logs the resolved
     scheme in one line (`quant.plan.describe_scheme`) before converting."""
     source, out = Path(source), Path(out)
-    check_output_folder(source, out)
-    run = load_run(source)
-    if run.metadata.get("kind") == "serving":
-        raise UserError(f"{source} is already a serving (integer) run")
-    serve_quant = serving_quant_config(run.config, quant_cfg)
-    config = dataclasses.replace(run.config, quant=serve_quant)
-    log(describe_scheme(config.model, serve_quant))
-    splits = load_splits(config.data, run.tokenizer)
-    sample, _ = get_batch(splits.train, config.train.seed, 0, 1, config.model.seq_len)
-    variables = convert(config.model, serve_quant, run.variables["params"], sample)
-    write_serving_run(out, config, run.step, variables, splits, converted_from=str(source.resolve()))
+    with new_run_folder(source, out) as folder:
+        run = load_run(source, refuse=REFUSED)
+        serve_quant = serving_quant_config(run.config, quant_cfg)
+        config = dataclasses.replace(run.config, quant=serve_quant)
+        log(describe_scheme(config.model, serve_quant))
+        splits = load_splits(config.data, run.tokenizer)
+        sample, _ = get_batch(splits.train, config.train.seed, 0, 1, config.model.seq_len)
+        variables = convert(config.model, serve_quant, run.variables["params"], sample)
+        write_serving_run(folder, config, run.step, variables, splits, converted_from=str(source.resolve()))
     float_bytes = tree_bytes(run.variables["params"])["total"]
     int_bytes = tree_bytes(variables)["total"]
     log(f"converted {source} (step {run.step}) -> {out}: parameter bytes {float_bytes:,} -> {int_bytes:,} "

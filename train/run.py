@@ -1,15 +1,19 @@
 """A run is a workdir: the resolved config, the tokenizer, `metrics.jsonl` and `checkpoints/`. This module reads any
-kind of run back (float, QAT, serving, LoRA) and writes serving runs, so every command after training goes through
-it and nobody re-specifies model sizes by hand.
+kind of run back (float, QAT, serving, LoRA) onto this process's devices, whatever mesh wrote it, and creates new
+runs whole (`new_run_folder`), so every command after training goes through it and nobody re-specifies model sizes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 
+from checkpoints.lock import LOCK_NAME, lock_workdir
 from checkpoints.manager import CheckpointStore, build_metadata
 from quant.plan import make_plan, plan_to_json
 from quant.serving import serving_template
@@ -18,6 +22,8 @@ from slm_jax.model import Transformer
 from train.build import abstract_state, build_model
 from train.config import Config, save_yaml
 from train.lora_run import LoraBase, fingerprint, lora_initializer
+from train.optim import learning_rate_schedule
+from train.precision import all_finite
 from train.steps import merge_variables
 from train.tokenizer import KINDS, TOKENIZER_FILE, run_tokenizer, save_tokenizer
 
@@ -32,9 +38,15 @@ class LoadedRun:
     tokenizer: object  # train.tokenizer: what turns text into this run's ids and back
 
 
+KIND_NAMES = ("float", "qat", "serving", "lora", "imported")
+SCHEDULE_KEYS = ("steps", "learning_rate", "warmup_steps", "min_lr_ratio")  # what `learning_rate_schedule` reads
+
+
 def open_store(workdir: Path) -> CheckpointStore:
     """The checkpoint store of an existing run, for reading; UserError if `workdir` is not a run."""
     workdir = Path(workdir)
+    if workdir.is_file():
+        raise UserError(f"workdir {workdir} is a file, not a run folder")
     if not workdir.is_dir():
         raise UserError(f"workdir {workdir} does not exist")
     directory = workdir / "checkpoints"
@@ -51,6 +63,26 @@ def config_from_metadata(metadata: dict, source) -> Config:
         raise UserError(f"checkpoint metadata in {source} has no usable config") from None
 
 
+def check_schedule(store: CheckpointStore, config: Config, log) -> None:
+    """Resuming with other learning-rate schedule settings (e.g. a larger train.steps over a finished run) changes
+    the schedule mid-run: UserError naming the changes unless train.extend is true, when it is logged instead."""
+    latest = store.latest_step()
+    if latest is None:
+        return
+    saved = config_from_metadata(store.metadata(latest), store.directory).train
+    changes = [f"train.{key} {getattr(saved, key)!r} -> {getattr(config.train, key)!r}" for key in SCHEDULE_KEYS
+               if getattr(saved, key) != getattr(config.train, key)]
+    if not changes:
+        return
+    if not config.train.extend:
+        raise UserError(f"{store.directory} was trained to step {latest} with another learning-rate schedule "
+                        f"({'; '.join(changes)}); resuming would change it mid-run: add --set train.extend=true "
+                        f"to do so, or use another --workdir")
+    lr = float(learning_rate_schedule(config.train)(latest))
+    log(f"train.extend: the learning-rate schedule changes at step {latest} ({'; '.join(changes)}); "
+        f"the learning rate is now {lr:.3e}")
+
+
 def check_resumable(metadata: dict, config: Config, source) -> None:
     """A workdir can only be resumed by a run of the same model and quantization."""
     saved = config_from_metadata(metadata, source)
@@ -63,31 +95,60 @@ def check_resumable(metadata: dict, config: Config, source) -> None:
                             f"use another --workdir or the same settings")
 
 
-def load_run(workdir: Path, step: int | None = None, base: Path | None = None) -> LoadedRun:
-    """Float, QAT, serving and LoRA runs alike: the model is rebuilt from the checkpoint's own config. A LoRA run's
-    variables are its base's with the adapters merged into "params"; `base` overrides the base path its checkpoint
-    records (a moved base), whose fingerprint must match either way. The tokenizer is the run's own
-    (`train.tokenizer.run_tokenizer`: workdir/tokenizer.json checked against the recorded sha256)."""
+def run_kind(metadata: dict) -> str:
+    """One of KIND_NAMES: what a checkpoint holds, from its metadata (a "train" checkpoint is float or QAT)."""
+    kind = metadata.get("kind") or "train"
+    if kind == "train":
+        return "qat" if (metadata.get("config") or {}).get("quant", {}).get("mode") == "qat" else "float"
+    return kind
+
+
+def on_this_device(abstract):
+    """Restore targets (jax.ShapeDtypeStruct leaves) placed whole on this process's first device: Orbax then reads
+    a checkpoint written on any mesh (8 devices, fsdp=4, ...) onto the device count a reader has."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+
+
+def load_run(workdir: Path, step: int | None = None, base: Path | None = None,
+             refuse: dict[str, str] | None = None) -> LoadedRun:
+    """Float, QAT, serving and LoRA runs alike, onto this process's first device whatever mesh wrote them: the
+    model is rebuilt from the checkpoint's own config. A LoRA run's variables are its base's with the adapters
+    merged into "params"; `base` overrides the base path its checkpoint records (a moved base), whose fingerprint
+    must match either way. The tokenizer is the run's own (`train.tokenizer.run_tokenizer`: workdir/tokenizer.json
+    checked against the recorded sha256).
+
+    `refuse` maps run kinds (KIND_NAMES) a command does not take to what to do instead: such a run is refused in
+    one line before any array is read. UserError too when the checkpoint's weights are not finite."""
     store = open_store(workdir)
     try:
         metadata = store.metadata(step)
+        kind = run_kind(metadata)
+        if kind in (refuse or {}):
+            raise UserError(f"{workdir} is a {kind} run; {refuse[kind]}")
         config = config_from_metadata(metadata, workdir)
         model = build_model(config)
-        kind = metadata.get("kind")
         if kind == "lora":  # adapters only: the base's variables come from its own workdir
             recorded = metadata.get("base") or {}
             lora_base = open_lora_base(base or recorded.get("path") or config.finetune.base,
                                        key=f"base of {store.directory}")
             lora_base.check(recorded, store.directory)
-            state = store.restore(jax.eval_shape(lora_initializer(config, model)), metadata["step"])
+            state = store.restore(on_this_device(jax.eval_shape(lora_initializer(config, model))), metadata["step"])
             variables = merge_variables(state.params, lora_base.variables)
         elif kind == "serving":
-            variables = store.restore(serving_template(config.model, config.quant), metadata["step"])
+            variables = store.restore(on_this_device(serving_template(config.model, config.quant)),
+                                      metadata["step"])
         elif kind == "imported":  # params only (checkpoints.hf_import)
-            variables = store.restore({"params": abstract_state(config, model).params}, metadata["step"])
+            variables = store.restore(on_this_device({"params": abstract_state(config, model).params}),
+                                      metadata["step"])
         else:
-            state = store.restore(abstract_state(config, model), metadata["step"])
+            state = store.restore(on_this_device(abstract_state(config, model)), metadata["step"])
             variables = {"params": state.params, **state.frozen}
+        if not bool(jax.jit(all_finite)(variables)):
+            others = [s for s in store.steps() if s != metadata["step"]]
+            raise UserError(f"checkpoint {store.directory}/{metadata['step']} holds non-finite weights (NaN or inf), "
+                            f"saved by a version that did not check; use another step" +
+                            (f" (have: {others})" if others else "") + " or train again")
     finally:
         store.close()
     return LoadedRun(config, model, variables, metadata, metadata["step"],
@@ -108,7 +169,8 @@ def open_lora_base(path: str | Path, key: str = "finetune.base") -> LoraBase:
     """The serving run at `path` that LoRA adapters train over; UserError naming `key` if it cannot be read or is
     not a serving run."""
     try:
-        run = load_run(Path(path))
+        run = load_run(Path(path), refuse={"lora": "LoRA trains over a serving run: merge it first with "
+                                                   f"python -m quant.merge and set {key} to the merged run"})
     except UserError as err:
         raise UserError(f"{key}: cannot open the base model {path} ({err}); make it first, e.g. with the "
                         f"commands atop configs/finetune_int4_lora.yaml (python -m train.main --config "
@@ -144,9 +206,13 @@ def with_model_of(workdir: Path, config: Config) -> Config:
 
 
 def load_params(workdir: Path, config: Config):
-    """Float (or QAT) params of another run, to start this one from (`train.init_from`); UserError unless its
-    weights have this config's shapes (fields in `TRAINING_FIELDS` may differ)."""
-    run = load_run(workdir)
+    """Float (or QAT) params of another run, to start this one from (`train.init_from`); UserError for a serving or
+    LoRA run, or unless its weights have this config's shapes (fields in `TRAINING_FIELDS` may differ)."""
+    run = load_run(workdir, refuse={
+        "serving": "train.init_from takes a float or QAT run: its integer weights cannot train; start from the run "
+                   "it was converted from, or fine-tune it with LoRA (finetune.method=lora, finetune.base)",
+        "lora": "train.init_from takes a float or QAT run: merge it first (python -m quant.merge) and fine-tune "
+                "the merged run with LoRA (finetune.base)"})
     own = {name: getattr(config.model, name) for name in TRAINING_FIELDS}
     if dataclasses.replace(run.config.model, **own) != config.model:
         raise UserError(f"train.init_from={workdir} has a different model shape than this config "
@@ -155,26 +221,54 @@ def load_params(workdir: Path, config: Config):
 
 
 def check_output_folder(source: Path, out: Path) -> None:
-    """A new serving run (converted or merged) gets its own, empty folder: nothing is ever overwritten."""
-    if Path(out).resolve() == Path(source).resolve():
+    """A new run (converted, merged, imported) gets its own folder, absent or empty: nothing is ever overwritten."""
+    out = Path(out)
+    if out.resolve() == Path(source).resolve():
         raise UserError("the new run needs its own folder: --out must differ from --workdir")
-    if (Path(out) / "checkpoints").exists() and any((Path(out) / "checkpoints").iterdir()):
-        raise UserError(f"{out} already holds checkpoints; choose an empty --out folder")
+    if out.is_file():
+        raise UserError(f"--out {out} is a file; give a folder for the new run")
+    if out.is_dir() and any(out.iterdir()):
+        what = "already holds checkpoints" if (out / "checkpoints").is_dir() else "is not empty"
+        raise UserError(f"{out} {what}; choose an empty --out folder")
 
 
-def write_serving_run(out: Path, config: Config, step: int, variables, splits, **extra) -> None:
-    """Save serving `variables` as the only checkpoint of `out` (removed again if the save fails) with the
-    metadata every run carries, plus `extra` (e.g. where it was converted from), its config.yaml and tokenizer."""
-    out.mkdir(parents=True, exist_ok=True)
-    store = CheckpointStore(out / "checkpoints", keep=1, async_save=False)
+def partial_folder(out: Path) -> Path:
+    """Where the run that will be `out` is built: a hidden sibling, `<parent>/.<name>.partial`."""
+    return out.parent / f".{out.name}.partial"
+
+
+@contextlib.contextmanager
+def new_run_folder(source: Path, out: Path) -> Iterator[Path]:
+    """Build a new run in `partial_folder(out)`, locked (`checkpoints.lock`) against a second writer, and rename
+    it to `out` when the block completes; on any error it is removed. So a run never exists half-made under its
+    name, and a partial folder left by a killed writer (its lock died with it) is cleared by the next one.
+    UserError if `out` is `source`, a file or a non-empty folder, or another process is building it."""
+    out = Path(out)
+    check_output_folder(source, out)
+    partial = partial_folder(out)
+    with lock_workdir(partial):
+        check_output_folder(source, out)  # another writer may have finished it meanwhile
+        for leftover in partial.iterdir():  # a killed writer's files
+            if leftover.name != LOCK_NAME:
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        try:
+            yield partial
+            check_output_folder(source, out)  # still absent or empty once the work is done
+            os.replace(partial, out)  # atomic; replaces an empty folder; the lock file goes along, as in any run
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+
+def write_serving_run(folder: Path, config: Config, step: int, variables, splits, **extra) -> None:
+    """Save serving `variables` as the only checkpoint of `folder` (from `new_run_folder`) with the metadata every
+    run carries, plus `extra` (e.g. where it was converted from), its config.yaml and tokenizer."""
+    store = CheckpointStore(folder / "checkpoints", keep=1, async_save=False)
     try:
         store.save(step, variables, build_metadata(
             config.to_dict(), step, variables, splits.description["tokenizer"], kind="serving",
             quant_plan=plan_to_json(make_plan(config.model, config.quant)), data=splits.description, **extra))
-    except BaseException:
+    finally:
         store.close()
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        raise
-    store.close()
-    save_yaml(config, out / "config.yaml")
-    save_tokenizer(splits.tokenizer, out)
+    save_yaml(config, folder / "config.yaml")
+    save_tokenizer(splits.tokenizer, folder)
