@@ -93,7 +93,7 @@ def poisoned_copy(source: Path, dest: Path) -> None:
     store.close()
 
 
-def test_evaluate_refuses_non_finite_weights_with_exit_2_instead_of_printing_nan(runs, tmp_path, capsys):
+def test_evaluate_and_resume_refuse_non_finite_weights_with_exit_2_instead_of_printing_nan(runs, tmp_path, capsys):
     poisoned_copy(runs.root / "float", tmp_path / "poisoned")
     with pytest.raises(SystemExit) as exited:
         evaluate_main(["--workdir", str(tmp_path / "poisoned"), "--batches", "1", "--batch-size", "2"])
@@ -102,6 +102,12 @@ def test_evaluate_refuses_non_finite_weights_with_exit_2_instead_of_printing_nan
                     f"(NaN or inf), saved by a version that did not check; use another step (have: [12]) or train "
                     f"again")
     assert load_run(tmp_path / "poisoned", step=12).step == 12  # the earlier, finite step still reads
+    with pytest.raises(UserError) as refused:
+        run_training(tiny(runs.root, runs.corpus, "train.steps=12", "checkpoint.every=12"), tmp_path / "poisoned",
+                     **quiet)
+    assert str(refused.value) == (f"checkpoint {tmp_path / 'poisoned' / 'checkpoints'}/13 holds a non-finite state "
+                                  f"(NaN or inf); remove that step folder to resume from an earlier one (have: "
+                                  f"[12, 13])")
 
 
 # Item 5: one writer per run.

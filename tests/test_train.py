@@ -1,4 +1,5 @@
 """Training end to end on `tiny`: the loss falls, resume is exact, the CLIs work and fail cleanly."""
+import re
 import json
 import shutil
 import subprocess
@@ -106,5 +107,6 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
                       "--set", "train.extend=true",
                       "--set", "train.sample_tokens=0")
     assert diverge.returncode == 2
-    assert "loss became" in diverge.stderr and "last good checkpoint: 20" in diverge.stderr
+    assert re.search(r"(loss|gradient norm) became nan at step 2\d;", diverge.stderr)
+    assert "last good checkpoint: 20 in" in diverge.stderr
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before

@@ -106,10 +106,14 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     mesh = make_mesh(config.mesh)
     shardings = recipe.shardings(mesh)
     place = batch_sharding(mesh)
+    state_finite = jax.jit(lambda s: all_finite((s.params, s.opt_state)))
     try:
         check_same_tokenizer(store, tokenizer)
         check_schedule(store, config, log)
         state = recipe.initial_state(store, log, shardings)
+        if not bool(state_finite(state)):  # saved by a version that did not check
+            raise UserError(f"checkpoint {store.directory}/{store.latest_step()} holds a non-finite state (NaN or "
+                            f"inf); remove that step folder to resume from an earlier one (have: {store.steps()})")
     except BaseException:
         store.close()
         raise
@@ -140,8 +144,6 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
         if not math.isfinite(loss):
             raise diverged(f"validation loss became {loss}", int(state.step), last_good, store, cfg.precision)
         return loss_summary(loss, cpt)
-
-    state_finite = jax.jit(lambda s: all_finite((s.params, s.opt_state)))
 
     def save(step: int) -> None:
         if not bool(state_finite(state)):
