@@ -1,6 +1,6 @@
 """Training end to end on `tiny`: the loss falls, resume is exact, the CLIs work and fail cleanly."""
-import re
 import json
+import re
 import shutil
 import subprocess
 import sys

@@ -109,8 +109,8 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     state_finite = jax.jit(lambda s: all_finite((s.params, s.opt_state)))
     try:
         check_same_tokenizer(store, tokenizer)
-        check_schedule(store, config, log)
         state = recipe.initial_state(store, log, shardings)
+        check_schedule(store, config, log)
         if not bool(state_finite(state)):  # saved by a version that did not check
             raise UserError(f"checkpoint {store.directory}/{store.latest_step()} holds a non-finite state (NaN or "
                             f"inf); remove that step folder to resume from an earlier one (have: {store.steps()})")

@@ -65,7 +65,8 @@ def config_from_metadata(metadata: dict, source) -> Config:
 
 def check_schedule(store: CheckpointStore, config: Config, log) -> None:
     """Resuming with other learning-rate schedule settings (e.g. a larger train.steps over a finished run) changes
-    the schedule mid-run: UserError naming the changes unless train.extend is true, when it is logged instead."""
+    the schedule mid-run: UserError naming the changes unless train.extend is true, when it is logged instead.
+    Call it after the recipe's own resume checks (same model, quantization and LoRA base)."""
     latest = store.latest_step()
     if latest is None:
         return
@@ -175,8 +176,8 @@ def open_lora_base(path: str | Path, key: str = "finetune.base") -> LoraBase:
         raise UserError(f"{key}: cannot open the base model {path} ({err}); make it first, e.g. with the "
                         f"commands atop configs/finetune_int4_lora.yaml (python -m train.main --config "
                         f"finetune_base, then --config finetune_base_int4)") from None
-    if run.metadata.get("kind") != "serving":
-        raise UserError(f"{key}: {path} is a {run.metadata.get('kind')} run; LoRA trains over a serving "
+    if run_kind(run.metadata) != "serving":
+        raise UserError(f"{key}: {path} is a {run_kind(run.metadata)} run; LoRA trains over a serving "
                         f"(integer) run: convert it first (e.g. --config ptq_int4 --set train.init_from={path})")
     return LoraBase(Path(path).resolve(), run.step, fingerprint(run.variables), run.config, run.variables)
 
