@@ -7,8 +7,6 @@ The run holds float32 params only (kind "imported", step 0), the full config and
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 from pathlib import Path
 
 from checkpoints.hf import TOKEN_IDS, model_config, read_config, read_params
@@ -17,6 +15,7 @@ from slm_jax.errors import UserError
 from train.cli import main_guard, positive_int
 from train.config import Config, check_consistency, save_yaml
 from train.data import DataConfig
+from train.run import check_output_folder, new_run_folder
 from train.tokenizer import TOKENIZER_FILE, read_tokenizer_file, save_tokenizer
 
 
@@ -24,13 +23,13 @@ def import_folder(folder: Path, out: Path, seq_len: int | None = None, log=print
     """Write the run `out` (which must not exist) from the Hugging Face folder `folder`; returns `out`.
 
     Everything is checked (config.json, every tensor's name, dtype and shape, tokenizer.json) before anything is
-    written; a failure while writing leaves no `out` behind.
+    written; the run is built under a locked temporary name and renamed when complete (`train.run.new_run_folder`),
+    so a failure or a kill while writing leaves no `out` behind. UserError if `out` is a file or a non-empty folder.
     """
     folder, out = Path(folder), Path(out)
-    if out.exists():
-        raise UserError(f"--out {out} already exists; an import writes a new run")
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder")
+    check_output_folder(folder, out)
     hf = read_config(folder)
     model = model_config(hf, seq_len)
     if not (folder / TOKENIZER_FILE).is_file():
@@ -40,11 +39,8 @@ def import_folder(folder: Path, out: Path, seq_len: int | None = None, log=print
     check_consistency(Config(model=model, data=DataConfig(tokenizer=str(folder / TOKENIZER_FILE))))
     params = read_params(folder, model)
 
-    final = out.resolve()
-    config = Config(model=model, data=DataConfig(tokenizer=str(final / TOKENIZER_FILE)))  # the run's own copy
-    tmp = final.with_name(f".{final.name}.importing-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    try:
+    config = Config(model=model, data=DataConfig(tokenizer=str(out.resolve() / TOKENIZER_FILE)))  # the run's copy
+    with new_run_folder(folder, out) as tmp:  # built under a locked temporary name, renamed when complete
         save_tokenizer(tokenizer, tmp)
         source = {"path": str(folder.resolve()), **{key: hf[key] for key in TOKEN_IDS if hf.get(key) is not None}}
         store = CheckpointStore(tmp / "checkpoints", keep=1, async_save=False)
@@ -54,10 +50,6 @@ def import_folder(folder: Path, out: Path, seq_len: int | None = None, log=print
         finally:
             store.close()
         save_yaml(config, tmp / "config.yaml")
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"imported {folder} -> {out}: {param_count(params):,} params, {config.model.n_layers} layers, vocab {config.model.vocab_size}, "
         f"context {config.model.context} (training window {config.model.seq_len})")
     return out

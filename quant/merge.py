@@ -34,7 +34,7 @@ def merge_workdir(workdir: Path, out: Path, batches: int = 20, batch_size: int =
 def _merge(workdir: Path, out: Path, folder: Path, batches: int, batch_size: int, log) -> dict:
     run = load_run(workdir, refuse={kind: f"it has no adapters to merge ({hint})" for kind, hint in (
         ("float", "quantize it with python -m quant.convert"), ("qat", "quantize it with python -m quant.convert"),
-        ("serving", "evaluate or generate with it as it is"))})
+        ("imported", "quantize it with python -m quant.convert"), ("serving", "evaluate or generate with it as it is"))})
     config = dataclasses.replace(run.config, finetune=FinetuneConfig())  # the merged model is a plain serving one
     splits = load_splits(config.data, run.tokenizer)
     seq_len = config.model.seq_len

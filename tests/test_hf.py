@@ -102,8 +102,10 @@ def test_import_refuses_what_the_model_cannot_represent_before_writing(tmp_path,
 
 def test_import_refuses_an_existing_out_folder(tmp_path):
     (tmp_path / "run").mkdir()
-    with pytest.raises(UserError, match="already exists"):
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not empty; choose an empty --out folder"):
         import_folder(FIXTURES / "gqa_tied", tmp_path / "run")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
 def test_transformers_4_config_form_reads_like_5():

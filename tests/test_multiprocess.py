@@ -96,7 +96,7 @@ def test_two_processes_match_one_restore_both_ways_and_survive_a_kill(tmp_path, 
     for step in (4, 6):
         shutil.rmtree(killed / "checkpoints" / str(step))
     (killed / "metrics.jsonl").unlink()
-    proc = launch(killed, corpus_file, "train.steps=100000",
+    proc = launch(killed, corpus_file, "train.steps=100000", "train.extend=true",  # resumes with a longer schedule
                   launcher=("--heartbeat-timeout", str(HEARTBEAT_S), "--grace", str(BOUND_S)))
     lines, pids = [], {}
     for line in proc.stdout:
@@ -120,7 +120,7 @@ def test_two_processes_match_one_restore_both_ways_and_survive_a_kill(tmp_path, 
     # The last complete checkpoint is readable, and a rerun (here in one process: 2 -> 1 again) resumes from it.
     last = load_run(killed)
     assert last.step >= 4 and last.step % 2 == 0
-    out = one_process(killed, corpus_file, f"train.steps={last.step + 1}")
+    out = one_process(killed, corpus_file, f"train.steps={last.step + 1}", "train.extend=true")
     assert f"resuming from step {last.step}" in out and f"step {last.step + 1:>6}/{last.step + 1}" in out
 
 
