@@ -5,6 +5,7 @@ activation is ever held beyond one chunk.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Sequence
 
@@ -82,11 +83,10 @@ def collect_input_stats(model_cfg: ModelConfig, quant_cfg: QuantConfig, variable
     chunks of `chunk` sequences and return each listed weight layer's input statistics.
 
     With a serving model and its integer weights, each layer sees the inputs that the quantized layers before it
-    produce: the sequential calibration of GPTQ.
+    produce: the sequential calibration of GPTQ. The compiled forward pass is cached per (configs, paths), so
+    calling again with new variables of the same structure does not compile again.
     """
-    provider = make_matmul(model_cfg, quant_cfg, hooks=(input_stats_hook(paths),))
-    model = Transformer(model_cfg, matmul=provider)
-    apply = jax.jit(lambda v, t: model.apply(v, t, mutable=[STATS])[1][STATS])
+    apply = _stats_fn(model_cfg, quant_cfg, tuple(paths))
     totals: dict[Path, InputStats] = {}
     for start in range(0, len(tokens), chunk):
         sown = apply(variables, tokens[start:start + chunk])
@@ -98,3 +98,10 @@ def collect_input_stats(model_cfg: ModelConfig, quant_cfg: QuantConfig, variable
                                tokens=int(np.prod(tokens[start:start + chunk].shape)))
             totals[path] = totals[path].add(stats) if path in totals else stats
     return totals
+
+
+@functools.lru_cache(maxsize=8)
+def _stats_fn(model_cfg: ModelConfig, quant_cfg: QuantConfig, paths: tuple[Path, ...]):
+    """jit(variables, tokens [batch, seq] -> the sown statistics collection) for these layers."""
+    model = Transformer(model_cfg, matmul=make_matmul(model_cfg, quant_cfg, hooks=(input_stats_hook(paths),)))
+    return jax.jit(lambda v, t: model.apply(v, t, mutable=[STATS])[1][STATS])
