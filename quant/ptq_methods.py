@@ -16,9 +16,9 @@ import numpy as np
 from quant.awq import AWQSettings, apply_awq
 from quant.calibrate import collect_input_stats
 from quant.config import QuantConfig
-from quant.convert import (check_serving_variables, convert, quantized_weights, replace_quantized_weights,
+from quant.serving import (check_serving_variables, convert, quantized_weights, replace_quantized_weights,
                            weight_layers)
-from quant.convert import dequantize as dequantize_aqt
+from quant.serving import dequantize as dequantize_aqt
 from quant.folding import get_param, input_groups
 from quant.gptq import GPTQSettings, gptq
 from quant.grid import dequantize
@@ -78,7 +78,7 @@ def check_method(model_cfg: ModelConfig, quant_cfg: QuantConfig, method: str, ca
 def quantize_with_method(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, method: str,
                          calib_tokens: np.ndarray | None = None, settings: PTQSettings = PTQSettings()
                          ) -> tuple[dict, dict]:
-    """Serving variables ({"params", "aqt"}, as `quant.convert.convert` returns) for float `params` quantized to
+    """Serving variables ({"params", "aqt"}, as `quant.serving.convert` returns) for float `params` quantized to
     `quant_cfg` by `method`, and a JSON-able record of what was done for the run's metadata: method, settings,
     calibration amount, per-group/per-layer results and seconds taken.
 

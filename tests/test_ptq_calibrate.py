@@ -5,7 +5,7 @@ import pytest
 
 from quant.calibrate import calibration_tokens, collect_input_stats
 from quant.config import QuantConfig
-from quant.convert import convert
+from quant.serving import convert
 from quant.hooks import capture_inputs
 from quant.provider import make_matmul
 from slm_jax.errors import UserError

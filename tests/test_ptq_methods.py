@@ -8,7 +8,7 @@ import pytest
 
 from quant.calibrate import collect_input_stats
 from quant.config import QuantConfig, QuantRule
-from quant.convert import convert, dequantize, quantized_weights
+from quant.serving import convert, dequantize, quantized_weights
 from quant.gptq import gptq
 from quant.provider import make_matmul
 from quant.ptq_methods import PTQSettings, quantize_with_method
