@@ -96,6 +96,24 @@ def array_lines(arrays: list[ArrayInfo]) -> list[str]:
             f"bytes by dtype: {totals} | total {sum(by_dtype.values()):,}"]
 
 
+def provenance_lines(metadata: dict) -> list[str]:
+    """Where a serving run came from (`converted_from`, `converted_from_step`) and how it was quantized (`ptq`:
+    method, calibration, settings, seconds), when recorded."""
+    lines = []
+    if metadata.get("converted_from"):
+        step = metadata.get("converted_from_step")
+        lines.append(f"converted   from {metadata['converted_from']}" + (f" (step {step})" if step is not None else ""))
+    ptq = metadata.get("ptq") or {}
+    if ptq:
+        calib = ptq.get("calibration")
+        used = (f", calibrated on {calib['sequences']} x {calib['seq_len']} {calib['split']} tokens (seed "
+                f"{calib.get('seed')})" if calib else "")
+        settings = "; ".join(f"{name} {values}" for name, values in (ptq.get("settings") or {}).items())
+        took = f", {ptq['seconds']} s" if "seconds" in ptq else ""
+        lines.append(f"ptq         method {ptq.get('method')}{used}{took}" + (f"; {settings}" if settings else ""))
+    return lines
+
+
 def describe(metadata: dict, steps: list[int], arrays: list[ArrayInfo], where: str) -> str:
     migrated = metadata.get("migrated_from")
     tokenizer, config = metadata.get("tokenizer") or {}, metadata.get("config") or {}
@@ -109,6 +127,7 @@ def describe(metadata: dict, steps: list[int], arrays: list[ArrayInfo], where: s
         f"created     {metadata.get('created')} by slm-jax {metadata.get('project_version')}",
         f"tokenizer   {', '.join(f'{k} {v}' for k, v in tokenizer.items())}",
         f"params      {metadata.get('param_count', 0):,} ({param_bytes:,} bytes)",
+        *provenance_lines(metadata),
         "config",
         *config_summary(config),
         *plan_lines(metadata.get("quant_plan"), (config.get("quant") or {}).get("mode")),

@@ -1,15 +1,53 @@
-"""`python -m quant.convert --workdir RUN --out DIR [--bits N ...]`: post-training quantization of a float or QAT run
-into a serving run whose weights are stored only as int8/int4 values and scales, then float vs quantized validation
-loss side by side. The conversion itself is `train.ptq.convert_workdir` over `quant.serving.convert`.
+"""`python -m quant.convert --workdir RUN --out DIR [--bits N ...] [--method gptq ...]`: post-training quantization
+of a float or QAT run into a serving run whose weights are stored only as int8/int4 values and scales, by
+round-to-nearest (default) or a calibrated method, then float vs quantized validation loss (and KL) side by side.
+The conversion itself is `train.ptq.convert_workdir`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from train.cli import add_scheme_args, main_guard, scheme_from_args
+from quant.gptq import GPTQSettings
+from quant.ptq_methods import METHODS, PTQSettings
+from slm_jax.errors import UserError
+from train.cli import (add_scheme_args, main_guard, non_negative_float, non_negative_int, positive_int,
+                       scheme_from_args)
 from train.evaluation import evaluate_workdir, format_table
-from train.ptq import convert_workdir
+from train.ptq import Calibration, convert_workdir
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("method (default: rtn, round-to-nearest with abs-max scales)")
+    group.add_argument("--method", choices=METHODS, default="rtn",
+                       help="gptq: GPTQ rounding (Frantar et al. 2022); awq: activation-aware scales folded into "
+                            "the previous op (Lin et al. 2023); awq+gptq: both; smoothquant: W8A8 outlier "
+                            "migration (Xiao et al. 2022, needs --act-bits)")
+    group.add_argument("--calib-batches", type=positive_int,
+                       help=f"training-split windows to calibrate on (default {Calibration.batches})")
+    group.add_argument("--calib-seq-len", type=positive_int, help="tokens per window (default: the model's seq_len)")
+    group.add_argument("--seed", type=non_negative_int, help="which training windows (default 0)")
+    group.add_argument("--act-order", action="store_true",
+                       help="GPTQ rounds inputs in order of decreasing Hessian diagonal")
+    group.add_argument("--damp", type=non_negative_float,
+                       help=f"GPTQ damping, a fraction of the Hessian's mean diagonal (default {GPTQSettings.damp})")
+
+
+def method_from_args(args: argparse.Namespace) -> tuple[Calibration, PTQSettings]:
+    """The calibration and settings the method flags ask for; UserError for a flag the method does not use."""
+    calibration_flags = (args.calib_batches, args.calib_seq_len, args.seed)
+    if args.method == "rtn" and calibration_flags != (None,) * 3:
+        raise UserError("--calib-batches, --calib-seq-len and --seed choose calibration text: "
+                        "give a calibrated --method (gptq, awq, awq+gptq, smoothquant)")
+    if (args.act_order or args.damp is not None) and "gptq" not in args.method:
+        raise UserError(f"--act-order and --damp are GPTQ settings: use --method gptq or awq+gptq, "
+                        f"not {args.method}")
+    defaults = Calibration()
+    calibration = Calibration(args.calib_batches or defaults.batches, args.calib_seq_len,
+                              defaults.seed if args.seed is None else args.seed)
+    gptq = GPTQSettings(act_order=args.act_order, damp=GPTQSettings.damp if args.damp is None else args.damp)
+    return calibration, dataclasses.replace(PTQSettings(), gptq=gptq)
 
 
 @main_guard
@@ -21,8 +59,11 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", type=Path, required=True, help="the float or QAT run to convert")
     parser.add_argument("--out", type=Path, required=True, help="folder for the serving run")
     add_scheme_args(parser)
+    add_method_args(parser)
     args = parser.parse_args(argv)
-    convert_workdir(args.workdir, args.out, scheme_from_args(args))
+    calibration, settings = method_from_args(args)
+    convert_workdir(args.workdir, args.out, scheme_from_args(args), method=args.method, calibration=calibration,
+                    settings=settings)
     print(format_table([evaluate_workdir(w, 20, 16) for w in (args.workdir, args.out)]))
 
 

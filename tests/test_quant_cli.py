@@ -167,5 +167,5 @@ def test_generate_and_evaluate_read_qat_serving_and_float_runs(runs, capsys, tmp
     table = capsys.readouterr().out.splitlines()
     assert [line.split()[2] for line in table[2:5]] == ["none", "qat", "serve"]
     assert table[5] == "val loss over 2 batches x 4 windows x 32 tokens of each run's validation split"
-    param_mb = [float(line.split()[-1]) for line in table[2:5]]
+    param_mb = [float(line.split()[6]) for line in table[2:5]]  # then KL columns (vs the served run's parent)
     assert param_mb[2] < 0.4 * param_mb[1] and param_mb[0] == param_mb[1]

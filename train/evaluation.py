@@ -1,4 +1,5 @@
-"""Validation loss, perplexity and bits per character, computed the same way for every kind of model and run."""
+"""Validation loss, perplexity and bits per character, computed the same way for every kind of model and run, and
+for a serving run, how far its next-token distribution is from the parent it was converted from (KL, top-1)."""
 from __future__ import annotations
 
 import math
@@ -8,9 +9,10 @@ import jax
 import numpy as np
 
 from checkpoints.manager import tree_bytes
+from quant.kl import kl_summary, token_kl
 from slm_jax.errors import UserError
-from train.data import DataConfig, eval_starts, load_splits, windows
-from train.run import load_run
+from train.data import DataConfig, eval_batches, eval_starts, load_splits, windows
+from train.run import LoadedRun, load_run
 from train.steps import make_eval_step, split_variables
 
 
@@ -48,8 +50,9 @@ def format_bits_per_char(bits: float | None) -> str:
 def evaluate_workdir(workdir: Path, batches: int, batch_size: int, data: DataConfig | None = None) -> dict:
     """Validation loss of any run in `workdir` on its own validation split, or on `data`'s (e.g. a fine-tuning
     target), tokenized by the run's own tokenizer: {'workdir', 'step', 'quant', 'loss', 'perplexity',
-    'bits_per_char' (None without text), 'param_bytes', 'val_windows' (`eval_windows`)}. UserError if the loss is
-    not finite (a NaN is never a result)."""
+    'bits_per_char' (None without text), 'param_bytes', 'val_windows' (`eval_windows`)}, plus for a serving run that
+    names the run it was converted from, `parent_comparison`'s 'kl_mean', 'kl_p99', 'top1' or 'kl_absent'. UserError
+    if the loss is not finite (a NaN is never a result)."""
     run = load_run(workdir)
     splits = load_splits(data or run.config.data, run.tokenizer)
     loss = mean_loss(jax.jit(make_eval_step(run.model)), *split_variables(run.variables), splits.val, batch_size,
@@ -60,7 +63,32 @@ def evaluate_workdir(workdir: Path, batches: int, batch_size: int, data: DataCon
     return {"workdir": str(workdir), "step": run.step, "quant": run.config.quant.mode,
             **loss_summary(loss, splits.chars_per_token),
             "param_bytes": tree_bytes(run.variables)["total"],
-            "val_windows": eval_windows(splits.val, batch_size, run.config.model.seq_len, batches)}
+            "val_windows": eval_windows(splits.val, batch_size, run.config.model.seq_len, batches),
+            **parent_comparison(run, splits.val, batch_size, batches)}
+
+
+def parent_comparison(run: LoadedRun, tokens: np.ndarray, batch_size: int, max_batches: int) -> dict:
+    """For a serving run whose metadata names `converted_from`: KL(parent || run) of the next-token distributions
+    (nats; mean and 99th percentile over tokens) and top-1 agreement on the same validation windows as the loss,
+    {'kl_mean', 'kl_p99', 'top1'} (`quant.kl`). {'kl_absent': why} when the parent (at `converted_from_step`) cannot
+    be read or does not match; {} for any other run."""
+    source = run.metadata.get("converted_from")
+    if run.metadata.get("kind") != "serving" or not source:
+        return {}
+    try:
+        parent = load_run(Path(source), run.metadata.get("converted_from_step"))
+    except UserError as err:
+        return {"kl_absent": f"parent {source} not readable ({err})"}
+    if parent.config.model != run.config.model or parent.metadata.get("tokenizer") != run.metadata.get("tokenizer"):
+        return {"kl_absent": f"parent {source} now holds a different model or tokenizer"}
+    parent_logits, run_logits = (jax.jit(lambda v, x, m=r.model: m.apply(v, x)[0]) for r in (parent, run))
+    kls, agrees = [], []
+    for inputs, _ in eval_batches(tokens, batch_size, run.config.model.seq_len, max_batches):
+        kl, agree = token_kl(np.asarray(parent_logits(parent.variables, inputs)),
+                             np.asarray(run_logits(run.variables, inputs)))
+        kls.append(kl.ravel())
+        agrees.append(agree.ravel())
+    return kl_summary(np.concatenate(kls), np.concatenate(agrees))
 
 
 def format_bits(value: float | None) -> str:
@@ -69,15 +97,26 @@ def format_bits(value: float | None) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """`evaluate_workdir` rows as an aligned text table, one line per run, then the validation windows the losses
-    average (one line when all runs used the same, else one per run)."""
+    """`evaluate_workdir` rows as an aligned text table, one line per run; KL mean / p99 and top-1 columns (vs the
+    parent run) when any row has them; then the validation windows the losses average (one line when all runs used
+    the same, else one per run) and a note for each serving run whose parent was absent."""
+    kl = any("kl_mean" in r for r in rows)
     header = f"{'workdir':<28} {'step':>6} {'quant':>6} {'val loss':>9} {'ppl':>8} {'bits/char':>9} {'param MB':>9}"
-    lines = [header, "-" * len(header)]
+    header += f" {'KL mean':>8} {'KL p99':>8} {'top-1':>7}" if kl else ""
+    lines, notes = [header, "-" * len(header)], []
     for r in rows:
-        lines.append(f"{r['workdir']:<28} {r['step']:>6} {r['quant']:>6} {r['loss']:>9.4f} {r['perplexity']:>8.3f} "
-                     f"{format_bits(r['bits_per_char']):>9} {r['param_bytes'] / 1e6:>9.3f}")
+        line = (f"{r['workdir']:<28} {r['step']:>6} {r['quant']:>6} {r['loss']:>9.4f} {r['perplexity']:>8.3f} "
+                f"{format_bits(r['bits_per_char']):>9} {r['param_bytes'] / 1e6:>9.3f}")
+        if kl:
+            line += (f" {r['kl_mean']:>8.4f} {r['kl_p99']:>8.4f} {r['top1']:>7.2%}" if "kl_mean" in r
+                     else f" {'-':>8} {'-':>8} {'-':>7}")
+        lines.append(line)
+        if "kl_absent" in r:
+            notes.append(f"no KL for {r['workdir']}: {r['kl_absent']}")
     if len({r["val_windows"] for r in rows}) == 1:
         lines.append(f"val loss over {rows[0]['val_windows']} of each run's validation split")
     else:
         lines += [f"val loss of {r['workdir']} over {r['val_windows']}" for r in rows]
-    return "\n".join(lines)
+    if kl:
+        notes.insert(0, "KL: nats per token, KL(parent || run) of next-token distributions; top-1: argmax agreement")
+    return "\n".join(lines + notes)

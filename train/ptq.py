@@ -1,5 +1,6 @@
-"""Post-training quantization of a finished run: load it, convert its weights to integers with AQT
-(`quant.serving.convert`), and save them as a serving run.
+"""Post-training quantization of a finished run: load it, quantize its weights to integers by a method (AQT's
+round-to-nearest `quant.serving.convert`, or a calibrated one from `quant.ptq_methods`: GPTQ, AWQ, AWQ+GPTQ,
+SmoothQuant) and save them as a serving run that records its parent and how it was made.
 """
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import dataclasses
 from pathlib import Path
 
 from checkpoints.manager import tree_bytes
+from quant.calibrate import calibration_tokens
 from quant.config import QuantConfig
 from quant.plan import describe_scheme
+from quant.ptq_methods import PTQSettings, check_method, quantize_with_method
 from quant.serving import convert
 from slm_jax.errors import UserError
 from train.config import Config
@@ -20,6 +23,16 @@ REFUSED = {"serving": "it is already quantized: evaluate or generate with it as 
            "lora": "merge its adapters into its base first with python -m quant.merge (the result is a serving run)"}
 
 
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """How much training text a calibrated method sees: `batches` windows of `seq_len` tokens (None: the model's
+    context) from the TRAINING split, chosen by `seed` (`quant.calibrate.calibration_tokens`)."""
+
+    batches: int = 128  # GPTQ's paper calibrates on 128 random segments
+    seq_len: int | None = None
+    seed: int = 0
+
+
 def serving_quant_config(source: Config, override: QuantConfig | None) -> QuantConfig:
     """The quantization a serving model gets: `override` if given, else the scheme a QAT source trained with."""
     if override is None:
@@ -29,11 +42,18 @@ def serving_quant_config(source: Config, override: QuantConfig | None) -> QuantC
     return dataclasses.replace(override, mode="serve")
 
 
-def convert_workdir(source: Path, out: Path, quant_cfg: QuantConfig | None = None, log=print) -> Path:
-    """Convert the latest checkpoint of `source` (float or QAT) into a serving run in `out`, built whole under a
-    temporary name (`train.run.new_run_folder`); UserError if `source` is a serving or LoRA run, a float run gets
-    no scheme, or `out` is not a new, empty folder (or is being written by another process). Logs the resolved
-    scheme in one line (`quant.plan.describe_scheme`) before converting."""
+def convert_workdir(source: Path, out: Path, quant_cfg: QuantConfig | None = None, log=print, method: str = "rtn",
+                    calibration: Calibration = Calibration(), settings: PTQSettings = PTQSettings()) -> Path:
+    """Convert the latest checkpoint of `source` (float or QAT) into a serving run in `out` by `method` ("rtn", the
+    default, or one of `quant.ptq_methods.METHODS`), calibrated on `calibration` from the training split, built
+    whole under a temporary name (`train.run.new_run_folder`). Logs the resolved scheme in one line first.
+
+    The serving run's metadata records `converted_from` (the source path), `converted_from_step` and `ptq` (method,
+    settings, calibration amount and seed, seconds; `quantize_with_method`'s record). UserError, with nothing
+    written, if `source` is a serving or LoRA run, a float run gets no scheme, `out` is not a new, empty folder (or
+    is being written by another process), the method does not apply to the scheme, the training split holds too
+    little calibration text, or a layer's Hessian is singular even with damping.
+    """
     source, out = Path(source), Path(out)
     with new_run_folder(source, out) as folder:
         run = load_run(source, refuse=REFUSED)
@@ -41,11 +61,19 @@ def convert_workdir(source: Path, out: Path, quant_cfg: QuantConfig | None = Non
         config = dataclasses.replace(run.config, quant=serve_quant)
         log(describe_scheme(config.model, serve_quant))
         splits = load_splits(config.data, run.tokenizer)
-        sample, _ = get_batch(splits.train, config.train.seed, 0, 1, config.model.seq_len)
-        variables = convert(config.model, serve_quant, run.variables["params"], sample)
-        write_serving_run(folder, config, run.step, variables, splits, converted_from=str(source.resolve()))
-    float_bytes = tree_bytes(run.variables["params"])["total"]
+        params = run.variables["params"]
+        if method == "rtn":
+            sample, _ = get_batch(splits.train, config.train.seed, 0, 1, config.model.seq_len)
+            variables, record = convert(config.model, serve_quant, params, sample), {"method": "rtn"}
+        else:
+            tokens = calibration_tokens(splits.train, calibration.batches,
+                                        calibration.seq_len or config.model.seq_len, calibration.seed)
+            variables, record = quantize_with_method(config.model, serve_quant, params, method, tokens, settings)
+            record["calibration"]["seed"] = calibration.seed
+        write_serving_run(folder, config, run.step, variables, splits, converted_from=str(source.resolve()),
+                          converted_from_step=run.step, ptq=record)
+    float_bytes = tree_bytes(params)["total"]
     int_bytes = tree_bytes(variables)["total"]
-    log(f"converted {source} (step {run.step}) -> {out}: parameter bytes {float_bytes:,} -> {int_bytes:,} "
-        f"({int_bytes / float_bytes:.3f}x)")
+    log(f"converted {source} (step {run.step}) -> {out} by {method}: parameter bytes {float_bytes:,} -> "
+        f"{int_bytes:,} ({int_bytes / float_bytes:.3f}x)")
     return out

@@ -1,0 +1,124 @@
+"""`python -m quant.convert --method ...` on a real tiny run: a calibrated serving run records its method,
+calibration and parent, `train.evaluate` compares it with that parent (KL, top-1), and bad input exits 2 in one
+line with no --out folder made."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from checkpoints import inspect as inspect_cli
+from quant.calibrate import calibration_tokens
+from quant.convert import main as convert_main
+from quant.gptq import GPTQSettings
+from quant.kl import compare_logits
+from quant.ptq_methods import PTQSettings, quantize_with_method
+from quant.serving import quantized_weights
+from train.config import load_config
+from train.data import eval_batches, load_splits
+from train.evaluation import evaluate_workdir, format_table
+from train.loop import run_training
+from train.run import load_run
+
+TINY = ("train.steps=12", "train.sample_tokens=0", "train.eval_every=1000", "checkpoint.every=12", "model.n_layers=1")
+
+
+@pytest.fixture(scope="module")
+def float_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ptq_convert")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(f"SPEAKER{i % 7}:\nThe quick brown fox {i} jumps over the lazy dog, and so on.\n\n"
+                              for i in range(800)))
+    run_training(load_config("tiny", (*TINY, f"data.path={corpus}", f"data.cache_dir={root / 'cache'}")),
+                 root / "float", log=lambda *_: None)
+    return root / "float"
+
+
+def aqt_values(variables):
+    return {path: (np.asarray(w["value"]), np.asarray(w["scale"])) for path, w in
+            quantized_weights(variables["aqt"]).items()}
+
+
+def test_gptq_conversion_uses_seeded_training_windows_and_records_method_calibration_and_parent(
+        float_run, tmp_path, capsys):
+    out = tmp_path / "gptq"
+    convert_main(["--workdir", str(float_run), "--out", str(out), "--bits", "4", "--method", "gptq",
+                  "--calib-batches", "4", "--calib-seq-len", "16", "--seed", "3", "--act-order"])
+    printed = capsys.readouterr().out
+    assert "by gptq" in printed and "KL mean" in printed and "top-1" in printed
+    served, parent = load_run(out), load_run(float_run)
+    ptq = served.metadata["ptq"]
+    assert ptq["method"] == "gptq" and ptq["settings"]["gptq"]["act_order"] is True
+    assert ptq["calibration"] == {"split": "train", "sequences": 4, "seq_len": 16, "tokens": 64, "seed": 3}
+    assert served.metadata["converted_from"] == str(float_run.resolve())
+    assert served.metadata["converted_from_step"] == parent.step == 12
+    assert all(0 < layer["objective_vs_rtn"] <= 1 for layer in ptq["layers"].values())
+    # the stored integers are GPTQ's on exactly those training windows (an independent call, same inputs)
+    tokens = calibration_tokens(load_splits(parent.config.data, parent.tokenizer).train, 4, 16, 3)
+    expected, _ = quantize_with_method(parent.config.model, served.config.quant, parent.variables["params"], "gptq",
+                                       tokens, PTQSettings(gptq=GPTQSettings(act_order=True)))
+    got, want = aqt_values(served.variables), aqt_values(expected)
+    assert got.keys() == want.keys()
+    for path in want:
+        np.testing.assert_array_equal(got[path][0], want[path][0])
+        np.testing.assert_array_equal(got[path][1], want[path][1])
+    inspect_cli.main([str(out)])
+    shown = capsys.readouterr().out
+    assert f"converted   from {float_run.resolve()} (step 12)" in shown
+    assert "ptq         method gptq, calibrated on 4 x 16 train tokens (seed 3)" in shown
+
+
+def test_rtn_stays_the_default_and_records_its_method(float_run, tmp_path):
+    convert_main(["--workdir", str(float_run), "--out", str(tmp_path / "rtn"), "--bits", "4"])
+    assert load_run(tmp_path / "rtn").metadata["ptq"] == {"method": "rtn"}
+
+
+def test_evaluate_compares_a_serving_run_with_its_parent_on_the_validation_windows(float_run, tmp_path):
+    convert_main(["--workdir", str(float_run), "--out", str(tmp_path / "int2"), "--bits", "2"])
+    convert_main(["--workdir", str(float_run), "--out", str(tmp_path / "int8"), "--bits", "8"])
+    int2, int8, plain = (evaluate_workdir(w, 1, 4) for w in (tmp_path / "int2", tmp_path / "int8", float_run))
+    assert "kl_mean" not in plain and "kl_absent" not in plain  # a float run has no parent
+    served, parent = load_run(tmp_path / "int2"), load_run(float_run)
+    inputs, _ = next(eval_batches(load_splits(parent.config.data, parent.tokenizer).val, 4, parent.config.model.seq_len,
+                                  1))
+    direct = compare_logits(np.asarray(parent.model.apply(parent.variables, inputs)[0]),
+                            np.asarray(served.model.apply(served.variables, inputs)[0]))
+    for key in ("kl_mean", "kl_p99", "top1"):
+        np.testing.assert_allclose(int2[key], direct[key], rtol=1e-5, atol=1e-7)
+    assert 0 < int8["kl_mean"] < int2["kl_mean"] and int8["top1"] >= int2["top1"]  # 8 bits stay closer than 2
+    table = format_table([plain, int2])
+    assert "KL mean" in table and f"{int2['kl_mean']:.4f}" in table.splitlines()[3]
+
+
+def test_a_parent_that_is_gone_leaves_the_kl_columns_absent_with_the_reason(float_run, tmp_path):
+    parent = tmp_path / "parent"
+    shutil.copytree(float_run, parent)
+    convert_main(["--workdir", str(parent), "--out", str(tmp_path / "int4"), "--bits", "4"])
+    shutil.rmtree(parent)
+    row = evaluate_workdir(tmp_path / "int4", 1, 4)
+    assert "kl_mean" not in row and "does not exist" in row["kl_absent"]
+    assert f"no KL for {tmp_path / 'int4'}: parent {parent.resolve()} not readable" in format_table([row])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bits", "4", "--method", "gptq", "--calib-batches", "100000"], "but the training split holds"),
+    (["--bits", "8", "--method", "smoothquant", "--calib-batches", "2"], "needs a scheme that quantizes activations"),
+    (["--bits", "4", "--act-bits", "8", "--method", "awq", "--calib-batches", "2", "--rules", "RULES"],
+     "quantizes no weight layer"),
+    (["--bits", "4", "--method", "gptq", "--damp", "0", "--calib-batches", "1", "--calib-seq-len", "4"],
+     "is singular even with damping 0"),
+    (["--bits", "4", "--calib-batches", "8"], "give a calibrated --method"),
+    (["--bits", "4", "--method", "awq", "--act-order"], "are GPTQ settings"),
+    (["--bits", "4", "--method", "gptq", "--calib-seq-len", "64"], "longer than the model's context"),
+])
+def test_bad_calibrated_conversions_exit_2_in_one_line_and_create_no_out_folder(float_run, tmp_path, capsys,
+                                                                                  args, message):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(json.dumps([{"match": ".", "weight_bits": None}]))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main(["--workdir", str(float_run), "--out", str(out),
+                      *(str(rules) if a == "RULES" else a for a in args)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists()
