@@ -81,6 +81,12 @@ def parent_comparison(run: LoadedRun, tokens: np.ndarray, batch_size: int, max_b
         return {"kl_absent": f"parent {source} not readable ({err})"}
     if parent.config.model != run.config.model or parent.metadata.get("tokenizer") != run.metadata.get("tokenizer"):
         return {"kl_absent": f"parent {source} now holds a different model or tokenizer"}
+    return compare_runs(parent, run, tokens, batch_size, max_batches)
+
+
+def compare_runs(parent: LoadedRun, run: LoadedRun, tokens: np.ndarray, batch_size: int, max_batches: int) -> dict:
+    """{'kl_mean', 'kl_p99', 'top1'}: KL(parent || run) in nats per token and argmax agreement (`quant.kl`) over
+    `eval_batches(tokens, ...)`, the windows `mean_loss` reads. Both runs must share model shape and tokenizer."""
     parent_logits, run_logits = (jax.jit(lambda v, x, m=r.model: m.apply(v, x)[0]) for r in (parent, run))
     kls, agrees = [], []
     for inputs, _ in eval_batches(tokens, batch_size, run.config.model.seq_len, max_batches):

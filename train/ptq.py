@@ -5,6 +5,7 @@ SmoothQuant) and save them as a serving run that records its parent and how it w
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from checkpoints.manager import tree_bytes
@@ -48,8 +49,9 @@ def convert_workdir(source: Path, out: Path, quant_cfg: QuantConfig | None = Non
     default, or one of `quant.ptq_methods.METHODS`), calibrated on `calibration` from the training split, built
     whole under a temporary name (`train.run.new_run_folder`). Logs the resolved scheme in one line first.
 
-    The serving run's metadata records `converted_from` (the source path), `converted_from_step` and `ptq` (method,
-    settings, calibration amount and seed, seconds; `quantize_with_method`'s record). UserError, with nothing
+    The serving run's metadata records `converted_from` (the source path), `converted_from_step` and `ptq` (method
+    and seconds quantizing; for calibrated methods `quantize_with_method`'s record: settings, calibration amount,
+    per-layer results, plus the seed). UserError, with nothing
     written, if `source` is a serving or LoRA run, a float run gets no scheme, `out` is not a new, empty folder (or
     is being written by another process), the method does not apply to the scheme, the training split holds too
     little calibration text, or a layer's Hessian is singular even with damping.
@@ -64,7 +66,9 @@ def convert_workdir(source: Path, out: Path, quant_cfg: QuantConfig | None = Non
         params = run.variables["params"]
         if method == "rtn":
             sample, _ = get_batch(splits.train, config.train.seed, 0, 1, config.model.seq_len)
-            variables, record = convert(config.model, serve_quant, params, sample), {"method": "rtn"}
+            tic = time.perf_counter()
+            variables = convert(config.model, serve_quant, params, sample)
+            record = {"method": "rtn", "seconds": round(time.perf_counter() - tic, 2)}
         else:
             tokens = calibration_tokens(splits.train, calibration.batches,
                                         calibration.seq_len or config.model.seq_len, calibration.seed)

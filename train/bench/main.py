@@ -1,7 +1,7 @@
 """`python -m train.bench [--quick | --micro] [--out DIR]`: measure speed, quality and serving cost on this machine.
 
 Writes `results.json`, `results.md` (tables) and PNG plots to `runs/bench/<device>[-quick|-micro]/`. Each section
-lives in its own module of this package (`speed`, `quality`, `serving`, `finetune`; tables and plots in `report`,
+lives in its own module of this package (`speed`, `quality`, `serving`, `finetune`, `ptq`; tables and plots in `report`,
 profiles in `profiles`); this file runs them in order and hands the quality runs on to the serving section.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from train.bench import finetune, quality, report, serving, speed
+from train.bench import finetune, ptq, quality, report, serving, speed
 from train.bench.common import Progress, describe_machine, device_name, git_revision
 from train.bench.profiles import PROFILES, VARIANTS, Profile
 from train.bench.trust import SectionLoad, busy_reasons, busy_warning
@@ -69,6 +69,9 @@ def run_bench(profile: Profile, out: Path, command: str) -> dict:
         profile.rss_models, say))
     section("finetune", "5. fine-tuning to new text", lambda: finetune.measure_finetune(
         profile, work / "finetune", say))
+    if profile.ptq_settings:  # minutes of GPTQ on a CPU: the full profile only
+        float_dir = Path(results["quality"]["rows"][0]["workdir"])
+        section("ptq", "6. calibrated PTQ", lambda: ptq.measure_ptq(profile, float_dir, work / "ptq", say))
     results["total_s"] = round(say.elapsed(), 1)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     results["machine"]["load_average_at_end"] = load and [round(x, 2) for x in load]

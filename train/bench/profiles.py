@@ -46,6 +46,8 @@ class Profile:
     adapt_steps: int = 300  # each fine-tune's steps on the comedies
     adapt_methods: tuple[str, ...] | None = None  # names in train.bench.finetune.methods (None: all five)
     rss_models: int | None = None  # how many serving models get a peak-RSS subprocess (None: all)
+    ptq_settings: tuple[str, ...] = ()  # calibrated-PTQ section (names in train.bench.ptq.SETTINGS); () skips it
+    ptq_calib_batches: int = 128  # training windows each calibrated method sees
 
 
 PROFILES = {
@@ -55,7 +57,8 @@ PROFILES = {
         speed_warmup=3, speed_rounds=6, speed_steps=5,
         quality_overrides=("train.sample_tokens=0",), quality_trained=("bf16", "int8_w8a8", "int4_w4"), ptq=ALL_PTQ,
         finetunes=("int8_w8a8", "int4_w4"), finetune_steps=200, eval_batches=50, eval_batch_size=16,
-        serve_batches=(1, 8), serve_new_tokens=256, serve_reps=5, adapt_base_steps=1000, adapt_steps=300),
+        serve_batches=(1, 8), serve_new_tokens=256, serve_reps=5, adapt_base_steps=1000, adapt_steps=300,
+        ptq_settings=("int2_g32", "int4_g32")),
     "quick": Profile(
         name="quick", matmul_n=2048, matmul_reps=5,
         speed_sizes=(("nanoGPT-cpu", NANOGPT_CPU), ("baseline", ())), speed_variants=SPEED_VARIANTS,

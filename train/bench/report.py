@@ -130,8 +130,23 @@ def finetune_markdown(section: dict, device: str) -> str:
               f"`python -m quant.convert`.\n\n{commands}")
 
 
+def ptq_markdown(section: dict, device: str) -> str:
+    rows = [[r["setting"], r["method"], fmt(r.get("loss"), ".4f"), fmt(r.get("loss_vs_float"), "+.2%"),
+             fmt(r.get("kl_mean"), ".4f"), fmt(r.get("kl_p99"), ".3f"), fmt(r.get("top1"), ".1%"),
+             fmt(r.get("quantize_s"), ".1f"), fmt(r.get("convert_wall_s"), ".0f"), fmt(r.get("train_s"), ".0f"),
+             fmt(r.get("peak_rss_bytes"), ".0f", 1e-6)] for r in section["rows"]]
+    commands = "\n".join(f"- {r['setting']} {r['method']}: `{r['command']}`"
+                         + (f" after `{r['train_command']}`" if r.get("train_command") else "")
+                         + (f" (failed: {r['error']})" if r.get("error") else "") for r in section["rows"])
+    return (f"## 6. Calibrated PTQ ({device})\n\nFloat parent `{section['float_run']}`, val loss "
+            f"{section['float_loss']:.4f}. {section['how']}.\n\n"
+            + table(["setting", "method", ">val loss", ">vs float", ">KL mean", ">KL p99", ">top-1", ">quantize s",
+                     ">convert wall s", ">QAT train s", ">peak RSS MB"], rows)
+            + f"\n\n{commands}")
+
+
 SECTIONS = {"matmul": matmul_markdown, "throughput": throughput_markdown, "quality": quality_markdown,
-            "serving": serving_markdown, "finetune": finetune_markdown}
+            "serving": serving_markdown, "finetune": finetune_markdown, "ptq": ptq_markdown}
 
 
 def section_markdown(key: str, results: dict) -> str:
@@ -165,7 +180,9 @@ def write_report(results: dict, out: Path) -> None:
     device = results["machine"]["name"]
     plots = make_plots(results, out)
     parts = [header_markdown(results)]
-    for key, plot in zip(SECTIONS, ("", "throughput.png", "quality.png", "serving.png", "finetune.png")):
+    for key, plot in zip(SECTIONS, ("", "throughput.png", "quality.png", "serving.png", "finetune.png", "")):
+        if key not in results:  # a section the profile skips
+            continue
         parts.append(section_markdown(key, results))
         if key == "quality":
             parts.append("![loss curves](loss_curves.png)")
