@@ -9,6 +9,7 @@ import pytest
 
 from checkpoints import inspect as inspect_cli
 from quant.calibrate import calibration_tokens
+from quant.config import QuantConfig
 from quant.convert import main as convert_main
 from quant.gptq import GPTQSettings
 from quant.kl import compare_logits
@@ -18,6 +19,7 @@ from train.config import load_config
 from train.data import eval_batches, load_splits
 from train.evaluation import evaluate_workdir, format_table
 from train.loop import run_training
+from train.ptq import convert_workdir
 from train.run import load_run
 
 TINY = ("train.steps=12", "train.sample_tokens=0", "train.eval_every=1000", "checkpoint.every=12", "model.n_layers=1")
@@ -32,6 +34,10 @@ def float_run(tmp_path_factory):
     run_training(load_config("tiny", (*TINY, f"data.path={corpus}", f"data.cache_dir={root / 'cache'}")),
                  root / "float", log=lambda *_: None)
     return root / "float"
+
+
+def scheme(bits):
+    return QuantConfig(mode="serve", weight_bits=bits, granularity="per_group" if bits <= 4 else "per_channel")
 
 
 def aqt_values(variables):
@@ -75,8 +81,8 @@ def test_rtn_stays_the_default_and_records_its_method(float_run, tmp_path):
 
 
 def test_evaluate_compares_a_serving_run_with_its_parent_on_the_validation_windows(float_run, tmp_path):
-    convert_main(["--workdir", str(float_run), "--out", str(tmp_path / "int2"), "--bits", "2"])
-    convert_main(["--workdir", str(float_run), "--out", str(tmp_path / "int8"), "--bits", "8"])
+    for bits in (2, 8):  # the library call (quant.convert's own 20-batch table is not needed here)
+        convert_workdir(float_run, tmp_path / f"int{bits}", scheme(bits), log=lambda *_: None)
     int2, int8, plain = (evaluate_workdir(w, 1, 4) for w in (tmp_path / "int2", tmp_path / "int8", float_run))
     assert "kl_mean" not in plain and "kl_absent" not in plain  # a float run has no parent
     served, parent = load_run(tmp_path / "int2"), load_run(float_run)
@@ -94,7 +100,7 @@ def test_evaluate_compares_a_serving_run_with_its_parent_on_the_validation_windo
 def test_a_parent_that_is_gone_leaves_the_kl_columns_absent_with_the_reason(float_run, tmp_path):
     parent = tmp_path / "parent"
     shutil.copytree(float_run, parent)
-    convert_main(["--workdir", str(parent), "--out", str(tmp_path / "int4"), "--bits", "4"])
+    convert_workdir(parent, tmp_path / "int4", scheme(4), log=lambda *_: None)
     shutil.rmtree(parent)
     row = evaluate_workdir(tmp_path / "int4", 1, 4)
     assert "kl_mean" not in row and "does not exist" in row["kl_absent"]
