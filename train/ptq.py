@@ -12,7 +12,7 @@ from checkpoints.manager import tree_bytes
 from quant.calibrate import calibration_tokens
 from quant.config import QuantConfig
 from quant.plan import describe_scheme
-from quant.ptq_methods import PTQSettings, check_method, quantize_with_method
+from quant.ptq_methods import PTQSettings, quantize_with_method
 from quant.serving import convert
 from slm_jax.errors import UserError
 from train.config import Config
