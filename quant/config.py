@@ -16,6 +16,7 @@ GRANULARITIES = ("per_channel", "per_group")
 NUMERICS = ("auto", "int", "fake")
 SCALE_DTYPES = ("float32", "bfloat16", "float16")
 SCHEMES = ("aqt",) + ggml.SCHEMES
+KV_BITS = (None, 8)
 BIT_WIDTHS = range(2, 9)  # what AQT's integer numerics support
 INHERIT = "inherit"
 
@@ -69,6 +70,7 @@ class QuantConfig:
     bwd_bits: int | None = None  # null: float gradients; 8: AQT's quantized backward pass
     numerics: str = "auto"  # int (integer matmul) | fake (dequantize, then float matmul) | auto (fake on CPU)
     scale_dtype: str = "float32"  # dtype of the weight scales, as trained and as stored: float32 | bfloat16
+    kv_bits: int | None = None  # KV cache when generating: null (compute dtype) | 8 (int8, scale per token and head)
     rules: tuple[QuantRule, ...] = ()
     scheme: str = "aqt"  # aqt | ggml_q8_0 | ggml_q4_0 (llama.cpp's blocks of 32 weights, float16 scale each)
 
@@ -87,6 +89,8 @@ class QuantConfig:
             check_bits(self.bwd_bits, "quant.bwd_bits", allow_none=False)
         check_choice(self.numerics, NUMERICS, "quant.numerics")
         check_choice(self.scale_dtype, SCALE_DTYPES, "quant.scale_dtype")
+        if isinstance(self.kv_bits, bool) or self.kv_bits not in KV_BITS:
+            raise UserError(f"quant.kv_bits must be null or 8, got {self.kv_bits!r}")
         for i, rule in enumerate(self.rules):
             rule.validate(i)
 

@@ -2,7 +2,8 @@
 
 A query attends to at most `cfg.context` keys (the model's maximum context, by default its training window). The
 cache keeps the last `size` keys/values with their absolute positions; because RoPE makes scores depend only on the
-distance between positions, decoding past the context just keeps a sliding window of it.
+distance between positions, decoding past the context just keeps a sliding window of it. The cache holds keys and
+values in the compute dtype, or as int8 with one scale per token and KV head (`bits=8`), the model's own format.
 """
 from __future__ import annotations
 
@@ -17,23 +18,88 @@ from slm_jax.config import ModelConfig
 from slm_jax.layers import Linear, MatmulProvider, apply_rope
 
 
+KV_BITS = (None, 8)
+INT8_MAX = 127
+
+
 @flax.struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer: [batch, size, kv_heads, head_dim]
+    k: tuple[jax.Array, ...]  # per layer: [batch, size, kv_heads, head_dim], the compute dtype or int8
     v: tuple[jax.Array, ...]
     positions: jax.Array  # [size] absolute position held in each slot, -1 while empty
     length: jax.Array  # [] int32, tokens written so far (the next token's position)
+    k_scale: tuple[jax.Array, ...] = ()  # int8 cache only, per layer: [batch, size, kv_heads, 1] in the compute dtype
+    v_scale: tuple[jax.Array, ...] = ()
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, dtype: Any = jnp.float32, size: int | None = None) -> "KVCache":
-        """An empty cache of `size` slots per layer (default: the model's context, cfg.context)."""
+    def init(cls, cfg: ModelConfig, batch: int, dtype: Any = jnp.float32, size: int | None = None,
+             bits: int | None = None) -> "KVCache":
+        """An empty cache of `size` slots per layer (default: the model's context, cfg.context).
+
+        bits None keeps keys and values in `dtype`; bits 8 stores them as int8 with a `dtype` scale per token and
+        KV head (symmetric abs-max over head_dim), about half the bytes of a bfloat16 cache. ValueError otherwise.
+        """
+        if bits not in KV_BITS:
+            raise ValueError(f"KV cache bits must be None or 8, got {bits!r}")
         shape = (batch, size or cfg.context, cfg.kv_heads, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-        return cls(k=zeros, v=zeros, positions=jnp.full((shape[1],), -1, jnp.int32), length=jnp.zeros((), jnp.int32))
+        layers = lambda shape, dtype: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+        empty = dict(positions=jnp.full((shape[1],), -1, jnp.int32), length=jnp.zeros((), jnp.int32))
+        if bits is None:
+            return cls(k=layers(shape, dtype), v=layers(shape, dtype), **empty)
+        scales = layers(shape[:-1] + (1,), dtype)
+        return cls(k=layers(shape, jnp.int8), v=layers(shape, jnp.int8), k_scale=scales, v_scale=scales, **empty)
 
     @property
     def size(self) -> int:
         return self.positions.shape[0]
+
+    @property
+    def bits(self) -> int | None:
+        return 8 if self.k_scale else None
+
+    def layer(self, i: int) -> tuple[jax.Array, ...]:
+        """Layer i's cache as Attention takes it: (k, v) or, int8, (k, v, k_scale, v_scale)."""
+        if self.k_scale:
+            return self.k[i], self.v[i], self.k_scale[i], self.v_scale[i]
+        return self.k[i], self.v[i]
+
+    def updated(self, layers: list[tuple[jax.Array, ...]], positions: jax.Array, length: jax.Array) -> "KVCache":
+        """A cache holding `layers` (per layer, what `layer` returns) at `positions` after `length` tokens."""
+        parts = tuple(zip(*layers))
+        scales = dict(k_scale=parts[2], v_scale=parts[3]) if self.k_scale else {}
+        return KVCache(k=parts[0], v=parts[1], positions=positions, length=length, **scales)
+
+    def nbytes(self) -> int:
+        """Bytes of the keys, values and scales of every layer (works on jax.eval_shape's abstract cache too)."""
+        leaves = jax.tree_util.tree_leaves((self.k, self.v, self.k_scale, self.v_scale))
+        return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in leaves)
+
+
+def quantize_kv(x: jax.Array, scale_dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """x: [..., head_dim] -> (int8 values [..., head_dim], scales [..., 1] in scale_dtype): symmetric abs-max per
+    vector, x ~ values * scale with |values| <= 127. The scale is rounded to scale_dtype before dividing, so
+    dequantizing with the stored scale is exact to int8 rounding. An all-zero vector gets scale 1."""
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0).astype(scale_dtype)
+    values = jnp.clip(jnp.round(x32 / scale.astype(jnp.float32)), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return values, scale
+
+
+def write_layer_cache(layer_cache: tuple[jax.Array, ...], slots: jax.Array, k: jax.Array, v: jax.Array):
+    """Write k, v: [batch, seq, kv_heads, head_dim] into `slots` ([seq]) of a layer cache (see KVCache.layer)."""
+    if len(layer_cache) == 2:
+        return tuple(c.at[:, slots].set(x.astype(c.dtype)) for c, x in zip(layer_cache, (k, v)))
+    (k_int, k_scale), (v_int, v_scale) = (quantize_kv(x, layer_cache[2].dtype) for x in (k, v))
+    return tuple(c.at[:, slots].set(x) for c, x in zip(layer_cache, (k_int, v_int, k_scale, v_scale)))
+
+
+def read_layer_cache(layer_cache: tuple[jax.Array, ...], dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """The cached (k, v) [batch, size, kv_heads, head_dim] in `dtype`; an int8 cache is dequantized in `dtype`."""
+    if len(layer_cache) == 2:
+        return layer_cache[0].astype(dtype), layer_cache[1].astype(dtype)
+    k, v, k_scale, v_scale = layer_cache
+    return k.astype(dtype) * k_scale.astype(dtype), v.astype(dtype) * v_scale.astype(dtype)
 
 
 class Attention(nn.Module):
@@ -53,8 +119,8 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, layer_cache=None, slots=None, key_positions=None):
         """x: [batch, seq, embed]; positions: [seq] absolute positions of x's tokens.
 
-        With `layer_cache` = (k, v) of shape [batch, size, kv_heads, head_dim], x's keys and values are written
-        into `slots` and the queries attend over every cached slot whose position (`key_positions`, [size])
+        With `layer_cache` (see KVCache.layer: (k, v) of shape [batch, size, kv_heads, head_dim], plus their scales
+        for an int8 cache), x's keys and values are written into `slots` and the queries attend over every cached slot whose position (`key_positions`, [size])
         is visible to them. Returns (y: [batch, seq, embed], new layer cache or None).
         """
         cfg = self.cfg
@@ -71,9 +137,8 @@ class Attention(nn.Module):
         if layer_cache is None:
             new_cache, key_pos = None, positions
         else:
-            k = layer_cache[0].at[:, slots].set(k.astype(layer_cache[0].dtype))
-            v = layer_cache[1].at[:, slots].set(v.astype(layer_cache[1].dtype))
-            new_cache, key_pos = (k, v), key_positions
+            new_cache, key_pos = write_layer_cache(layer_cache, slots, k, v), key_positions
+            k, v = read_layer_cache(new_cache, q.dtype)
         window = cfg.context
         visible = (key_pos[None, :] >= 0) & (key_pos[None, :] <= positions[:, None]) & (
             key_pos[None, :] > positions[:, None] - window)  # [seq, keys]

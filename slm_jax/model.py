@@ -83,14 +83,12 @@ class Transformer(nn.Module):
             positions = cache.length + jnp.arange(seq)
             slots = positions % cache.size
             key_positions = cache.positions.at[slots].set(positions)
-        new_k, new_v = [], []
+        new_layers = []
         for i in range(cfg.n_layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            layer_cache = None if cache is None else cache.layer(i)
             x, updated = Block(cfg, matmul=self.matmul, name=f"layer_{i}", **sub)(
                 x, positions, deterministic, layer_cache, slots, key_positions)
-            if updated is not None:
-                new_k.append(updated[0])
-                new_v.append(updated[1])
+            new_layers.append(updated)
         x = RMSNorm(cfg.norm_eps, name="final_norm", **sub)(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)  # a tied head shares the (float) embedding table
@@ -99,4 +97,4 @@ class Transformer(nn.Module):
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits, None
-        return logits, KVCache(k=tuple(new_k), v=tuple(new_v), positions=key_positions, length=cache.length + seq)
+        return logits, cache.updated(new_layers, key_positions, cache.length + seq)

@@ -24,16 +24,21 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: 
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
+def cache_size(model: nn.Module, prompt_len: int, max_new_tokens: int) -> int:
+    """Slots of `generate`'s KV cache: every token when they fit in the model's context, else the last context."""
+    return min(model.cfg.context, prompt_len + max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "kv_bits"))
 def generate(model: nn.Module, variables, prompt: jax.Array, rng: jax.Array, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int | None = None) -> jax.Array:
+             temperature: float = 1.0, top_k: int | None = None, kv_bits: int | None = None) -> jax.Array:
     """prompt: [batch, prompt_len] int32 (at most the model's context) -> new tokens [batch, max_new_tokens].
 
-    The KV cache holds min(context, prompt_len + max_new_tokens) slots: every token when they fit in the context,
-    else a sliding window of the last `context` ones.
+    The KV cache holds `cache_size` slots, a sliding window of the last `context` tokens once they do not fit;
+    kv_bits 8 stores it as int8 with a scale per token and KV head (see KVCache.init).
     """
-    size = min(model.cfg.context, prompt.shape[1] + max_new_tokens)
-    cache = KVCache.init(model.cfg, prompt.shape[0], model.dtype, size)
+    size = cache_size(model, prompt.shape[1], max_new_tokens)
+    cache = KVCache.init(model.cfg, prompt.shape[0], model.dtype, size, kv_bits)
     logits, cache = model.apply(variables, prompt, cache=cache)
     first = sample_logits(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_k)
 

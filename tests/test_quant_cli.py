@@ -162,6 +162,17 @@ def test_generate_and_evaluate_read_qat_serving_and_float_runs(runs, capsys, tmp
         out = capsys.readouterr().out.splitlines()
         assert out[0].startswith("SPEAKER1:") and f"step 12 of {workdir}" in out[-1]
         assert len("\n".join(out[:-1])) >= len("SPEAKER1:") + 12  # bytes may merge into multi-byte chars
+    cache_lines = {}
+    for flags in ((), ("--kv-bits", "8")):  # the KV cache in the compute dtype, then int8 with a scale per head
+        generate_main(["--workdir", str(tmp_path / "served"), "--prompt", "SPEAKER1:", "--max-new-tokens", "24",
+                       "--seed", "1", "--verbose", *flags])
+        cache_lines[flags] = capsys.readouterr().out.splitlines()[0]
+    served = load_run(tmp_path / "served").config.model
+    slots = min(served.context, len("SPEAKER1:") + 24)  # the cache holds at most the context
+    float_bytes = 2 * served.n_layers * slots * served.kv_heads * served.head_dim * 2  # k, v in bfloat16
+    int8_bytes = 2 * served.n_layers * slots * served.kv_heads * (served.head_dim + 2)  # int8 + a bfloat16 scale
+    assert cache_lines[()] == f"[KV cache: bfloat16, {slots} slots x 1 sample(s), {float_bytes:,} bytes]"
+    assert cache_lines[("--kv-bits", "8")] == f"[KV cache: int8, {slots} slots x 1 sample(s), {int8_bytes:,} bytes]"
     evaluate_main(["--workdir", str(runs / "float"), "--workdir", str(runs / "qat"), "--workdir",
                    str(tmp_path / "served"), "--batches", "2", "--batch-size", "4"])
     table = capsys.readouterr().out.splitlines()

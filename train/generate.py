@@ -1,6 +1,7 @@
 """`python -m train.generate --workdir runs/baseline --prompt "ROMEO:"`: sample text with the KV cache.
 
 Works for float, QAT and serving (integer) workdirs alike: the model comes from the checkpoint's own config.
+`--kv-bits 8` (default: the run's quant.kv_bits) keeps the KV cache as int8; `--verbose` prints its bytes.
 """
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import argparse
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+
+from slm_jax.attention import KVCache
+from slm_jax.sampling import cache_size
 from train.cli import main_guard, non_negative_float, non_negative_int, positive_int
 from train.loop import sample_text
 from train.run import load_run
@@ -23,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=positive_int, default=1)
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--step", type=non_negative_int, help="checkpoint step (default: latest)")
+    parser.add_argument("--kv-bits", type=int, choices=(8,), help="int8 KV cache (default: the run's quant.kv_bits)")
+    parser.add_argument("--verbose", action="store_true", help="print the KV cache's size and bytes")
     return parser.parse_args(argv)
 
 
@@ -30,10 +38,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     run = load_run(args.workdir, args.step)
+    kv_bits = args.kv_bits or run.config.quant.kv_bits
+    if args.verbose:
+        prompt_len = min(len(run.tokenizer.encode(args.prompt, source="--prompt")) or 1, run.config.model.seq_len)
+        size = cache_size(run.model, prompt_len, args.max_new_tokens)
+        cache = jax.eval_shape(lambda: KVCache.init(run.config.model, args.num_samples, run.model.dtype, size, kv_bits))
+        print(f"[KV cache: {'int8' if kv_bits else jnp.dtype(run.model.dtype).name}, {size} slots x "
+              f"{args.num_samples} sample(s), {cache.nbytes():,} bytes]")
     start = time.perf_counter()
     texts = sample_text(run.model, run.variables, run.tokenizer, args.prompt, args.max_new_tokens,
                         run.config.model.seq_len, seed=args.seed, temperature=args.temperature,
-                        top_k=args.top_k or None, batch=args.num_samples)
+                        top_k=args.top_k or None, batch=args.num_samples, kv_bits=kv_bits)
     seconds = time.perf_counter() - start
     for i, text in enumerate([texts] if isinstance(texts, str) else texts):
         if i:

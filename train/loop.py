@@ -243,16 +243,18 @@ def check_same_tokenizer(store: CheckpointStore, tokenizer) -> None:
 
 def sample_text(model, variables, tokenizer, prompt: str, max_new_tokens: int, seq_len: int, seed: int = 0,
                 temperature: float = 0.8, top_k: int | None = 40, batch: int = 1,
-                source: str = "--prompt") -> str | list[str]:
+                source: str = "--prompt", kv_bits: int | None = None) -> str | list[str]:
     """`batch` continuations of `prompt` (encoded by the run's `tokenizer` with its special tokens, e.g. a BOS;
-    the last `seq_len` ids kept; a newline when empty), decoded without the prompt. Raises UserError naming
-    `source` when the tokenizer cannot encode the prompt."""
+    the last `seq_len` ids kept; a newline when empty), decoded without the prompt, sampled with a KV cache of
+    `kv_bits` (None: the compute dtype; 8: int8). Raises UserError naming `source` when the tokenizer cannot encode
+    the prompt."""
     ids = tokenizer.encode(prompt, add_special_tokens=True, source=source)[-seq_len:]
     if len(ids) == 0:
         ids = tokenizer.encode("\n", source=source)
     if len(ids) == 0:
         raise UserError(f"{source}: {prompt!r} encodes to no tokens; give a prompt with text")
     prompt_ids = jnp.asarray(np.tile(ids.astype(np.int32), (batch, 1)))
-    out = generate(model, variables, prompt_ids, jax.random.PRNGKey(seed), max_new_tokens, temperature, top_k)
+    out = generate(model, variables, prompt_ids, jax.random.PRNGKey(seed), max_new_tokens, temperature, top_k,
+                   kv_bits)
     texts = [tokenizer.decode(np.asarray(row)) for row in out]
     return texts[0] if batch == 1 else texts
