@@ -86,16 +86,35 @@ def split_groups(x: jax.Array, kernel: jax.Array, group_size: int):
     return x, kernel, (((x.ndim - 2, x.ndim - 1), (0, 1)), ((), ()))
 
 
-def serve_dequantized(stored: dict, x: jax.Array, dimension_numbers, precision, dequant_dtype=None) -> jax.Array:
-    """x @ W for a served weight-only per-group layer, W dequantized from AQT's frozen {"value": [groups, group_size,
-    out], "scale": [groups, 1, 1, out]} in `dequant_dtype` (default: the compute dtype), as the QAT forward computes
-    it; ggml schemes dequantize in float32, as `quant.ggml.fake_quant`, then cast to the compute dtype.
+def serve_fake(stored: dict, cfg, x: jax.Array, dimension_numbers, precision, plan: LayerPlan) -> jax.Array:
+    """x @ W for a served layer with `fake` numerics as one float matmul in x's dtype: W dequantized from AQT's
+    frozen {"value", "scale"} (per channel [in, out] and [1, out], or per group [groups, group_size, out] and
+    [groups, 1, 1, out]); with act_bits, x fake-quantized as AQT's activation quantizer does it, one scale per token
+    (per token and group for per-group plans, as AQT's tiling calibrates them). x contracts its last axis.
 
-    With fake numerics AQT's tiled form computes the same sum as `groups` batched matmuls plus a reduction, about
-    10x slower on CPU than this single matmul (the same reason QAT splits groups by reshaping, see split_groups).
+    Per channel these are bit for bit the numbers of AQT's SERVE forward; per group the same sum in another order
+    (AQT's tiled form adds `groups` batched partial matmuls, about 10x slower on CPU than this single matmul).
     """
-    kernel = dequantize_weight(stored["value"], stored["scale"], dequant_dtype or x.dtype).astype(x.dtype)
+    dequant_dtype = jnp.float32 if plan.scheme != "aqt" else x.dtype  # ggml: as quant.ggml.fake_quant computes it
+    kernel = dequantize_weight(stored["value"], stored["scale"], dequant_dtype).astype(x.dtype)
+    if plan.act_bits is not None:
+        shape, group = x.shape, plan.group_size or x.shape[-1]
+        x = fake_quantize(x.reshape(shape[:-1] + (shape[-1] // group, group)), plan.act_bits).reshape(shape)
     return jax.lax.dot_general(x, kernel, dimension_numbers, precision)
+
+
+def fake_quantize(x: jax.Array, bits: int) -> jax.Array:
+    """x [..., n] quantized to signed `bits`-bit integers with one abs-max scale per slice along the last axis, and
+    dequantized, in x's dtype: the numbers of AQT's activation quantizer (IntSymmetric with preserve_zero, scale =
+    abs-max / (2^(bits-1) - 0.5), clip to +-(2^(bits-1) - 1), round half to even), written as plain jnp so that
+    XLA fuses it and merges the copies that q, k, v (and gate, up) make of the same activations."""
+    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    scale = jnp.where(amax == 0, jnp.ones_like(amax), amax) / (2.0 ** (bits - 1) - 0.5)
+    inverse = jax.lax.reciprocal(scale)
+    bound = 2.0 ** (bits - 1) - 1
+    values = jax.lax.round(jnp.clip(x * jnp.where(jnp.isinf(inverse), jnp.ones_like(inverse), inverse), -bound, bound),
+                           jax.lax.RoundingMethod.TO_NEAREST_EVEN)
+    return values * scale
 
 
 def dequantize_weight(value, scale, dtype) -> jax.Array:
@@ -107,6 +126,19 @@ def dequantize_weight(value, scale, dtype) -> jax.Array:
     out = value.shape[-1]
     scale = jnp.asarray(scale).reshape(value.shape[:-2] + (1, out)).astype(dtype)
     return (jnp.asarray(value).astype(dtype) * scale).reshape(-1, out)
+
+
+def aqt_module(plan: LayerPlan, cfg, quant_mode: QuantMode, rounding: bool = False, reshape: bool = False):
+    """The unbound `AqtDotGeneral` (named "aqt") of one weight layer: activations (lhs) quantized on the fly, the
+    weight (rhs) frozen in CONVERT/SERVE; per-group tiling unless the groups are split by reshaping."""
+    return aqt_flax.AqtDotGeneral(
+        cfg, prng_name=NOISE_RNG if rounding else None,
+        lhs_quant_mode=QuantMode.TRAIN, lhs_freeze_mode=aqt_flax.FreezerMode.NONE,
+        rhs_quant_mode=quant_mode, rhs_freeze_mode=aqt_flax.FreezerMode.CALIBRATION_AND_VALUE,
+        tiling_fn=group_tiling(plan.group_size) if plan.group_size is not None and not reshape else None,
+        use_legacy_freezer=not reshape,  # the legacy freezer stores plain arrays: {"value", "scale"}
+        rhs_scale_init=functools.partial(jnp.zeros, dtype=jnp.dtype(plan.scale_dtype)),  # serving template
+        name="aqt")
 
 
 class QuantDotGeneral(nn.Module):
@@ -141,26 +173,17 @@ class QuantDotGeneral(nn.Module):
             if reshape:
                 cfg.fwd.dg_quantizer.lhs.calib_shared_axes = (lhs.ndim,)  # the group_size axis after split_groups
                 cfg.fwd.dg_quantizer.rhs.calib_shared_axes = (1,)
-            aqt = aqt_flax.AqtDotGeneral(
-                cfg, prng_name=NOISE_RNG if rounding else None,
-                lhs_quant_mode=QuantMode.TRAIN, lhs_freeze_mode=aqt_flax.FreezerMode.NONE,
-                rhs_quant_mode=self.quant_mode, rhs_freeze_mode=aqt_flax.FreezerMode.CALIBRATION_AND_VALUE,
-                tiling_fn=group_tiling(plan.group_size) if plan.group_size is not None and not reshape else None,
-                use_legacy_freezer=not reshape,  # the legacy freezer stores plain arrays: {"value", "scale"}
-                rhs_scale_init=functools.partial(jnp.zeros, dtype=jnp.dtype(plan.scale_dtype)),  # serving template
-                name="aqt")
-
-            ggml_scheme = plan.scheme != "aqt"
-            grouped_weights_only = (self.quant_mode == QuantMode.SERVE and plan.group_size is not None
-                                    and (self.numerics == "fake" or ggml_scheme) and plan.act_bits is None)
+            aqt = aqt_module(plan, cfg, self.quant_mode, rounding, reshape)
+            # ggml schemes are weight-only blocks: served as one matmul over float32-dequantized blocks, any numerics
+            served_fake = self.quant_mode == QuantMode.SERVE and (self.numerics == "fake" or plan.scheme != "aqt")
 
             def dot(x, w):
                 if reshape:
                     return aqt(*split_groups(x, w, plan.group_size), precision)
                 y = aqt(x, w, dimension_numbers, precision)
-                if grouped_weights_only:  # the same numbers as one matmul; AQT's output is left unused (and DCE'd)
-                    return serve_dequantized(self.variables["aqt"]["aqt"]["qrhs"], x, dimension_numbers, precision,
-                                             jnp.float32 if ggml_scheme else None)
+                if served_fake:  # the same numbers as one matmul; AQT's output is left unused (and DCE'd)
+                    return serve_fake(self.variables["aqt"]["aqt"]["qrhs"], cfg, x, dimension_numbers, precision,
+                                      plan)
                 return y
         return chain(self.hooks, HookContext(self.layer_path, plan, self), dot)(lhs, rhs)
 
