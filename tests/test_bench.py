@@ -38,7 +38,8 @@ def test_micro_bench_writes_results_tables_and_plots(tmp_path):
             assert all(key in row for key in keys), (section, row)
     assert all(math.isfinite(x) for x in numbers(results))
     speeds = [s for row in results["serving"]["rows"] for s in row.get("speed", [])]
-    assert speeds and all(s["decode_tokens_per_s"] > 0 for s in speeds)
+    assert speeds and all(s["decode_tokens_per_s"] is None or s["decode_tokens_per_s"] > 0 for s in speeds)
+    assert {s["kv_bits"] for s in speeds} == {None, 8}
     assert any(row.get("peak_rss_bytes") for row in results["serving"]["rows"])
     assert {row["kind"] for row in results["quality"]["rows"]} >= {"trained", "ptq"}
 

@@ -66,7 +66,7 @@ def run_bench(profile: Profile, out: Path, command: str) -> dict:
     section("quality", "3. quality", lambda: quality.measure_quality(profile, work / "quality", say))
     section("serving", "4. serving", lambda: serving.measure_serving(
         results["quality"], work / "serving", profile.serve_batches, profile.serve_new_tokens, profile.serve_reps,
-        profile.rss_models, say))
+        profile.rss_models, say, profile.serve_kv_bits, profile.serve_larger))
     section("finetune", "5. fine-tuning to new text", lambda: finetune.measure_finetune(
         profile, work / "finetune", say))
     if profile.ptq_settings:  # minutes of GPTQ on a CPU: the full profile only

@@ -20,6 +20,19 @@ MICRO_MODEL = ("model.n_layers=1", "model.n_heads=2", "model.d_model=32", "model
 
 
 @dataclasses.dataclass(frozen=True)
+class LargerSize:
+    """The serving section's larger model: overrides on the baseline config, batches, new tokens, rounds."""
+
+    overrides: tuple[str, ...]
+    batches: tuple[int, ...]
+    new_tokens: int
+    rounds: int
+
+
+LARGER = ("model.d_model=512", "model.n_layers=8", "model.n_heads=8")
+
+
+@dataclasses.dataclass(frozen=True)
 class Profile:
     """How much of each section a run measures. Sizes are (label, overrides on the variant's config)."""
 
@@ -48,6 +61,8 @@ class Profile:
     rss_models: int | None = None  # how many serving models get a peak-RSS subprocess (None: all)
     ptq_settings: tuple[str, ...] = ()  # calibrated-PTQ section (names in train.bench.ptq.SETTINGS); () skips it
     ptq_calib_batches: int = 128  # training windows each calibrated method sees
+    serve_kv_bits: tuple[int | None, ...] = (None, 8)  # KV caches the serving section decodes with
+    serve_larger: LargerSize | None = None  # decode speed at a larger size (random weights)
 
 
 PROFILES = {
@@ -58,7 +73,7 @@ PROFILES = {
         quality_overrides=("train.sample_tokens=0",), quality_trained=("bf16", "int8_w8a8", "int4_w4"), ptq=ALL_PTQ,
         finetunes=("int8_w8a8", "int4_w4"), finetune_steps=200, eval_batches=50, eval_batch_size=16,
         serve_batches=(1, 8), serve_new_tokens=256, serve_reps=5, adapt_base_steps=1000, adapt_steps=300,
-        ptq_settings=("int2_g32", "int4_g32")),
+        ptq_settings=("int2_g32", "int4_g32"), serve_larger=LargerSize(LARGER, (1, 8), 64, 3)),
     "quick": Profile(
         name="quick", matmul_n=2048, matmul_reps=5,
         speed_sizes=(("nanoGPT-cpu", NANOGPT_CPU), ("baseline", ())), speed_variants=SPEED_VARIANTS,
@@ -69,6 +84,7 @@ PROFILES = {
                            "train.eval_batches=10", "train.sample_tokens=0"),
         quality_trained=("bf16", "int8_w8a8", "int4_w4"), ptq=ALL_PTQ, finetunes=("int4_w4",), finetune_steps=50,
         eval_batches=20, eval_batch_size=16, serve_batches=(1, 8), serve_new_tokens=64, serve_reps=3,
+        serve_larger=LargerSize(LARGER, (1,), 16, 1),
         adapt_overrides=("model.n_layers=2", "model.n_heads=4", "model.d_model=64", "model.seq_len=64",
                          "train.batch_size=16"), adapt_base_steps=150, adapt_steps=40),
     "micro": Profile(
@@ -77,6 +93,6 @@ PROFILES = {
         quality_overrides=(*MICRO_MODEL, "train.steps=3", "train.warmup_steps=1", "train.log_every=1",
                            "train.eval_every=3", "train.eval_batches=1", "train.sample_tokens=0"),
         quality_trained=("bf16",), ptq=("ptq_int4_group",), finetunes=(), finetune_steps=1, eval_batches=1,
-        eval_batch_size=4, serve_batches=(1,), serve_new_tokens=4, serve_reps=1, rss_models=1,
+        eval_batch_size=4, serve_batches=(1,), serve_new_tokens=4, serve_reps=1, rss_models=1, serve_kv_bits=(None, 8),
         adapt_overrides=MICRO_MODEL, adapt_base_steps=2, adapt_steps=2, adapt_methods=("float_ft", "int4_lora")),
 }

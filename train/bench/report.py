@@ -96,7 +96,7 @@ def serving_markdown(section: dict, device: str) -> str:
     headers += [">save s", ">restore s", ">peak RSS MB"]
     rows = []
     for r in section["rows"]:
-        speed = {s["batch"]: s for s in r.get("speed", [])}
+        speed = {s["batch"]: s for s in r.get("speed", []) if not s.get("kv_bits")}
         compute = r.get("compute_dtype", "") + (f", {r['numerics']} int" if r.get("numerics") else "")
         cells = [r["label"], compute, fmt(r.get("param_bytes"), ",.0f"), fmt(r.get("params_vs_float"), ".3f"),
                  fmt(r.get("checkpoint_bytes"), ",.0f"), fmt(r.get("checkpoint_vs_float_params"), ".3f")]
@@ -112,7 +112,35 @@ def serving_markdown(section: dict, device: str) -> str:
             f"CPU); checkpoint bytes = files of the checkpoint step folder; save/restore s = median time to write and "
             f"read the model's variables (params only for float) as a checkpoint. Peak RSS of the runtime alone "
             f"(`{runtime['command']}`): {fmt(runtime.get('peak_rss_bytes'), '.0f', 1e-6)} MB.\n\n"
-            + table(headers, rows) + "\n\n" + "\n".join(notes))
+            + table(headers, rows) + "\n\n" + "\n".join(notes) + kv_cache_markdown(section)
+            + larger_markdown(section.get("larger")))
+
+
+def kv_cache_markdown(section: dict) -> str:
+    """Decode with the KV cache in the compute dtype against int8 (a scale per token and KV head), per model."""
+    rows = [[r["label"], str(s["batch"]), "int8" if s.get("kv_bits") else "compute dtype",
+             fmt(s.get("kv_cache_bytes"), ",.0f"), fmt(s.get("prefill_tokens_per_s"), ",.0f"),
+             fmt(s.get("decode_tokens_per_s"), ",.0f")]
+            for r in section["rows"] for s in r.get("speed", []) if "kv_cache_bytes" in s]
+    if not rows:
+        return ""
+    headers = ["model", ">batch", "KV cache", ">cache bytes", ">prefill tok/s", ">decode tok/s"]
+    return "\n\nKV cache in the compute dtype and in int8 (`train.generate --kv-bits 8`):\n\n" + table(headers, rows)
+
+
+def larger_markdown(larger: dict | None) -> str:
+    """The larger size's speeds and per-round ratios to float (min / median over rounds)."""
+    if not larger:
+        return ""
+    ratio = lambda r, key: f"{fmt(r[key + '_x_float_min'], '.2f')} / {fmt(r[key + '_x_float_median'], '.2f')}"
+    rows = [[r["name"], str(r["batch"]), fmt(r["param_bytes"], ",.0f"), fmt(r["prefill_tokens_per_s_median"], ",.0f"),
+             ratio(r, "prefill_tokens_per_s"), fmt(r["decode_tokens_per_s_median"], ",.0f"),
+             ratio(r, "decode_tokens_per_s")] for r in larger["rows"]]
+    headers = ["model", ">batch", ">param bytes", ">prefill tok/s", ">x float (min / median)", ">decode tok/s",
+               ">x float (min / median)"]
+    return (f"\n\nLarger size (`{' '.join(larger['overrides'])}`, random weights converted in process; "
+            f"{larger['rounds']} round(s) of variants in turn, {larger['new_tokens']} new tokens):\n\n"
+            + table(headers, rows))
 
 
 def finetune_markdown(section: dict, device: str) -> str:
@@ -259,7 +287,8 @@ def make_plots(results: dict, out: Path) -> list[str]:
     batches = sorted({s["batch"] for r in timed for s in r["speed"]})
     width = 0.8 / len(batches)
     for j, batch in enumerate(batches):
-        values = [next((s["decode_tokens_per_s"] for s in r["speed"] if s["batch"] == batch), 0) for r in timed]
+        values = [next((s["decode_tokens_per_s"] or 0 for s in r["speed"] if s["batch"] == batch and not s.get("kv_bits")),
+                       0) for r in timed]
         right.bar([i + j * width for i in range(len(timed))], values, width, label=f"batch {batch}")
     right.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(timed))], [r["name"] for r in timed])
     right.set_title(f"decode tokens/s with KV cache, all sequences ({device}){busy('serving')}", fontsize=9,
