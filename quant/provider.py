@@ -32,7 +32,8 @@ NOISE_RNG = "dropout"
 
 
 def resolve_numerics(numerics: str) -> str:
-    """auto: `fake` on CPU (AQT's integer matmul is slower than float there), `int` on GPU/TPU."""
+    """auto: `fake` on CPU (for QAT, AQT's integer forward and backward are slower than float there), `int` on
+    GPU/TPU. Serving w8a8 sets `int` on CPU too: XLA's int8 dot is faster than the float one (configs/ptq_int8)."""
     if numerics == "auto":
         return "fake" if jax.default_backend() == "cpu" else "int"
     return numerics
@@ -86,7 +87,7 @@ def split_groups(x: jax.Array, kernel: jax.Array, group_size: int):
     return x, kernel, (((x.ndim - 2, x.ndim - 1), (0, 1)), ((), ()))
 
 
-def serve_fake(stored: dict, cfg, x: jax.Array, dimension_numbers, precision, plan: LayerPlan) -> jax.Array:
+def serve_fake(stored: dict, x: jax.Array, dimension_numbers, precision, plan: LayerPlan) -> jax.Array:
     """x @ W for a served layer with `fake` numerics as one float matmul in x's dtype: W dequantized from AQT's
     frozen {"value", "scale"} (per channel [in, out] and [1, out], or per group [groups, group_size, out] and
     [groups, 1, 1, out]); with act_bits, x fake-quantized as AQT's activation quantizer does it, one scale per token
@@ -106,14 +107,13 @@ def serve_fake(stored: dict, cfg, x: jax.Array, dimension_numbers, precision, pl
 def fake_quantize(x: jax.Array, bits: int) -> jax.Array:
     """x [..., n] quantized to signed `bits`-bit integers with one abs-max scale per slice along the last axis, and
     dequantized, in x's dtype: the numbers of AQT's activation quantizer (IntSymmetric with preserve_zero, scale =
-    abs-max / (2^(bits-1) - 0.5), clip to +-(2^(bits-1) - 1), round half to even), written as plain jnp so that
-    XLA fuses it and merges the copies that q, k, v (and gate, up) make of the same activations."""
+    abs-max / (2^(bits-1) - 0.5), clip to +-(2^(bits-1) - 1), round half to even), as plain jnp that XLA fuses."""
     amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
     scale = jnp.where(amax == 0, jnp.ones_like(amax), amax) / (2.0 ** (bits - 1) - 0.5)
     inverse = jax.lax.reciprocal(scale)
+    inverse = jnp.where(jnp.isinf(inverse), jnp.ones_like(inverse), inverse)
     bound = 2.0 ** (bits - 1) - 1
-    values = jax.lax.round(jnp.clip(x * jnp.where(jnp.isinf(inverse), jnp.ones_like(inverse), inverse), -bound, bound),
-                           jax.lax.RoundingMethod.TO_NEAREST_EVEN)
+    values = jax.lax.round(jnp.clip(x * inverse, -bound, bound), jax.lax.RoundingMethod.TO_NEAREST_EVEN)
     return values * scale
 
 
@@ -182,8 +182,7 @@ class QuantDotGeneral(nn.Module):
                     return aqt(*split_groups(x, w, plan.group_size), precision)
                 y = aqt(x, w, dimension_numbers, precision)
                 if served_fake:  # the same numbers as one matmul; AQT's output is left unused (and DCE'd)
-                    return serve_fake(self.variables["aqt"]["aqt"]["qrhs"], cfg, x, dimension_numbers, precision,
-                                      plan)
+                    return serve_fake(self.variables["aqt"]["aqt"]["qrhs"], x, dimension_numbers, precision, plan)
                 return y
         return chain(self.hooks, HookContext(self.layer_path, plan, self), dot)(lhs, rhs)
 

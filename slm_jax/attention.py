@@ -120,8 +120,8 @@ class Attention(nn.Module):
         """x: [batch, seq, embed]; positions: [seq] absolute positions of x's tokens.
 
         With `layer_cache` (see KVCache.layer: (k, v) of shape [batch, size, kv_heads, head_dim], plus their scales
-        for an int8 cache), x's keys and values are written into `slots` and the queries attend over every cached slot whose position (`key_positions`, [size])
-        is visible to them. Returns (y: [batch, seq, embed], new layer cache or None).
+        for an int8 cache), x's keys and values are written into `slots` and the queries attend over every cached
+        slot whose position (`key_positions`, [size]) is visible to them. Returns (y: [batch, seq, embed], new layer cache or None).
         """
         cfg = self.cfg
         batch, seq, _ = x.shape

@@ -287,8 +287,8 @@ def make_plots(results: dict, out: Path) -> list[str]:
     batches = sorted({s["batch"] for r in timed for s in r["speed"]})
     width = 0.8 / len(batches)
     for j, batch in enumerate(batches):
-        values = [next((s["decode_tokens_per_s"] or 0 for s in r["speed"] if s["batch"] == batch and not s.get("kv_bits")),
-                       0) for r in timed]
+        values = [next((s["decode_tokens_per_s"] or 0 for s in r["speed"]
+                        if s["batch"] == batch and not s.get("kv_bits")), 0) for r in timed]
         right.bar([i + j * width for i in range(len(timed))], values, width, label=f"batch {batch}")
     right.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(timed))], [r["name"] for r in timed])
     right.set_title(f"decode tokens/s with KV cache, all sequences ({device}){busy('serving')}", fontsize=9,
