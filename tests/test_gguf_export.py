@@ -170,14 +170,18 @@ def test_unmerged_lora_run_is_refused():
         gguf_export_lib.check_kind("lora")
 
 
-def test_failed_write_leaves_no_partial_file(runs, tmp_path, monkeypatch):
+def test_failed_write_leaves_no_partial_file(runs, tmp_path, monkeypatch, capsys):
     def fail(self, **_):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
+    out = tmp_path / "out"
+    out.mkdir()
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
-    with pytest.raises(OSError, match="disk full"):
-        export_main(["--workdir", str(runs / "float"), "--out", str(tmp_path / "model.gguf")])
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit) as exited:
+        export_main(["--workdir", str(runs / "float"), "--out", str(out / "model.gguf")])
+    assert exited.value.code == 2 and list(out.iterdir()) == []  # one line (main_guard's OSError), no partial file
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0]
 
 
 @pytest.mark.parametrize("run", ["float", "bpe"])

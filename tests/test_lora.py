@@ -26,6 +26,7 @@ from train.config import FinetuneConfig, load_config
 from train.data import load_splits
 from train.finetune import with_frozen
 from train.loop import run_training, train_batch
+from train.sharding import batch_sharding, make_mesh
 from train.lora_run import fingerprint
 from train.optim import make_optimizer
 from train.recipe import make_recipe
@@ -94,9 +95,9 @@ def test_lora_steps_leave_every_integer_weight_and_scale_bit_identical_fp16(runs
     config, model, state = fresh_lora(runs.config, "fp16")
     adapters_before = leaves(state.params)
     step = jax.jit(make_train_step(model, make_optimizer(config.train), skip_nonfinite=True), donate_argnums=0)
-    tokens = load_splits(config.data).train
+    tokens, place = load_splits(config.data).train, batch_sharding(make_mesh(config.mesh))
     for i in range(4):
-        state, metrics = step(state, train_batch(tokens, config, i))
+        state, metrics = step(state, train_batch(tokens, config, i, place))
         assert np.isfinite(float(metrics["loss"]))
     base = leaves(load_run(runs.base).variables)
     frozen = leaves(state.frozen)

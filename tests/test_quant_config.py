@@ -24,7 +24,7 @@ def test_bad_bit_widths_name_the_key(key, bits):
     ("granularity", "per_tensor", "quant.granularity must be one of per_channel, per_group"),
     ("numerics", "float", "quant.numerics must be one of auto, int, fake"),
     ("group_size", 0, "quant.group_size must be a positive integer"),
-    ("scale_dtype", "float16", "quant.scale_dtype must be one of float32, bfloat16"),
+    ("scale_dtype", "float64", "quant.scale_dtype must be one of float32, bfloat16, float16"),
 ])
 def test_bad_choices_list_the_allowed_values(field, value, message):
     with pytest.raises(UserError, match=message):
@@ -91,7 +91,7 @@ def test_plan_prints_as_a_table_and_saves_as_json():
     assert saved["lm_head"] is None
     assert saved["layer_1/mlp/down"] == {"weight_bits": 4, "act_bits": None, "granularity": "per_group",
                                          "group_size": 32, "bwd_bits": None, "kind": "weight",
-                                         "scale_dtype": "bfloat16"}
+                                         "scale_dtype": "bfloat16", "scheme": "aqt"}
     assert saved["embed"]["kind"] == "embedding" and saved["embed"]["act_bits"] is None
 
 
