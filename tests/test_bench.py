@@ -58,12 +58,23 @@ def test_micro_bench_writes_results_tables_and_plots(tmp_path):
         assert row["ms_per_step_min"] <= row["ms_per_step"] <= row["ms_per_step_max"]
     assert {"micro fp32 step", "matmul float32"} <= set(results["throughput"]["spreads"]) | set(
         results["matmul"]["spreads"])
+    real = {row["variant"]: row for row in results["throughput"]["rows"] if row["size"] == "micro tied"}
+    assert list(real) == ["fp32", "int4_w4", "int4_lora"]  # the profile's real-sized slot, timed after its sizes
+    assert real["int4_lora"]["frozen_params"] > 0 and real["fp32"]["frozen_params"] == 0
+    assert real["int4_lora"]["params"] < real["fp32"]["params"] / 5  # adapters only
+    assert real["int4_lora"]["flops_per_token"] == real["fp32"]["flops_per_token"]
+    assert real["int4_lora"]["vs_fp32"] == real["int4_lora"]["ms_per_step"] / real["fp32"]["ms_per_step"]
+    assert "micro tied int4_lora step" in results["throughput"]["spreads"]
     assert all(s["generate_spread"]["n"] == 1 for s in speeds) and "decode tok/s b=1 (all 1 seqs" in report
     tuned = {row["name"]: row for row in results["finetune"]["rows"]}
     assert {"float_ft", "int4_lora"} <= set(tuned)  # micro runs two of the five methods
     assert all("error" not in row for row in tuned.values()), tuned
     assert tuned["int4_lora"]["trainable_params"] < tuned["float_ft"]["trainable_params"] / 5
     assert tuned["int4_lora"]["frozen_bytes"] > 0 and tuned["float_ft"]["frozen_bytes"] == 0
+    for name in ("float_ft", "int4_lora"):  # fine-tune step times carry their spread into the busy rule
+        row = tuned[name]
+        assert row["ms_per_step_min"] <= row["ms_per_step"] <= row["ms_per_step_max"]
+        assert results["finetune"]["spreads"][f"finetune {name} step"]["median"] == row["ms_per_step"] / 1000
     for heading in ("## 1. Matmul peak", "## 2. Training throughput", "## 3. Quality", "## 4. Serving",
                     "## 5. Fine-tuning"):
         assert heading in report

@@ -1,9 +1,12 @@
 """The bench's busy-machine rule: a figure whose repeats spread more than 1.5x, or a load average (less the bench's
 own CPU use) above 0.75 x the cores, marks a section unreliable; and the report says so in plain words."""
+import numpy as np
 import pytest
 
+from train.bench.finetune import interval_step_times
 from train.bench.report import section_markdown, timing_ratio
 from train.bench.trust import SectionLoad, busy_reasons, busy_warning, spread
+from train.metrics import Throughput
 
 QUIET_LOAD = {"load_before": 0.4, "load_after": 1.9, "own_cpu": 1.6, "others_load": 0.3}
 
@@ -45,3 +48,18 @@ def test_a_busy_section_says_so_and_marks_its_ratios():
     assert timing_ratio(results["matmul"], 1.234) == "1.23?"
     results["matmul"]["busy"] = []
     assert "BUSY" not in section_markdown("matmul", results) and timing_ratio(results["matmul"], 1.234) == "1.23"
+
+
+def test_interval_step_times_recover_each_logging_interval_from_the_loop_s_running_means():
+    """Records written as the training loop writes them (train.metrics.Throughput's running mean, first step
+    untimed, a log every 3 steps and a final summary) give back each interval's own mean step time."""
+    seconds = np.random.default_rng(0).uniform(0.05, 0.4, 12)  # steps 2..13; step 1 compiles
+    speed, records = Throughput(tokens_per_step=64, total_steps=13), []
+    for step, s in enumerate(seconds, start=2):
+        speed.add(float(s))
+        if step % 3 == 0 or step == 13:
+            records.append({"step": step, "loss": 1.0, **speed.rates(step)})
+    records.append({"step": 13, "final": True, "ms_per_step": speed.rates(13)["ms_per_step"]})
+    intervals = [seconds[0:2], seconds[2:5], seconds[5:8], seconds[8:11], seconds[11:12]]  # to steps 3, 6, 9, 12, 13
+    np.testing.assert_allclose(interval_step_times(records), [c.mean() for c in intervals], rtol=1e-12)
+    assert interval_step_times([{"step": 1, "loss": 1.0}]) == []  # one step: only the compiling one

@@ -3,7 +3,8 @@
 A float base learns the tragedies and histories; each method then trains the same number of steps on the
 comedies and is validated on a held-out comedy: full float fine-tuning, continued INT8 and INT4 QAT, and LoRA over
 the base converted to INT8 and INT4 serving weights. Every fine-tune runs as its own `python -m train.main`
-process under `/usr/bin/time -v`, so its peak memory is measured along with its step time and its train state.
+process under `/usr/bin/time -v`, so its peak memory is measured along with its step time and its train state; the
+step time's spread comes from the run's logging intervals (`interval_step_times`) and feeds `train.bench.trust`.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 from checkpoints.manager import CheckpointStore, tree_bytes
 from quant.config import QuantConfig
 from train.bench.common import finish_measured, quiet, shown, start_measured, train_command
+from train.bench.trust import spread
 from train.config import load_config
 from train.data import DataConfig
 from train.evaluation import evaluate_workdir
@@ -65,6 +67,23 @@ def state_bytes(workdir: Path) -> dict:
             "state_bytes": trainable + optimizer + frozen}
 
 
+def interval_step_times(records: list[dict]) -> list[float]:
+    """Mean seconds per step over each logging interval of a run trained from step 0, from its metrics.jsonl
+    records: each logged `ms_per_step` is the running mean over the steps since the first (which compiles and is
+    not timed), so interval k's mean is (mean_k * n_k - mean_{k-1} * n_{k-1}) / (n_k - n_{k-1}), n = step - 1.
+    The final summary record repeats the last mean and is skipped. [] when no interval has a timed step."""
+    times, timed_before, total_before = [], 0, 0.0
+    for record in records:
+        if record.get("final") or record.get("ms_per_step") is None:
+            continue
+        timed_steps = record["step"] - 1
+        total = record["ms_per_step"] / 1000 * timed_steps
+        if timed_steps > timed_before:
+            times.append((total - total_before) / (timed_steps - timed_before))
+            timed_before, total_before = timed_steps, total
+    return times
+
+
 def measure_finetune(profile, work: Path, say) -> dict:
     size = [*profile.adapt_overrides, "train.sample_tokens=0"]
     base = work / "base_tragedies_histories"
@@ -79,8 +98,8 @@ def measure_finetune(profile, work: Path, say) -> dict:
 
     steps = profile.adapt_steps
     common = (*size, *TARGET_DATA, f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
-              f"train.eval_every={steps}", f"checkpoint.every={steps}", f"train.log_every={max(1, steps // 5)}")
-    rows = []
+              f"train.eval_every={steps}", f"checkpoint.every={steps}", f"train.log_every={max(1, steps // 10)}")
+    rows, spreads = [], {}
     for workdir, label in ((base, "base before fine-tuning (float)"),
                            (serving["int4"], "base before fine-tuning (INT4 serving)")):
         rows.append({"name": workdir.name, "label": label, "command": None, **evaluate_on_target(workdir, profile)})
@@ -97,11 +116,17 @@ def measure_finetune(profile, work: Path, say) -> dict:
             rows.append({"name": name, "label": label, "command": command, "error": measured.get("error")})
             say(f"    failed: {measured.get('error')}")
             continue
-        summary = next(r for r in reversed(read_metrics(workdir / "metrics.jsonl")) if r.get("final"))
+        records = read_metrics(workdir / "metrics.jsonl")
+        summary = next(r for r in reversed(records) if r.get("final"))
         row = {"name": name, "label": label, "command": command, "steps": steps,
-               "ms_per_step": summary.get("ms_per_step"), "wall_s": summary["wall_s"], **measured,
+               "ms_per_step_mean": summary.get("ms_per_step"), "wall_s": summary["wall_s"], **measured,
                **state_bytes(workdir), **evaluate_on_target(workdir, profile)}
-        say(f"    val loss {row['loss']:.4f} | {row['ms_per_step']:.1f} ms/step | state {row['state_bytes']:,} B | "
+        intervals = interval_step_times(records)
+        if intervals:
+            spreads[f"finetune {name} step"] = times = spread(intervals)
+            row.update(ms_per_step=1000 * times["median"], ms_per_step_min=1000 * times["min"],
+                       ms_per_step_max=1000 * times["max"], timed_intervals=times["n"])
+        say(f"    val loss {row['loss']:.4f} | {fmt_ms(row)} ms/step | state {row['state_bytes']:,} B | "
             f"peak RSS {(row['peak_rss_bytes'] or 0) / 1e6:.0f} MB")
         rows.append(row)
     reference = next((r for r in rows if r["name"] == "float_ft" and "loss" in r), None)
@@ -115,8 +140,17 @@ def measure_finetune(profile, work: Path, say) -> dict:
     return {"how": f"{profile.adapt_base_steps} steps on tragedies + histories, then {steps} steps on the comedies "
                    f"per method; validation loss on twelfth-night over {windows}; state = trainable params + "
                    f"optimizer state + frozen base, from the "
-                   f"checkpoint; peak RSS of the whole training process (/usr/bin/time -v)",
-            "base_command": train_command("baseline", base_overrides, base), "rows": rows}
+                   f"checkpoint; peak RSS of the whole training process (/usr/bin/time -v); ms/step = median "
+                   f"(min..max) of the mean step time of each logging interval of {max(1, steps // 10)} step(s), "
+                   f"the first step (compilation) excluded",
+            "base_command": train_command("baseline", base_overrides, base), "rows": rows, "spreads": spreads}
+
+
+def fmt_ms(row: dict) -> str:
+    """A fine-tune's ms/step for the console: "median (min..max)", or "—" when no step was timed."""
+    if row.get("ms_per_step") is None:
+        return "—"
+    return f"{row['ms_per_step']:.1f} ({row['ms_per_step_min']:.1f}..{row['ms_per_step_max']:.1f})"
 
 
 def evaluate_on_target(workdir: Path, profile) -> dict:

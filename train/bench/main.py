@@ -16,7 +16,7 @@ from pathlib import Path
 
 from train.bench import finetune, ptq, quality, report, serving, speed
 from train.bench.common import Progress, describe_machine, device_name, git_revision
-from train.bench.profiles import PROFILES, VARIANTS, Profile
+from train.bench.profiles import PROFILES, Profile
 from train.bench.trust import SectionLoad, busy_reasons, busy_warning
 from train.cli import main_guard
 
@@ -60,9 +60,7 @@ def run_bench(profile: Profile, out: Path, command: str) -> dict:
 
     section("matmul", "1. matmul peak", lambda: speed.measure_matmul(profile.matmul_n, profile.matmul_reps, say))
     peak = results["matmul"]["rows"][0]["gflops"] * 1e9
-    section("throughput", "2. training throughput", lambda: speed.measure_throughput(
-        profile.speed_sizes, [(v, *VARIANTS[v]) for v in profile.speed_variants], profile.speed_warmup,
-        profile.speed_rounds, profile.speed_steps, peak, say))
+    section("throughput", "2. training throughput", lambda: speed.measure_training_speed(profile, peak, say))
     section("quality", "3. quality", lambda: quality.measure_quality(profile, work / "quality", say))
     section("serving", "4. serving", lambda: serving.measure_serving(
         results["quality"], work / "serving", profile.serve_batches, profile.serve_new_tokens, profile.serve_reps,

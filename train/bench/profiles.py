@@ -14,8 +14,21 @@ VARIANTS = {
     "int4_w4a8": ("INT4 QAT w4a8 (g32)", "int4_qat", ("quant.act_bits=8",)),
 }
 SPEED_VARIANTS = tuple(VARIANTS)
+# name -> (label, config, overrides): LoRA adapters over the INT4 serving form of the float variant's random init;
+# the same weight scheme as int4_w4 (the embedding follows the size's quant.embed_bits)
+LORA_VARIANTS = {
+    "int4_lora": ("LoRA over INT4 weights (w4 g32, rank 8)", "finetune_int4_lora",
+                  ("quant.mode=serve", "quant.weight_bits=4", "quant.granularity=per_group", "quant.group_size=32",
+                   "quant.scale_dtype=bfloat16")),
+}
 ALL_PTQ = ("ptq_int8", "ptq_int4_channel", "ptq_int4_group")
 NANOGPT_CPU = ("model.n_layers=4", "model.n_heads=4", "model.d_model=128", "model.seq_len=64", "train.batch_size=12")
+SMOLLM2_135M = ("model.d_model=576", "model.n_layers=30", "model.n_heads=9", "model.n_kv_heads=3",
+                "model.mlp_hidden=1536", "model.tie_embeddings=true")
+# SmolLM2-135M's vocabulary (a padded byte model: ids past 255 are never in the data, but random speed batches use
+# them all); a quantized embedding cannot be tied to the LM head, so every variant keeps it float
+SMOLLM2_SPEED = (*SMOLLM2_135M, "model.vocab_size=49152", "quant.embed_bits=null", "model.seq_len=256",
+                 "train.batch_size=1")
 MICRO_MODEL = ("model.n_layers=1", "model.n_heads=2", "model.d_model=32", "model.seq_len=16", "train.batch_size=4")
 
 
@@ -30,6 +43,19 @@ class LargerSize:
 
 
 LARGER = ("model.d_model=512", "model.n_layers=8", "model.n_heads=8")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedSize:
+    """A training-speed size timed apart from `Profile.speed_sizes`, with its own variants (names in VARIANTS or
+    LORA_VARIANTS; the first must not be a LoRA one) and fewer steps: a real-sized model on a CPU."""
+
+    label: str
+    overrides: tuple[str, ...]
+    variants: tuple[str, ...]
+    warmup: int
+    rounds: int
+    steps: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +89,7 @@ class Profile:
     ptq_calib_batches: int = 128  # training windows each calibrated method sees
     serve_kv_bits: tuple[int | None, ...] = (None, 8)  # KV caches the serving section decodes with
     serve_larger: LargerSize | None = None  # decode speed at a larger size (random weights)
+    speed_real: SpeedSize | None = None  # training speed at a real model's shape (random weights)
 
 
 PROFILES = {
@@ -73,7 +100,9 @@ PROFILES = {
         quality_overrides=("train.sample_tokens=0",), quality_trained=("bf16", "int8_w8a8", "int4_w4"), ptq=ALL_PTQ,
         finetunes=("int8_w8a8", "int4_w4"), finetune_steps=200, eval_batches=50, eval_batch_size=16,
         serve_batches=(1, 8), serve_new_tokens=256, serve_reps=5, adapt_base_steps=1000, adapt_steps=300,
-        ptq_settings=("int2_g32", "int4_g32"), serve_larger=LargerSize(LARGER, (1, 8), 64, 3)),
+        ptq_settings=("int2_g32", "int4_g32"), serve_larger=LargerSize(LARGER, (1, 8), 64, 3),
+        speed_real=SpeedSize("SmolLM2-135M", SMOLLM2_SPEED, ("bf16", "int8_w8a8", "int4_w4", "int4_lora"),
+                             warmup=1, rounds=2, steps=2)),
     "quick": Profile(
         name="quick", matmul_n=2048, matmul_reps=5,
         speed_sizes=(("nanoGPT-cpu", NANOGPT_CPU), ("baseline", ())), speed_variants=SPEED_VARIANTS,
@@ -94,5 +123,7 @@ PROFILES = {
                            "train.eval_every=3", "train.eval_batches=1", "train.sample_tokens=0"),
         quality_trained=("bf16",), ptq=("ptq_int4_group",), finetunes=(), finetune_steps=1, eval_batches=1,
         eval_batch_size=4, serve_batches=(1,), serve_new_tokens=4, serve_reps=1, rss_models=1, serve_kv_bits=(None, 8),
-        adapt_overrides=MICRO_MODEL, adapt_base_steps=2, adapt_steps=2, adapt_methods=("float_ft", "int4_lora")),
+        adapt_overrides=MICRO_MODEL, adapt_base_steps=2, adapt_steps=2, adapt_methods=("float_ft", "int4_lora"),
+        speed_real=SpeedSize("micro tied", (*MICRO_MODEL, "model.tie_embeddings=true", "quant.embed_bits=null"),
+                             ("fp32", "int4_w4", "int4_lora"), warmup=1, rounds=1, steps=2)),
 }

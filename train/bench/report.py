@@ -147,13 +147,15 @@ def finetune_markdown(section: dict, device: str) -> str:
     rows = [[r["label"], fmt(r.get("loss"), ".4f"), fmt(r.get("loss_vs_float_ft"), "+.1%"),
              fmt(r.get("trainable_params"), ",.0f"), fmt(r.get("state_bytes"), ",.0f"),
              fmt(r.get("state_bytes_vs_float_ft"), ".3f"), fmt(r.get("peak_rss_bytes"), ".0f", 1e-6),
-             fmt(r.get("ms_per_step"), ".1f"), timing_ratio(section, r.get("ms_per_step_vs_float_ft"))]
+             fmt(r.get("ms_per_step"), ".1f"), span(r.get("ms_per_step_min"), r.get("ms_per_step_max"), ".1f"),
+             timing_ratio(section, r.get("ms_per_step_vs_float_ft"))]
             for r in section["rows"]]
     commands = "\n".join(f"- `{r['name']}`: `{r['command']}`" + (f" **failed**: {r['error']}" if "error" in r else "")
                          for r in section["rows"] if r.get("command"))
     return (f"## 5. Fine-tuning to new text ({device})\n\n{section['how']}.\n\n"
             + table(["method", ">val loss (target)", ">vs float FT", ">trainable params", ">train-state bytes",
-                     ">x float FT", ">peak RSS MB", ">ms/step", ">x float FT time"], rows)
+                     ">x float FT", ">peak RSS MB", ">ms/step (median)", ">ms/step min..max", ">x float FT time"],
+                    rows)
             + f"\n\nBase: `{section['base_command']}`, converted to INT8/INT4 serving runs with "
               f"`python -m quant.convert`.\n\n{commands}")
 

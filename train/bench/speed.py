@@ -1,4 +1,5 @@
-"""Bench sections 1 and 2: the machine's matmul peak, and training-step speed of each precision and QAT variant.
+"""Bench sections 1 and 2: the machine's matmul peak, and training-step speed of each precision and QAT variant,
+and of LoRA over an INT4 serving base.
 
 Steps are timed one by one (`block_until_ready`) and reported as medians with their spread (min/max, also in
 `spreads` for `train.bench.trust`); variants take turns, round after round, so a change of load on a shared machine
@@ -13,18 +14,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quant.serving import convert
 from train.bench.common import timed
+from train.bench.profiles import LORA_VARIANTS, VARIANTS
 from train.bench.trust import spread
 from train.build import build_model, state_initializer
 from train.config import load_config
+from train.lora_run import lora_initializer
 from train.optim import make_optimizer
 from train.steps import make_train_step
 
 FLOPS_FORMULA = ("6*N + 12*n_layers*seq_len*d_model per token (PaLM, Chowdhery et al. 2022, app. B): N = parameters "
                  "of every matmul weight (q, k, v, o, gate, up, down and the LM head; not the embedding table or "
                  "norms), the second term QK^T and attention x V over the full seq_len x seq_len scores; forward + "
-                 "backward = 3 x forward. QAT's quantize/dequantize work is not counted, so MFU ratios are speed "
-                 "ratios.")
+                 "backward = 3 x forward. QAT's quantize/dequantize work is not counted, and a LoRA step counts its "
+                 "base's FLOPs as a full training step does, so MFU ratios are speed ratios.")
 
 
 def measure_matmul(n: int, reps: int, say) -> dict:
@@ -67,12 +71,23 @@ def fixed_batch(config):
     return jnp.asarray(tokens[0]), jnp.asarray(tokens[1])
 
 
+def lora_state(config, model, float_params):
+    """A LoRA variant's initial TrainState: fresh adapters (`lora_initializer`) over `float_params` converted in
+    process to `config.quant`'s serving weights, which the state holds frozen as a LoRA run's does."""
+    if config.quant.mode != "serve":
+        raise ValueError(f"a LoRA speed variant needs quant.mode=serve, got {config.quant.mode}")
+    frozen = convert(config.model, config.quant, float_params)
+    return jax.jit(lora_initializer(config, model))().replace(frozen=frozen)
+
+
 def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, peak_flops: float, say) -> dict:
     """sizes: [(label, overrides)]; variants: [(name, label, config name, overrides)] -> one row per pair.
 
     Each variant is `load_config` + `build_model` + `jax.jit(make_train_step(...), donate_argnums=0)` on a fixed
-    batch. The initial state comes from `state_initializer` once per size (the float variant's): quantization is a
-    configuration of the same model, so every variant starts from the same parameters.
+    batch. The initial state comes from `state_initializer` once per size (the first variant's, which must not be
+    LoRA): quantization is a configuration of the same model, so every variant starts from the same parameters; a
+    LoRA variant (finetune.method=lora) trains adapters over those parameters converted to its serving scheme.
+    Rows hold `params` (trained) and `frozen_params`; FLOPs count the model's matmul weights either way.
     """
     rows, spreads = [], {}
     for size_label, size_overrides in sizes:
@@ -81,9 +96,18 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
             overrides = [*size_overrides, *extra]
             config = load_config(config_name, overrides)
             model = build_model(config)
-            if init is None:
-                init = jax.jit(state_initializer(config, model))
-            state = init()
+            if config.finetune.method == "lora":
+                if init is None:
+                    raise ValueError(f"LoRA variant {name} cannot come first: it adapts the first variant's init")
+                float_params = init().params
+                n_matmul = matmul_params(float_params)
+                state = lora_state(config, model, float_params)
+                del float_params
+            else:
+                if init is None:
+                    init = jax.jit(state_initializer(config, model))
+                state = init()
+                n_matmul = matmul_params(state.params)
             step = jax.jit(make_train_step(model, make_optimizer(config.train)), donate_argnums=0)
             batch = fixed_batch(config)
             tic = time.perf_counter()
@@ -94,12 +118,12 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
                 state, metrics = step(state, batch)
             jax.block_until_ready(state)
             say(f"{size_label} {name}: first call (trace + compile + 1 step) {first:.1f} s")
-            n_matmul = matmul_params(state.params)
             built.append({"state": state, "step": step, "batch": batch, "times": [], "row": {
                 "size": size_label, "variant": name, "label": label, "config": config_name,
                 "overrides": overrides, "size_overrides": list(size_overrides), "variant_overrides": list(extra),
                 "batch_size": config.train.batch_size, "seq_len": config.model.seq_len,
                 "params": int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(state.params))),
+                "frozen_params": int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(state.frozen))),
                 "matmul_params": n_matmul, "flops_per_token": flops_per_token(config, n_matmul),
                 "first_call_s": first}})
         for _ in range(rounds):
@@ -132,3 +156,22 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
     return {"how": f"median of {rounds} x {steps} timed steps per variant (variants in turn each round) after "
                    f"{warmup} untimed step(s); fixed random batch; MFU = model FLOP/s / float32 matmul peak",
             "flops_formula": FLOPS_FORMULA, "peak_gflops": peak_flops / 1e9, "rows": rows, "spreads": spreads}
+
+
+def measure_training_speed(profile, peak_flops: float, say) -> dict:
+    """Section 2: `measure_throughput` over the profile's sizes and variants, then over its real-sized model
+    (`profile.speed_real`, its own variants and step counts) when it has one; rows and spreads of both."""
+    def variants(names):
+        return [(v, *({**VARIANTS, **LORA_VARIANTS}[v])) for v in names]
+
+    result = measure_throughput(profile.speed_sizes, variants(profile.speed_variants), profile.speed_warmup,
+                                profile.speed_rounds, profile.speed_steps, peak_flops, say)
+    real = profile.speed_real
+    if real is not None:
+        extra = measure_throughput([(real.label, real.overrides)], variants(real.variants), real.warmup,
+                                   real.rounds, real.steps, peak_flops, say)
+        result["rows"] += extra["rows"]
+        result["spreads"].update(extra["spreads"])
+        result["how"] += (f"; {real.label}: median of {real.rounds} x {real.steps} timed steps after {real.warmup} "
+                          f"untimed, random weights")
+    return result
