@@ -1,5 +1,18 @@
-"""Shared fixtures: the tiny config and a small corpus, with token caches kept inside pytest's tmp dirs."""
+"""Shared fixtures: the tiny config and a small corpus, with token caches kept inside pytest's tmp dirs, and
+trained `tiny` runs that several test modules start from, trained once per session and copied to each caller."""
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+from train.config import load_config
+from train.loop import run_training
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -8,10 +21,65 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SLM_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "token-cache"))
 
 
+def speaker_text(lines: int, tail: str = "") -> str:
+    """A small corpus of `lines` numbered speeches by seven speakers (about 60 bytes each), `tail` before each
+    speech's full stop."""
+    return "".join(f"SPEAKER{i % 7}:\nThe quick brown fox {i} jumps over the lazy dog{tail}.\n\n"
+                   for i in range(lines))
+
+
 @pytest.fixture
 def corpus_file(tmp_path):
     """A small plain-text corpus (a user's own file) of about 60 KB."""
-    lines = [f"SPEAKER{i % 7}:\nThe quick brown fox {i} jumps over the lazy dog, and so on.\n\n" for i in range(800)]
     path = tmp_path / "corpus.txt"
-    path.write_text("".join(lines))
+    path.write_text(speaker_text(800, ", and so on"))
     return path
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyRun:
+    """A trained run copied for one caller: its workdir, the corpus and token cache folder it was trained with
+    (shared, read-only), and what the training printed."""
+
+    workdir: Path
+    corpus: Path
+    cache: Path
+    log: str
+
+
+def train_tiny(root: Path, config: str, overrides: tuple[str, ...], lines: int, tail: str, devices: int) -> TinyRun:
+    """Train `config` with `overrides` on `speaker_text(lines, tail)` in root / "run": in this process on one
+    device, or as `python -m train.main` on `devices` simulated CPU devices (XLA_FLAGS is per process)."""
+    corpus, cache, workdir = root / "corpus.txt", root / "cache", root / "run"
+    corpus.write_text(speaker_text(lines, tail))
+    sets = (*overrides, f"data.path={corpus}", f"data.cache_dir={cache}")
+    if devices == 1:
+        printed = []
+        run_training(load_config(config, sets), workdir, log=printed.append)
+        return TinyRun(workdir, corpus, cache, "\n".join(map(str, printed)))
+    result = subprocess.run([sys.executable, "-m", "train.main", "--config", config, "--workdir", str(workdir),
+                             *(arg for s in sets for arg in ("--set", s))], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600,
+                            env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+    assert result.returncode == 0, result.stderr
+    return TinyRun(workdir, corpus, cache, result.stdout)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """Factory: `tiny_run(dest, *overrides, config="tiny", lines=600, tail="", devices=1)` -> TinyRun whose workdir
+    is a private copy at `dest` of `config` trained with `overrides` on `speaker_text(lines, tail)`.
+
+    Each distinct set of arguments trains once per session (with pytest-xdist, once per worker process: each has
+    its own session) and every call copies it, so no test module sees another's changes to its run."""
+    trained = {}
+
+    def make(dest: Path, *overrides: str, config: str = "tiny", lines: int = 600, tail: str = "",
+             devices: int = 1) -> TinyRun:
+        key = (config, overrides, lines, tail, devices)
+        if key not in trained:
+            trained[key] = train_tiny(tmp_path_factory.mktemp("tiny_run"), config, overrides, lines, tail, devices)
+        shutil.copytree(trained[key].workdir, dest)
+        return dataclasses.replace(trained[key], workdir=Path(dest))
+
+    return make

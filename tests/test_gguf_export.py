@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as GGMLType
 from checkpoints import gguf as gguf_export_lib
 from checkpoints.gguf_export import main as export_main
 from checkpoints.gguf_vocab import bpe_vocab, byte_symbols
-from quant.config import QuantConfig, QuantRule
+from quant.config import QuantConfig
 from quant.serving import dequantize, quantized_weights
 from slm_jax.layers import apply_rope
 from train.config import load_config
@@ -29,14 +29,11 @@ MATRICES = {"attn_q": ("attn", "q"), "attn_k": ("attn", "k"), "attn_v": ("attn",
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_run):
     root = tmp_path_factory.mktemp("gguf")
-    corpus = root / "corpus.txt"
-    corpus.write_text("".join(f"SPEAKER{i % 7}:\nThe quick brown fox {i} jumps over the lazy dog.\n\n"
-                              for i in range(400)))
-    common = (*TINY, f"data.path={corpus}", f"data.cache_dir={root / 'cache'}")
+    trained = tiny_run(root / "float", *TINY, lines=400)
+    common = (*TINY, f"data.path={trained.corpus}", f"data.cache_dir={trained.cache}")
     quiet = dict(log=lambda *_: None)
-    run_training(load_config("tiny", common), root / "float", **quiet)
     run_training(load_config("tiny", (*common, "quant.mode=qat", "quant.scheme=ggml_q4_0", "train.steps=4",
                                       "checkpoint.every=4", f"train.init_from={root / 'float'}",
                                       "quant.rules=[{match: lm_head, weight_bits: null}]")), root / "qat", **quiet)

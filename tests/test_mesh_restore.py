@@ -1,10 +1,6 @@
 """A run written on 8 devices (mesh data=2, fsdp=4) is read by every reader on this process's single device, and a
 genuinely damaged checkpoint still reports as damaged, not as a topology mismatch (issue 11, item 2)."""
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import pytest
@@ -16,25 +12,15 @@ from train.evaluate import main as evaluate_main
 from train.generate import main as generate_main
 from train.run import load_params, load_run
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def sharded_run(tmp_path_factory):
+def sharded_run(tmp_path_factory, tiny_run):
     """A 4-step tiny run trained with its params and optimizer state split over 8 simulated devices."""
-    root = tmp_path_factory.mktemp("mesh")
-    corpus = root / "corpus.txt"
-    corpus.write_text("".join(f"SPEAKER{i % 7}:\nThe quick brown fox {i} jumps over the lazy dog.\n\n"
-                              for i in range(600)))
-    workdir = root / "run8"
-    sets = ["mesh.data=2", "mesh.fsdp=4", "train.steps=4", "checkpoint.every=4", "model.n_layers=1",
-            "train.sample_tokens=0", "train.eval_every=1000", f"data.path={corpus}", f"data.cache_dir={root / 'cache'}"]
-    result = subprocess.run([sys.executable, "-m", "train.main", "--config", "tiny", "--workdir", str(workdir),
-                             *(arg for s in sets for arg in ("--set", s))], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-    assert result.returncode == 0, result.stderr
-    assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in result.stdout
-    return workdir
+    run = tiny_run(tmp_path_factory.mktemp("mesh") / "run8", "mesh.data=2", "mesh.fsdp=4", "train.steps=4",
+                   "checkpoint.every=4", "model.n_layers=1", "train.sample_tokens=0", "train.eval_every=1000",
+                   devices=8)
+    assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in run.log
+    return run.workdir
 
 
 def test_every_reader_reads_an_8_device_checkpoint_on_one_device(sharded_run, tmp_path, capsys):

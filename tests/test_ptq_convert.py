@@ -15,10 +15,8 @@ from quant.gptq import GPTQSettings
 from quant.kl import compare_logits
 from quant.ptq_methods import PTQSettings, quantize_with_method
 from quant.serving import quantized_weights
-from train.config import load_config
 from train.data import eval_batches, load_splits
 from train.evaluation import evaluate_workdir, format_table
-from train.loop import run_training
 from train.ptq import convert_workdir
 from train.run import load_run
 
@@ -26,14 +24,8 @@ TINY = ("train.steps=12", "train.sample_tokens=0", "train.eval_every=1000", "che
 
 
 @pytest.fixture(scope="module")
-def float_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ptq_convert")
-    corpus = root / "corpus.txt"
-    corpus.write_text("".join(f"SPEAKER{i % 7}:\nThe quick brown fox {i} jumps over the lazy dog, and so on.\n\n"
-                              for i in range(800)))
-    run_training(load_config("tiny", (*TINY, f"data.path={corpus}", f"data.cache_dir={root / 'cache'}")),
-                 root / "float", log=lambda *_: None)
-    return root / "float"
+def float_run(tmp_path_factory, tiny_run):
+    return tiny_run(tmp_path_factory.mktemp("ptq_convert") / "float", *TINY, lines=800, tail=", and so on").workdir
 
 
 def scheme(bits):

@@ -11,30 +11,19 @@ from quant.report import main as report_main
 from train.cli import add_scheme_args, scheme_from_args
 from train.config import load_config
 from train.evaluation import evaluate_workdir
-from train.loop import run_training
 from train.run import load_run
 
 TINY = ("train.steps=12", "train.sample_tokens=0", "train.eval_every=1000", "checkpoint.every=12", "model.n_layers=1")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, corpus_text):
+def runs(tmp_path_factory, tiny_run):
     root = tmp_path_factory.mktemp("quant_cli")
-    corpus = root / "corpus.txt"
-    corpus.write_text(corpus_text)
-    common = (*TINY, f"data.path={corpus}", f"data.cache_dir={root / 'cache'}")
-    run_training(load_config("tiny", common), root / "float", log=lambda *_: None)
-    run_training(load_config("int8_qat", (*common, *(f"model.{k}={v}" for k, v in
-                                                     load_config("tiny").model.__dict__.items()
-                                                     if k in ("seq_len", "n_heads", "d_model")))),
-                 root / "qat", log=lambda *_: None)
+    corpus = dict(lines=800, tail=", and so on")
+    tiny_run(root / "float", *TINY, **corpus)
+    tiny_run(root / "qat", *TINY, *(f"model.{k}={v}" for k, v in load_config("tiny").model.__dict__.items()
+                                    if k in ("seq_len", "n_heads", "d_model")), config="int8_qat", **corpus)
     return root
-
-
-@pytest.fixture(scope="module")
-def corpus_text():
-    return "".join(f"SPEAKER{i % 7}:\nThe quick brown fox {i} jumps over the lazy dog, and so on.\n\n"
-                   for i in range(800))
 
 
 def stored_arrays(workdir):

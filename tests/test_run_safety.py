@@ -42,13 +42,10 @@ def tiny(root, corpus, *overrides):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_run):
     """A finished 12-step float run, its int8 serving conversion, and 4 LoRA steps over that."""
     root = tmp_path_factory.mktemp("safety")
-    corpus = root / "corpus.txt"
-    corpus.write_text("".join(f"SPEAKER{i % 7}:\nThe quick brown fox {i} jumps over the lazy dog.\n\n"
-                              for i in range(600)))
-    run_training(tiny(root, corpus, "train.steps=12", "checkpoint.every=12"), root / "float", **quiet)
+    corpus = tiny_run(root / "float", *TINY, "train.steps=12", "checkpoint.every=12").corpus
     convert_main(["--workdir", str(root / "float"), "--out", str(root / "serving"), "--bits", "8"])
     run_training(tiny(root, corpus, "finetune.method=lora", f"finetune.base={root / 'serving'}", "train.steps=4",
                       "checkpoint.every=4"), root / "lora", **quiet)
