@@ -16,6 +16,7 @@ from train.cli import (add_scheme_args, main_guard, non_negative_float, non_nega
                        scheme_from_args)
 from train.evaluation import evaluate_workdir, format_table
 from train.ptq import Calibration, convert_workdir
+from train.sharding import require_one_process
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +62,7 @@ def main(argv=None) -> None:
     add_scheme_args(parser)
     add_method_args(parser)
     args = parser.parse_args(argv)
+    require_one_process("python -m quant.convert")
     calibration, settings = method_from_args(args)
     convert_workdir(args.workdir, args.out, scheme_from_args(args), method=args.method, calibration=calibration,
                     settings=settings)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from train.cli import main_guard, positive_int
 from train.evaluation import evaluate_workdir, format_table
+from train.sharding import require_one_process
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -21,6 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
+    require_one_process("python -m train.evaluate")
     rows = [evaluate_workdir(w, args.batches, args.batch_size) for w in args.workdir]
     print(format_table(rows))
 

@@ -17,6 +17,7 @@ from slm_jax.sampling import cache_size
 from train.cli import main_guard, non_negative_float, non_negative_int, positive_int
 from train.loop import sample_text
 from train.run import load_run
+from train.sharding import require_one_process
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
+    require_one_process("python -m train.generate")
     run = load_run(args.workdir, args.step)
     kv_bits = args.kv_bits or run.config.quant.kv_bits
     if args.verbose:
