@@ -13,10 +13,9 @@ from quant.gptq import GPTQSettings
 from quant.ptq_methods import METHODS, PTQSettings
 from slm_jax.errors import UserError
 from train.cli import (add_scheme_args, main_guard, non_negative_float, non_negative_int, positive_int,
-                       scheme_from_args)
+                       require_one_process, scheme_from_args)
 from train.evaluation import evaluate_workdir, format_table
 from train.ptq import Calibration, convert_workdir
-from train.sharding import require_one_process
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from train.cli import main_guard, positive_int
+from train.cli import main_guard, positive_int, require_one_process
 from train.evaluation import evaluate_workdir, format_table
-from train.sharding import require_one_process
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -14,10 +14,9 @@ import jax.numpy as jnp
 
 from slm_jax.attention import KVCache
 from slm_jax.sampling import cache_size
-from train.cli import main_guard, non_negative_float, non_negative_int, positive_int
+from train.cli import main_guard, non_negative_float, non_negative_int, positive_int, require_one_process
 from train.loop import sample_text
 from train.run import load_run
-from train.sharding import require_one_process
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -9,12 +9,12 @@ import jax
 
 from checkpoints.lock import lock_workdir
 from slm_jax.errors import UserError
-from train.cli import main_guard, positive_int
+from train.cli import main_guard, positive_int, require_one_process
 from train.config import load_config, resolve_path
 from train.evaluation import evaluate_workdir, format_table
 from train.loop import run_training
 from train.ptq import convert_workdir
-from train.sharding import maybe_initialize_distributed, require_one_process
+from train.sharding import maybe_initialize_distributed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
