@@ -1,6 +1,6 @@
-"""What every command-line tool shares: argument types, the one-line error exit (code 2) and the
-quantization-scheme flags that `python -m quant.convert` and `python -m quant.report` both take. A library: it never
-imports a command-line module.
+"""What every command-line tool shares: argument types, the one-line error exit (code 2), the refusal of a
+single-process tool started as several processes, and the quantization-scheme flags that `python -m quant.convert`
+and `python -m quant.report` both take. A library: it never imports a command-line module.
 
 The types check a numeric flag when it is parsed (finite, in range, an integer where one is meant), so a bad value
 stops the command before any work, with argparse's usage line, one `error: argument --flag: ...` line and exit 2.
@@ -127,7 +127,7 @@ def launched_many(env=None) -> str | None:
 def require_one_process(tool: str, env=None) -> None:
     """Refuse to run the single-process `tool` (e.g. "python -m train.evaluate") as one of several launched copies,
     which would each do the whole work and write the same files: UserError naming the variable that says so
-    (`launched_many`). Call it before any JAX call."""
+    (`launched_many`). Call it before any JAX work."""
     launched = launched_many(env)
     if launched:
         raise UserError(f"{tool} runs in one process ({launched} is set): start it once, without train.launch, "
