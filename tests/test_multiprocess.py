@@ -183,10 +183,12 @@ def test_qat_and_int4_serving_checkpoints_cross_between_one_and_two_processes(tm
     base = convert_workdir(qat_two, tmp_path / "int4", log=lambda line: None)
     lora = tmp_path / "lora"
     proc = launch(lora, corpus_file, "finetune.method=lora", f"finetune.base={base}", "finetune.lora_rank=4",
-                  "train.steps=2")
+                  "train.steps=4")
     out, _ = proc.communicate(timeout=TIMEOUT_S)
     assert proc.returncode == 0 and "LoRA over" in out, out[-3000:]
-    np.testing.assert_allclose(evaluate_workdir(lora, 2, 8)["loss"], val_losses(lora)[2], rtol=0, atol=1e-5)
+    measured = val_losses(lora)
+    assert abs(measured[4] - measured[2]) > 1e-4  # the adapters move the loss far more than the tolerance below
+    np.testing.assert_allclose(evaluate_workdir(lora, 2, 8)["loss"], measured[4], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("main, argv", [
