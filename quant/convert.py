@@ -13,7 +13,7 @@ from quant.gptq import GPTQSettings
 from quant.ptq_methods import METHODS, PTQSettings
 from slm_jax.errors import UserError
 from train.cli import (add_scheme_args, main_guard, non_negative_float, non_negative_int, positive_int,
-                       scheme_from_args)
+                       require_one_process, scheme_from_args)
 from train.evaluation import evaluate_workdir, format_table
 from train.ptq import Calibration, convert_workdir
 
@@ -61,6 +61,7 @@ def main(argv=None) -> None:
     add_scheme_args(parser)
     add_method_args(parser)
     args = parser.parse_args(argv)
+    require_one_process("python -m quant.convert")
     calibration, settings = method_from_args(args)
     convert_workdir(args.workdir, args.out, scheme_from_args(args), method=args.method, calibration=calibration,
                     settings=settings)

@@ -1,6 +1,8 @@
 """Multi-process (multi-host) runs on one machine: `python -m train.launch` starts 2 processes of `train.main`, each
 with 2 CPU devices, joined by `jax.distributed` over a free local port with gloo collectives, on a data=2 x fsdp=2
-mesh spanning both. The reference is one process with 4 devices on the same mesh shape."""
+mesh spanning both. The reference is one process with 4 devices on the same mesh shape. Checkpoints cross between 1
+and 2 processes both ways for float, INT4 QAT and LoRA-over-INT4-serving runs; the single-process tools refuse to
+run as several launched copies."""
 import json
 import os
 import re
@@ -15,7 +17,13 @@ import jax
 import numpy as np
 import pytest
 
+from quant.convert import main as convert_main
+from train.evaluate import main as evaluate_main
+from train.generate import main as generate_main
+from train.cli import launched_many
+from train.evaluation import evaluate_workdir
 from train.launch import free_port, process_env
+from train.ptq import convert_workdir
 from train.run import load_run
 from train.sharding import coordination_timeouts
 from slm_jax.errors import UserError
@@ -122,6 +130,89 @@ def test_two_processes_match_one_restore_both_ways_and_survive_a_kill(tmp_path, 
     assert last.step >= 4 and last.step % 2 == 0
     out = one_process(killed, corpus_file, f"train.steps={last.step + 1}", "train.extend=true")
     assert f"resuming from step {last.step}" in out and f"step {last.step + 1:>6}/{last.step + 1}" in out
+
+
+INT4_QAT = ("model.n_layers=1", "quant.mode=qat", "quant.weight_bits=4", "quant.granularity=per_group",
+            "quant.group_size=16", "quant.scale_dtype=bfloat16", "train.steps=4")
+
+
+def assert_same_params(a, b):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x, np.float32),
+                                                                   np.asarray(y, np.float32), rtol=0, atol=1e-5),
+                           load_run(a, 4).variables["params"], load_run(b, 4).variables["params"])
+
+
+def resume_from_step_2(source, dest):
+    """A copy of `source` cut back to its step-2 checkpoint (its later checkpoint and its metrics gone)."""
+    shutil.copytree(source, dest)
+    shutil.rmtree(dest / "checkpoints" / "4")
+    (dest / "metrics.jsonl").unlink()
+    return dest
+
+
+def test_qat_and_int4_serving_checkpoints_cross_between_one_and_two_processes(tmp_path, corpus_file):
+    # INT4 QAT, 1 -> 2: two processes resume a one-process run's step-2 checkpoint; steps 3-4 and the step-4
+    # validation loss are the one-process run's. 2 -> 1: their step-4 checkpoint holds the one-process run's params.
+    qat_one = tmp_path / "qat_one"
+    one_process(qat_one, corpus_file, *INT4_QAT)
+    qat_two = resume_from_step_2(qat_one, tmp_path / "qat_two")
+    proc = launch(qat_two, corpus_file, *INT4_QAT)
+    out, _ = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 0 and "resuming from step 2" in out, out[-3000:]
+    expected, got = losses(qat_one), losses(qat_two)
+    assert sorted(got) == [3, 4]
+    np.testing.assert_allclose([got[3], got[4]], [expected[3], expected[4]], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(val_losses(qat_two)[4], val_losses(qat_one)[4], rtol=0, atol=1e-5)
+    assert_same_params(qat_one, qat_two)
+
+    # A conversion is a single-process tool: launched as 2 processes (each would convert and write the same run),
+    # serve-mode train.main stops in one line with exit code 2 and writes nothing.
+    served = tmp_path / "served"
+    result = subprocess.run([sys.executable, "-m", "train.launch", "--processes", "2", "--devices-per-process", "1",
+                             "--", "--config", "tiny", "--set", f"data.path={corpus_file}", "--set", "quant.mode=serve",
+                             "--set", "quant.weight_bits=4", "--set", f"train.init_from={qat_one}",
+                             "--workdir", str(served)], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"^\[p\d\] error: python -m train.main with quant.mode=serve runs in one process "
+                     r"\(JAX_NUM_PROCESSES=2 is set\): start it once", result.stdout, re.M), result.stdout[-3000:]
+    assert not served.exists()
+
+    # INT4 serving: the two-process QAT checkpoint, converted here, is the frozen base of LoRA adapters that two
+    # processes train. 1 -> 2: they read its int4 weights and scales, written by one process. 2 -> 1: the adapters
+    # they wrote, read here over the base, give the validation loss they measured.
+    base = convert_workdir(qat_two, tmp_path / "int4", log=lambda line: None)
+    lora = tmp_path / "lora"
+    proc = launch(lora, corpus_file, "finetune.method=lora", f"finetune.base={base}", "finetune.lora_rank=4",
+                  "train.steps=4")
+    out, _ = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 0 and "LoRA over" in out, out[-3000:]
+    measured = val_losses(lora)
+    assert abs(measured[4] - measured[2]) > 1e-4  # the adapters move the loss far more than the tolerance below
+    np.testing.assert_allclose(evaluate_workdir(lora, 2, 8)["loss"], measured[4], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("main, argv", [
+    (evaluate_main, ["--workdir", "runs/a"]),
+    (generate_main, ["--workdir", "runs/a"]),
+    (convert_main, ["--workdir", "runs/a", "--bits", "4", "--out", "runs/b"]),
+])
+def test_single_process_tools_refuse_to_run_as_one_of_several(main, argv, monkeypatch, capsys):
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert re.fullmatch(r"error: python -m \S+ runs in one process \(JAX_NUM_PROCESSES=2 is set\): start it once, "
+                        r"without train.launch, srun or mpirun\n", err), err
+
+
+def test_launched_many_reads_the_launchers_process_counts():
+    assert launched_many({}) is None and launched_many({"JAX_NUM_PROCESSES": "1"}) is None
+    assert launched_many({"SLURM_STEP_NUM_TASKS": "4"}) == "SLURM_STEP_NUM_TASKS=4"
+    assert launched_many({"OMPI_COMM_WORLD_SIZE": "8", "SLURM_STEP_NUM_TASKS": "1"}) == "OMPI_COMM_WORLD_SIZE=8"
+    assert launched_many({"TPU_WORKER_HOSTNAMES": "w0,w1"}) is None  # a slice's workers, not copies of the command
+    with pytest.raises(UserError, match="JAX_NUM_PROCESSES must be a whole number of processes, got 'two'"):
+        launched_many({"JAX_NUM_PROCESSES": "two"})
 
 
 def test_launcher_environment_joins_processes_on_cpu():

@@ -1,6 +1,6 @@
-"""What every command-line tool shares: argument types, the one-line error exit (code 2) and the
-quantization-scheme flags that `python -m quant.convert` and `python -m quant.report` both take. A library: it never
-imports a command-line module.
+"""What every command-line tool shares: argument types, the one-line error exit (code 2), the refusal of a
+single-process tool started as several processes, and the quantization-scheme flags that `python -m quant.convert`
+and `python -m quant.report` both take. A library: it never imports a command-line module.
 
 The types check a numeric flag when it is parsed (finite, in range, an integer where one is meant), so a bad value
 stops the command before any work, with argparse's usage line, one `error: argument --flag: ...` line and exit 2.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -103,6 +104,34 @@ def os_error_line(err: OSError) -> str:
     paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
     what = err.strerror or (str(err).splitlines() or [type(err).__name__])[0]
     return f"{what}: {paths}" if paths else what
+
+
+# Variables with which a launcher tells each process it is one of several copies of the same command.
+LAUNCH_COUNTS = ("JAX_NUM_PROCESSES", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def launched_many(env=None) -> str | None:
+    """`NAME=N` for the first of `LAUNCH_COUNTS` in `env` (default os.environ) that says more than one process runs
+    this command (`python -m train.launch`, `srun`, `mpirun`), or None. A TPU slice's worker list is not counted: it
+    describes the machine, not how many copies of this command were started."""
+    env = os.environ if env is None else env
+    for name in LAUNCH_COUNTS:
+        text = (env.get(name) or "1").strip()
+        if not text.isdigit():
+            raise UserError(f"{name} must be a whole number of processes, got {text!r}")
+        if int(text) > 1:
+            return f"{name}={text}"
+    return None
+
+
+def require_one_process(tool: str, env=None) -> None:
+    """Refuse to run the single-process `tool` (e.g. "python -m train.evaluate") as one of several launched copies,
+    which would each do the whole work and write the same files: UserError naming the variable that says so
+    (`launched_many`). Call it before any JAX work."""
+    launched = launched_many(env)
+    if launched:
+        raise UserError(f"{tool} runs in one process ({launched} is set): start it once, without train.launch, "
+                        f"srun or mpirun")
 
 
 def add_scheme_args(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from train.cli import main_guard, positive_int
+from train.cli import main_guard, positive_int, require_one_process
 from train.evaluation import evaluate_workdir, format_table
 
 
@@ -21,6 +21,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
+    require_one_process("python -m train.evaluate")
     rows = [evaluate_workdir(w, args.batches, args.batch_size) for w in args.workdir]
     print(format_table(rows))
 

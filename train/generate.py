@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from slm_jax.attention import KVCache
 from slm_jax.sampling import cache_size
-from train.cli import main_guard, non_negative_float, non_negative_int, positive_int
+from train.cli import main_guard, non_negative_float, non_negative_int, positive_int, require_one_process
 from train.loop import sample_text
 from train.run import load_run
 
@@ -37,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
+    require_one_process("python -m train.generate")
     run = load_run(args.workdir, args.step)
     kv_bits = args.kv_bits or run.config.quant.kv_bits
     if args.verbose:

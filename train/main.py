@@ -9,7 +9,7 @@ import jax
 
 from checkpoints.lock import lock_workdir
 from slm_jax.errors import UserError
-from train.cli import main_guard, positive_int
+from train.cli import main_guard, positive_int, require_one_process
 from train.config import load_config, resolve_path
 from train.evaluation import evaluate_workdir, format_table
 from train.loop import run_training
@@ -32,10 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
-    maybe_initialize_distributed()
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)  # no JAX call: jax.distributed may still be initialized
     workdir = args.workdir or Path("runs") / resolve_path(args.config).stem
     if config.quant.mode == "serve":  # post-training quantization of the run named by train.init_from
+        require_one_process("python -m train.main with quant.mode=serve")
         if args.profile:
             raise UserError("--profile traces training steps; quant.mode=serve converts a run and trains nothing")
         if not config.train.init_from:
@@ -48,6 +48,7 @@ def main(argv=None):
                 for w in (Path(config.train.init_from), workdir)]
         print(format_table(rows))
         return
+    maybe_initialize_distributed()
     # One writer per run: a second train.main on it is refused in one line. In a multi-process run the processes of
     # one run share it, so only process 0 holds the lock.
     with lock_workdir(workdir) if jax.process_index() == 0 else contextlib.nullcontext():

@@ -16,8 +16,8 @@ from train.config import Config
 from train.data import check_inherited_tokenizer
 from train.lora_run import LoraBase, lora_initializer
 from train.run import check_resumable, load_params, open_lora_base, tokenizer_of, with_model_of
-from train.sharding import (abstract_with_shardings, create_sharded_state, logical_axes, state_shardings,
-                            tree_shardings)
+from train.sharding import (abstract_with_shardings, create_sharded_state, logical_axes, put_replicated_copy,
+                            state_shardings, tree_shardings)
 from train.steps import TrainState
 
 
@@ -46,7 +46,8 @@ class FullRecipe:
             return store.restore(abstract_with_shardings(jax.eval_shape(self.initializer), shardings), latest)
         state = create_sharded_state(self.initializer, shardings)
         if self.config.train.init_from:
-            params = jax.device_put(load_params(Path(self.config.train.init_from), self.config), shardings.params)
+            params = put_replicated_copy(load_params(Path(self.config.train.init_from), self.config),
+                                         shardings.params)
             opt_state = jax.jit(self.optimizer.init, out_shardings=shardings.opt_state)(params)
             state = state.replace(params=params, opt_state=opt_state)
             log(f"initialised params from {self.config.train.init_from}")
@@ -99,7 +100,7 @@ class LoraRecipe(FullRecipe):
             state = store.restore(abstract_with_shardings(jax.eval_shape(self.initializer), own), latest)
         log(f"LoRA over {self.base.path} (step {self.base.step}): {param_count(state.params):,} adapter params on "
             f"{len(self.model.matmul.targets)} layers, {param_count(self.base.variables):,} frozen")
-        return state.replace(frozen=jax.device_put(self.base.variables, shardings.frozen))
+        return state.replace(frozen=put_replicated_copy(self.base.variables, shardings.frozen))
 
     def inherited_tokenizer(self):
         """The base's tokenizer, which the adapters keep; UserError if data.tokenizer names another one."""

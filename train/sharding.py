@@ -179,6 +179,20 @@ def create_sharded_state(init_fn: Callable[[], Any], shardings: Any) -> Any:
     return jax.jit(init_fn, out_shardings=shardings)()
 
 
+def put_replicated_copy(tree: Any, shardings: Any) -> Any:
+    """`tree`'s arrays, of which every process holds the same full copy (e.g. a run `train.run.load_run` read onto
+    each process's first device), placed in `shardings` (a matching tree of Shardings). A sharding that spans other
+    processes' devices is filled by each process for its own devices only, from its copy
+    (`jax.make_array_from_callback`): `jax.device_put` would need a cross-host transfer, which CPU and GPU backends
+    lack. Other shardings take `jax.device_put`."""
+    def put(x, sharding):
+        if sharding.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree_util.tree_map(put, tree, shardings)
+
+
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs that carry their sharding: an Orbax restore target that reshards on load."""
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
