@@ -13,7 +13,7 @@ from pathlib import Path
 from checkpoints.gguf import check_exportable, check_kind, export_type, gguf_tensors, write_gguf
 from checkpoints.gguf_vocab import Vocab, bpe_vocab, byte_vocab, pad_vocab
 from slm_jax.errors import UserError
-from train.cli import main_guard
+from train.cli import main_guard, require_one_process
 from train.run import load_run, open_store, tokenizer_of
 
 
@@ -70,6 +70,7 @@ def main(argv=None) -> None:
     parser.add_argument("--type", dest="type", help="f32 | f16 | bf16 | q8_0 | q4_0 (default: the run's ggml scheme, "
                                                     "else f16)")
     args = parser.parse_args(argv)
+    require_one_process("python -m checkpoints.gguf_export")
     export_workdir(args.workdir, args.out, args.type)
 
 

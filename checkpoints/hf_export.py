@@ -17,7 +17,7 @@ from pathlib import Path
 from checkpoints.hf import EXPORT_DTYPES, TOKEN_IDS, hf_config, write_safetensors
 from quant.lora_merge import merged_float_params
 from slm_jax.errors import UserError
-from train.cli import main_guard
+from train.cli import main_guard, require_one_process
 from train.run import load_run
 from train.tokenizer import save_tokenizer
 
@@ -69,6 +69,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True, help="the new Hugging Face folder")
     parser.add_argument("--dtype", default="bf16", choices=tuple(EXPORT_DTYPES), help="dtype of the weights")
     args = parser.parse_args(argv)
+    require_one_process("python -m checkpoints.hf_export")
     export_run(args.workdir, args.out, args.dtype)
 
 

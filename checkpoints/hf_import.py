@@ -12,7 +12,7 @@ from pathlib import Path
 from checkpoints.hf import TOKEN_IDS, model_config, read_config, read_params
 from checkpoints.manager import CheckpointStore, build_metadata, param_count
 from slm_jax.errors import UserError
-from train.cli import main_guard, positive_int
+from train.cli import main_guard, positive_int, require_one_process
 from train.config import Config, check_consistency, save_yaml
 from train.data import DataConfig
 from train.run import check_output_folder, new_run_folder
@@ -62,6 +62,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True, help="the new run's folder, e.g. runs/smollm2")
     parser.add_argument("--seq-len", type=positive_int, help="training window (default: min(max_position_embeddings, 512))")
     args = parser.parse_args(argv)
+    require_one_process("python -m checkpoints.hf_import")
     if args.seq_len is not None and args.seq_len <= 0:
         raise UserError("--seq-len must be a positive integer")
     import_folder(args.hf_dir, args.out, args.seq_len)

@@ -14,7 +14,7 @@ from checkpoints.manager import tree_bytes
 from quant.lora import split_adapters
 from quant.lora_merge import format_rows, logits_error, merge_adapters
 from train.build import build_model
-from train.cli import main_guard, positive_int
+from train.cli import main_guard, positive_int, require_one_process
 from train.config import FinetuneConfig
 from train.data import eval_batches, load_splits
 from train.evaluation import eval_windows, mean_loss
@@ -72,6 +72,7 @@ def main(argv=None):
     parser.add_argument("--batches", type=positive_int, default=20, help="validation batches for the loss comparison")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     args = parser.parse_args(argv)
+    require_one_process("python -m quant.merge")
     merge_workdir(args.workdir, args.out, args.batches, args.batch_size)
 
 

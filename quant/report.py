@@ -10,7 +10,7 @@ from pathlib import Path
 from quant.config import QuantConfig
 from quant.layer_report import format_report, layer_report
 from slm_jax.errors import UserError
-from train.cli import add_scheme_args, main_guard, positive_int, scheme_from_args
+from train.cli import add_scheme_args, main_guard, positive_int, require_one_process, scheme_from_args
 from train.data import eval_batches, load_splits
 from train.ptq import serving_quant_config
 from train.run import load_run
@@ -48,6 +48,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=4, help="sequences of validation text to measure on")
     add_scheme_args(parser)
     args = parser.parse_args(argv)
+    require_one_process("python -m quant.report")
     print(report_workdir(args.workdir, scheme_from_args(args), args.batch_size))
 
 

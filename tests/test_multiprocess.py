@@ -17,7 +17,12 @@ import jax
 import numpy as np
 import pytest
 
+from checkpoints.gguf_export import main as gguf_export_main
+from checkpoints.hf_export import main as hf_export_main
+from checkpoints.hf_import import main as hf_import_main
 from quant.convert import main as convert_main
+from quant.merge import main as merge_main
+from quant.report import main as report_main
 from train.evaluate import main as evaluate_main
 from train.generate import main as generate_main
 from train.cli import launched_many
@@ -195,6 +200,11 @@ def test_qat_and_int4_serving_checkpoints_cross_between_one_and_two_processes(tm
     (evaluate_main, ["--workdir", "runs/a"]),
     (generate_main, ["--workdir", "runs/a"]),
     (convert_main, ["--workdir", "runs/a", "--bits", "4", "--out", "runs/b"]),
+    (merge_main, ["--workdir", "runs/a", "--out", "runs/b"]),
+    (report_main, ["--workdir", "runs/a"]),
+    (gguf_export_main, ["--workdir", "runs/a", "--out", "runs/a.gguf"]),
+    (hf_export_main, ["--workdir", "runs/a", "--out", "runs/b"]),
+    (hf_import_main, ["hf/a", "--out", "runs/b"]),
 ])
 def test_single_process_tools_refuse_to_run_as_one_of_several(main, argv, monkeypatch, capsys):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
