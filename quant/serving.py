@@ -187,6 +187,12 @@ def int8_containers(variables: Variables) -> Variables:
     return {**variables, "aqt": jax.tree_util.tree_map(widen, variables["aqt"])} if "aqt" in variables else variables
 
 
+def served_layout(variables: Variables) -> Variables:
+    """The in-memory layout a serving run is served from on this backend: on CPU, int4 codes in int8 containers
+    (`int8_containers`: about 2-3x faster dequantizing, at one byte per code instead of half); elsewhere unchanged."""
+    return int8_containers(variables) if jax.default_backend() == "cpu" else variables
+
+
 def dequantize(value, scale) -> np.ndarray:
     """The float32 kernel [in, out] a stored (value, scale) pair stands for, as a host array (see
     `quant.provider.dequantize_weight` for the shapes)."""

@@ -1,5 +1,7 @@
 """Serving variants with random weights in the serving layout (train.bench.serve_speed): no float copy of a quantized
 kernel, int4 codes in int8 containers serve the same logits, and the interleaved A/B reports per-round ratios."""
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -60,3 +62,13 @@ def test_interleaved_speed_reports_per_round_ratios_to_float():
         assert row["prefill_tokens_per_s_median"] > 0
         assert row["prefill_tokens_per_s_x_float_min"] <= row["prefill_tokens_per_s_x_float_median"]
     assert len(said) == 2 + 2  # one line per round, one per row
+
+
+def test_activations_are_quantized_once_per_distinct_input():
+    """q/k/v read one input and gate/up another: XLA's common-subexpression pass leaves one activation quantization
+    (one round-to-nearest-even) per distinct matmul input in the compiled served model, not one per matmul: per
+    layer attention input, o's input, MLP input, down's input, and the lm_head's input (15 quantized matmuls)."""
+    run = random_served("int8", (*SIZE, "model.n_layers=2"))
+    compiled = jax.jit(lambda v, t: run.model.apply(v, t)[0]).lower(run.variables, jnp.zeros((1, 4), jnp.int32))
+    text = compiled.compile().as_text()
+    assert len(re.findall(r"round-nearest-even\(", text)) == 4 * 2 + 1

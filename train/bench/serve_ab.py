@@ -18,8 +18,9 @@ from train.bench.serve_speed import SIZES, VARIANTS, interleaved_speed, load_tex
 from train.cli import main_guard, positive_int
 
 
-def rss_child(variant: str, size: str, new_tokens: int) -> None:
-    run = random_served(variant, SIZES[size])
+def rss_child(variant: str, overrides, new_tokens: int) -> None:
+    """Build `variant` with random weights in its serving layout and generate `new_tokens` at batch 1."""
+    run = random_served(variant, overrides)
     prompt = jnp.zeros((1, max(1, run.config.model.seq_len // 2)), jnp.int32)
     jax.block_until_ready(generate(run.model, run.variables, prompt, jax.random.PRNGKey(0), new_tokens, 0.8, 40,
                                    VARIANTS[variant][2]))
@@ -36,9 +37,11 @@ def main(argv=None):
     parser.add_argument("--rss", action="store_true", help="also the peak RSS of each variant, in a child each")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--rss-child", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", nargs="*", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_child:
-        return rss_child(args.rss_child, args.size, args.new_tokens)
+        return rss_child(args.rss_child, SIZES[args.size] if args.overrides is None else args.overrides,
+                         args.new_tokens)
     tic = time.perf_counter()
     say = lambda text: print(f"[{time.perf_counter() - tic:6.0f}s] {text}", flush=True)
     say(f"size {args.size} ({' '.join(SIZES[args.size]) or 'baseline config'}), load average {load_text()}")
@@ -46,7 +49,7 @@ def main(argv=None):
     results = {"size": args.size, "speed": interleaved_speed(variants, SIZES[args.size], args.batches,
                                                              args.new_tokens, args.rounds, say)}
     if args.rss:
-        results["rss"] = variants_rss(variants, args.size, args.new_tokens)
+        results["rss"] = variants_rss(variants, SIZES[args.size], args.new_tokens)
         for name, found in results["rss"].items():
             say(f"peak RSS {name}: {(found.get('peak_rss_bytes') or 0) / 1e6:,.0f} MB")
     results["load_average_end"] = load_text()

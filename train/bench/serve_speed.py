@@ -126,14 +126,15 @@ def interleaved_speed(variants, size_overrides, batches, new_tokens: int, rounds
     return {"overrides": list(size_overrides), "rounds": rounds, "new_tokens": new_tokens, "rows": rows}
 
 
-def variants_rss(variants, size: str, new_tokens: int) -> dict[str, dict]:
-    """Peak RSS of a child that builds `variant` at `size` in its serving layout and generates `new_tokens` at
-    batch 1, per variant, and of a child that only starts the runtime ("runtime")."""
+def variants_rss(variants, size_overrides, new_tokens: int) -> dict[str, dict]:
+    """Peak RSS (see train.bench.common.peak_rss) of a child per variant that builds it with `size_overrides` in its
+    serving layout (no float kernel of a quantized layer is ever made) and generates `new_tokens` at batch 1, and
+    of a child that only starts the runtime ("runtime")."""
     commands = {"runtime": [sys.executable, "-c", "import jax.numpy as jnp, train.bench.serve_ab; "
                                                   "jnp.zeros(1).block_until_ready()"]}
     for name in variants:
-        commands[name] = [sys.executable, "-m", "train.bench.serve_ab", "--size", size, "--rss-child", name,
-                          "--new-tokens", str(new_tokens)]
+        commands[name] = [sys.executable, "-m", "train.bench.serve_ab", "--rss-child", name, "--new-tokens",
+                          str(new_tokens), "--overrides", *size_overrides]
     return peak_rss(commands)
 
 

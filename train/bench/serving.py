@@ -2,11 +2,12 @@
 
 Parameter bytes and checkpoint bytes on disk; prefill and KV-cache decode tokens/s (after compilation) at each
 batch size, with the KV cache in the compute dtype and in int8; the peak resident memory of `python -m
-train.generate` for each run, under `/usr/bin/time -v`; and decode at a larger size (random weights, converted in
-process), where weight bytes rather than per-token overhead limit decoding.
+train.generate` for each run, under `/usr/bin/time -v`; and at a larger size (random weights in each variant's serving
+layout, see serve_speed), where weight bytes rather than per-token overhead limit decoding, speeds and peak RSS.
 """
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import shutil
 import statistics
@@ -17,9 +18,10 @@ import jax
 
 from checkpoints.manager import CheckpointStore, tree_bytes
 from quant.provider import resolve_numerics
+from quant.serving import served_layout
 from slm_jax.errors import UserError
 from train.bench.common import folder_bytes, peak_rss, quiet, shown, timed, train_command
-from train.bench.serve_speed import decode_speed, interleaved_speed
+from train.bench.serve_speed import decode_speed, interleaved_speed, variants_rss
 from train.bench.trust import spread
 from train.config import load_config
 from train.ptq import convert_workdir
@@ -57,6 +59,7 @@ def measure_serving(quality: dict, work: Path, batches, new_tokens: int, reps: i
     rows = []
     for name, label, source in models:
         run = load_run(Path(source["workdir"]))
+        run = dataclasses.replace(run, variables=served_layout(run.variables))  # as train.generate serves it
         row = {"name": name, "label": label, "workdir": source["workdir"], "made_by": source["command"],
                "param_bytes": tree_bytes(run.variables)["total"],
                "checkpoint_bytes": folder_bytes(Path(source["workdir"]) / "checkpoints" / str(run.step)),
@@ -119,6 +122,8 @@ def measure_serving(quality: dict, work: Path, batches, new_tokens: int, reps: i
         say(f"larger size: {' '.join(larger.overrides)}")
         extra["larger"] = interleaved_speed(LARGER_VARIANTS, larger.overrides, larger.batches, larger.new_tokens,
                                             larger.rounds, say)
+        say("larger size: peak RSS of each variant (random weights in its serving layout) and of the runtime")
+        extra["larger"]["rss"] = variants_rss(LARGER_VARIANTS, larger.overrides, larger.new_tokens)
     return {**extra, "how": f"tokens/s after compilation, median of {reps}; prompt seq_len/2 random tokens; decode "
                    f"{new_tokens} new tokens with the KV cache (slm_jax.sampling.generate), timed as generate(n) "
                    f"minus generate(0); tokens/s at batch b count the tokens of all b sequences (b x tokens / "
