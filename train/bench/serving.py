@@ -59,7 +59,6 @@ def measure_serving(quality: dict, work: Path, batches, new_tokens: int, reps: i
     rows = []
     for name, label, source in models:
         run = load_run(Path(source["workdir"]))
-        run = dataclasses.replace(run, variables=served_layout(run.variables))  # as train.generate serves it
         row = {"name": name, "label": label, "workdir": source["workdir"], "made_by": source["command"],
                "param_bytes": tree_bytes(run.variables)["total"],
                "checkpoint_bytes": folder_bytes(Path(source["workdir"]) / "checkpoints" / str(run.step)),
@@ -70,9 +69,10 @@ def measure_serving(quality: dict, work: Path, batches, new_tokens: int, reps: i
         row.update(save_restore_times(params_only, work / f"save_{name}", reps))
         say(f"{name}: save {row['save_s']:.3f} s, restore {row['restore_s']:.3f} s ({tree_bytes(params_only)['total']:,}"
             f" bytes)")
+        served = dataclasses.replace(run, variables=served_layout(run.variables))  # as train.generate serves it
         for bits in kv_bits:
             for batch in batches:
-                speed = decode_speed(run, batch, new_tokens, reps, bits)
+                speed = decode_speed(served, batch, new_tokens, reps, bits)
                 say(f"{name} batch {batch} KV cache {'int8' if bits else 'float'}: prefill "
                     f"{speed['prefill_tokens_per_s']:,.0f} tok/s, decode {speed['decode_tokens_per_s'] or 0:,.0f} "
                     f"tok/s, all {batch} sequences counted, cache {speed['kv_cache_bytes']:,} bytes")
