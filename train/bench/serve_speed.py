@@ -27,7 +27,8 @@ from train.config import load_config
 
 # name -> (config, overrides, KV cache bits, int4 codes held in int8 containers)
 VARIANTS = {
-    "float": ("baseline", (), None, False),
+    "float": ("baseline", (), None, False),  # bf16 compute over float32 params, as the baseline trains
+    "float_f32": ("baseline", ("train.precision=fp32",), None, False),
     "float_kv8": ("baseline", (), 8, False),
     "int8": ("ptq_int8", (), None, False),  # w8a8, int numerics
     "int8_w8": ("ptq_int8", ("quant.act_bits=null", "quant.numerics=fake"), None, False),
