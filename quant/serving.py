@@ -177,6 +177,22 @@ def ggml_blocks(params: dict, plan: Plan) -> dict[Path, dict[str, jax.Array]]:
     return blocks
 
 
+def int8_containers(variables: Variables) -> Variables:
+    """`variables` with every int4 array of the `aqt` collection held as int8 (the same codes, one per byte).
+
+    For serving on XLA CPU, where converting int4 to float costs about 4x converting int8: the served matmul
+    dequantizes int8 codes instead, at twice the int4 parameter bytes in memory. Checkpoints keep int4 on disk.
+    """
+    widen = lambda x: x.astype(jnp.int8) if jnp.dtype(x.dtype) == jnp.int4 else x
+    return {**variables, "aqt": jax.tree_util.tree_map(widen, variables["aqt"])} if "aqt" in variables else variables
+
+
+def served_layout(variables: Variables) -> Variables:
+    """The in-memory layout a serving run is served from on this backend: on CPU, int4 codes in int8 containers
+    (`int8_containers`: about 2-3x faster dequantizing, at one byte per code instead of half); elsewhere unchanged."""
+    return int8_containers(variables) if jax.default_backend() == "cpu" else variables
+
+
 def dequantize(value, scale) -> np.ndarray:
     """The float32 kernel [in, out] a stored (value, scale) pair stands for, as a host array (see
     `quant.provider.dequantize_weight` for the shapes)."""

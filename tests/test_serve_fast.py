@@ -1,6 +1,7 @@
 """The served `fake` forward (one float matmul over the dequantized weight, activations fake-quantized per token)
 computes what AQT's own SERVE dot_general computes from the same stored integers and scales: bit for bit per
 channel, the same sum in another order per group."""
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,20 +20,24 @@ class Layer(nn.Module):
 
     plan: LayerPlan
     quant_mode: QuantMode
+    numerics: str = "fake"
 
     @nn.compact
     def __call__(self, x, kernel):
-        return QuantDotGeneral(("layer",), self.plan, self.quant_mode, "fake", name="dot_general")(x, kernel, DIMS)
+        return QuantDotGeneral(("layer",), self.plan, self.quant_mode, self.numerics, name="dot_general")(
+            x, kernel, DIMS)
 
 
 class AqtReference(nn.Module):
     """AQT's AqtDotGeneral in SERVE mode alone, under the same variable names."""
 
     plan: LayerPlan
+    numerics: str = "fake"
 
     @nn.compact
     def __call__(self, x, kernel):
-        return aqt_module(self.plan, aqt_dot_general_config(self.plan, "fake"), QuantMode.SERVE)(x, kernel, DIMS, None)
+        cfg = aqt_dot_general_config(self.plan, self.numerics)
+        return aqt_module(self.plan, cfg, QuantMode.SERVE)(x, kernel, DIMS, None)
 
 
 @pytest.mark.parametrize("plan", [
@@ -59,3 +64,25 @@ def test_served_fake_forward_is_aqts_serve_forward(plan, dtype):
         assert np.abs(served - reference).max() <= 4 * ulp * np.abs(reference).max()
     float_out = np.asarray(x, np.float32) @ np.asarray(kernel, np.float32)
     assert np.abs(served - float_out).max() < 0.1 * np.abs(float_out).max()
+
+
+@pytest.mark.parametrize("plan", [
+    LayerPlan(weight_bits=8, act_bits=8, granularity="per_channel", group_size=None, bwd_bits=None),
+    LayerPlan(weight_bits=4, act_bits=8, granularity="per_group", group_size=16, bwd_bits=None),
+], ids=["w8a8", "w4a8g16"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_served_int_matvec_is_aqts_serve_forward(plan, dtype):
+    """One row (decoding one sequence) is served with a zero row appended (two_rows): the first row is bit for bit
+    AQT's integer SERVE forward on the single row, and the compiled matmul sees two rows."""
+    x = (jax.random.normal(jax.random.PRNGKey(2), (1, 1, 64)) * 3).astype(dtype)
+    kernel = (jax.random.normal(jax.random.PRNGKey(3), (64, 48)) * 0.1).astype(dtype)
+    _, written = Layer(plan, QuantMode.CONVERT, "int").apply({}, x, kernel, mutable=["aqt"])
+    zeros = jnp.zeros_like(kernel)
+    served_fn = jax.jit(Layer(plan, QuantMode.SERVE, "int").apply)
+    served = served_fn(written, x, zeros)
+    reference = jax.jit(AqtReference(plan, "int").apply)({"aqt": written["aqt"]["dot_general"]}, x, zeros)
+    chex.assert_shape(served, (1, 1, 48))
+    assert served.dtype == reference.dtype
+    np.testing.assert_array_equal(np.asarray(served, np.float32), np.asarray(reference, np.float32))
+    hlo = served_fn.lower(written, x, zeros).as_text()
+    assert "tensor<2x1x64xi8>" in hlo or "tensor<2x1x4x16xi8>" in hlo  # the integer matmul's lhs has two rows

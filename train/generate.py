@@ -1,17 +1,20 @@
 """`python -m train.generate --workdir runs/baseline --prompt "ROMEO:"`: sample text with the KV cache.
 
 Works for float, QAT and serving (integer) workdirs alike: the model comes from the checkpoint's own config.
-`--kv-bits 8` (default: the run's quant.kv_bits) keeps the KV cache as int8; `--verbose` prints its bytes.
+`--kv-bits 8` (default: the run's quant.kv_bits) keeps the KV cache as int8; `--verbose` prints its bytes. On CPU, int4
+codes are served from int8 containers (quant.serving.served_layout).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from quant.serving import served_layout
 from slm_jax.attention import KVCache
 from slm_jax.sampling import cache_size
 from train.cli import main_guard, non_negative_float, non_negative_int, positive_int, require_one_process
@@ -39,6 +42,7 @@ def main(argv=None):
     args = parse_args(argv)
     require_one_process("python -m train.generate")
     run = load_run(args.workdir, args.step)
+    run = dataclasses.replace(run, variables=served_layout(run.variables))  # the loaded int4 arrays are dropped
     kv_bits = args.kv_bits or run.config.quant.kv_bits
     if args.verbose:
         prompt_len = min(len(run.tokenizer.encode(args.prompt, source="--prompt")) or 1, run.config.model.seq_len)

@@ -43,6 +43,8 @@ class LargerSize:
 
 
 LARGER = ("model.d_model=512", "model.n_layers=8", "model.n_heads=8")
+SMOLLM2_135M = ("model.d_model=576", "model.n_layers=30", "model.n_heads=9", "model.n_kv_heads=3",
+                "model.mlp_hidden=1536", "model.tie_embeddings=true")
 
 
 @dataclasses.dataclass(frozen=True)

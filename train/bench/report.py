@@ -133,14 +133,17 @@ def larger_markdown(larger: dict | None) -> str:
     if not larger:
         return ""
     ratio = lambda r, key: f"{fmt(r[key + '_x_float_min'], '.2f')} / {fmt(r[key + '_x_float_median'], '.2f')}"
+    rss = larger.get("rss", {})
+    peak = lambda name: fmt(rss.get(name, {}).get("peak_rss_bytes"), ".0f", 1e-6)
     rows = [[r["name"], str(r["batch"]), fmt(r["param_bytes"], ",.0f"), fmt(r["prefill_tokens_per_s_median"], ",.0f"),
              ratio(r, "prefill_tokens_per_s"), fmt(r["decode_tokens_per_s_median"], ",.0f"),
-             ratio(r, "decode_tokens_per_s")] for r in larger["rows"]]
+             ratio(r, "decode_tokens_per_s"), peak(r["name"])] for r in larger["rows"]]
     headers = ["model", ">batch", ">param bytes", ">prefill tok/s", ">x float (min / median)", ">decode tok/s",
-               ">x float (min / median)"]
-    return (f"\n\nLarger size (`{' '.join(larger['overrides'])}`, random weights converted in process; "
-            f"{larger['rounds']} round(s) of variants in turn, {larger['new_tokens']} new tokens):\n\n"
-            + table(headers, rows))
+               ">x float (min / median)", ">peak RSS MB"]
+    runtime = f" The runtime alone peaks at {peak('runtime')} MB." if "runtime" in rss else ""
+    return (f"\n\nLarger size (`{' '.join(larger['overrides'])}`, random weights made in each variant's serving "
+            f"layout; {larger['rounds']} round(s) of variants in turn, {larger['new_tokens']} new tokens; peak RSS of "
+            f"a child that builds the variant and generates at batch 1):{runtime}\n\n" + table(headers, rows))
 
 
 def finetune_markdown(section: dict, device: str) -> str:

@@ -1,0 +1,74 @@
+"""Serving variants with random weights in the serving layout (train.bench.serve_speed): no float copy of a quantized
+kernel, int4 codes in int8 containers serve the same logits, and the interleaved A/B reports per-round ratios."""
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from checkpoints.manager import tree_bytes
+from quant.plan import make_plan
+from quant.serving import float_copies, int8_containers, quantized_weights
+from slm_jax.attention import KVCache
+from train.bench.profiles import MICRO_MODEL
+from train.bench.serve_speed import VARIANTS, interleaved_speed, random_served
+
+SIZE = (*MICRO_MODEL, "model.d_model=64")  # 64: two groups of 32 per row for INT4 g32
+
+
+def test_every_variant_serves_without_float_kernels():
+    for name in VARIANTS:
+        run = random_served(name, SIZE)
+        if run.config.quant.mode == "serve":
+            assert float_copies(run.variables, make_plan(run.config.model, run.config.quant)) == []
+            assert quantized_weights(run.variables["aqt"])
+        else:
+            assert "aqt" not in run.variables
+        logits, _ = run.model.apply(run.variables, jnp.zeros((1, 4), jnp.int32),
+                                    cache=KVCache.init(run.config.model, 1, run.model.dtype))
+        chex.assert_shape(logits, (1, 4, run.config.model.vocab_size))
+        assert bool(jnp.all(jnp.isfinite(logits))), name
+
+
+def test_int4_codes_in_int8_containers_serve_the_same_logits():
+    packed = random_served("int4", SIZE)
+    widened = int8_containers(packed.variables)
+    for path, stored in quantized_weights(packed.variables["aqt"]).items():
+        wide = quantized_weights(widened["aqt"])[path]
+        assert wide["value"].dtype == jnp.int8 and stored["value"].dtype in (jnp.int4, jnp.int8)
+        np.testing.assert_array_equal(np.asarray(wide["value"]), np.asarray(stored["value"].astype(jnp.int8)))
+        assert wide["scale"] is stored["scale"]
+    assert widened["params"] is packed.variables["params"]
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 8)), jnp.int32)
+    apply = jax.jit(lambda v, t: packed.model.apply(v, t)[0])
+    np.testing.assert_array_equal(np.asarray(apply(widened, tokens), np.float32),
+                                  np.asarray(apply(packed.variables, tokens), np.float32))
+    int4_bytes = sum(int(np.prod(w["value"].shape)) for w in quantized_weights(packed.variables["aqt"]).values()
+                     if w["value"].dtype == jnp.int4)
+    assert int4_bytes > 0
+    # tree_bytes counts an int4 code as half a byte: the containers cost exactly that half byte more per int4 code
+    assert tree_bytes(widened)["total"] - tree_bytes(packed.variables)["total"] == int4_bytes / 2
+
+
+def test_interleaved_speed_reports_per_round_ratios_to_float():
+    said = []
+    found = interleaved_speed(["float", "int8"], SIZE, (1,), 2, 2, said.append)
+    rows = {row["name"]: row for row in found["rows"]}
+    assert set(rows) == {"float", "int8"} and found["rounds"] == 2
+    assert rows["float"]["prefill_tokens_per_s_x_float_median"] == 1.0
+    assert rows["int8"]["param_bytes"] < rows["float"]["param_bytes"] / 2
+    for row in rows.values():
+        assert row["prefill_tokens_per_s_median"] > 0
+        assert row["prefill_tokens_per_s_x_float_min"] <= row["prefill_tokens_per_s_x_float_median"]
+    assert len(said) == 2 + 2  # one line per round, one per row
+
+
+def test_activations_are_quantized_once_per_distinct_input():
+    """q/k/v read one input and gate/up another: XLA's common-subexpression pass leaves one activation quantization
+    (one round-to-nearest-even) per distinct matmul input in the compiled served model, not one per matmul: per
+    layer attention input, o's input, MLP input, down's input, and the lm_head's input (15 quantized matmuls)."""
+    run = random_served("int8", (*SIZE, "model.n_layers=2"))
+    compiled = jax.jit(lambda v, t: run.model.apply(v, t)[0]).lower(run.variables, jnp.zeros((1, 4), jnp.int32))
+    text = compiled.compile().as_text()
+    assert len(re.findall(r"round-nearest-even\(", text)) == 4 * 2 + 1

@@ -1,0 +1,148 @@
+"""Serving speed: prefill and KV-cache decode tokens/s of one model, and float against quantized variants timed in
+turn round after round in one process (ratios per round, so load hits every variant alike), with the peak RSS of
+each variant in a child (`python -m train.bench.serve_ab`). Weights are random, made in the serving layout directly
+(integer codes and scales, never a float kernel): speed and memory do not depend on the values.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from checkpoints.manager import tree_bytes
+from quant.serving import check_serving_variables, int8_containers
+from slm_jax.attention import KVCache
+from slm_jax.sampling import cache_size, generate
+from train.bench.common import peak_rss, timed
+from train.bench.profiles import LARGER, SMOLLM2_135M
+from train.bench.trust import spread
+from train.build import build_model
+from train.config import load_config
+
+# name -> (config, overrides, KV cache bits, int4 codes held in int8 containers)
+VARIANTS = {
+    "float": ("baseline", (), None, False),  # bf16 compute over float32 params, as the baseline trains
+    "float_f32": ("baseline", ("train.precision=fp32",), None, False),
+    "float_kv8": ("baseline", (), 8, False),
+    "int8": ("ptq_int8", (), None, False),  # w8a8, int numerics
+    "int8_w8": ("ptq_int8", ("quant.act_bits=null", "quant.numerics=fake"), None, False),
+    "int4": ("ptq_int4", (), None, False),  # w4 g32, packed int4
+    "int4_in_int8": ("ptq_int4", (), None, True),
+}
+SIZES = {"bundled": (), "larger": LARGER, "smollm2": (*SMOLLM2_135M, "quant.embed_bits=null")}
+
+
+def decode_speed(run, batch: int, new_tokens: int, reps: int, kv_bits: int | None = None) -> dict:
+    """Prefill of a seq_len/2 prompt, timed alone, and `generate` (prefill + new_tokens decode steps, sampling
+    at temperature 0.8, top-k 40 as train.generate does), with an int8 KV cache when kv_bits is 8. Decode seconds =
+    generate with `new_tokens` minus the same generate with none (the prompt's prefill and first sample), medians
+    of `reps` runs after compilation (`time.perf_counter`); decode tokens/s = batch * new_tokens / decode seconds,
+    None when load made the difference not positive (too few new tokens to resolve), never a clamped rate."""
+    model, variables, cfg = run.model, run.variables, run.config.model
+    prompt_len = max(1, cfg.seq_len // 2)
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
+    prefill = jax.jit(lambda v, p: model.apply(v, p, cache=KVCache.init(cfg, p.shape[0], model.dtype, bits=kv_bits)))
+    rng = jax.random.PRNGKey(0)
+    run_prefill = lambda: prefill(variables, prompt)
+    run_generate = lambda n: lambda: generate(model, variables, prompt, rng, n, 0.8, 40, kv_bits)
+    first_prefill, first_generate, _ = timed(run_prefill), timed(run_generate(new_tokens)), timed(run_generate(0))
+    prefills = spread(timed(run_prefill) for _ in range(reps))
+    generates = spread(timed(run_generate(new_tokens)) for _ in range(reps))
+    prefill_s, generate_s = prefills["median"], generates["median"]
+    decode_s = generate_s - spread(timed(run_generate(0)) for _ in range(reps))["median"]
+    decode_s = decode_s if decode_s > 0 else None
+    cache = jax.eval_shape(lambda: KVCache.init(cfg, batch, model.dtype, cache_size(model, prompt_len, new_tokens),
+                                                kv_bits))
+    return {"batch": batch, "kv_bits": kv_bits, "kv_cache_bytes": cache.nbytes(), "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "first_prefill_s": first_prefill, "first_generate_s": first_generate,
+            "prefill_s": prefill_s, "generate_s": generate_s, "prefill_spread": prefills, "generate_spread": generates,
+            "prefill_tokens_per_s": batch * prompt_len / prefill_s,
+            "decode_tokens_per_s": decode_s and batch * new_tokens / decode_s,
+            "decode_ms_per_token": decode_s and 1000 * decode_s / new_tokens}
+
+
+class Served(NamedTuple):
+    """What decode_speed reads of a run: its config, model and variables."""
+
+    config: object
+    model: object
+    variables: dict
+
+
+def random_served(variant: str, size_overrides=(), seed: int = 0) -> Served:
+    """A model of `variant` (see VARIANTS) with random weights in its serving layout: float params from the model's
+    init; quantized layers' codes uniform over their integer range and scales 1/(64 * sqrt(in)), so activations
+    keep a sane size. Checked by `check_serving_variables` (no float copy of a quantized kernel)."""
+    config_name, overrides, _, containers = VARIANTS[variant]
+    cfg = load_config(config_name, (*size_overrides, *overrides))
+    model = build_model(cfg)
+    variables = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32)))
+    if "aqt" in variables:
+        rng = np.random.default_rng(seed)
+
+        def fill(leaf):
+            if jnp.issubdtype(leaf.dtype, jnp.integer):
+                bound = int(jnp.iinfo(leaf.dtype).max)
+                return jnp.asarray(rng.integers(-bound, bound + 1, leaf.shape, np.int8)).astype(leaf.dtype)
+            return jnp.full(leaf.shape, 1.0 / (64 * np.sqrt(cfg.model.d_model)), leaf.dtype)
+
+        variables["aqt"] = jax.tree_util.tree_map(fill, variables["aqt"])
+        check_serving_variables(cfg.model, cfg.quant, variables)
+    if containers:
+        variables = int8_containers(variables)
+    return Served(cfg, model, variables)
+
+
+def interleaved_speed(variants, size_overrides, batches, new_tokens: int, rounds: int, say) -> dict:
+    """Prefill and decode tokens/s of each variant at each batch, variants timed in turn round after round, and each
+    round's ratio to the first variant (float). Rows carry min/median over rounds of the ratios."""
+    runs = {name: random_served(name, size_overrides) for name in variants}
+    base = variants[0]
+    per_round = {(name, b): [] for name in variants for b in batches}
+    for r in range(rounds):
+        for name, b in per_round:
+            per_round[name, b].append(decode_speed(runs[name], b, new_tokens, 1, VARIANTS[name][2]))
+        say(f"round {r + 1}/{rounds} done, load average {load_text()}")
+    rows = []
+    for (name, b), speeds in per_round.items():
+        floats = per_round[base, b]
+        row = {"name": name, "batch": b, "param_bytes": tree_bytes(runs[name].variables)["total"]}
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+            found = [s[key] / f[key] for s, f in zip(speeds, floats) if s[key] and f[key]]
+            row[f"{key}_median"] = statistics.median([s[key] for s in speeds if s[key]] or [0])
+            row[f"{key}_x_float_min"] = min(found) if found else None
+            row[f"{key}_x_float_median"] = statistics.median(found) if found else None
+        say(f"{name} b={b}: prefill {row['prefill_tokens_per_s_median']:,.0f} tok/s x{base} "
+            f"{fmt(row['prefill_tokens_per_s_x_float_min'])}/{fmt(row['prefill_tokens_per_s_x_float_median'])}, "
+            f"decode {row['decode_tokens_per_s_median']:,.0f} tok/s x{base} "
+            f"{fmt(row['decode_tokens_per_s_x_float_min'])}/{fmt(row['decode_tokens_per_s_x_float_median'])}, "
+            f"param bytes {row['param_bytes']:,}")
+        rows.append(row)
+    return {"overrides": list(size_overrides), "rounds": rounds, "new_tokens": new_tokens, "rows": rows}
+
+
+def variants_rss(variants, size_overrides, new_tokens: int) -> dict[str, dict]:
+    """Peak RSS (see train.bench.common.peak_rss) of a child per variant that builds it with `size_overrides` in its
+    serving layout (no float kernel of a quantized layer is ever made) and generates `new_tokens` at batch 1, and
+    of a child that only starts the runtime ("runtime")."""
+    commands = {"runtime": [sys.executable, "-c", "import jax.numpy as jnp, train.bench.serve_ab; "
+                                                  "jnp.zeros(1).block_until_ready()"]}
+    for name in variants:
+        commands[name] = [sys.executable, "-m", "train.bench.serve_ab", "--rss-child", name, "--new-tokens",
+                          str(new_tokens), "--overrides", *size_overrides]
+    return peak_rss(commands)
+
+
+def fmt(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def load_text() -> str:
+    """The 1, 5 and 15-minute load averages, as text."""
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
