@@ -16,6 +16,7 @@ VARIANTS = {
 SPEED_VARIANTS = tuple(VARIANTS)
 ALL_PTQ = ("ptq_int8", "ptq_int4_channel", "ptq_int4_group")
 NANOGPT_CPU = ("model.n_layers=4", "model.n_heads=4", "model.d_model=128", "model.seq_len=64", "train.batch_size=12")
+NANOGPT_TIED = (*NANOGPT_CPU, "model.tie_embeddings=true")  # the PyTorch reference's size: nanoGPT ties its head
 MICRO_MODEL = ("model.n_layers=1", "model.n_heads=2", "model.d_model=32", "model.seq_len=16", "train.batch_size=4")
 
 
@@ -63,6 +64,10 @@ class Profile:
     ptq_calib_batches: int = 128  # training windows each calibrated method sees
     serve_kv_bits: tuple[int | None, ...] = (None, 8)  # KV caches the serving section decodes with
     serve_larger: LargerSize | None = None  # decode speed at a larger size (random weights)
+    reference_overrides: tuple[str, ...] = NANOGPT_TIED  # size of the PyTorch reference section (baseline config)
+    reference_precisions: tuple[str, ...] = ("fp32", "bf16")
+    reference_rounds: int = 6  # slm-jax and torch take turns, round after round
+    reference_steps: int = 5
 
 
 PROFILES = {
@@ -73,7 +78,8 @@ PROFILES = {
         quality_overrides=("train.sample_tokens=0",), quality_trained=("bf16", "int8_w8a8", "int4_w4"), ptq=ALL_PTQ,
         finetunes=("int8_w8a8", "int4_w4"), finetune_steps=200, eval_batches=50, eval_batch_size=16,
         serve_batches=(1, 8), serve_new_tokens=256, serve_reps=5, adapt_base_steps=1000, adapt_steps=300,
-        ptq_settings=("int2_g32", "int4_g32"), serve_larger=LargerSize(LARGER, (1, 8), 64, 3)),
+        ptq_settings=("int2_g32", "int4_g32"), serve_larger=LargerSize(LARGER, (1, 8), 64, 3), reference_rounds=10,
+        reference_steps=10),
     "quick": Profile(
         name="quick", matmul_n=2048, matmul_reps=5,
         speed_sizes=(("nanoGPT-cpu", NANOGPT_CPU), ("baseline", ())), speed_variants=SPEED_VARIANTS,
@@ -94,5 +100,6 @@ PROFILES = {
                            "train.eval_every=3", "train.eval_batches=1", "train.sample_tokens=0"),
         quality_trained=("bf16",), ptq=("ptq_int4_group",), finetunes=(), finetune_steps=1, eval_batches=1,
         eval_batch_size=4, serve_batches=(1,), serve_new_tokens=4, serve_reps=1, rss_models=1, serve_kv_bits=(None, 8),
-        adapt_overrides=MICRO_MODEL, adapt_base_steps=2, adapt_steps=2, adapt_methods=("float_ft", "int4_lora")),
+        adapt_overrides=MICRO_MODEL, adapt_base_steps=2, adapt_steps=2, adapt_methods=("float_ft", "int4_lora"),
+        reference_overrides=MICRO_MODEL, reference_precisions=("fp32",), reference_rounds=1, reference_steps=2),
 }
