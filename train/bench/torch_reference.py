@@ -4,6 +4,8 @@ torch is optional (the `torchref` extra): without it the section says so and mea
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import statistics
 import time
@@ -11,19 +13,16 @@ import time
 import jax
 import numpy as np
 
-from train.bench.speed import fixed_batch
+from train.bench.common import fixed_batch
 from train.bench.trust import spread
 from train.build import build_model, state_initializer
 from train.config import load_config
 from train.optim import make_optimizer
 from train.steps import make_train_step
 
-try:
-    import torch
-
-    from train.bench import torch_model
-except ImportError:  # the torchref extra is not installed
-    torch = torch_model = None
+# torch is optional (the torchref extra): both stay None without it, and the section skips
+torch = importlib.import_module("torch") if importlib.util.find_spec("torch") else None
+torch_model = importlib.import_module("train.bench.torch_model") if torch else None
 
 PRECISIONS = {"fp32": False, "bf16": True}  # precision -> torch bf16 autocast
 
