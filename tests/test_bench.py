@@ -66,6 +66,13 @@ def test_micro_bench_writes_results_tables_and_plots(tmp_path):
     assert real["int4_lora"]["vs_fp32"] == real["int4_lora"]["ms_per_step"] / real["fp32"]["ms_per_step"]
     assert "micro tied int4_lora step" in results["throughput"]["spreads"]
     assert all(s["generate_spread"]["n"] == 1 for s in speeds) and "decode tok/s b=1 (all 1 seqs" in report
+    torch_section = results["torch"]  # the PyTorch reference: measured with torch installed, else one skip line
+    if torch_section.get("skipped"):
+        assert not torch_section["rows"] and "torch is not installed" in torch_section["skipped"]
+        assert f"## 2b. PyTorch eager reference ({device_name()})" in report and torch_section["skipped"] in report
+    else:
+        assert [row["precision"] for row in torch_section["rows"]] == ["fp32"] and "## 2b. PyTorch eager" in report
+        assert all(row["jax_ms"] > 0 and row["torch_ms"] > 0 for row in torch_section["rows"])
     tuned = {row["name"]: row for row in results["finetune"]["rows"]}
     assert {"float_ft", "int4_lora"} <= set(tuned)  # micro runs two of the five methods
     assert all("error" not in row for row in tuned.values()), tuned

@@ -76,10 +76,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, lr_sched
             (_, loss), grads = grad_fn(state.params, state.frozen, x, y, jax.random.fold_in(step_rng, i), scale)
             return jax.tree_util.tree_map(jnp.add, grads_sum, grads), loss
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
         accum = inputs.shape[0]
-        grads, losses = jax.lax.scan(micro_step, zeros, (inputs, targets, jnp.arange(accum)))
-        grads = state.loss_scale.unscale(jax.tree_util.tree_map(lambda g: g / accum, grads))
+        if accum == 1:  # no accumulation: the scan's loop and zero-filled sums would only add work
+            (_, loss), grads = grad_fn(state.params, state.frozen, inputs[0], targets[0],
+                                       jax.random.fold_in(step_rng, 0), scale)
+            losses = loss[None]
+        else:
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            grads, losses = jax.lax.scan(micro_step, zeros, (inputs, targets, jnp.arange(accum)))
+            grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+        grads = state.loss_scale.unscale(grads)
         finite = all_finite(grads)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)

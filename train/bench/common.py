@@ -1,5 +1,5 @@
 """What the bench's sections share: the machine's name and description, progress lines, how a run is named on a
-command line, step timing, and peak-memory measurement of child processes.
+command line, step timing and the fixed batch steps are timed on, and peak-memory measurement of child processes.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # the repository: child processes run from here
 TIME_BIN = Path("/usr/bin/time")
@@ -87,6 +89,13 @@ def timed(fn) -> float:
     tic = time.perf_counter()
     jax.block_until_ready(fn())
     return time.perf_counter() - tic
+
+
+def fixed_batch(config):
+    """One batch of random tokens shaped as the training loop's: (inputs, targets), each [grad_accum, batch, seq]."""
+    shape = (config.train.grad_accum, config.train.batch_size, config.model.seq_len)
+    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (2, *shape), dtype=np.int32)
+    return jnp.asarray(tokens[0]), jnp.asarray(tokens[1])
 
 
 def folder_bytes(folder: Path) -> int:

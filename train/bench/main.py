@@ -1,7 +1,7 @@
 """`python -m train.bench [--quick | --micro] [--out DIR]`: measure speed, quality and serving cost on this machine.
 
 Writes `results.json`, `results.md` (tables) and PNG plots to `runs/bench/<device>[-quick|-micro]/`. Each section
-lives in its own module of this package (`speed`, `quality`, `serving`, `finetune`, `ptq`; tables and plots in `report`,
+lives in its own module of this package (`speed`, `torch_reference`, `quality`, `serving`, `finetune`, `ptq`; tables and plots in `report`,
 profiles in `profiles`); this file runs them in order and hands the quality runs on to the serving section.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from train.bench import finetune, ptq, quality, report, serving, speed
+from train.bench import finetune, ptq, quality, report, serving, speed, torch_reference
 from train.bench.common import Progress, describe_machine, device_name, git_revision
 from train.bench.profiles import PROFILES, Profile
 from train.bench.trust import SectionLoad, busy_reasons, busy_warning
@@ -61,6 +61,9 @@ def run_bench(profile: Profile, out: Path, command: str) -> dict:
     section("matmul", "1. matmul peak", lambda: speed.measure_matmul(profile.matmul_n, profile.matmul_reps, say))
     peak = results["matmul"]["rows"][0]["gflops"] * 1e9
     section("throughput", "2. training throughput", lambda: speed.measure_training_speed(profile, peak, say))
+    section("torch", "2b. PyTorch eager reference", lambda: torch_reference.measure_reference(
+        profile.reference_overrides, profile.reference_precisions, profile.speed_warmup, profile.reference_rounds,
+        profile.reference_steps, say))
     section("quality", "3. quality", lambda: quality.measure_quality(profile, work / "quality", say))
     section("serving", "4. serving", lambda: serving.measure_serving(
         results["quality"], work / "serving", profile.serve_batches, profile.serve_new_tokens, profile.serve_reps,

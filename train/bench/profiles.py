@@ -29,6 +29,7 @@ SMOLLM2_135M = ("model.d_model=576", "model.n_layers=30", "model.n_heads=9", "mo
 # them all); a quantized embedding cannot be tied to the LM head, so every variant keeps it float
 SMOLLM2_SPEED = (*SMOLLM2_135M, "model.vocab_size=49152", "quant.embed_bits=null", "model.seq_len=256",
                  "train.batch_size=1")
+NANOGPT_TIED = (*NANOGPT_CPU, "model.tie_embeddings=true")  # the PyTorch reference's size: nanoGPT ties its head
 MICRO_MODEL = ("model.n_layers=1", "model.n_heads=2", "model.d_model=32", "model.seq_len=16", "train.batch_size=4")
 
 
@@ -43,8 +44,6 @@ class LargerSize:
 
 
 LARGER = ("model.d_model=512", "model.n_layers=8", "model.n_heads=8")
-SMOLLM2_135M = ("model.d_model=576", "model.n_layers=30", "model.n_heads=9", "model.n_kv_heads=3",
-                "model.mlp_hidden=1536", "model.tie_embeddings=true")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +91,10 @@ class Profile:
     serve_kv_bits: tuple[int | None, ...] = (None, 8)  # KV caches the serving section decodes with
     serve_larger: LargerSize | None = None  # decode speed at a larger size (random weights)
     speed_real: SpeedSize | None = None  # training speed at a real model's shape (random weights)
+    reference_overrides: tuple[str, ...] = NANOGPT_TIED  # size of the PyTorch reference section (baseline config)
+    reference_precisions: tuple[str, ...] = ("fp32", "bf16")
+    reference_rounds: int = 6  # slm-jax and torch take turns, round after round
+    reference_steps: int = 5
 
 
 PROFILES = {
@@ -104,7 +107,8 @@ PROFILES = {
         serve_batches=(1, 8), serve_new_tokens=256, serve_reps=5, adapt_base_steps=1000, adapt_steps=300,
         ptq_settings=("int2_g32", "int4_g32"), serve_larger=LargerSize(LARGER, (1, 8), 64, 3),
         speed_real=SpeedSize("SmolLM2-135M", SMOLLM2_SPEED, ("bf16", "int8_w8a8", "int4_w4", "int4_lora"),
-                             warmup=1, rounds=2, steps=2)),
+                             warmup=1, rounds=2, steps=2),
+        reference_rounds=10, reference_steps=10),
     "quick": Profile(
         name="quick", matmul_n=2048, matmul_reps=5,
         speed_sizes=(("nanoGPT-cpu", NANOGPT_CPU), ("baseline", ())), speed_variants=SPEED_VARIANTS,
@@ -127,5 +131,6 @@ PROFILES = {
         eval_batch_size=4, serve_batches=(1,), serve_new_tokens=4, serve_reps=1, rss_models=1, serve_kv_bits=(None, 8),
         adapt_overrides=MICRO_MODEL, adapt_base_steps=2, adapt_steps=2, adapt_methods=("float_ft", "int4_lora"),
         speed_real=SpeedSize("micro tied", (*MICRO_MODEL, "model.tie_embeddings=true", "quant.embed_bits=null"),
-                             ("fp32", "int4_w4", "int4_lora"), warmup=1, rounds=1, steps=2)),
+                             ("fp32", "int4_w4", "int4_lora"), warmup=1, rounds=1, steps=2),
+        reference_overrides=MICRO_MODEL, reference_precisions=("fp32",), reference_rounds=1, reference_steps=2),
 }

@@ -68,6 +68,21 @@ def throughput_markdown(section: dict, device: str) -> str:
                      ">x bf16 time", ">x fp32 time"], rows))
 
 
+def torch_markdown(section: dict, device: str) -> str:
+    heading = f"## 2b. PyTorch eager reference ({device})"
+    if section.get("skipped"):
+        return f"{heading}\n\n{section['skipped']}."
+    rows = [[r["precision"], fmt(r["jax_ms"], ".1f"), span(r["jax_ms_min"], r["jax_ms_max"], ".1f"),
+             fmt(r["torch_ms"], ".1f"), span(r["torch_ms_min"], r["torch_ms_max"], ".1f"),
+             timing_ratio(section, r["ratio"])] for r in section["rows"]]
+    size = " ".join(code(o) for o in section["overrides"])
+    return (f"{heading}\n\nslm-jax's training step (`baseline` config with {size}) against a PyTorch eager model "
+            f"of the same architecture (`train.bench.torch_model`: RMSNorm, RoPE, SwiGLU, AdamW with clipping), torch "
+            f"{section['torch']} on {section['torch_threads']} threads. {section['how']}.\n\n"
+            + table(["precision", ">slm-jax ms/step", ">min..max", ">torch ms/step", ">min..max",
+                     ">slm-jax / torch"], rows))
+
+
 def quality_markdown(section: dict, device: str) -> str:
     rows = [[r["name"], r["label"], fmt(r["steps"], "d") if r["steps"] else "—", fmt(r["loss"], ".4f"),
              fmt(r["loss_vs_float"], "+.4f"), fmt(r["perplexity"], ".2f"), fmt(r["bits_per_char"], ".3f"),
@@ -178,7 +193,8 @@ def ptq_markdown(section: dict, device: str) -> str:
             + f"\n\n{commands}")
 
 
-SECTIONS = {"matmul": matmul_markdown, "throughput": throughput_markdown, "quality": quality_markdown,
+SECTIONS = {"matmul": matmul_markdown, "throughput": throughput_markdown, "torch": torch_markdown,
+            "quality": quality_markdown,
             "serving": serving_markdown, "finetune": finetune_markdown, "ptq": ptq_markdown}
 
 
@@ -213,7 +229,7 @@ def write_report(results: dict, out: Path) -> None:
     device = results["machine"]["name"]
     plots = make_plots(results, out)
     parts = [header_markdown(results)]
-    for key, plot in zip(SECTIONS, ("", "throughput.png", "quality.png", "serving.png", "finetune.png", "")):
+    for key, plot in zip(SECTIONS, ("", "throughput.png", "", "quality.png", "serving.png", "finetune.png", "")):
         if key not in results:  # a section the profile skips
             continue
         parts.append(section_markdown(key, results))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quant.serving import convert
-from train.bench.common import timed
+from train.bench.common import fixed_batch, timed
 from train.bench.profiles import LORA_VARIANTS, VARIANTS
 from train.bench.trust import spread
 from train.build import build_model, state_initializer
@@ -62,13 +62,6 @@ def matmul_params(params) -> int:
 def flops_per_token(config, n_matmul: int) -> int:
     m = config.model
     return 6 * n_matmul + 12 * m.n_layers * m.seq_len * m.d_model
-
-
-def fixed_batch(config):
-    """One batch of random tokens shaped as the training loop's: (inputs, targets), each [grad_accum, batch, seq]."""
-    shape = (config.train.grad_accum, config.train.batch_size, config.model.seq_len)
-    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (2, *shape), dtype=np.int32)
-    return jnp.asarray(tokens[0]), jnp.asarray(tokens[1])
 
 
 def lora_state(config, model, float_params):
