@@ -14,6 +14,7 @@ from quant.provider import make_matmul
 from quant.ptq_methods import PTQSettings, quantize_with_method
 from quant.report import folded_input_scales
 from quant.serving import quantized_weights
+from slm_jax.errors import UserError
 from slm_jax.model import Transformer
 from tests.ptq_models import TINY, float_logits, random_params, random_tokens
 
@@ -100,3 +101,14 @@ def test_per_layer_kl_is_the_kl_of_the_model_with_only_that_layer_quantized(para
         assert expected > 1e-5
         np.testing.assert_allclose(rows[layer].kl_mean, expected, rtol=2e-3)
     assert all(r.kl_mean >= 0 for r in rows.values())
+
+
+def test_fold_scales_come_from_the_record_and_an_old_folding_run_is_a_user_error():
+    assert folded_input_scales(TINY, {"method": "gptq", "layers": {}}) is None
+    scales = list(np.linspace(0.5, 2, 16))  # o's input group: kv_heads * head_dim = 16 scales, expanded to 32
+    fold = folded_input_scales(TINY, {"method": "awq", "groups": {"layer_0/attn/o": {"alpha": 0.5, "scales": scales}}})
+    assert list(fold) == [("layer_0", "attn", "o")]
+    np.testing.assert_array_equal(fold[("layer_0", "attn", "o")], np.concatenate([scales[:8], scales[:8],
+                                                                                   scales[8:], scales[8:]]))
+    with pytest.raises(UserError, match="does not record the scales it folded"):
+        folded_input_scales(TINY, {"method": "smoothquant", "groups": {"layer_0/attn/q": {"act_max_before": 3.0}}})
