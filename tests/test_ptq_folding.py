@@ -1,11 +1,14 @@
 """AWQ and SmoothQuant: folded scales leave the float model's function unchanged; the scales they choose lower the
 quantization error where activations have outlier channels."""
+import argparse
+
 import numpy as np
 
 from quant import grid
 from quant.awq import AWQSettings, apply_awq, group_error, search_clip, search_scales
 from quant.calibrate import InputStats, collect_input_stats
 from quant.config import QuantConfig
+from quant.convert import add_method_args, method_from_args
 from quant.folding import InputGroup, fold_scales, input_groups
 from quant.plan import LayerPlan, make_plan
 from quant.smoothquant import apply_smoothquant, smoothing_scales
@@ -132,3 +135,11 @@ def test_awq_clipping_never_raises_the_output_error_and_ratio_one_is_unclipped()
     np.testing.assert_array_equal(same, w)
     np.testing.assert_array_equal(ones, 1.0)
     assert AWQSettings().clip_ratios[0] == 1.0 and len(AWQSettings().clip_ratios) == 10
+
+
+def test_no_awq_clip_turns_the_clipping_search_off():
+    parser = argparse.ArgumentParser()
+    add_method_args(parser)
+    for flags, clip in ((["--method", "awq+gptq"], True), (["--method", "awq", "--no-awq-clip"], False)):
+        _, settings = method_from_args(parser.parse_args(flags))
+        assert settings.awq.clip is clip and settings.to_json(flags[1])["awq"]["clip"] is clip
