@@ -37,7 +37,8 @@ def apply_smoothquant(model_cfg: ModelConfig, plan: Plan, params: dict, stats: d
     params: float params; stats: {first layer path of each group: InputStats of its input in the float model}.
     Returns (new params, {group's first layer: {"act_max_before", "act_max_after", "scales" (the folded s,
     [group.channels] floats: the layers' input is divided by s[group.expand], their kernel rows multiplied)}}).
-    Raises UserError when no layer quantizes its activations (SmoothQuant is for W8A8-style schemes) or alpha is outside [0, 1].
+    Raises UserError when no layer quantizes its activations (SmoothQuant is for W8A8-style schemes) or alpha is
+    outside [0, 1].
     """
     check_alpha(alpha)
     chosen = {}
