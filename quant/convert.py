@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from quant.awq import AWQSettings
 from quant.gptq import GPTQSettings
 from quant.ptq_methods import METHODS, PTQSettings
 from slm_jax.errors import UserError
@@ -32,6 +33,8 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
                        help="GPTQ rounds inputs in order of decreasing Hessian diagonal")
     group.add_argument("--damp", type=non_negative_float,
                        help=f"GPTQ damping, a fraction of the Hessian's mean diagonal (default {GPTQSettings.damp})")
+    group.add_argument("--no-awq-clip", action="store_true",
+                       help="AWQ's scales without its weight-clipping search (awq, awq+gptq)")
 
 
 def method_from_args(args: argparse.Namespace) -> tuple[Calibration, PTQSettings]:
@@ -43,11 +46,13 @@ def method_from_args(args: argparse.Namespace) -> tuple[Calibration, PTQSettings
     if (args.act_order or args.damp is not None) and "gptq" not in args.method:
         raise UserError(f"--act-order and --damp are GPTQ settings: use --method gptq or awq+gptq, "
                         f"not {args.method}")
+    if args.no_awq_clip and "awq" not in args.method:
+        raise UserError(f"--no-awq-clip is an AWQ setting: use --method awq or awq+gptq, not {args.method}")
     defaults = Calibration()
     calibration = Calibration(args.calib_batches or defaults.batches, args.calib_seq_len,
                               defaults.seed if args.seed is None else args.seed)
     gptq = GPTQSettings(act_order=args.act_order, damp=GPTQSettings.damp if args.damp is None else args.damp)
-    return calibration, dataclasses.replace(PTQSettings(), gptq=gptq)
+    return calibration, dataclasses.replace(PTQSettings(), gptq=gptq, awq=AWQSettings(clip=not args.no_awq_clip))
 
 
 @main_guard

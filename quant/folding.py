@@ -61,10 +61,10 @@ def get_param(params: dict, path: tuple[str, ...]) -> np.ndarray:
     return np.asarray(params)
 
 
-def _set_param(params: dict, path: tuple[str, ...], value: np.ndarray) -> dict:
+def set_param(params: dict, path: tuple[str, ...], value: np.ndarray) -> dict:
     """A copy of the nested dict `params` with the leaf at `path` replaced (other leaves shared)."""
     head, *rest = path
-    return {**params, head: _set_param(params[head], tuple(rest), value) if rest else value}
+    return {**params, head: set_param(params[head], tuple(rest), value) if rest else value}
 
 
 def fold_scales(params: dict, group: InputGroup, scales: np.ndarray) -> dict:
@@ -77,10 +77,10 @@ def fold_scales(params: dict, group: InputGroup, scales: np.ndarray) -> dict:
         new_source = source / scales
     else:  # a producing kernel [in, channels]: divide its output columns
         new_source = source / scales[None, :]
-    params = _set_param(params, group.source, new_source.astype(source.dtype))
+    params = set_param(params, group.source, new_source.astype(source.dtype))
     for layer in group.layers:
         kernel = get_param(params, layer + ("kernel",))
-        params = _set_param(params, layer + ("kernel",), (kernel * scales[group.expand][:, None]).astype(kernel.dtype))
+        params = set_param(params, layer + ("kernel",), (kernel * scales[group.expand][:, None]).astype(kernel.dtype))
     return params
 
 

@@ -1,7 +1,8 @@
 """Per-layer quantization error report: what AQT did to each weight and what that does to the layer's output.
 
 Each quantized weight layer is measured in isolation on the activations the float model feeds it for a given
-batch (captured with a hook), so rows show where the error comes from rather than how it compounds.
+batch (captured with a hook), so rows show where the error comes from rather than how it compounds; its KL column
+(`quant.layer_kl`) shows what quantizing that layer alone costs the whole model.
 """
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from aqt.jax.v2.utils import QuantMode
 
 from quant.config import QuantConfig
+from quant.folding import get_param
 from quant.serving import dequantize, weight_layers
 from quant.hooks import capture_inputs
+from quant.layer_kl import single_layer_kl
 from quant.plan import EMBED_PATH, LayerPlan, Path, kernel_name, make_plan, path_str
 from quant.provider import QuantDotGeneral, make_matmul, resolve_numerics
 from slm_jax.config import ModelConfig
@@ -42,6 +46,7 @@ class LayerReport:
     weight_rel_err: float
     output_sqnr_db: float  # this layer's output on the float model's activations, quantized vs float
     output_rel_err: float
+    kl_mean: float | None = None  # KL(float || only this layer's weight quantized), nats, mean over tokens
 
 
 def _errors(ref: np.ndarray, approx: np.ndarray) -> tuple[float, float]:
@@ -58,6 +63,15 @@ def _quantize_layer(x, kernel, plan: LayerPlan, numerics: str):
     dot = QuantDotGeneral(("report",), plan, QuantMode.CONVERT, numerics)
     y, written = dot.apply({}, x, kernel, dims, mutable=["aqt"])
     return y, written["aqt"]["aqt"]["qrhs"]
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "numerics"))
+def _serve_layer(x, stored, plan: LayerPlan, numerics: str):
+    """One layer's AQT dot_general in SERVE mode on its stored {"value", "scale", ...}: the served output."""
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    dot = QuantDotGeneral(("report",), plan, QuantMode.SERVE, numerics)
+    kernel = jnp.zeros((x.shape[-1], stored["value"].shape[-1]), x.dtype)  # SERVE reads only the stored weight
+    return dot.apply({"aqt": {"aqt": {"qrhs": stored}}}, x, kernel, dims)
 
 
 def _captured_inputs(model_cfg: ModelConfig, params: dict, tokens, paths: list[Path]) -> dict[Path, jax.Array]:
@@ -77,31 +91,50 @@ def _captured_inputs(model_cfg: ModelConfig, params: dict, tokens, paths: list[P
     return inputs
 
 
-def layer_report(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, tokens) -> list[LayerReport]:
-    """One row per quantized weight layer, in model order. params: the float "params" collection;
-    tokens: [batch, seq] int, the batch whose activations the outputs are measured on."""
+def layer_report(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, tokens, stored: dict | None = None,
+                 fold: dict | None = None, kl_tokens=None) -> list[LayerReport]:
+    """One row per quantized weight layer, in model order. params: the float "params" collection; tokens: [batch,
+    seq] int, the batch whose activations the outputs are measured on.
+
+    stored: a serving run's {layer path: its stored {"value", "scale"}} (`quant.serving.quantized_weights`), made
+    from these params by any method; the rows then report those integers, else AQT's round-to-nearest of params.
+    fold: {layer path: s [in] float}, the input scales a method folded in (AWQ, SmoothQuant): its stored integers
+    quantize kernel * s[:, None] and read x / s. Weight errors compare the weight the integers stand for in the
+    params' coordinates, dequantized / s[:, None], with the float kernel; output errors the layer's quantized
+    output on x / s with x @ kernel. kl_tokens: int [windows, seq] for the `kl_mean` column (`quant.layer_kl`;
+    None leaves it None).
+    """
     plan = make_plan(model_cfg, quant_cfg)
     params = nn.unbox(params)
     paths = weight_layers(plan)
     inputs = _captured_inputs(model_cfg, params, tokens, paths)
     numerics = resolve_numerics(quant_cfg.numerics)
-    rows = []
+    rows, effective = [], {}
     for path in paths:
         layer_plan, x = plan[path], inputs[path]
-        kernel = params
-        for key in path + (kernel_name(path),):
-            kernel = kernel[key]
-        y_quant, frozen = _quantize_layer(x, kernel, layer_plan, numerics)
+        kernel = np.asarray(get_param(params, path + (kernel_name(path),)), np.float32)
+        s = np.ones(kernel.shape[0], np.float32) if fold is None or path not in fold else np.asarray(fold[path])
+        if stored is None:
+            y_quant, frozen = _quantize_layer(x, kernel, layer_plan, numerics)
+        else:
+            frozen = stored[path]
+            x = x / jnp.asarray(s, x.dtype)
+            y_quant = (x @ dequantize(frozen["value"], frozen["scale"]) if layer_plan.act_bits is None
+                       else _serve_layer(x, frozen, layer_plan, numerics))
         value, scale = np.asarray(frozen["value"]).astype(np.float32), np.asarray(frozen["scale"])
-        kernel, x = np.asarray(kernel), np.asarray(x)
-        ratio = np.abs(kernel.reshape(value.shape)) / scale.reshape(value.shape[:-2] + (1, value.shape[-1]))
-        weight_sqnr, weight_err = _errors(kernel, dequantize(value, scale))
-        output_sqnr, output_err = _errors(x @ kernel, np.asarray(y_quant))
+        scaled = kernel * s[:, None]
+        ratio = np.abs(scaled.reshape(value.shape)) / scale.reshape(value.shape[:-2] + (1, value.shape[-1]))
+        effective[path] = (dequantize(value, scale) / s[:, None]).astype(np.float32)
+        weight_sqnr, weight_err = _errors(kernel, effective[path])
+        output_sqnr, output_err = _errors(np.asarray(x) @ scaled, np.asarray(y_quant))
         rows.append(LayerReport(
             path_str(path), layer_plan.weight_bits, layer_plan.act_bits,
             layer_plan.granularity if layer_plan.group_size is None else f"per_group({layer_plan.group_size})",
             float(scale.min()), float(scale.max()), float(np.mean(ratio > 2 ** (layer_plan.weight_bits - 1) - 1)),
             weight_sqnr, weight_err, output_sqnr, output_err))
+    if kl_tokens is not None:
+        kl = single_layer_kl(model_cfg, params, effective, kl_tokens)
+        rows = [dataclasses.replace(row, kl_mean=kl[path]["kl_mean"]) for row, path in zip(rows, paths)]
     return rows
 
 
@@ -110,16 +143,22 @@ CLIPPED_LEGEND = ("clipped: share of the layer's weights beyond the largest inte
                   "about 1/in_features (1/group_size) is expected, much more would mean a clipping calibration")
 
 
+KL_LEGEND = ("KL: layer sensitivity, KL(float || quantized) in nats of the next-token distribution, mean over the "
+             "tokens of the KL windows, with ONLY this layer's weight quantized (every other layer float; activation "
+             "quantization not applied); '-' when not measured")
+
+
 def format_report(rows: list[LayerReport]) -> str:
-    """The report as an aligned text table, then a blank line and the legend of its "clipped" column."""
+    """The report as an aligned text table, then a blank line and the legends of its "KL" and "clipped" columns."""
     header = ("layer", "w", "a", "scales", "scale min", "scale max", "clipped", "w SQNR dB", "w rel err",
-              "out SQNR dB", "out rel err")
+              "out SQNR dB", "out rel err", "KL")
     table = [header] + [(
         r.layer, f"int{r.weight_bits}", "float" if r.act_bits is None else f"int{r.act_bits}", r.granularity,
         f"{r.scale_min:.3g}", f"{r.scale_max:.3g}", f"{100 * r.clipped:.2f}%", f"{r.weight_sqnr_db:.1f}",
-        f"{r.weight_rel_err:.4f}", f"{r.output_sqnr_db:.1f}", f"{r.output_rel_err:.4f}") for r in rows]
+        f"{r.weight_rel_err:.4f}", f"{r.output_sqnr_db:.1f}", f"{r.output_rel_err:.4f}",
+        "-" if r.kl_mean is None else f"{r.kl_mean:.2e}") for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join([*lines, "", CLIPPED_LEGEND])
+    return "\n".join([*lines, "", KL_LEGEND, CLIPPED_LEGEND])

@@ -1,5 +1,6 @@
-"""`python -m quant.report --workdir RUN [--bits N ...]`: per quantized layer, its bits, scales, clipping and the
-error of its weights and output (the table of `quant.layer_report`), for a QAT, float or serving run.
+"""`python -m quant.report --workdir RUN [--bits N ...] [--kl-windows N]`: per quantized layer, its bits, scales,
+clipping, the error of its weights and output and its KL sensitivity (the table of `quant.layer_report`), for a QAT,
+float or serving run (a serving run's own stored integers, whichever method made them).
 """
 from __future__ import annotations
 
@@ -7,49 +8,91 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+
 from quant.config import QuantConfig
+from quant.folding import input_groups
 from quant.layer_report import format_report, layer_report
+from quant.plan import Path as LayerPath
+from quant.plan import path_str
+from quant.serving import quantized_weights
+from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
-from train.cli import add_scheme_args, main_guard, positive_int, require_one_process, scheme_from_args
+from train.cli import add_scheme_args, int_in, main_guard, positive_int, require_one_process, scheme_from_args
 from train.data import eval_batches, load_splits
 from train.ptq import serving_quant_config
 from train.run import load_run
 
 
-def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int) -> str:
-    """The report table for `workdir`. A serving run has no float weights left: it is measured against the run it
-    was converted from, with its own scheme. UserError for a LoRA run or a serving run with no recorded source."""
+FOLDING_METHODS = ("awq", "awq+gptq", "smoothquant")
+
+
+def folded_input_scales(model_cfg: ModelConfig, ptq: dict) -> dict[LayerPath, np.ndarray] | None:
+    """{layer path: s [in] float64} the serving run's method folded into its layers' inputs (AWQ, SmoothQuant: the
+    per-group "scales" its `ptq` metadata records), None for a method that folds nothing (rtn, gptq).
+    UserError for a folding run converted before the scales were recorded."""
+    if ptq.get("method") not in FOLDING_METHODS:
+        return None
+    groups, fold = ptq.get("groups") or {}, {}
+    for group in input_groups(model_cfg):
+        entry = groups.get(path_str(group.layers[0]))
+        if entry is None:
+            continue
+        if "scales" not in entry:
+            raise UserError(f"this {ptq['method']} serving run does not record the scales it folded into its layers; "
+                            f"convert it again with python -m quant.convert to report on it")
+        for layer in group.layers:
+            fold[layer] = np.asarray(entry["scales"], np.float64)[group.expand]
+    return fold
+
+
+def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int, kl_windows: int = 4) -> str:
+    """The report table for `workdir`, with the per-layer KL column on the first `kl_windows` validation windows
+    (0: not measured). A serving run has no float weights left: its stored integers and scales, whichever method
+    wrote them, are measured against the float run it was converted from (see `quant.layer_report.layer_report`).
+    UserError for a LoRA run, a serving run with no recorded source or given a scheme."""
     run = load_run(workdir, refuse={"lora": "report on the float or QAT run its base was converted from, or merge "
                                             "it first (python -m quant.merge) and report on the merged run"})
-    kind, source = run.metadata.get("kind"), workdir
+    kind, source, stored, fold = run.metadata.get("kind"), workdir, None, None
     if kind == "serving":
         source = run.metadata.get("converted_from")
         if not source:
             raise UserError(f"{workdir} is a serving run with no record of the float run it came from; "
                             f"report on that run instead (--workdir RUN --bits N)")
-        scheme = scheme or run.config.quant
+        if scheme is not None:
+            raise UserError(f"{workdir} is a serving run: it is reported with the scheme it was converted to; "
+                            f"drop --bits and the other scheme flags")
+        scheme, stored = run.config.quant, quantized_weights(run.variables.get("aqt", {}))
+        fold = folded_input_scales(run.config.model, run.metadata.get("ptq") or {})
         run = load_run(Path(source))
     quant = dataclasses.replace(serving_quant_config(run.config, scheme), mode="qat")
     splits = load_splits(run.config.data, run.tokenizer)
-    tokens, _ = next(eval_batches(splits.val, batch_size, run.config.model.seq_len, 1))
-    rows = layer_report(run.config.model, quant, run.variables["params"], tokens)
-    return (f"{workdir} (weights of {source}, step {run.step}) on {batch_size}x{run.config.model.seq_len} "
-            f"validation tokens\n{format_report(rows)}")
+    seq_len = run.config.model.seq_len
+    tokens, _ = next(eval_batches(splits.val, batch_size, seq_len, 1))
+    kl_tokens = next(eval_batches(splits.val, kl_windows, seq_len, 1))[0] if kl_windows else None
+    rows = layer_report(run.config.model, quant, run.variables["params"], tokens, stored, fold, kl_tokens)
+    kl = f"; per-layer KL on the first {kl_windows}x{seq_len} validation windows" if kl_windows else ""
+    return (f"{workdir} (weights of {source}, step {run.step}) on {batch_size}x{seq_len} "
+            f"validation tokens{kl}\n{format_report(rows)}")
 
 
 @main_guard
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m quant.report",
-        description="Per quantized layer: bits, granularity, weight scale range, clipped share, and the "
-                    "quantization error of its weights and of its output on a batch of validation text.")
+        description="Per quantized layer: bits, granularity, weight scale range, clipped share, the quantization "
+                    "error of its weights and of its output on a batch of validation text, and the KL divergence "
+                    "of the model with only that layer quantized from the float model.")
     parser.add_argument("--workdir", type=Path, required=True,
                         help="a QAT run, a float run (with --bits), or a serving run converted from one")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="sequences of validation text to measure on")
+    parser.add_argument("--kl-windows", type=int_in(0), default=4,
+                        help="validation windows for the per-layer KL column (one forward per window and layer; "
+                             "0 skips it)")
     add_scheme_args(parser)
     args = parser.parse_args(argv)
     require_one_process("python -m quant.report")
-    print(report_workdir(args.workdir, scheme_from_args(args), args.batch_size))
+    print(report_workdir(args.workdir, scheme_from_args(args), args.batch_size, args.kl_windows))
 
 
 if __name__ == "__main__":

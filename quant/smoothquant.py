@@ -35,8 +35,10 @@ def apply_smoothquant(model_cfg: ModelConfig, plan: Plan, params: dict, stats: d
     """Fold smoothing scales into every input group with a layer whose activations are quantized (act_bits).
 
     params: float params; stats: {first layer path of each group: InputStats of its input in the float model}.
-    Returns (new params, {group's first layer: {"act_max_before", "act_max_after"}}). Raises UserError when no
-    layer quantizes its activations (SmoothQuant is for W8A8-style schemes) or alpha is outside [0, 1].
+    Returns (new params, {group's first layer: {"act_max_before", "act_max_after", "scales" (the folded s,
+    [group.channels] floats: the layers' input is divided by s[group.expand], their kernel rows multiplied)}}).
+    Raises UserError when no layer quantizes its activations (SmoothQuant is for W8A8-style schemes) or alpha is
+    outside [0, 1].
     """
     check_alpha(alpha)
     chosen = {}
@@ -49,7 +51,8 @@ def apply_smoothquant(model_cfg: ModelConfig, plan: Plan, params: dict, stats: d
         params = fold_scales(params, group, scales)
         act = per_channel(group_stats.abs_max, group, "max")
         chosen[path_str(group.layers[0])] = {"act_max_before": float(act.max()),
-                                             "act_max_after": float((act / scales).max())}
+                                             "act_max_after": float((act / scales).max()),
+                                             "scales": [float(v) for v in scales]}
     if not chosen:
         raise UserError("SmoothQuant migrates activation outliers into the weights: it needs a scheme that "
                         "quantizes activations (act_bits, e.g. --bits 8 --act-bits 8)")

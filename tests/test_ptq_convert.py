@@ -108,6 +108,7 @@ def test_a_parent_that_is_gone_leaves_the_kl_columns_absent_with_the_reason(floa
      "is singular even with damping 0"),
     (["--bits", "4", "--calib-batches", "8"], "give a calibrated --method"),
     (["--bits", "4", "--method", "awq", "--act-order"], "are GPTQ settings"),
+    (["--bits", "4", "--method", "gptq", "--no-awq-clip"], "is an AWQ setting"),
     (["--bits", "4", "--method", "gptq", "--calib-seq-len", "64"], "longer than the model's context"),
 ])
 def test_bad_calibrated_conversions_exit_2_in_one_line_and_create_no_out_folder(float_run, tmp_path, capsys,

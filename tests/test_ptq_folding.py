@@ -1,11 +1,14 @@
 """AWQ and SmoothQuant: folded scales leave the float model's function unchanged; the scales they choose lower the
 quantization error where activations have outlier channels."""
+import argparse
+
 import numpy as np
 
 from quant import grid
-from quant.awq import apply_awq, group_error, search_scales
+from quant.awq import AWQSettings, apply_awq, group_error, search_clip, search_scales
 from quant.calibrate import InputStats, collect_input_stats
 from quant.config import QuantConfig
+from quant.convert import add_method_args, method_from_args
 from quant.folding import InputGroup, fold_scales, input_groups
 from quant.plan import LayerPlan, make_plan
 from quant.smoothquant import apply_smoothquant, smoothing_scales
@@ -81,11 +84,62 @@ def test_awq_and_smoothquant_on_a_model_keep_its_float_logits():
     stats = collect_input_stats(TINY, QuantConfig(), {"params": params}, tokens, firsts)
     ref = float_logits(params, tokens)
     awq_plan = make_plan(TINY, QuantConfig(mode="serve", weight_bits=3, granularity="per_group", group_size=16))
-    awq_params, chosen = apply_awq(TINY, awq_plan, params, stats)
+    awq_params, chosen = apply_awq(TINY, awq_plan, params, stats, AWQSettings(clip=False))
     assert set(chosen) == {"/".join(p) for p in firsts}
-    assert all(c["error_vs_rtn"] <= 1 for c in chosen.values())
+    assert all(c["error_vs_rtn"] <= 1 and "clip_ratio_mean" not in c for c in chosen.values())
     np.testing.assert_allclose(float_logits(awq_params, tokens), ref, atol=1e-5, rtol=1e-5)
+    clipped, chosen_clip = apply_awq(TINY, awq_plan, params, stats)  # the same scales, then clamped kernels
+    assert [c["scales"] for c in chosen_clip.values()] == [c["scales"] for c in chosen.values()]
+    for name in ("q", "k", "v"):
+        before, after = awq_params["layer_0"]["attn"][name]["kernel"], clipped["layer_0"]["attn"][name]["kernel"]
+        if name in ("q", "k"):  # not clipped, as in the paper
+            np.testing.assert_array_equal(after, before)
+        else:
+            assert np.all(np.abs(after) <= np.abs(before)) and np.all(after * before >= 0)
+    assert all(0.5 < c["clip_ratio_mean"] <= 1 for c in chosen_clip.values())
     sq_plan = make_plan(TINY, QuantConfig(mode="serve", weight_bits=8, act_bits=8))
     sq_params, chosen = apply_smoothquant(TINY, sq_plan, params, stats, alpha=0.5)
     assert all(c["act_max_after"] < c["act_max_before"] for c in chosen.values())
     np.testing.assert_allclose(float_logits(sq_params, tokens), ref, atol=1e-5, rtol=1e-5)
+
+
+def clip_errors(x, w, kernel, bits, group_size):
+    """Per (group, output channel): sum over tokens of (x_g . (w_g - Q(kernel_g)))^2, from the tokens x."""
+    codes, scales = grid.rtn(kernel, bits, group_size)
+    delta = w - grid.dequantize(codes, scales)
+    groups = w.shape[0] // group_size
+    parts = [x[:, g * group_size:(g + 1) * group_size] @ delta[g * group_size:(g + 1) * group_size]
+             for g in range(groups)]
+    return np.stack([np.sum(p ** 2, axis=0) for p in parts])
+
+
+def test_awq_clipping_never_raises_the_output_error_and_ratio_one_is_unclipped():
+    """INT3 g16 with one large weight per group on an input channel that carries small activations: clamping it
+    costs little output and buys finer steps for the other weights of its group."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(256, 64))
+    w = rng.normal(0, 0.05, (64, 24)).astype(np.float32)
+    quiet = np.arange(0, 64, 16) + rng.integers(0, 16, 4)
+    x[:, quiet] *= 0.05
+    w[quiet] *= 6
+    plan = LayerPlan(3, None, "per_group", 16, None)
+    clamped, ratios = search_clip(w, plan, x.T @ x, AWQSettings().clip_ratios)
+    assert clamped.shape == w.shape and clamped.dtype == np.float32 and ratios.shape == (4, 24)
+    unclipped = clip_errors(x, w, w, 3, 16)
+    clipped = clip_errors(x, w, clamped, 3, 16)
+    assert np.all(clipped <= unclipped * (1 + 1e-9))
+    assert clipped.sum() < 0.9 * unclipped.sum() and np.any(ratios < 1)
+    bound = np.abs(w).reshape(4, 16, 24).max(axis=1) * ratios.astype(np.float32)  # each group's clamp, float32
+    np.testing.assert_array_equal(np.abs(clamped).reshape(4, 16, 24).max(axis=1), bound)
+    same, ones = search_clip(w, plan, x.T @ x, [1.0])
+    np.testing.assert_array_equal(same, w)
+    np.testing.assert_array_equal(ones, 1.0)
+    assert AWQSettings().clip_ratios[0] == 1.0 and len(AWQSettings().clip_ratios) == 10
+
+
+def test_no_awq_clip_turns_the_clipping_search_off():
+    parser = argparse.ArgumentParser()
+    add_method_args(parser)
+    for flags, clip in ((["--method", "awq+gptq"], True), (["--method", "awq", "--no-awq-clip"], False)):
+        _, settings = method_from_args(parser.parse_args(flags))
+        assert settings.awq.clip is clip and settings.to_json(flags[1])["awq"]["clip"] is clip

@@ -101,10 +101,11 @@ def test_report_lists_every_quantized_layer_with_scales_clipping_and_error(runs,
     assert expected <= set(rows)
     assert rows["embed"][1:4] == ["int8", "float", "per_channel"]  # int8_qat quantizes the embedding table too
     for name, cells in rows.items():
-        _, w, a, _, scale_min, scale_max, clipped, w_sqnr, w_err, out_sqnr, out_err = cells
+        _, w, a, _, scale_min, scale_max, clipped, w_sqnr, w_err, out_sqnr, out_err, kl = cells
         assert (w, a) == ("int8", "float" if name == "embed" else "int8")
         assert 0 < float(scale_min) <= float(scale_max) and 0 <= float(clipped.rstrip("%")) < 5
         assert float(w_sqnr) > 30 and 0 < float(w_err) < 0.05 and float(out_sqnr) > 20  # int8: ~40 dB weights
+        assert 0 <= float(kl) < 0.05  # int8 weights of one layer barely move the model
     convert_main(["--workdir", str(runs / "float"), "--out", str(tmp_path / "int4"), "--bits", "4"])
     assert capsys.readouterr().out.splitlines()[0].startswith("scheme: w4 per_group(32) bfloat16 scales")
     assert {str(a.dtype) for p, a in stored_arrays(tmp_path / "int4").items()  # bfloat16 by default, as ptq_int4

@@ -6,7 +6,7 @@ import numpy as np
 from quant.config import QuantConfig, QuantRule
 from quant.hooks import LayerHook, capture_inputs, record_abs_max
 from quant.provider import make_matmul
-from quant.layer_report import CLIPPED_LEGEND, format_report, layer_report
+from quant.layer_report import CLIPPED_LEGEND, KL_LEGEND, format_report, layer_report
 from slm_jax import ModelConfig, Transformer
 
 CFG = ModelConfig(vocab_size=256, seq_len=16, n_layers=2, n_heads=4, d_model=64, tie_embeddings=False)
@@ -80,5 +80,5 @@ def test_report_measures_each_quantized_layer_on_float_activations():
         assert 35 < r.weight_sqnr_db and r.weight_rel_err < 0.02 and r.output_rel_err < 0.03
         assert r.clipped <= 0.02  # only values within half a step of each column's abs-max
     table = format_report(rows).splitlines()
-    assert table[0].split()[:3] == ["layer", "w", "a"] and len(table) == 2 + len(rows) + 2
-    assert table[-2:] == ["", CLIPPED_LEGEND]
+    assert table[0].split()[:3] == ["layer", "w", "a"] and len(table) == 2 + len(rows) + 3
+    assert table[-3:] == ["", KL_LEGEND, CLIPPED_LEGEND] and table[2].split()[-1] == "-"  # no KL windows given
