@@ -1,9 +1,11 @@
 """`python -m train.bench --micro` runs every section end to end and writes well-formed results (no timing asserts)."""
+import importlib.util
 import json
 import math
 
 from train.bench.common import device_name
 from train.bench.main import main as bench_main
+from train.bench.report import write_report
 from train.bench.trust import busy_warning
 
 SECTIONS = {"matmul": ("dtype", "gflops"), "throughput": ("variant", "ms_per_step", "tokens_per_s", "mfu"),
@@ -26,7 +28,7 @@ def reject_constant(name):
     raise ValueError(f"results.json holds {name}")
 
 
-def test_micro_bench_writes_results_tables_and_plots(tmp_path):
+def test_micro_bench_writes_results_tables_and_plots(tmp_path, monkeypatch):
     bench_main(["--micro", "--out", str(tmp_path)])
 
     results = json.loads((tmp_path / "results.json").read_text(), parse_constant=reject_constant)
@@ -88,3 +90,13 @@ def test_micro_bench_writes_results_tables_and_plots(tmp_path):
     for plot in ("throughput.png", "loss_curves.png", "quality.png", "serving.png", "finetune.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({plot})" in report
+
+    # without matplotlib (the `bench` extra) the same results give the tables and a line saying the plots were skipped
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    write_report(results, bare)
+    text = (bare / "results.md").read_text()
+    assert "## 4. Serving" in text and "Plots skipped: matplotlib is not installed" in text
+    assert ".png" not in text and not list(bare.glob("*.png"))

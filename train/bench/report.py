@@ -1,6 +1,8 @@
 """Bench output: Markdown tables (to `results.md` and stdout) and PNG plots, made from `results.json` alone."""
 from __future__ import annotations
 
+import importlib.util
+
 from pathlib import Path
 
 from train.bench.trust import busy_warning
@@ -226,14 +228,19 @@ def header_markdown(results: dict) -> str:
 
 
 def write_report(results: dict, out: Path) -> None:
+    """results.md (and the PNG plots when matplotlib, the `bench` extra, is installed; otherwise results.md says
+    they were skipped) in `out`."""
     device = results["machine"]["name"]
-    plots = make_plots(results, out)
+    has_plots = importlib.util.find_spec("matplotlib") is not None
+    plots = make_plots(results, out) if has_plots else []
     parts = [header_markdown(results)]
+    if not has_plots:
+        parts.append("Plots skipped: matplotlib is not installed (`pip install -e '.[bench]'`).")
     for key, plot in zip(SECTIONS, ("", "throughput.png", "", "quality.png", "serving.png", "finetune.png", "")):
         if key not in results:  # a section the profile skips
             continue
         parts.append(section_markdown(key, results))
-        if key == "quality":
+        if key == "quality" and has_plots:
             parts.append("![loss curves](loss_curves.png)")
         if plot in plots:
             parts.append(f"![{key} on {device}]({plot})")
