@@ -5,10 +5,11 @@ import pytest
 
 from train.bench.finetune import interval_step_times
 from train.bench.report import section_markdown, timing_ratio
-from train.bench.trust import SectionLoad, busy_reasons, busy_warning, spread
+from train.bench.trust import SectionLoad, busy_reasons, busy_warning, cpu_seconds, machine_cpu_seconds, spread
 from train.metrics import Throughput
 
-QUIET_LOAD = {"load_before": 0.4, "load_after": 1.9, "own_cpu": 1.6, "others_load": 0.3}
+QUIET_LOAD = {"load_before": 0.4, "load_after": 1.9, "own_cpu": 1.6, "others_load": 0.3}  # no /proc/stat figure
+QUIET_CPU = {**QUIET_LOAD, "load_after": 5.3, "others_load": 3.7, "others_cpu": 0.1}  # thread pools lift the load
 
 
 def test_spread_is_min_median_max_of_the_repeats():
@@ -22,6 +23,8 @@ def test_spread_is_min_median_max_of_the_repeats():
      ["load average 3.2 less the bench's own 1.6 cores = 1.6 > 1.5 (0.75 x 2 cores)"]),
     ([1.0, 1.0], {**QUIET_LOAD, "load_after": 3.2, "others_load": 1.6}, 16, []),  # 1.6 of 12 allowed on 16 cores
     ([1.0, 1.0], {**QUIET_LOAD, "load_after": None, "others_load": None}, 2, []),  # no load average: spread only
+    ([1.0, 1.0], QUIET_CPU, 2, []),  # measured CPU use of other processes wins over an inflated load average
+    ([1.0, 1.0], {**QUIET_CPU, "others_cpu": 0.6}, 2, ["other processes used 0.6 cores > 0.5 (0.25 x 2 cores)"]),
 ])
 def test_busy_reasons(seconds, load, cores, expected):
     assert busy_reasons({"step": spread(seconds)}, load, cores) == expected
@@ -33,6 +36,16 @@ def test_section_load_subtracts_the_bench_s_own_cpu_use():
     result = load.finish()
     assert 0 < result["own_cpu"] <= 1.1  # one thread: at most one core (CPU clock granularity aside)
     assert result["others_load"] == pytest.approx(max(result["load_after"] - result["own_cpu"], 0), abs=0.011)
+    assert result["others_cpu"] is None or result["others_cpu"] >= 0  # None where /proc/stat is missing
+
+
+def test_machine_cpu_seconds_count_this_process_s_work():
+    before, own = machine_cpu_seconds(), cpu_seconds()
+    if before is None:
+        pytest.skip("no /proc/stat on this OS")
+    sum(i * i for i in range(3_000_000))
+    # the whole machine's busy time grew by at least this process's own (clock ticks of 10 ms aside)
+    assert machine_cpu_seconds() - before >= (cpu_seconds() - own) - 0.05
 
 
 def test_a_busy_section_says_so_and_marks_its_ratios():

@@ -208,7 +208,9 @@ def section_markdown(key: str, results: dict) -> str:
     load = section.get("load")
     notes = ([f"**{busy_warning(section['busy'])}**"] if section.get("busy") else []) + (
         [f"Load average before / after: {load['load_before']} / {load['load_after']} (the bench itself used "
-         f"{load['own_cpu']} cores on average)."] if load else [])
+         f"{load['own_cpu']} cores on average" + (f", other processes {load['others_cpu']}"
+                                                   if load.get("others_cpu") is not None else "") + ")."]
+        if load else [])
     return "\n\n".join([heading, *notes, body])
 
 
