@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from train.bench.finetune import interval_step_times
-from train.bench.report import section_markdown, timing_ratio
+from train.bench.report import decode_cell, section_markdown, timing_ratio
 from train.bench.trust import SectionLoad, busy_reasons, busy_warning, cpu_seconds, machine_cpu_seconds, spread
 from train.metrics import Throughput
 
@@ -76,3 +76,11 @@ def test_interval_step_times_recover_each_logging_interval_from_the_loop_s_runni
     intervals = [seconds[0:2], seconds[2:5], seconds[5:8], seconds[8:11], seconds[11:12]]  # to steps 3, 6, 9, 12, 13
     np.testing.assert_allclose(interval_step_times(records), [c.mean() for c in intervals], rtol=1e-12)
     assert interval_step_times([{"step": 1, "loss": 1.0}]) == []  # one step: only the compiling one
+
+
+def test_decode_cell_range_uses_the_same_baseline_as_its_median():
+    """generate(16 tokens) took 0.30/0.32/0.40 s over the repeats, generate(0 tokens) a median of 0.10 s: the median
+    rate is 16 / 0.22 and the range 16 / 0.30 .. 16 / 0.20, which contains it (a prefill-only baseline did not)."""
+    speed = {"batch": 1, "new_tokens": 16, "prefill_s": 0.02, "generate_s": 0.32,
+             "generate_spread": spread([0.30, 0.32, 0.40]), "decode_tokens_per_s": 16 / 0.22}
+    assert decode_cell(speed) == f"{16 / 0.22:,.0f} ({16 / 0.30:,.0f}..{16 / 0.20:,.0f})" == "73 (53..80)"
