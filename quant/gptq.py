@@ -15,6 +15,9 @@ from quant.grid import abs_max_scale, round_to_grid
 from slm_jax.errors import UserError
 
 
+MAX_DAMP = 1e6  # far beyond 1 the damped Hessian is all diagonal (GPTQ is RTN); huge values overflow float64
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTQSettings:
     damp: float = 0.01  # added to the Hessian's diagonal, as a fraction of its mean diagonal ("percdamp")
@@ -22,8 +25,9 @@ class GPTQSettings:
     act_order: bool = False  # round inputs in order of decreasing Hessian diagonal (largest activations first)
 
     def __post_init__(self):
-        if not self.damp >= 0:
-            raise UserError(f"GPTQ damping must be >= 0 (a fraction of the mean Hessian diagonal), got {self.damp}")
+        if not 0 <= self.damp <= MAX_DAMP:
+            raise UserError(f"GPTQ damping must be in [0, {MAX_DAMP:g}] (a fraction of the mean Hessian diagonal; "
+                            f"far above 1 GPTQ is round-to-nearest), got {self.damp}")
         if self.block_size <= 0:
             raise UserError(f"GPTQ block size must be positive, got {self.block_size}")
 

@@ -92,7 +92,7 @@ def _captured_inputs(model_cfg: ModelConfig, params: dict, tokens, paths: list[P
 
 
 def layer_report(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, tokens, stored: dict | None = None,
-                 fold: dict | None = None, kl_tokens=None) -> list[LayerReport]:
+                 fold: dict | None = None, kl_tokens=None, fold_out: dict | None = None) -> list[LayerReport]:
     """One row per quantized weight layer, in model order. params: the float "params" collection; tokens: [batch,
     seq] int, the batch whose activations the outputs are measured on.
 
@@ -102,7 +102,8 @@ def layer_report(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, t
     quantize kernel * s[:, None] and read x / s. Weight errors compare the weight the integers stand for in the
     params' coordinates, dequantized / s[:, None], with the float kernel; output errors the layer's quantized
     output on x / s with x @ kernel. kl_tokens: int [windows, seq] for the `kl_mean` column (`quant.layer_kl`;
-    None leaves it None).
+    None leaves it None). fold_out: {layer path: o [out] float}, output columns a method divided by the next
+    layer's input scales (v before o, up before down): the integers then quantize kernel * s[:, None] / o.
     """
     plan = make_plan(model_cfg, quant_cfg)
     params = nn.unbox(params)
@@ -114,6 +115,8 @@ def layer_report(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, t
         layer_plan, x = plan[path], inputs[path]
         kernel = np.asarray(get_param(params, path + (kernel_name(path),)), np.float32)
         s = np.ones(kernel.shape[0], np.float32) if fold is None or path not in fold else np.asarray(fold[path])
+        o = np.ones(kernel.shape[1], np.float32) if fold_out is None or path not in fold_out else np.asarray(
+            fold_out[path])
         if stored is None:
             y_quant, frozen = _quantize_layer(x, kernel, layer_plan, numerics)
         else:
@@ -122,9 +125,9 @@ def layer_report(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, t
             y_quant = (x @ dequantize(frozen["value"], frozen["scale"]) if layer_plan.act_bits is None
                        else _serve_layer(x, frozen, layer_plan, numerics))
         value, scale = np.asarray(frozen["value"]).astype(np.float32), np.asarray(frozen["scale"])
-        scaled = kernel * s[:, None]
+        scaled = kernel * s[:, None] / o[None, :]
         ratio = np.abs(scaled.reshape(value.shape)) / scale.reshape(value.shape[:-2] + (1, value.shape[-1]))
-        effective[path] = (dequantize(value, scale) / s[:, None]).astype(np.float32)
+        effective[path] = (dequantize(value, scale) / s[:, None] * o[None, :]).astype(np.float32)
         weight_sqnr, weight_err = _errors(kernel, effective[path])
         output_sqnr, output_err = _errors(np.asarray(x) @ scaled, np.asarray(y_quant))
         rows.append(LayerReport(

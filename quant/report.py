@@ -46,14 +46,30 @@ def folded_input_scales(model_cfg: ModelConfig, ptq: dict) -> dict[LayerPath, np
     return fold
 
 
+def folded_output_scales(model_cfg: ModelConfig, ptq: dict) -> dict[LayerPath, np.ndarray] | None:
+    """{layer path: s [out] float64} for layers whose output columns a method divided by the next group's input
+    scales (v before o, up before down: that group's `source` is this layer's kernel), None when nothing was folded
+    so. Same records and errors as `folded_input_scales`."""
+    inputs = folded_input_scales(model_cfg, ptq)
+    if inputs is None:
+        return None
+    groups, fold = ptq.get("groups") or {}, {}
+    for group in input_groups(model_cfg):
+        entry = groups.get(path_str(group.layers[0]))
+        if entry is not None and group.source[-1] == "kernel":
+            fold[tuple(group.source[:-1])] = np.asarray(entry["scales"], np.float64)
+    return fold
+
+
 def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int, kl_windows: int = 4) -> str:
-    """The report table for `workdir`, with the per-layer KL column on the first `kl_windows` validation windows
-    (0: not measured). A serving run has no float weights left: its stored integers and scales, whichever method
-    wrote them, are measured against the float run it was converted from (see `quant.layer_report.layer_report`).
+    """The report table for `workdir`, with the per-layer KL column on `kl_windows` validation windows (spread
+    over the split, at most as many as it holds; 0: not measured). A serving run has no float weights left: its
+    stored integers and scales, whichever method wrote them, are measured against the float run it was converted
+    from, at the step it was converted from (see `quant.layer_report.layer_report`).
     UserError for a LoRA run, a serving run with no recorded source or given a scheme."""
     run = load_run(workdir, refuse={"lora": "report on the float or QAT run its base was converted from, or merge "
                                             "it first (python -m quant.merge) and report on the merged run"})
-    kind, source, stored, fold = run.metadata.get("kind"), workdir, None, None
+    kind, source, stored, fold, fold_out = run.metadata.get("kind"), workdir, None, None, None
     if kind == "serving":
         source = run.metadata.get("converted_from")
         if not source:
@@ -64,15 +80,16 @@ def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int, k
                             f"drop --bits and the other scheme flags")
         scheme, stored = run.config.quant, quantized_weights(run.variables.get("aqt", {}))
         fold = folded_input_scales(run.config.model, run.metadata.get("ptq") or {})
-        run = load_run(Path(source))
+        fold_out = folded_output_scales(run.config.model, run.metadata.get("ptq") or {})
+        run = load_run(Path(source), run.metadata.get("converted_from_step"))  # the step it was converted from
     quant = dataclasses.replace(serving_quant_config(run.config, scheme), mode="qat")
     splits = load_splits(run.config.data, run.tokenizer)
     seq_len = run.config.model.seq_len
     tokens, _ = next(eval_batches(splits.val, batch_size, seq_len, 1))
     kl_tokens = next(eval_batches(splits.val, kl_windows, seq_len, 1))[0] if kl_windows else None
-    rows = layer_report(run.config.model, quant, run.variables["params"], tokens, stored, fold, kl_tokens)
-    kl = f"; per-layer KL on the first {kl_windows}x{seq_len} validation windows" if kl_windows else ""
-    return (f"{workdir} (weights of {source}, step {run.step}) on {batch_size}x{seq_len} "
+    rows = layer_report(run.config.model, quant, run.variables["params"], tokens, stored, fold, kl_tokens, fold_out)
+    kl = f"; per-layer KL on {kl_tokens.shape[0]}x{seq_len} validation windows" if kl_windows else ""
+    return (f"{workdir} (weights of {source}, step {run.step}) on {tokens.shape[0]}x{seq_len} "
             f"validation tokens{kl}\n{format_report(rows)}")
 
 

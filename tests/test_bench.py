@@ -29,7 +29,9 @@ def reject_constant(name):
 
 
 def test_micro_bench_writes_results_tables_and_plots(tmp_path, monkeypatch):
-    bench_main(["--micro", "--out", str(tmp_path)])
+    monkeypatch.chdir(tmp_path)  # a relative --out, started outside the repository (the children run inside it)
+    bench_main(["--micro", "--out", "bench"])
+    tmp_path = tmp_path / "bench"
 
     results = json.loads((tmp_path / "results.json").read_text(), parse_constant=reject_constant)
     assert results["profile"] == "micro" and results["command"].startswith("python -m train.bench --micro")

@@ -120,3 +120,9 @@ def test_round_to_nearest_is_aqts_convert_bit_for_bit(bits, group_size, scale_dt
     codes, scales = grid.rtn(w, bits, group_size, scale_dtype)
     np.testing.assert_array_equal(np.asarray(stored["value"]).astype(np.int8).reshape(64, 24), codes)
     np.testing.assert_array_equal(np.asarray(stored["scale"], np.float32).reshape(scales.shape), scales)
+
+
+@pytest.mark.parametrize("damp", [-0.01, float("nan"), 1e308])
+def test_damping_outside_its_range_is_one_user_error(damp):
+    with pytest.raises(UserError, match=r"GPTQ damping must be in \[0, 1e\+06\]"):
+        GPTQSettings(damp=damp)

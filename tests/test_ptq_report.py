@@ -12,7 +12,7 @@ from quant.config import QuantConfig, QuantRule
 from quant.layer_report import layer_report
 from quant.provider import make_matmul
 from quant.ptq_methods import PTQSettings, quantize_with_method
-from quant.report import folded_input_scales
+from quant.report import folded_input_scales, folded_output_scales
 from quant.serving import quantized_weights
 from slm_jax.errors import UserError
 from slm_jax.model import Transformer
@@ -50,17 +50,23 @@ def params():
 def test_report_of_a_serving_run_measures_its_stored_integers(params, method):
     variables, record = quantize_with_method(TINY, SERVE, params, method, random_tokens(8), PTQSettings(chunk=4))
     stored = quantized_weights(variables["aqt"])
-    fold = folded_input_scales(TINY, record)
-    assert (fold is None) == (method == "gptq")
+    fold, fold_out = folded_input_scales(TINY, record), folded_output_scales(TINY, record)
+    assert (fold is None) == (fold_out is None) == (method == "gptq")
+    if fold_out is not None:  # AWQ divides v's and up's output columns by the scales of o's and down's inputs
+        assert {"/".join(p) for p in fold_out} == {f"layer_{i}/{m}" for i in range(TINY.n_layers)
+                                                   for m in ("attn/v", "mlp/up")}
     tokens = random_tokens(2, seed=5)
-    rows = layer_report(TINY, INT3_G16, params, tokens, stored, fold)
+    rows = layer_report(TINY, INT3_G16, params, tokens, stored, fold, fold_out=fold_out)
     rtn_rows = layer_report(TINY, INT3_G16, params, tokens)
     assert [r.layer for r in rows] == [r.layer for r in rtn_rows] and {r.layer for r in rows} == {
         "/".join(p) for p in stored}
     for row, rtn_row in zip(rows, rtn_rows):
         path = tuple(row.layer.split("/"))
-        s = np.ones(len(kernel_of(params, row.layer))) if fold is None else fold[path]
-        expected = rel_err(kernel_of(params, row.layer), numpy_kernel(stored[path]) / s[:, None])
+        kernel = kernel_of(params, row.layer)
+        s = np.ones(kernel.shape[0]) if fold is None else fold[path]
+        o = np.ones(kernel.shape[1]) if fold_out is None or path not in fold_out else fold_out[path]
+        expected = rel_err(kernel, numpy_kernel(stored[path]) / s[:, None] * o[None, :])
+        assert expected < 2 * rtn_row.weight_rel_err  # the stored integers stand for the parent's weights
         np.testing.assert_allclose(row.weight_rel_err, expected, rtol=1e-5)
         np.testing.assert_allclose(row.scale_max, np.asarray(stored[path]["scale"], np.float64).max(), rtol=1e-7)
         assert abs(row.weight_rel_err - rtn_row.weight_rel_err) > 1e-4 * rtn_row.weight_rel_err
@@ -112,3 +118,22 @@ def test_fold_scales_come_from_the_record_and_an_old_folding_run_is_a_user_error
                                                                                    scales[8:], scales[8:]]))
     with pytest.raises(UserError, match="does not record the scales it folded"):
         folded_input_scales(TINY, {"method": "smoothquant", "groups": {"layer_0/attn/q": {"act_max_before": 3.0}}})
+
+
+def test_output_columns_divided_by_the_next_layers_scales_are_multiplied_back(params):
+    """v's output columns divided by o in [0.25, 4] (as AWQ's v -> o fold does), then quantized: with fold_out the
+    report measures the weights those integers stand for (an error like RTN's on the parent); without it, it would
+    compare them with the unscaled kernel and report an error of order 1."""
+    path = ("layer_0", "attn", "v")
+    o = np.random.default_rng(3).uniform(0.25, 4.0, kernel_of(params, "layer_0/attn/v").shape[1])
+    folded = jax.tree_util.tree_map(lambda x: x, params)
+    folded["layer_0"]["attn"]["v"]["kernel"] = params["layer_0"]["attn"]["v"]["kernel"] / o[None, :].astype(np.float32)
+    stored = quantized_weights(quantize_with_method(TINY, SERVE, folded, "rtn")[0]["aqt"])
+    tokens = random_tokens(2, seed=5)
+    row = lambda rows: next(r for r in rows if r.layer == "layer_0/attn/v")
+    with_fold = row(layer_report(TINY, INT3_G16, params, tokens, stored, fold_out={path: o}))
+    without = row(layer_report(TINY, INT3_G16, params, tokens, stored))
+    rtn = row(layer_report(TINY, INT3_G16, params, tokens))
+    expected = rel_err(kernel_of(params, "layer_0/attn/v"), numpy_kernel(stored[path]) * o[None, :])
+    np.testing.assert_allclose(with_fold.weight_rel_err, expected, rtol=1e-5)
+    assert with_fold.weight_rel_err < 2 * rtn.weight_rel_err and without.weight_rel_err > 0.5

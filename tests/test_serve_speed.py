@@ -6,12 +6,14 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from checkpoints.manager import tree_bytes
 from quant.plan import make_plan
 from quant.serving import float_copies, int8_containers, quantized_weights
 from slm_jax.attention import KVCache
 from train.bench.profiles import MICRO_MODEL
+from train.bench.serve_ab import main as serve_ab_main
 from train.bench.serve_speed import VARIANTS, interleaved_speed, random_served
 
 SIZE = (*MICRO_MODEL, "model.d_model=64")  # 64: two groups of 32 per row for INT4 g32
@@ -72,3 +74,11 @@ def test_activations_are_quantized_once_per_distinct_input():
     compiled = jax.jit(lambda v, t: run.model.apply(v, t)[0]).lower(run.variables, jnp.zeros((1, 4), jnp.int32))
     text = compiled.compile().as_text()
     assert len(re.findall(r"round-nearest-even\(", text)) == 4 * 2 + 1
+
+
+def test_serve_ab_refuses_an_unwritable_json_before_timing_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        serve_ab_main(["--size", "bundled", "--variants", "float", "--json", str(tmp_path / "missing" / "x.json")])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""  # nothing was timed
+    assert err == f"error: --json {tmp_path / 'missing' / 'x.json'}: its folder does not exist or is not writable\n"

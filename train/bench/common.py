@@ -121,7 +121,9 @@ def finish_measured(proc: subprocess.Popen) -> dict:
     result = {"peak_rss_bytes": int(found.group(1)) * 1024 if found and proc.returncode == 0 else None,
               "rss_method": "/usr/bin/time -v", "exit_code": proc.returncode}
     if proc.returncode:
-        result["error"] = (err.strip().splitlines() or ["no output"])[-1]
+        own = err.split("\tCommand being timed:")[0]  # the command's stderr, before /usr/bin/time's report
+        own = "\n".join(line for line in own.splitlines() if not line.startswith("Command exited with non-zero"))
+        result["error"] = (own.strip().splitlines() or ["no output"])[-1]
     return result
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from checkpoints.manager import CheckpointStore, tree_bytes
 from quant.config import QuantConfig
-from train.bench.common import finish_measured, quiet, shown, start_measured, train_command
+from train.bench.common import finish_measured, quiet, start_measured, train_command
 from train.bench.trust import spread
 from train.config import load_config
 from train.data import DataConfig
@@ -39,14 +39,14 @@ def methods(base: Path, serving: dict[str, Path]) -> list[tuple[str, str, str, t
     float_lr = load_config("finetune_int8_qat").train.learning_rate
     return [
         ("float_ft", "full float fine-tuning (bf16)", "baseline",
-         (f"train.init_from={shown(base)}", f"train.learning_rate={float_lr:g}", "train.weight_decay=0.0")),
-        ("int8_qat_ft", "continued INT8 QAT (w8a8)", "finetune_int8_qat", (f"train.init_from={shown(base)}",)),
+         (f"train.init_from={base.absolute()}", f"train.learning_rate={float_lr:g}", "train.weight_decay=0.0")),
+        ("int8_qat_ft", "continued INT8 QAT (w8a8)", "finetune_int8_qat", (f"train.init_from={base.absolute()}",)),
         ("int4_qat_ft", "continued INT4 QAT (w4 g32)", "int4_qat",
-         ("finetune.method=qat", f"train.init_from={shown(base)}", f"train.learning_rate={float_lr:g}")),
+         ("finetune.method=qat", f"train.init_from={base.absolute()}", f"train.learning_rate={float_lr:g}")),
         ("int8_lora", "LoRA over INT8 weights (w8a8)", "finetune_int4_lora",
-         (f"finetune.base={shown(serving['int8'])}",)),
+         (f"finetune.base={serving['int8'].absolute()}",)),
         ("int4_lora", "LoRA over INT4 weights (w4 g32)", "finetune_int4_lora",
-         (f"finetune.base={shown(serving['int4'])}",)),
+         (f"finetune.base={serving['int4'].absolute()}",)),
     ]
 
 
@@ -113,8 +113,9 @@ def measure_finetune(profile, work: Path, say) -> dict:
         argv = [sys.executable, "-m", "train.main", "--config", config_name, "--workdir", str(workdir.absolute())]
         measured = finish_measured(start_measured(argv + [a for o in overrides for a in ("--set", o)]))
         if measured["exit_code"]:
-            rows.append({"name": name, "label": label, "command": command, "error": measured.get("error")})
-            say(f"    failed: {measured.get('error')}")
+            error = measured.get("error") or f"exit code {measured['exit_code']}"
+            rows.append({"name": name, "label": label, "command": command, "error": error})
+            say(f"    failed: {error}")
             continue
         records = read_metrics(workdir / "metrics.jsonl")
         summary = next(r for r in reversed(records) if r.get("final"))

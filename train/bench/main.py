@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from train.cli import main_guard
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__)
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a smaller run: under 5 minutes on a 2-core CPU")
-    size.add_argument("--micro", action="store_true", help="seconds: every section once, for tests")
+    size.add_argument("--quick", action="store_true", help="a smaller run: about 6 minutes on a 2-core CPU")
+    size.add_argument("--micro", action="store_true", help="about a minute: every section once on a tiny model, for tests")
     parser.add_argument("--out", type=Path, help="output folder (default runs/bench/<device>[-quick|-micro])")
     return parser.parse_args(argv)
 
@@ -87,7 +88,19 @@ def main(argv=None):
     args = parse_args(argv)
     profile = PROFILES["quick" if args.quick else "micro" if args.micro else "full"]
     out = args.out or Path("runs") / "bench" / (device_name() + ("" if profile.name == "full" else f"-{profile.name}"))
-    return run_bench(profile, out, bench_command(profile, args.out))
+    # absolute: the bench's child processes run in the repository, not where the bench was started
+    results = run_bench(profile, out.resolve(), bench_command(profile, args.out))
+    failed = failed_measurements(results)
+    if failed:
+        print(f"error: {len(failed)} bench measurement(s) failed: " + "; ".join(failed), file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    return results
+
+
+def failed_measurements(results: dict) -> list[str]:
+    """'section/row: error' for every row of every section that records an error (a failed child run)."""
+    return [f"{key}/{row.get('name', '?')}: {row['error']}" for key, section in results.items()
+            if isinstance(section, dict) for row in section.get("rows", []) if isinstance(row, dict) and row.get("error")]
 
 
 if __name__ == "__main__":

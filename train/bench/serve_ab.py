@@ -2,19 +2,23 @@
 turn round after round in one process, with per-round ratios to float (min / median), and each variant's peak RSS.
 
 Random weights in the serving layout (`train.bench.serve_speed.random_served`); prints one line per variant and
-batch, and the load average, since a busy machine widens the ratios' spread.
+batch, and the load average, since a busy machine widens the ratios' spread; says so when other processes used
+the CPU meanwhile (`train.bench.trust`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 
+from slm_jax.errors import UserError
 from slm_jax.sampling import generate
 from train.bench.serve_speed import SIZES, VARIANTS, interleaved_speed, load_text, random_served, variants_rss
+from train.bench.trust import SectionLoad, busy_reasons, busy_warning
 from train.cli import main_guard, positive_int
 
 
@@ -42,10 +46,12 @@ def main(argv=None):
     if args.rss_child:
         return rss_child(args.rss_child, SIZES[args.size] if args.overrides is None else args.overrides,
                          args.new_tokens)
+    if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
+        raise UserError(f"--json {args.json}: its folder does not exist or is not writable")
     tic = time.perf_counter()
     say = lambda text: print(f"[{time.perf_counter() - tic:6.0f}s] {text}", flush=True)
     say(f"size {args.size} ({' '.join(SIZES[args.size]) or 'baseline config'}), load average {load_text()}")
-    variants = ["float", *[v for v in args.variants if v != "float"]]
+    variants, section_load = ["float", *[v for v in args.variants if v != "float"]], SectionLoad().start()
     results = {"size": args.size, "speed": interleaved_speed(variants, SIZES[args.size], args.batches,
                                                              args.new_tokens, args.rounds, say)}
     if args.rss:
@@ -53,6 +59,10 @@ def main(argv=None):
         for name, found in results["rss"].items():
             say(f"peak RSS {name}: {(found.get('peak_rss_bytes') or 0) / 1e6:,.0f} MB")
     results["load_average_end"] = load_text()
+    load = section_load.finish()
+    results["busy"] = busy_reasons({}, load, os.cpu_count())
+    if results["busy"]:
+        say(busy_warning(results["busy"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
