@@ -11,6 +11,7 @@ import pytest
 
 from checkpoints.lock import LOCK_NAME, lock_workdir
 from slm_jax.errors import UserError
+from train.main import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,3 +71,16 @@ def test_a_workdir_under_a_file_cannot_be_locked_and_says_so_in_one_line(tmp_pat
     with pytest.raises(UserError) as refused, lock_workdir(blocker / "sub"):
         pass
     assert str(refused.value) == f"cannot lock workdir {blocker / 'sub'}: Not a directory ({blocker / 'sub'})"
+
+
+def test_a_run_refused_before_writing_leaves_no_new_folder_and_keeps_an_existing_one(tmp_path, capsys):
+    from_scratch, existing = tmp_path / "new_run", tmp_path / "existing"
+    (existing / "notes").mkdir(parents=True)
+    (existing / "notes" / "keep.txt").write_text("mine")
+    for workdir in (from_scratch, existing):
+        with pytest.raises(SystemExit) as exit_info:
+            train_main(["--config", "tiny", "--set", f"train.init_from={tmp_path / 'missing'}",
+                        "--workdir", str(workdir)])
+        assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+    assert not from_scratch.exists()  # nothing but its lock was written: removed, so the name stays free
+    assert (existing / "notes" / "keep.txt").read_text() == "mine"

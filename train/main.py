@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 from pathlib import Path
 
 import jax
 
-from checkpoints.lock import lock_workdir
+from checkpoints.lock import LOCK_NAME, lock_workdir
 from slm_jax.errors import UserError
 from train.cli import main_guard, positive_int, require_one_process
 from train.config import load_config, resolve_path
@@ -51,8 +52,22 @@ def main(argv=None):
     maybe_initialize_distributed()
     # One writer per run: a second train.main on it is refused in one line. In a multi-process run the processes of
     # one run share it, so only process 0 holds the lock.
-    with lock_workdir(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-        run_training(config, workdir, profile_steps=args.profile or 0)
+    created = not workdir.exists()
+    try:
+        with lock_workdir(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+            run_training(config, workdir, profile_steps=args.profile or 0)
+    except UserError:
+        if created and jax.process_index() == 0:
+            remove_if_untouched(workdir)  # a refused run leaves no folder behind to block the next command
+        raise
+
+
+def remove_if_untouched(workdir: Path) -> None:
+    """Delete `workdir` when it holds nothing but the lock file and empty folders (a run refused before it wrote
+    anything); leave it as it is otherwise."""
+    files = [p for p in workdir.rglob("*") if not p.is_dir()]
+    if all(p == workdir / LOCK_NAME for p in files):
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
