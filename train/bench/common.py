@@ -91,6 +91,18 @@ def timed(fn) -> float:
     return time.perf_counter() - tic
 
 
+def timed_steps(step, state, batch, steps: int) -> tuple:
+    """Run the jitted training `step` `steps` times from `state` on `batch` -> (the last state, each step's seconds
+    until its state and metrics are ready on the device)."""
+    seconds = []
+    for _ in range(steps):
+        tic = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        seconds.append(time.perf_counter() - tic)
+    return state, seconds
+
+
 def fixed_batch(config):
     """One batch of random tokens shaped as the training loop's: (inputs, targets), each [grad_accum, batch, seq]."""
     shape = (config.train.grad_accum, config.train.batch_size, config.model.seq_len)

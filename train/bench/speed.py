@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quant.serving import convert
-from train.bench.common import fixed_batch, timed
+from train.bench.common import fixed_batch, timed, timed_steps
 from train.bench.profiles import LORA_VARIANTS, VARIANTS
 from train.bench.trust import spread
 from train.build import build_model, state_initializer
@@ -121,11 +121,8 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
                 "first_call_s": first}})
         for _ in range(rounds):
             for item in built:
-                for _ in range(steps):
-                    tic = time.perf_counter()
-                    item["state"], metrics = item["step"](item["state"], item["batch"])
-                    jax.block_until_ready((item["state"], metrics))
-                    item["times"].append(time.perf_counter() - tic)
+                item["state"], seconds = timed_steps(item["step"], item["state"], item["batch"], steps)
+                item["times"] += seconds
         for item in built:
             row, times = item["row"], item["times"]
             step_s = statistics.median(times)

@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from train.bench.common import fixed_batch
+from train.bench.common import fixed_batch, timed_steps
 from train.bench.trust import spread
 from train.build import build_model, state_initializer
 from train.config import load_config
@@ -67,11 +67,8 @@ def measure_reference(overrides, precisions, warmup: int, rounds: int, steps: in
                       "jax_s": [], "torch_s": []})
     for _ in range(rounds):
         for pair in pairs:
-            for _ in range(steps):
-                tic = time.perf_counter()
-                pair["state"], metrics = pair["step"](pair["state"], pair["batch"])
-                jax.block_until_ready((pair["state"], metrics))
-                pair["jax_s"].append(time.perf_counter() - tic)
+            pair["state"], seconds = timed_steps(pair["step"], pair["state"], pair["batch"], steps)
+            pair["jax_s"] += seconds
             for _ in range(steps):
                 tic = time.perf_counter()
                 torch_model.train_step(*pair["torch"])
