@@ -190,6 +190,14 @@ class QuantDotGeneral(nn.Module):
             served_int = self.quant_mode == QuantMode.SERVE and not served_fake
 
             def dot(x, w):
+                if self.quant_mode != QuantMode.TRAIN and x.ndim == 2:
+                    # Linear passes [tokens, in]; frozen scales were always laid out for [batch, seq, in]
+                    # activations (their rank follows the lhs's under tiling), so CONVERT/SERVE keep that rank.
+                    dims = (((2,), (0,)), ((), ()))
+                    return jax.lax.squeeze(dot3(x[None], w, dims), (0,))
+                return dot3(x, w, dimension_numbers)
+
+            def dot3(x, w, dimension_numbers):
                 if reshape:
                     return aqt(*split_groups(x, w, plan.group_size), precision)
                 if served_int and x.size == x.shape[-1]:  # one row: XLA CPU's int8 matvec is slow, see two_rows
