@@ -5,14 +5,36 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import jax
 import pytest
 
 from train.config import load_config
 from train.loop import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
+XLA_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the whole session: the xdist workers and every `python -m ...`
+    child inherit its folder through the environment, so the train/eval steps that many tests compile alike (and
+    each CLI child compiles afresh) are compiled once. A user's own cache setting is left alone."""
+    if os.environ.get(XLA_CACHE_ENV):
+        return
+    folder = tempfile.mkdtemp(prefix="slm-jax-xla-cache-")
+    config._slm_jax_xla_cache = folder
+    os.environ.update({XLA_CACHE_ENV: folder, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"})
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_slm_jax_xla_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
