@@ -30,7 +30,7 @@ from train.recipe import make_recipe
 from train.run import check_schedule
 from train.sharding import (batch_sharding, check_batch_rows, load_sharded, make_mesh, rows_sharding,
                             shard_train_step)
-from train.steps import make_eval_step, make_train_step, merge_variables
+from train.steps import make_eval_step, make_train_step, merge_variables, steps_compiler_options
 from train.tokenizer import save_tokenizer
 
 
@@ -133,7 +133,8 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     fp16 = cfg.precision == "fp16"
     train_step = shard_train_step(make_train_step(model, recipe.optimizer, schedule, fp16),
                                   shardings, place)
-    eval_step = jax.jit(make_eval_step(model), out_shardings=NamedSharding(mesh, PartitionSpec()))
+    eval_step = jax.jit(make_eval_step(model), out_shardings=NamedSharding(mesh, PartitionSpec()),
+                        compiler_options=steps_compiler_options())
     cpt = splits.chars_per_token
     seq_len = config.model.seq_len
     val_windows = eval_windows(splits.val, cfg.batch_size, seq_len, cfg.eval_batches)

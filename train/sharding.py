@@ -19,6 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from checkpoints.manager import array_bytes
 from slm_jax.errors import UserError
+from train.steps import steps_compiler_options
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -257,7 +258,8 @@ def shard_train_step(train_step: Callable, state_shardings: Any, batch_sharding:
     """`train_step` jitted so the new state keeps the old one's shardings (and reuses its buffers)."""
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
     return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+                   out_shardings=(state_shardings, replicated), donate_argnums=0,
+                   compiler_options=steps_compiler_options())
 
 
 def per_device_bytes(tree: Any) -> dict:

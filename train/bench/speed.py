@@ -22,7 +22,7 @@ from train.build import build_model, state_initializer
 from train.config import load_config
 from train.lora_run import lora_initializer
 from train.optim import make_optimizer
-from train.steps import make_train_step
+from train.steps import make_train_step, steps_compiler_options
 
 FLOPS_FORMULA = ("6*N + 12*n_layers*seq_len*d_model per token (PaLM, Chowdhery et al. 2022, app. B): N = parameters "
                  "of every matmul weight (q, k, v, o, gate, up, down and the LM head; not the embedding table or "
@@ -101,7 +101,8 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
                     init = jax.jit(state_initializer(config, model))
                 state = init()
                 n_matmul = matmul_params(state.params)
-            step = jax.jit(make_train_step(model, make_optimizer(config.train)), donate_argnums=0)
+            step = jax.jit(make_train_step(model, make_optimizer(config.train)), donate_argnums=0,
+                           compiler_options=steps_compiler_options())
             batch = fixed_batch(config)
             tic = time.perf_counter()
             state, metrics = step(state, batch)

@@ -18,7 +18,7 @@ from train.bench.trust import spread
 from train.build import build_model, state_initializer
 from train.config import load_config
 from train.optim import make_optimizer
-from train.steps import make_train_step
+from train.steps import make_train_step, steps_compiler_options
 
 # torch is optional (the torchref extra): both stay None without it, and the section skips
 torch = importlib.import_module("torch") if importlib.util.find_spec("torch") else None
@@ -38,7 +38,8 @@ def build_pair(overrides, precision: str):
     config = load_config("baseline", [*overrides, f"train.precision={precision}"])
     model = build_model(config)
     state = jax.jit(state_initializer(config, model))()
-    step = jax.jit(make_train_step(model, make_optimizer(config.train)), donate_argnums=0)
+    step = jax.jit(make_train_step(model, make_optimizer(config.train)), donate_argnums=0,
+                   compiler_options=steps_compiler_options())
     batch = fixed_batch(config)
     reference = torch_model.TorchTransformer(config.model)
     reference.load_jax_params(jax.device_get(state.params))
