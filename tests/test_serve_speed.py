@@ -53,17 +53,25 @@ def test_int4_codes_in_int8_containers_serve_the_same_logits():
     assert tree_bytes(widened)["total"] - tree_bytes(packed.variables)["total"] == int4_bytes / 2
 
 
-def test_interleaved_speed_reports_per_round_ratios_to_float():
+def test_interleaved_speed_reports_per_round_ratios_to_both_floats():
     said = []
-    found = interleaved_speed(["float", "int8"], SIZE, (1,), 2, 2, said.append)
+    found = interleaved_speed(["int8"], SIZE, (1,), 2, 2, said.append)
     rows = {row["name"]: row for row in found["rows"]}
-    assert set(rows) == {"float", "int8"} and found["rounds"] == 2
+    assert list(rows) == ["float", "float_f32", "int8"] and found["rounds"] == 2  # both floats always timed
     assert rows["float"]["prefill_tokens_per_s_x_float_median"] == 1.0
+    assert rows["float_f32"]["decode_tokens_per_s_x_float_f32_median"] == 1.0
     assert rows["int8"]["param_bytes"] < rows["float"]["param_bytes"] / 2
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+        # the same two rounds a, b both ways: f32 x bf16 has min(a, b) and (a + b) / 2, bf16 x f32 has 1 / max(a, b)
+        f32 = rows["float_f32"]
+        assert f32[f"{key}_x_float_min"] == pytest.approx(
+            2 * f32[f"{key}_x_float_median"] - 1 / rows["float"][f"{key}_x_float_f32_min"])
     for row in rows.values():
         assert row["prefill_tokens_per_s_median"] > 0
-        assert row["prefill_tokens_per_s_x_float_min"] <= row["prefill_tokens_per_s_x_float_median"]
-    assert len(said) == 2 + 2  # one line per round, one per row
+        for base in ("float", "float_f32"):
+            assert row[f"prefill_tokens_per_s_x_{base}_min"] <= row[f"prefill_tokens_per_s_x_{base}_median"]
+    assert len(said) == 2 + 3  # one line per round, one per row
+    assert "xbf16 1.00/1.00" in said[2] and "xf32 1.00/1.00" in said[3]
 
 
 def test_activations_are_quantized_once_per_distinct_input():

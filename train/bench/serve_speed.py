@@ -99,11 +99,17 @@ def random_served(variant: str, size_overrides=(), seed: int = 0) -> Served:
     return Served(cfg, model, variables)
 
 
+# the floats every ratio is taken against: bf16 compute (as the baseline trains) and float32 compute (faster on CPU)
+FLOATS = {"float": "bf16", "float_f32": "f32"}
+
+
 def interleaved_speed(variants, size_overrides, batches, new_tokens: int, rounds: int, say) -> dict:
     """Prefill and decode tokens/s of each variant at each batch, variants timed in turn round after round, and each
-    round's ratio to the first variant (float). Rows carry min/median over rounds of the ratios."""
+    round's ratio to each float of FLOATS among `variants` (both are added when missing, bf16 first). Rows carry
+    min/median over rounds of the ratios: `{key}_x_float_{min,median}` against bf16 and `{key}_x_float_f32_...`
+    against f32 compute."""
+    variants = [*FLOATS, *[name for name in variants if name not in FLOATS]]
     runs = {name: random_served(name, size_overrides) for name in variants}
-    base = variants[0]
     per_round = {(name, b): [] for name in variants for b in batches}
     for r in range(rounds):
         for name, b in per_round:
@@ -111,18 +117,18 @@ def interleaved_speed(variants, size_overrides, batches, new_tokens: int, rounds
         say(f"round {r + 1}/{rounds} done, load average {load_text()}")
     rows = []
     for (name, b), speeds in per_round.items():
-        floats = per_round[base, b]
         row = {"name": name, "batch": b, "param_bytes": tree_bytes(runs[name].variables)["total"]}
+        text = []
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-            found = [s[key] / f[key] for s, f in zip(speeds, floats) if s[key] and f[key]]
             row[f"{key}_median"] = statistics.median([s[key] for s in speeds if s[key]] or [0])
-            row[f"{key}_x_float_min"] = min(found) if found else None
-            row[f"{key}_x_float_median"] = statistics.median(found) if found else None
-        say(f"{name} b={b}: prefill {row['prefill_tokens_per_s_median']:,.0f} tok/s x{base} "
-            f"{fmt(row['prefill_tokens_per_s_x_float_min'])}/{fmt(row['prefill_tokens_per_s_x_float_median'])}, "
-            f"decode {row['decode_tokens_per_s_median']:,.0f} tok/s x{base} "
-            f"{fmt(row['decode_tokens_per_s_x_float_min'])}/{fmt(row['decode_tokens_per_s_x_float_median'])}, "
-            f"param bytes {row['param_bytes']:,}")
+            ratios = []
+            for base, label in FLOATS.items():
+                found = [s[key] / f[key] for s, f in zip(speeds, per_round[base, b]) if s[key] and f[key]]
+                row[f"{key}_x_{base}_min"] = min(found) if found else None
+                row[f"{key}_x_{base}_median"] = statistics.median(found) if found else None
+                ratios.append(f"x{label} {fmt(row[f'{key}_x_{base}_min'])}/{fmt(row[f'{key}_x_{base}_median'])}")
+            text.append(f"{key.split('_')[0]} {row[f'{key}_median']:,.0f} tok/s {' '.join(ratios)}")
+        say(f"{name} b={b}: {', '.join(text)}, param bytes {row['param_bytes']:,}")
         rows.append(row)
     return {"overrides": list(size_overrides), "rounds": rounds, "new_tokens": new_tokens, "rows": rows}
 
