@@ -23,6 +23,7 @@ from quant.config import QuantConfig
 from quant.embedding import ServedEmbedding
 from quant.hooks import HookContext, LayerHook, chain
 from quant.plan import ATTENTION, EMBED, LayerPlan, Path, model_layers, path_str, resolve_plan
+from quant.serving_int import dequantizes, served_int_matmul, uses_int_path
 from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
 
@@ -156,7 +157,9 @@ class QuantDotGeneral(nn.Module):
 
     Only the weight (rhs) is frozen in CONVERT/SERVE; activations are always quantized on the fly (per token).
     Per-group scales use AQT's tiling, except for QAT with fake numerics, which nothing freezes: there the groups
-    are split by reshaping (`split_groups`), same numbers, much faster. A ggml scheme's layer trains with
+    are split by reshaping (`split_groups`), same numbers, much faster. Served with `int` numerics, weight-only and
+    few-row per-group layers run `quant.serving_int.served_int_matmul` (int8 dots; bounded error, see there); with
+    many rows a per-group layer serves as `serve_fake` does. A ggml scheme's layer trains with
     `quant.ggml.fake_quant` (not AQT) and serves its stored blocks dequantized, whatever the numerics.
     """
 
@@ -185,13 +188,17 @@ class QuantDotGeneral(nn.Module):
                 cfg.fwd.dg_quantizer.rhs.calib_shared_axes = (1,)
             aqt = aqt_module(plan, cfg, self.quant_mode, rounding, reshape)
             # ggml schemes are weight-only blocks: served as one matmul over float32-dequantized blocks, any numerics
-            served_fake = self.quant_mode == QuantMode.SERVE and (self.numerics == "fake" or plan.scheme != "aqt")
+            served_fake = self.quant_mode == QuantMode.SERVE and (self.numerics == "fake" or plan.scheme != "aqt" or
+                                                             dequantizes(plan, lhs.size // lhs.shape[-1]))
 
             served_int = self.quant_mode == QuantMode.SERVE and not served_fake
 
             def dot(x, w):
                 if reshape:
                     return aqt(*split_groups(x, w, plan.group_size), precision)
+                if served_int and uses_int_path(plan):  # AQT's output unused (and DCE'd)
+                    aqt(x, w, dimension_numbers, precision)
+                    return served_int_matmul(self.variables["aqt"]["aqt"]["qrhs"], x, plan)
                 if served_int and x.size == x.shape[-1]:  # one row: XLA CPU's int8 matvec is slow, see two_rows
                     return two_rows(lambda x2: aqt(x2, w, dimension_numbers, precision), x)
                 y = aqt(x, w, dimension_numbers, precision)

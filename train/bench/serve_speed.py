@@ -34,6 +34,10 @@ VARIANTS = {
     "int8_w8": ("ptq_int8", ("quant.act_bits=null", "quant.numerics=fake"), None, False),
     "int4": ("ptq_int4", (), None, False),  # w4 g32, packed int4
     "int4_in_int8": ("ptq_int4", (), None, True),
+    # int numerics on CPU (quant.serving_int): weight-only over hi/lo int8 halves of the activations; w4a8 per group
+    "int8_w8_int": ("ptq_int8", ("quant.act_bits=null",), None, False),
+    "int4_int": ("ptq_int4", ("quant.numerics=int",), None, True),
+    "int4_w4a8": ("ptq_int4", ("quant.act_bits=8", "quant.numerics=int"), None, True),
 }
 SIZES = {"bundled": (), "larger": LARGER, "smollm2": (*SMOLLM2_135M, "quant.embed_bits=null")}
 
