@@ -1,22 +1,18 @@
-"""Served integer matmuls beyond AQT's own forms, for XLA CPU: weight-only layers as int8 dots over activations
-split in two int8 halves (hi/lo), and per-group layers as one int8 dot per group. On that backend the int8 dot is
-the fastest matmul, and converting the stored codes to float every step kept weight-only and per-group serving at
-float's speed (AQT's per-group integer form, a batched dot over groups, is slower still).
+"""Served integer matmuls beyond AQT's own forms, for XLA CPU: weight-only layers as one int8 dot over the
+activations split in two int8 halves (hi/lo). On that backend the int8 dot is the fastest matmul, and converting
+the stored codes to float every step kept weight-only serving at float's speed.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from quant.plan import LayerPlan
 
 # lo counts units of 1/LO_UNITS of hi's: |lo| <= LO_UNITS / 2 fits int8 and the split's error is a 1/(2 * 127 * 254)
 # = 1.55e-5 part of the row's abs-max, below bfloat16's rounding of any value above 1/250 of it
 LO_UNITS = 254
-# per-group layers run one int8 dot per group up to this many rows; beyond it the dots' small contraction (32) makes
-# them slower than dequantizing the weight once (512 x 1376 int4 g32, 2-core CPU: 8 rows 360 us vs 628 us,
-# 64 rows 4.7 ms vs 1.3 ms)
-GROUPED_MAX_ROWS = 16
 
 
 def split_hi_lo(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -34,73 +30,49 @@ def split_hi_lo(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.concatenate([hi, lo]).astype(jnp.int8), scale
 
 
-def quantize_groups(x: jax.Array, bits: int, group_size: int) -> tuple[jax.Array, jax.Array]:
-    """x [rows, k] -> (q [rows, k // group_size, group_size] int8, scale [rows, k // group_size, 1] in x's dtype):
-    AQT's activation quantizer per token and group (as its tiling calibrates it; the formula of
-    quant.provider.fake_quantize), with the integers kept: q * scale is fake_quantize's output."""
-    x = x.reshape(x.shape[0], x.shape[1] // group_size, group_size)
-    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    scale = jnp.where(amax == 0, jnp.ones_like(amax), amax) / (2.0 ** (bits - 1) - 0.5)
-    inverse = jax.lax.reciprocal(scale)
-    inverse = jnp.where(jnp.isinf(inverse), jnp.ones_like(inverse), inverse)
-    bound = 2.0 ** (bits - 1) - 1
-    q = jax.lax.round(jnp.clip(x * inverse, -bound, bound), jax.lax.RoundingMethod.TO_NEAREST_EVEN)
-    return q.astype(jnp.int8), scale
+def uses_int_path(plan: LayerPlan, stored: dict) -> bool:
+    """Whether a served `int` layer runs `served_int_matmul`: on CPU, a weight-only AQT layer whose stored weight is
+    per channel (value [k, n]; per-group layers re-quantized by `per_channel_int8` count). Other backends, and
+    layers with act_bits, serve AQT's forms."""
+    return (jax.default_backend() == "cpu" and plan.scheme == "aqt" and plan.act_bits is None
+            and stored["value"].ndim == 2)
 
 
-def int_dot(q: jax.Array, value: jax.Array) -> jax.Array:
-    """q [rows, k] int8 @ value [k, n] (int8 or int4 codes) -> [rows, n] float32 of the exact int32 sums."""
-    dims = (((1,), (0,)), ((), ()))
-    return jax.lax.dot_general(q, value.astype(jnp.int8), dims, preferred_element_type=jnp.int32).astype(jnp.float32)
+def dequantizes(stored: dict) -> bool:
+    """Whether a served layer is faster as one float matmul over its weight dequantized in the step
+    (quant.provider.serve_fake) than in AQT's integer form, whatever its numerics: on CPU, a per-group layout (value
+    [groups, group_size, n]), which AQT runs as a batched int8 dot over groups (7x slower than one dot at 1 row)."""
+    return jax.default_backend() == "cpu" and stored["value"].ndim == 3
 
 
-def uses_int_path(plan: LayerPlan) -> bool:
-    """Whether a served `int` layer of `plan` runs `served_int_matmul` on this backend: on CPU, every weight-only AQT
-    layer, and per-group layers with act_bits (per-channel w8a8 stays AQT's own); per-group ones only up to
-    GROUPED_MAX_ROWS rows (`dequantizes`). Other backends serve AQT's forms."""
-    return jax.default_backend() == "cpu" and plan.scheme == "aqt" and (
-        plan.act_bits is None or plan.group_size is not None)
-
-
-def dequantizes(plan: LayerPlan, rows: int) -> bool:
-    """Whether a served per-group layer with `rows` activation rows is faster as one float matmul over its weight
-    dequantized (quant.provider.serve_fake) than as int8 dots, whatever its numerics: more than GROUPED_MAX_ROWS,
-    on CPU (other backends serve AQT's forms)."""
-    return jax.default_backend() == "cpu" and plan.group_size is not None and rows > GROUPED_MAX_ROWS
-
-
-def served_int_matmul(stored: dict, x: jax.Array, plan: LayerPlan) -> jax.Array:
-    """x [..., k] @ W -> [..., n] in x's dtype, W from AQT's frozen {"value", "scale"} (per channel [k, n] and
-    [1, n]; per group [groups, group_size, n] and [groups, 1, 1, n]), by int8 dots with exact int32 sums:
-
-    - weight-only (act_bits None): x split into hi/lo int8 halves per row (`split_hi_lo`), one dot per channel
-      layout or one per group, rescaled in float32. The only error against the float matmul over W is the split's,
-      at most a 1.55e-5 part of each row's abs-max per element (tests/test_serve_int.py bounds it).
-    - w{b}a{a} per group: x quantized per token and group exactly as AQT's SERVE forward does, one int8 dot per
-      group, each rescaled by its activation and weight scales in float32 and summed: AQT's integer sums and
-      scales, added in another order. One row gets a zero row appended (XLA CPU's int8 matrix-vector product is
-      several times slower than two rows).
-    """
+def served_int_matmul(stored: dict, x: jax.Array) -> jax.Array:
+    """x [..., k] @ W -> [..., n] in x's dtype for a weight-only layer, W = value [k, n] (int8 or int4 codes) times
+    scale (one per column, any shape of n elements): x split into hi/lo int8 halves per row (`split_hi_lo`), one
+    int8 dot with exact int32 sums over twice the rows, rescaled in float32. The only error against the float
+    matmul over W is the split's, at most a 1.55e-5 part of each row's abs-max per element (through |W|)."""
     shape, value = x.shape, stored["value"]
     n = value.shape[-1]
     rows = x.reshape(-1, shape[-1])
+    q, row_scale = split_hi_lo(rows)
+    dims = (((1,), (0,)), ((), ()))
+    acc = jax.lax.dot_general(q, value.astype(jnp.int8), dims, preferred_element_type=jnp.int32)
+    acc = acc.astype(jnp.float32)
     count = rows.shape[0]
-    if plan.act_bits is None:
-        q, row_scale = split_hi_lo(rows)
-        combine = lambda acc: acc[:count] + acc[count:] / LO_UNITS
-        if plan.group_size is None:
-            y = combine(int_dot(q, value)) * stored["scale"].reshape(1, n).astype(jnp.float32)
-        else:
-            scale = stored["scale"].reshape(-1, n).astype(jnp.float32)
-            size = plan.group_size
-            y = sum(combine(int_dot(q[:, g * size:(g + 1) * size], value[g])) * scale[g]
-                    for g in range(value.shape[0]))
-        y = y * row_scale
-    else:
-        if count == 1:
-            rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
-        q, act_scale = quantize_groups(rows, plan.act_bits, plan.group_size)
-        scale = stored["scale"].reshape(-1, n).astype(jnp.float32)
-        act_scale = act_scale.astype(jnp.float32)
-        y = sum(int_dot(q[:, g], value[g]) * act_scale[:, g] * scale[g] for g in range(value.shape[0]))[:count]
+    y = (acc[:count] + acc[count:] / LO_UNITS) * row_scale * stored["scale"].reshape(1, n).astype(jnp.float32)
     return y.astype(x.dtype).reshape(shape[:-1] + (n,))
+
+
+def requantize_per_channel(value, scale) -> tuple[np.ndarray, np.ndarray]:
+    """A per-group weight (value [groups, group_size, n] int codes, scale [groups, 1, 1, n]) as per-channel int8:
+    W = value * scale exactly (float64), then codes round(W / s) with s = abs-max of W's column / 127 (1/127 for an
+    all-zero column). Returns (codes [groups * group_size, n] int8, s [1, 1, n] float32: AQT's per-channel serving
+    layout for the model's [batch, seq, in] activations); |codes * s - W| <= s / 2 per
+    weight (plus s's float32 rounding), a 1/254 part of the column's abs-max: 18x finer than an INT4 code's step
+    (1/14 of its group's abs-max), so the served weight is the per-group weight within that bound, not bit for bit."""
+    value, scale = np.asarray(value, np.int8).astype(np.float64), np.asarray(scale, np.float32).astype(np.float64)
+    n = value.shape[-1]
+    weight = (value * scale.reshape(-1, 1, n)).reshape(-1, n)
+    amax = np.abs(weight).max(axis=0, keepdims=True)
+    step = (np.where(amax == 0, 1.0, amax) / 127).astype(np.float32)
+    codes = np.clip(np.round(weight / step.astype(np.float64)), -127, 127).astype(np.int8)
+    return codes, step.reshape(1, 1, n)

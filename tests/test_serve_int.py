@@ -1,6 +1,7 @@
-"""Served `int` layers beyond AQT's forms (quant.serving_int): weight-only layers over hi/lo int8 halves of the
-activations, per-group w4a8 as one int8 dot per group. Checked against float64 numpy over the stored integers and
-against AQT's own SERVE forward, with the error bounds the module states."""
+"""Served layers on CPU beyond AQT's forms (quant.serving_int): weight-only per-channel layers with `int` numerics as
+one int8 dot over hi/lo int8 halves of the activations, per-group layers re-quantized to int8 per channel, and
+per-group layers served as the dequantized matmul. Checked against float64 numpy over the stored integers and
+against AQT's own SERVE forward, within the bounds the module states."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import pytest
 from aqt.jax.v2.utils import QuantMode
 
 from quant.plan import LayerPlan
-from quant.serving_int import GROUPED_MAX_ROWS, LO_UNITS, split_hi_lo
+from quant.serving_int import LO_UNITS, requantize_per_channel, split_hi_lo
 from tests.test_serve_fast import AqtReference, Layer
 
 W8 = LayerPlan(weight_bits=8, act_bits=None, granularity="per_channel", group_size=None, bwd_bits=None)
@@ -35,61 +36,90 @@ def test_split_hi_lo_against_numpy():
     np.testing.assert_array_equal(back[2], 0)
 
 
-def served_and_stored(plan, dtype, rows, numerics="int"):
-    """(served output of `rows` x rows, x, kernel-free variables, stored value and scale as float64)."""
+def test_requantize_per_channel_against_numpy():
+    rng = np.random.default_rng(1)
+    value = rng.integers(-7, 8, (3, 16, 5)).astype(np.int8)
+    value[:, :, 4] = 0  # an all-zero column
+    scale = rng.uniform(0.01, 0.1, (3, 1, 1, 5)).astype(np.float32)
+    codes, step = requantize_per_channel(jnp.asarray(value), jnp.asarray(scale))
+    chex.assert_shape(codes, (48, 5))
+    chex.assert_shape(step, (1, 1, 5))
+    assert codes.dtype == np.int8 and step.dtype == np.float32
+    weight = (value.astype(np.float64) * scale.astype(np.float64).reshape(3, 1, 5)).reshape(48, 5)
+    amax = np.abs(weight).max(axis=0)
+    np.testing.assert_allclose(step[0, 0, :4], amax[:4] / 127, rtol=1e-7)
+    assert np.abs(codes).max() == 127  # each column's abs-max lands on the grid's end
+    np.testing.assert_array_equal(codes[:, 4], 0)
+    step = step.reshape(1, 5).astype(np.float64)
+    error = np.abs(codes * step - weight)
+    assert np.all(error <= step / 2 * (1 + 1e-6))
+
+
+def served(plan, dtype, rows, numerics="int", layout=None):
+    """(served output for `rows` rows, x, variables, the float64 weight the served variables stand for)."""
     x = (jax.random.normal(jax.random.PRNGKey(0), (1, rows, 64)) * 3).astype(dtype)
     kernel = (jax.random.normal(jax.random.PRNGKey(1), (64, 48)) * 0.1).astype(dtype)
     _, written = Layer(plan, QuantMode.CONVERT, numerics).apply({}, x, kernel, mutable=["aqt"])
-    served = jax.jit(Layer(plan, QuantMode.SERVE, numerics).apply)(written, x, jnp.zeros_like(kernel))
     stored = written["aqt"]["dot_general"]["aqt"]["qrhs"]
+    if layout:
+        value, scale = requantize_per_channel(stored["value"].astype(jnp.int8), stored["scale"])
+        written = {"aqt": {"dot_general": {"aqt": {"qrhs": {"value": jnp.asarray(value), "scale": jnp.asarray(scale)}}}}}
+        stored = written["aqt"]["dot_general"]["aqt"]["qrhs"]
     value = np.asarray(stored["value"].astype(jnp.int8), np.float64)
     scale = np.asarray(stored["scale"].astype(jnp.float32), np.float64)
     weight = (value * scale.reshape(value.shape[:-2] + (1, 48))).reshape(64, 48)
-    return served, x, written, weight
+    out = jax.jit(Layer(plan, QuantMode.SERVE, numerics).apply)(written, x, jnp.zeros_like(kernel))
+    return out, x, written, weight
 
 
-@pytest.mark.parametrize("plan", [W8, W4G16], ids=["w8", "w4g16"])
+@pytest.mark.parametrize("plan,layout", [(W8, None), (W4G16, "per_channel")], ids=["w8", "w4g16-per-channel"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_weight_only_int_is_the_float_matmul_within_the_split_bound(plan, dtype, rows):
-    served, x, written, weight = served_and_stored(plan, dtype, rows)
-    chex.assert_shape(served, (1, rows, 48))
-    assert served.dtype == dtype
+def test_weight_only_int_is_the_float_matmul_within_the_split_bound(plan, layout, dtype, rows):
+    out, x, written, weight = served(plan, dtype, rows, layout=layout)
+    chex.assert_shape(out, (1, rows, 48))
+    assert out.dtype == dtype
     xs = np.asarray(x, np.float64)[0]
     exact = xs @ weight
     # the split's error per element, through |W|; then float32 sums and the output's rounding to dtype
     split = (np.abs(xs).max(axis=1, keepdims=True) / 127 / (2 * LO_UNITS)) @ np.abs(weight).sum(0, keepdims=True)
     ulp = np.finfo(np.float32).eps if dtype == jnp.float32 else 2.0 ** -8
     magnitude = np.abs(xs) @ np.abs(weight)
-    error = np.abs(np.asarray(served, np.float64)[0] - exact)
+    error = np.abs(np.asarray(out, np.float64)[0] - exact)
     assert np.all(error <= split + ulp * np.abs(exact) + 1e-5 * magnitude)
-    # and AQT's own SERVE forward (fake: the dequantized weight in dtype, one float matmul) within dtype's rounding
-    reference = jax.jit(AqtReference(plan, "fake").apply)({"aqt": written["aqt"]["dot_general"]}, x,
-                                                          jnp.zeros((64, 48), dtype))
-    ref_error = np.abs(np.asarray(served, np.float64) - np.asarray(reference, np.float64))[0]
+    # AQT's own SERVE forward over the same stored weight (fake: dequantized in dtype, one float matmul)
+    reference = jax.jit(AqtReference(W8, "fake").apply)({"aqt": written["aqt"]["dot_general"]}, x,
+                                                        jnp.zeros((64, 48), dtype))
+    ref_error = np.abs(np.asarray(out, np.float64) - np.asarray(reference, np.float64))[0]
     assert np.all(ref_error <= split + 4 * ulp * magnitude)
     hlo = jax.jit(Layer(plan, QuantMode.SERVE, "int").apply).lower(written, x, jnp.zeros((64, 48), dtype)).as_text()
-    assert f"tensor<{2 * rows}x{plan.group_size or 64}xi8>" in hlo  # hi over lo: int8 dots of twice the rows
+    assert f"tensor<{2 * rows}x64xi8>" in hlo  # hi over lo: one int8 dot of twice the rows
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("rows", [1, 5])
-def test_w4a8_per_group_int_is_aqts_integer_serve_forward(dtype, rows):
-    served, x, written, _ = served_and_stored(W4A8G16, dtype, rows)
-    reference = jax.jit(AqtReference(W4A8G16, "int").apply)({"aqt": written["aqt"]["dot_general"]}, x,
-                                                            jnp.zeros((64, 48), dtype))
-    chex.assert_equal_shape([served, reference])
-    assert served.dtype == reference.dtype
-    served, reference = np.asarray(served, np.float64), np.asarray(reference, np.float64)
-    # the same integer sums and scales: only the order of the group sum and float32 vs dtype rescaling differ
-    ulp = np.finfo(np.float32).eps if dtype == jnp.float32 else 2.0 ** -7
-    assert np.abs(served - reference).max() <= 4 * ulp * np.abs(reference).max()
+def test_per_channel_int8_serves_the_per_group_layer_within_its_bound(dtype):
+    """The re-quantized layer's output against AQT's SERVE forward of the original per-group layer: within the
+    re-quantization's bound (half a step of each column) plus the split's and dtype's rounding."""
+    rows = 3
+    out, x, _, requantized = served(W4G16, dtype, rows, layout="per_channel")
+    _, _, written, original = served(W4G16, dtype, rows)
+    reference = jax.jit(AqtReference(W4G16, "fake").apply)({"aqt": written["aqt"]["dot_general"]}, x,
+                                                           jnp.zeros((64, 48), dtype))
+    xs = np.asarray(x, np.float64)[0]
+    step = np.abs(original).max(axis=0, keepdims=True) / 127
+    assert np.all(np.abs(requantized - original) <= step / 2 * (1 + 1e-6))
+    bound = np.abs(xs) @ (step / 2 * np.ones_like(original))  # the weights' re-quantization
+    ulp = np.finfo(np.float32).eps if dtype == jnp.float32 else 2.0 ** -8
+    magnitude = np.abs(xs) @ np.abs(original)
+    error = np.abs(np.asarray(out, np.float64) - np.asarray(reference, np.float64))[0]
+    assert np.all(error <= bound + 1e-4 * magnitude + 4 * ulp * magnitude)
 
 
 @pytest.mark.parametrize("plan", [W4G16, W4A8G16], ids=["w4g16", "w4a8g16"])
-def test_many_rows_per_group_serve_the_dequantized_matmul(plan):
-    """Past GROUPED_MAX_ROWS a per-group layer is served as with fake numerics, bit for bit."""
-    rows = GROUPED_MAX_ROWS + 1
-    served, *_ = served_and_stored(plan, jnp.bfloat16, rows)
-    fake, *_ = served_and_stored(plan, jnp.bfloat16, rows, numerics="fake")
-    np.testing.assert_array_equal(np.asarray(served, np.float32), np.asarray(fake, np.float32))
+@pytest.mark.parametrize("rows", [1, 5])
+def test_per_group_layers_serve_the_dequantized_matmul_on_cpu(plan, rows):
+    """A per-group layer with `int` numerics serves on CPU as with `fake` numerics, bit for bit (AQT's integer form
+    of per-group layers, a batched int8 dot over groups, is the slowest there)."""
+    out, *_ = served(plan, jnp.bfloat16, rows)
+    fake, *_ = served(plan, jnp.bfloat16, rows, numerics="fake")
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(fake, np.float32))

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from checkpoints.manager import tree_bytes
-from quant.serving import check_serving_variables, int8_containers
+from quant.plan import make_plan
+from quant.serving import check_serving_variables, int8_containers, per_channel_int8
 from slm_jax.attention import KVCache
 from slm_jax.sampling import cache_size, generate
 from train.bench.common import peak_rss, timed
@@ -25,19 +26,20 @@ from train.bench.trust import spread
 from train.build import build_model
 from train.config import load_config
 
-# name -> (config, overrides, KV cache bits, int4 codes held in int8 containers)
+# name -> (config, overrides, KV cache bits, serving layout: None, "containers" (int4 codes held in int8) or
+# "per_channel" (weight-only per-group layers re-quantized to int8 per channel, quant.serving.per_channel_int8))
 VARIANTS = {
-    "float": ("baseline", (), None, False),  # bf16 compute over float32 params, as the baseline trains
-    "float_f32": ("baseline", ("train.precision=fp32",), None, False),
-    "float_kv8": ("baseline", (), 8, False),
-    "int8": ("ptq_int8", (), None, False),  # w8a8, int numerics
-    "int8_w8": ("ptq_int8", ("quant.act_bits=null", "quant.numerics=fake"), None, False),
-    "int4": ("ptq_int4", (), None, False),  # w4 g32, packed int4
-    "int4_in_int8": ("ptq_int4", (), None, True),
-    # int numerics on CPU (quant.serving_int): weight-only over hi/lo int8 halves of the activations; w4a8 per group
-    "int8_w8_int": ("ptq_int8", ("quant.act_bits=null",), None, False),
-    "int4_int": ("ptq_int4", ("quant.numerics=int",), None, True),
-    "int4_w4a8": ("ptq_int4", ("quant.act_bits=8", "quant.numerics=int"), None, True),
+    "float": ("baseline", (), None, None),  # bf16 compute over float32 params, as the baseline trains
+    "float_f32": ("baseline", ("train.precision=fp32",), None, None),
+    "float_kv8": ("baseline", (), 8, None),
+    "int8": ("ptq_int8", (), None, None),  # w8a8, int numerics
+    "int8_w8": ("ptq_int8", ("quant.act_bits=null", "quant.numerics=fake"), None, None),
+    # weight-only int numerics on CPU: one int8 dot over hi/lo int8 halves of the activations (quant.serving_int)
+    "int8_w8_int": ("ptq_int8", ("quant.act_bits=null",), None, None),
+    "int4": ("ptq_int4", (), None, None),  # w4 g32, packed int4
+    "int4_in_int8": ("ptq_int4", (), None, "containers"),
+    "int4_w4a8": ("ptq_int4", ("quant.act_bits=8", "quant.numerics=int"), None, "containers"),
+    "int4_per_channel_int8": ("ptq_int4", ("quant.numerics=int",), None, "per_channel"),
 }
 SIZES = {"bundled": (), "larger": LARGER, "smollm2": (*SMOLLM2_135M, "quant.embed_bits=null")}
 
@@ -83,7 +85,7 @@ def random_served(variant: str, size_overrides=(), seed: int = 0) -> Served:
     """A model of `variant` (see VARIANTS) with random weights in its serving layout: float params from the model's
     init; quantized layers' codes uniform over their integer range and scales 1/(64 * sqrt(in)), so activations
     keep a sane size. Checked by `check_serving_variables` (no float copy of a quantized kernel)."""
-    config_name, overrides, _, containers = VARIANTS[variant]
+    config_name, overrides, _, layout = VARIANTS[variant]
     cfg = load_config(config_name, (*size_overrides, *overrides))
     model = build_model(cfg)
     variables = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32)))
@@ -98,8 +100,10 @@ def random_served(variant: str, size_overrides=(), seed: int = 0) -> Served:
 
         variables["aqt"] = jax.tree_util.tree_map(fill, variables["aqt"])
         check_serving_variables(cfg.model, cfg.quant, variables)
-    if containers:
+    if layout == "containers":
         variables = int8_containers(variables)
+    elif layout == "per_channel":
+        variables = per_channel_int8(variables, make_plan(cfg.model, cfg.quant))
     return Served(cfg, model, variables)
 
 
