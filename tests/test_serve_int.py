@@ -63,8 +63,8 @@ def served(plan, dtype, rows, numerics="int", layout=None):
     stored = written["aqt"]["dot_general"]["aqt"]["qrhs"]
     if layout:
         value, scale = requantize_per_channel(stored["value"].astype(jnp.int8), stored["scale"])
-        written = {"aqt": {"dot_general": {"aqt": {"qrhs": {"value": jnp.asarray(value), "scale": jnp.asarray(scale)}}}}}
-        stored = written["aqt"]["dot_general"]["aqt"]["qrhs"]
+        stored = {"value": jnp.asarray(value), "scale": jnp.asarray(scale)}
+        written = {"aqt": {"dot_general": {"aqt": {"qrhs": stored}}}}
     value = np.asarray(stored["value"].astype(jnp.int8), np.float64)
     scale = np.asarray(stored["scale"].astype(jnp.float32), np.float64)
     weight = (value * scale.reshape(value.shape[:-2] + (1, 48))).reshape(64, 48)

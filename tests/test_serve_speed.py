@@ -53,6 +53,24 @@ def test_int4_codes_in_int8_containers_serve_the_same_logits():
     assert tree_bytes(widened)["total"] - tree_bytes(packed.variables)["total"] == int4_bytes / 2
 
 
+def test_int_numerics_serve_int4_groups_as_int8_channels_within_bound():
+    """served_layout with `int` numerics on CPU: every weight-only per-group layer (not the embedding) becomes int8
+    per channel, and the logits stay those of the per-group weights within the re-quantization's small error."""
+    grouped, channels = random_served("int4_in_int8", SIZE), random_served("int4_per_channel_int8", SIZE)
+    plan = make_plan(channels.config.model, channels.config.quant)
+    before = quantized_weights(grouped.variables["aqt"])
+    for path, stored in quantized_weights(channels.variables["aqt"]).items():
+        per_group = plan[path].group_size is not None and plan[path].kind != "embedding"
+        assert stored["value"].ndim == (2 if per_group else before[path]["value"].ndim)
+        assert stored["value"].dtype == jnp.int8
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 8)), jnp.int32)
+    apply = jax.jit(lambda v, t: channels.model.apply(v, t)[0])
+    a = np.asarray(apply(grouped.variables, tokens), np.float32)
+    b = np.asarray(apply(channels.variables, tokens), np.float32)
+    assert np.abs(a - b).max() <= 0.02 * (a.max() - a.min())
+    assert np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.9
+
+
 def test_interleaved_speed_reports_per_round_ratios_to_both_floats():
     said = []
     found = interleaved_speed(["int8"], SIZE, (1,), 2, 2, said.append)

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from checkpoints.manager import tree_bytes
-from quant.plan import make_plan
-from quant.serving import check_serving_variables, int8_containers, per_channel_int8
+from quant.serving import check_serving_variables, int8_containers, served_layout
 from slm_jax.attention import KVCache
 from slm_jax.sampling import cache_size, generate
 from train.bench.common import peak_rss, timed
@@ -27,7 +26,7 @@ from train.build import build_model
 from train.config import load_config
 
 # name -> (config, overrides, KV cache bits, serving layout: None, "containers" (int4 codes held in int8) or
-# "per_channel" (weight-only per-group layers re-quantized to int8 per channel, quant.serving.per_channel_int8))
+# "per_channel" (quant.serving.served_layout with int numerics: weight-only per-group layers as int8 per channel))
 VARIANTS = {
     "float": ("baseline", (), None, None),  # bf16 compute over float32 params, as the baseline trains
     "float_f32": ("baseline", ("train.precision=fp32",), None, None),
@@ -102,8 +101,8 @@ def random_served(variant: str, size_overrides=(), seed: int = 0) -> Served:
         check_serving_variables(cfg.model, cfg.quant, variables)
     if layout == "containers":
         variables = int8_containers(variables)
-    elif layout == "per_channel":
-        variables = per_channel_int8(variables, make_plan(cfg.model, cfg.quant))
+    elif layout == "per_channel":  # as train.generate serves an `int` numerics run on CPU
+        variables = served_layout(variables, cfg.model, cfg.quant)
     return Served(cfg, model, variables)
 
 

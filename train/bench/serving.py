@@ -69,7 +69,7 @@ def measure_serving(quality: dict, work: Path, batches, new_tokens: int, reps: i
         row.update(save_restore_times(params_only, work / f"save_{name}", reps))
         say(f"{name}: save {row['save_s']:.3f} s, restore {row['restore_s']:.3f} s ({tree_bytes(params_only)['total']:,}"
             f" bytes)")
-        served = dataclasses.replace(run, variables=served_layout(run.variables))  # as train.generate serves it
+        served = dataclasses.replace(run, variables=served_layout(run.variables, run.config.model, run.config.quant))  # as train.generate serves it
         for bits in kv_bits:
             for batch in batches:
                 speed = decode_speed(served, batch, new_tokens, reps, bits)
