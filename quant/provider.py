@@ -160,8 +160,8 @@ class QuantDotGeneral(nn.Module):
     are split by reshaping (`split_groups`), same numbers, much faster. On CPU, served per-group layers run as
     `serve_fake` whatever the numerics, and served weight-only per-channel layers with `int` numerics run
     `quant.serving_int.served_int_matmul` (one int8 dot over hi/lo activations; bounded error, see there). A ggml
-    scheme's layer trains with
-    `quant.ggml.fake_quant` (not AQT) and serves its stored blocks dequantized, whatever the numerics.
+    scheme's layer trains with `quant.ggml.fake_quant` (not AQT) and serves its stored blocks dequantized, whatever
+    the numerics. A served layer calls AQT's module only to make its variables (init).
     """
 
     layer_path: Path  # (`path` is taken by nn.Module)
