@@ -208,7 +208,6 @@ def per_channel_int8(variables: Variables, plan: Plan) -> Variables:
     for path in targets & set(stored):
         value, scale = requantize_per_channel(stored[path]["value"].astype(jnp.int8), stored[path]["scale"])
         weights[path] = {"value": jnp.asarray(value), "scale": jnp.asarray(scale)}
-
     return {**variables, "aqt": swap_weights(variables["aqt"], weights)}
 
 
