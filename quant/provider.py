@@ -23,6 +23,7 @@ from quant.config import QuantConfig
 from quant.embedding import ServedEmbedding
 from quant.hooks import HookContext, LayerHook, chain
 from quant.plan import ATTENTION, EMBED, LayerPlan, Path, model_layers, path_str, resolve_plan
+from quant.serving_int import dequantizes, served_int_matmul, uses_int_path
 from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
 
@@ -156,8 +157,11 @@ class QuantDotGeneral(nn.Module):
 
     Only the weight (rhs) is frozen in CONVERT/SERVE; activations are always quantized on the fly (per token).
     Per-group scales use AQT's tiling, except for QAT with fake numerics, which nothing freezes: there the groups
-    are split by reshaping (`split_groups`), same numbers, much faster. A ggml scheme's layer trains with
-    `quant.ggml.fake_quant` (not AQT) and serves its stored blocks dequantized, whatever the numerics.
+    are split by reshaping (`split_groups`), same numbers, much faster. On CPU, served per-group layers run as
+    `serve_fake` whatever the numerics, and served weight-only per-channel layers with `int` numerics run
+    `quant.serving_int.served_int_matmul` (one int8 dot over hi/lo activations; bounded error, see there). A ggml
+    scheme's layer trains with `quant.ggml.fake_quant` (not AQT) and serves its stored blocks dequantized, whatever
+    the numerics. A served layer calls AQT's module only to make its variables (init).
     """
 
     layer_path: Path  # (`path` is taken by nn.Module)
@@ -184,10 +188,7 @@ class QuantDotGeneral(nn.Module):
                 cfg.fwd.dg_quantizer.lhs.calib_shared_axes = (lhs.ndim,)  # the group_size axis after split_groups
                 cfg.fwd.dg_quantizer.rhs.calib_shared_axes = (1,)
             aqt = aqt_module(plan, cfg, self.quant_mode, rounding, reshape)
-            # ggml schemes are weight-only blocks: served as one matmul over float32-dequantized blocks, any numerics
-            served_fake = self.quant_mode == QuantMode.SERVE and (self.numerics == "fake" or plan.scheme != "aqt")
-
-            served_int = self.quant_mode == QuantMode.SERVE and not served_fake
+            serving = self.quant_mode == QuantMode.SERVE
 
             def dot(x, w):
                 if self.quant_mode != QuantMode.TRAIN and x.ndim == 2:
@@ -200,12 +201,17 @@ class QuantDotGeneral(nn.Module):
             def dot3(x, w, dimension_numbers):
                 if reshape:
                     return aqt(*split_groups(x, w, plan.group_size), precision)
-                if served_int and x.size == x.shape[-1]:  # one row: XLA CPU's int8 matvec is slow, see two_rows
+                stored = self.variables.get("aqt", {}).get("aqt", {}).get("qrhs") if serving else None
+                if stored is None:  # not serving, or making the serving variables (init)
+                    return aqt(x, w, dimension_numbers, precision)
+                # ggml schemes are weight-only blocks: served as one matmul over float32-dequantized blocks
+                if self.numerics == "fake" or plan.scheme != "aqt" or dequantizes(stored):
+                    return serve_fake(stored, x, dimension_numbers, precision, plan)
+                if uses_int_path(plan, stored):
+                    return served_int_matmul(stored, x)
+                if x.size == x.shape[-1]:  # one row: XLA CPU's int8 matvec is slow, see two_rows
                     return two_rows(lambda x2: aqt(x2, w, dimension_numbers, precision), x)
-                y = aqt(x, w, dimension_numbers, precision)
-                if served_fake:  # the same numbers as one matmul; AQT's output is left unused (and DCE'd)
-                    return serve_fake(self.variables["aqt"]["aqt"]["qrhs"], x, dimension_numbers, precision, plan)
-                return y
+                return aqt(x, w, dimension_numbers, precision)
         return chain(self.hooks, HookContext(self.layer_path, plan, self), dot)(lhs, rhs)
 
 

@@ -20,7 +20,8 @@ SIZE = (*MICRO_MODEL, "model.d_model=64")  # 64: two groups of 32 per row for IN
 
 
 def test_every_variant_serves_without_float_kernels():
-    for name in VARIANTS:
+    # int8_f32 and int4_per_channel_int8_f32 differ from int8 and int4_per_channel_int8 only by the compute dtype
+    for name in [name for name in VARIANTS if name not in ("int8_f32", "int4_per_channel_int8_f32")]:
         run = random_served(name, SIZE)
         if run.config.quant.mode == "serve":
             assert float_copies(run.variables, make_plan(run.config.model, run.config.quant)) == []
@@ -53,17 +54,43 @@ def test_int4_codes_in_int8_containers_serve_the_same_logits():
     assert tree_bytes(widened)["total"] - tree_bytes(packed.variables)["total"] == int4_bytes / 2
 
 
-def test_interleaved_speed_reports_per_round_ratios_to_float():
+def test_int_numerics_serve_int4_groups_as_int8_channels_within_bound():
+    """served_layout with `int` numerics on CPU: every weight-only per-group layer (not the embedding) becomes int8
+    per channel, and the logits stay those of the per-group weights within the re-quantization's small error."""
+    grouped, channels = random_served("int4_in_int8", SIZE), random_served("int4_per_channel_int8", SIZE)
+    plan = make_plan(channels.config.model, channels.config.quant)
+    before = quantized_weights(grouped.variables["aqt"])
+    for path, stored in quantized_weights(channels.variables["aqt"]).items():
+        per_group = plan[path].group_size is not None and plan[path].kind != "embedding"
+        assert stored["value"].ndim == (2 if per_group else before[path]["value"].ndim)
+        assert stored["value"].dtype == jnp.int8
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 8)), jnp.int32)
+    apply = jax.jit(lambda v, t: channels.model.apply(v, t)[0])
+    a = np.asarray(apply(grouped.variables, tokens), np.float32)
+    b = np.asarray(apply(channels.variables, tokens), np.float32)
+    assert np.abs(a - b).max() <= 0.02 * (a.max() - a.min())
+    assert np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.9
+
+
+def test_interleaved_speed_reports_per_round_ratios_to_both_floats():
     said = []
-    found = interleaved_speed(["float", "int8"], SIZE, (1,), 2, 2, said.append)
+    found = interleaved_speed(["int8"], SIZE, (1,), 2, 2, said.append)
     rows = {row["name"]: row for row in found["rows"]}
-    assert set(rows) == {"float", "int8"} and found["rounds"] == 2
+    assert list(rows) == ["float", "float_f32", "int8"] and found["rounds"] == 2  # both floats always timed
     assert rows["float"]["prefill_tokens_per_s_x_float_median"] == 1.0
+    assert rows["float_f32"]["decode_tokens_per_s_x_float_f32_median"] == 1.0
     assert rows["int8"]["param_bytes"] < rows["float"]["param_bytes"] / 2
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+        # the same two rounds a, b both ways: f32 x bf16 has min(a, b) and (a + b) / 2, bf16 x f32 has 1 / max(a, b)
+        f32 = rows["float_f32"]
+        assert f32[f"{key}_x_float_min"] == pytest.approx(
+            2 * f32[f"{key}_x_float_median"] - 1 / rows["float"][f"{key}_x_float_f32_min"])
     for row in rows.values():
         assert row["prefill_tokens_per_s_median"] > 0
-        assert row["prefill_tokens_per_s_x_float_min"] <= row["prefill_tokens_per_s_x_float_median"]
-    assert len(said) == 2 + 2  # one line per round, one per row
+        for base in ("float", "float_f32"):
+            assert row[f"prefill_tokens_per_s_x_{base}_min"] <= row[f"prefill_tokens_per_s_x_{base}_median"]
+    assert len(said) == 2 + 3  # one line per round, one per row
+    assert "xbf16 1.00/1.00" in said[2] and "xf32 1.00/1.00" in said[3]
 
 
 def test_activations_are_quantized_once_per_distinct_input():

@@ -2,7 +2,8 @@
 
 Works for float, QAT and serving (integer) workdirs alike: the model comes from the checkpoint's own config.
 `--kv-bits 8` (default: the run's quant.kv_bits) keeps the KV cache as int8; `--verbose` prints its bytes. On CPU, int4
-codes are served from int8 containers (quant.serving.served_layout).
+codes are served from int8 containers, and with `int` numerics weight-only per-group layers from int8 per channel
+(quant.serving.served_layout).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def main(argv=None):
     args = parse_args(argv)
     require_one_process("python -m train.generate")
     run = load_run(args.workdir, args.step)
-    run = dataclasses.replace(run, variables=served_layout(run.variables))  # the loaded int4 arrays are dropped
+    run = dataclasses.replace(run, variables=served_layout(run.variables, run.config.model, run.config.quant))  # the loaded int4 arrays are dropped
     kv_bits = args.kv_bits or run.config.quant.kv_bits
     if args.verbose:
         prompt_len = min(len(run.tokenizer.encode(args.prompt, source="--prompt")) or 1, run.config.model.seq_len)

@@ -149,17 +149,21 @@ def kv_cache_markdown(section: dict) -> str:
 
 
 def larger_markdown(larger: dict | None) -> str:
-    """The larger size's speeds and per-round ratios to float (min / median over rounds)."""
+    """The larger size's speeds and per-round ratios to the bf16 and the f32-compute float (min / median over
+    rounds)."""
     if not larger:
         return ""
-    ratio = lambda r, key: f"{fmt(r[key + '_x_float_min'], '.2f')} / {fmt(r[key + '_x_float_median'], '.2f')}"
+    ratio = lambda r, key, base="float": (f"{fmt(r.get(f'{key}_x_{base}_min'), '.2f')} / "
+                                          f"{fmt(r.get(f'{key}_x_{base}_median'), '.2f')}")
     rss = larger.get("rss", {})
     peak = lambda name: fmt(rss.get(name, {}).get("peak_rss_bytes"), ".0f", 1e-6)
     rows = [[r["name"], str(r["batch"]), fmt(r["param_bytes"], ",.0f"), fmt(r["prefill_tokens_per_s_median"], ",.0f"),
-             ratio(r, "prefill_tokens_per_s"), fmt(r["decode_tokens_per_s_median"], ",.0f"),
-             ratio(r, "decode_tokens_per_s"), peak(r["name"])] for r in larger["rows"]]
-    headers = ["model", ">batch", ">param bytes", ">prefill tok/s", ">x float (min / median)", ">decode tok/s",
-               ">x float (min / median)", ">peak RSS MB"]
+             ratio(r, "prefill_tokens_per_s"), ratio(r, "prefill_tokens_per_s", "float_f32"),
+             fmt(r["decode_tokens_per_s_median"], ",.0f"), ratio(r, "decode_tokens_per_s"),
+             ratio(r, "decode_tokens_per_s", "float_f32"), peak(r["name"])] for r in larger["rows"]]
+    headers = ["model", ">batch", ">param bytes", ">prefill tok/s", ">x bf16 (min / median)",
+               ">x f32 (min / median)", ">decode tok/s", ">x bf16 (min / median)", ">x f32 (min / median)",
+               ">peak RSS MB"]
     runtime = f" The runtime alone peaks at {peak('runtime')} MB." if "runtime" in rss else ""
     return (f"\n\nLarger size (`{' '.join(larger['overrides'])}`, random weights made in each variant's serving "
             f"layout; {larger['rounds']} round(s) of variants in turn, {larger['new_tokens']} new tokens; peak RSS of "

@@ -1,5 +1,6 @@
 """`python -m train.bench.serve_ab --size larger --rss`: float against quantized serving (see VARIANTS), timed in
-turn round after round in one process, with per-round ratios to float (min / median), and each variant's peak RSS.
+turn round after round in one process, with per-round ratios (min / median) to both floats, bf16 compute and f32
+compute (always timed), and each variant's peak RSS.
 
 Random weights in the serving layout (`train.bench.serve_speed.random_served`); prints one line per variant and
 batch, and the load average, since a busy machine widens the ratios' spread; says so when other processes used
@@ -51,9 +52,10 @@ def main(argv=None):
     tic = time.perf_counter()
     say = lambda text: print(f"[{time.perf_counter() - tic:6.0f}s] {text}", flush=True)
     say(f"size {args.size} ({' '.join(SIZES[args.size]) or 'baseline config'}), load average {load_text()}")
-    variants, section_load = ["float", *[v for v in args.variants if v != "float"]], SectionLoad().start()
-    results = {"size": args.size, "speed": interleaved_speed(variants, SIZES[args.size], args.batches,
+    section_load = SectionLoad().start()
+    results = {"size": args.size, "speed": interleaved_speed(args.variants, SIZES[args.size], args.batches,
                                                              args.new_tokens, args.rounds, say)}
+    variants = [row["name"] for row in results["speed"]["rows"] if row["batch"] == args.batches[0]]
     if args.rss:
         results["rss"] = variants_rss(variants, SIZES[args.size], args.new_tokens)
         for name, found in results["rss"].items():

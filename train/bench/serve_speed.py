@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from checkpoints.manager import tree_bytes
-from quant.serving import check_serving_variables, int8_containers
+from quant.serving import check_serving_variables, int8_containers, served_layout
 from slm_jax.attention import KVCache
 from slm_jax.sampling import cache_size, generate
 from train.bench.common import peak_rss, timed
@@ -25,15 +25,23 @@ from train.bench.trust import spread
 from train.build import build_model
 from train.config import load_config
 
-# name -> (config, overrides, KV cache bits, int4 codes held in int8 containers)
+# name -> (config, overrides, KV cache bits, serving layout: None, "containers" (int4 codes held in int8) or
+# "per_channel" (quant.serving.served_layout with int numerics: weight-only per-group layers as int8 per channel))
 VARIANTS = {
-    "float": ("baseline", (), None, False),  # bf16 compute over float32 params, as the baseline trains
-    "float_f32": ("baseline", ("train.precision=fp32",), None, False),
-    "float_kv8": ("baseline", (), 8, False),
-    "int8": ("ptq_int8", (), None, False),  # w8a8, int numerics
-    "int8_w8": ("ptq_int8", ("quant.act_bits=null", "quant.numerics=fake"), None, False),
-    "int4": ("ptq_int4", (), None, False),  # w4 g32, packed int4
-    "int4_in_int8": ("ptq_int4", (), None, True),
+    "float": ("baseline", (), None, None),  # bf16 compute over float32 params, as the baseline trains
+    "float_f32": ("baseline", ("train.precision=fp32",), None, None),
+    "float_kv8": ("baseline", (), 8, None),
+    "int8": ("ptq_int8", (), None, None),  # w8a8, int numerics
+    "int8_w8": ("ptq_int8", ("quant.act_bits=null", "quant.numerics=fake"), None, None),
+    # weight-only int numerics on CPU: one int8 dot over hi/lo int8 halves of the activations (quant.serving_int)
+    "int8_w8_int": ("ptq_int8", ("quant.act_bits=null",), None, None),
+    "int4": ("ptq_int4", (), None, None),  # w4 g32, packed int4
+    "int4_in_int8": ("ptq_int4", (), None, "containers"),
+    "int4_w4a8": ("ptq_int4", ("quant.act_bits=8", "quant.numerics=int"), None, "containers"),
+    "int4_per_channel_int8": ("ptq_int4", ("quant.numerics=int",), None, "per_channel"),
+    # float32 compute around the same integer weights (faster than bf16 on this CPU, as for float)
+    "int8_f32": ("ptq_int8", ("train.precision=fp32",), None, None),
+    "int4_per_channel_int8_f32": ("ptq_int4", ("quant.numerics=int", "train.precision=fp32"), None, "per_channel"),
 }
 SIZES = {"bundled": (), "larger": LARGER, "smollm2": (*SMOLLM2_135M, "quant.embed_bits=null")}
 
@@ -79,7 +87,7 @@ def random_served(variant: str, size_overrides=(), seed: int = 0) -> Served:
     """A model of `variant` (see VARIANTS) with random weights in its serving layout: float params from the model's
     init; quantized layers' codes uniform over their integer range and scales 1/(64 * sqrt(in)), so activations
     keep a sane size. Checked by `check_serving_variables` (no float copy of a quantized kernel)."""
-    config_name, overrides, _, containers = VARIANTS[variant]
+    config_name, overrides, _, layout = VARIANTS[variant]
     cfg = load_config(config_name, (*size_overrides, *overrides))
     model = build_model(cfg)
     variables = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32)))
@@ -94,16 +102,24 @@ def random_served(variant: str, size_overrides=(), seed: int = 0) -> Served:
 
         variables["aqt"] = jax.tree_util.tree_map(fill, variables["aqt"])
         check_serving_variables(cfg.model, cfg.quant, variables)
-    if containers:
+    if layout == "containers":
         variables = int8_containers(variables)
+    elif layout == "per_channel":  # as train.generate serves an `int` numerics run on CPU
+        variables = served_layout(variables, cfg.model, cfg.quant)
     return Served(cfg, model, variables)
+
+
+# the floats every ratio is taken against: bf16 compute (as the baseline trains) and float32 compute (faster on CPU)
+FLOATS = {"float": "bf16", "float_f32": "f32"}
 
 
 def interleaved_speed(variants, size_overrides, batches, new_tokens: int, rounds: int, say) -> dict:
     """Prefill and decode tokens/s of each variant at each batch, variants timed in turn round after round, and each
-    round's ratio to the first variant (float). Rows carry min/median over rounds of the ratios."""
+    round's ratio to each float of FLOATS among `variants` (both are added when missing, bf16 first). Rows carry
+    min/median over rounds of the ratios: `{key}_x_float_{min,median}` against bf16 and `{key}_x_float_f32_...`
+    against f32 compute."""
+    variants = [*FLOATS, *[name for name in variants if name not in FLOATS]]
     runs = {name: random_served(name, size_overrides) for name in variants}
-    base = variants[0]
     per_round = {(name, b): [] for name in variants for b in batches}
     for r in range(rounds):
         for name, b in per_round:
@@ -111,18 +127,18 @@ def interleaved_speed(variants, size_overrides, batches, new_tokens: int, rounds
         say(f"round {r + 1}/{rounds} done, load average {load_text()}")
     rows = []
     for (name, b), speeds in per_round.items():
-        floats = per_round[base, b]
         row = {"name": name, "batch": b, "param_bytes": tree_bytes(runs[name].variables)["total"]}
+        text = []
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-            found = [s[key] / f[key] for s, f in zip(speeds, floats) if s[key] and f[key]]
             row[f"{key}_median"] = statistics.median([s[key] for s in speeds if s[key]] or [0])
-            row[f"{key}_x_float_min"] = min(found) if found else None
-            row[f"{key}_x_float_median"] = statistics.median(found) if found else None
-        say(f"{name} b={b}: prefill {row['prefill_tokens_per_s_median']:,.0f} tok/s x{base} "
-            f"{fmt(row['prefill_tokens_per_s_x_float_min'])}/{fmt(row['prefill_tokens_per_s_x_float_median'])}, "
-            f"decode {row['decode_tokens_per_s_median']:,.0f} tok/s x{base} "
-            f"{fmt(row['decode_tokens_per_s_x_float_min'])}/{fmt(row['decode_tokens_per_s_x_float_median'])}, "
-            f"param bytes {row['param_bytes']:,}")
+            ratios = []
+            for base, label in FLOATS.items():
+                found = [s[key] / f[key] for s, f in zip(speeds, per_round[base, b]) if s[key] and f[key]]
+                row[f"{key}_x_{base}_min"] = min(found) if found else None
+                row[f"{key}_x_{base}_median"] = statistics.median(found) if found else None
+                ratios.append(f"x{label} {fmt(row[f'{key}_x_{base}_min'])}/{fmt(row[f'{key}_x_{base}_median'])}")
+            text.append(f"{key.split('_')[0]} {row[f'{key}_median']:,.0f} tok/s {' '.join(ratios)}")
+        say(f"{name} b={b}: {', '.join(text)}, param bytes {row['param_bytes']:,}")
         rows.append(row)
     return {"overrides": list(size_overrides), "rounds": rounds, "new_tokens": new_tokens, "rows": rows}
 

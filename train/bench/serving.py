@@ -27,7 +27,8 @@ from train.config import load_config
 from train.ptq import convert_workdir
 from train.run import load_run
 
-LARGER_VARIANTS = ("float", "float_f32", "float_kv8", "int8", "int8_w8", "int4", "int4_in_int8")
+LARGER_VARIANTS = ("float", "float_f32", "float_kv8", "int8", "int8_w8", "int4", "int4_in_int8",
+                   "int4_per_channel_int8")
 RUNTIME_ONLY = "import jax.numpy as jnp, train.generate; jnp.zeros(1).block_until_ready()"
 
 
@@ -69,7 +70,7 @@ def measure_serving(quality: dict, work: Path, batches, new_tokens: int, reps: i
         row.update(save_restore_times(params_only, work / f"save_{name}", reps))
         say(f"{name}: save {row['save_s']:.3f} s, restore {row['restore_s']:.3f} s ({tree_bytes(params_only)['total']:,}"
             f" bytes)")
-        served = dataclasses.replace(run, variables=served_layout(run.variables))  # as train.generate serves it
+        served = dataclasses.replace(run, variables=served_layout(run.variables, run.config.model, run.config.quant))  # as train.generate serves it
         for bits in kv_bits:
             for batch in batches:
                 speed = decode_speed(served, batch, new_tokens, reps, bits)
