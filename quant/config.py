@@ -94,6 +94,12 @@ class QuantConfig:
         for i, rule in enumerate(self.rules):
             rule.validate(i)
 
+    @property
+    def quantizes_activations(self) -> bool:
+        """True when a quantized model (mode qat or serve) quantizes some layer's inputs (act_bits, or a rule's)."""
+        bits = [self.act_bits, *(rule.act_bits for rule in self.rules if rule.act_bits != INHERIT)]
+        return self.mode != "none" and any(b is not None for b in bits)
+
     def _fix_ggml_fields(self) -> None:
         """A ggml scheme fixes the weights' bits, blocks and scale dtype: each such key may be left at its default
         or set to the scheme's own value; the resolved config then holds the scheme's values."""

@@ -1,5 +1,5 @@
-"""How the training loop compiles its steps on CPU: YNNPACK gets the dots, XLA keeps the reductions (see
-train.steps.CPU_COMPILER_OPTIONS), with the same losses as XLA's defaults."""
+"""How the training loop compiles its steps on CPU: YNNPACK gets the dots and XLA keeps the reductions (see
+train.steps.CPU_COMPILER_OPTIONS), with the same losses as XLA's defaults, unless activations are quantized."""
 import re
 
 import jax
@@ -37,8 +37,9 @@ def tiny_step():
 
 def test_the_loop_s_train_step_gives_ynnpack_dots_only(tiny_step):
     model, tx, shardings, state, batch, mesh = tiny_step
-    assert steps_compiler_options() == CPU_COMPILER_OPTIONS
-    step = shard_train_step(make_train_step(model, tx), shardings, batch_sharding(mesh))
+    options = steps_compiler_options(load_config("tiny").quant)
+    assert options == CPU_COMPILER_OPTIONS
+    step = shard_train_step(make_train_step(model, tx), shardings, batch_sharding(mesh), options)
     fusions = ynn_fusion_ops(step.lower(state, batch).compile().as_text())
     assert fusions and all("dot" in ops for ops in fusions)
     assert not any(ops & {"reduce", "reduce-window"} for ops in fusions)
@@ -54,3 +55,15 @@ def test_the_options_keep_the_loss_and_gradient_norm(tiny_step):
     _, default = jax.jit(step)(state, batch)
     np.testing.assert_allclose(float(ours["loss"]), float(default["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(ours["grad_norm"]), float(default["grad_norm"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("config, overrides, options", [
+    ("tiny", (), CPU_COMPILER_OPTIONS),
+    ("int4_qat", (), CPU_COMPILER_OPTIONS),  # weight-only QAT
+    ("int8_qat", (), None),  # w8a8: YNNPACK's reductions serve the per-token abs-max of every matmul input
+    ("int4_qat", ("quant.act_bits=8",), None),
+    ("int4_qat", ("quant.act_bits=null", "quant.rules=[{match: mlp, act_bits: 8}]"), None),
+    ("int8_qat", ("quant.mode=none",), CPU_COMPILER_OPTIONS),
+])
+def test_options_follow_whether_activations_are_quantized(config, overrides, options):
+    assert steps_compiler_options(load_config(config, list(overrides)).quant) == options

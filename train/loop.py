@@ -131,10 +131,11 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
 
     schedule = learning_rate_schedule(cfg)
     fp16 = cfg.precision == "fp16"
+    compiler_options = steps_compiler_options(config.quant)
     train_step = shard_train_step(make_train_step(model, recipe.optimizer, schedule, fp16),
-                                  shardings, place)
+                                  shardings, place, compiler_options)
     eval_step = jax.jit(make_eval_step(model), out_shardings=NamedSharding(mesh, PartitionSpec()),
-                        compiler_options=steps_compiler_options())
+                        compiler_options=compiler_options)
     cpt = splits.chars_per_token
     seq_len = config.model.seq_len
     val_windows = eval_windows(splits.val, cfg.batch_size, seq_len, cfg.eval_batches)

@@ -19,7 +19,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from checkpoints.manager import array_bytes
 from slm_jax.errors import UserError
-from train.steps import steps_compiler_options
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -254,12 +253,14 @@ def rows_sharding(mesh: Mesh, rows: int, rules=RULES) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
-def shard_train_step(train_step: Callable, state_shardings: Any, batch_sharding: NamedSharding) -> Callable:
-    """`train_step` jitted so the new state keeps the old one's shardings (and reuses its buffers)."""
+def shard_train_step(train_step: Callable, state_shardings: Any, batch_sharding: NamedSharding,
+                     compiler_options: dict | None = None) -> Callable:
+    """`train_step` jitted so the new state keeps the old one's shardings (and reuses its buffers), compiled with
+    XLA `compiler_options` (see train.steps.steps_compiler_options)."""
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
     return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, replicated), donate_argnums=0,
-                   compiler_options=steps_compiler_options())
+                   compiler_options=compiler_options)
 
 
 def per_device_bytes(tree: Any) -> dict:

@@ -9,20 +9,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from quant.config import QuantConfig
 from train.precision import LossScale, all_finite
 
 Batch = tuple[jax.Array, jax.Array]  # (inputs, targets), each int32 [grad_accum, batch, seq]
 
 # XLA CPU (jax 0.10) hands reductions as well as dots to YNNPACK by default. For a training step's small
 # reductions (softmax and RMSNorm backward) those kernels measured slower than XLA's own loops: at nanoGPT's size,
-# dots only made the step 5% faster (0.90-0.97x per round, interleaved in one process). See steps_compiler_options.
+# dots only made a float step 5% faster in fp32 and bf16 and a weight-only INT4 QAT step 12% faster in bf16
+# (interleaved in one process). With activations quantized (per-token abs-max reductions of every matmul input),
+# YNNPACK's reductions win instead: an INT8 w8a8 QAT step in bf16 was 3-5% slower with dots only.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-def steps_compiler_options() -> dict | None:
-    """`compiler_options` for `jax.jit` of train and eval steps: CPU_COMPILER_OPTIONS on the CPU backend, None
-    (XLA's defaults) on GPU and TPU."""
-    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+def steps_compiler_options(quant: QuantConfig | None = None) -> dict | None:
+    """`compiler_options` for `jax.jit` of the train and eval steps of a model quantized by `quant` (None: float):
+    CPU_COMPILER_OPTIONS on the CPU backend unless `quant` quantizes activations; None (XLA's defaults) otherwise
+    and on GPU and TPU."""
+    if jax.default_backend() != "cpu" or (quant is not None and quant.quantizes_activations):
+        return None
+    return dict(CPU_COMPILER_OPTIONS)
 
 
 @flax.struct.dataclass

@@ -102,7 +102,7 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
                 state = init()
                 n_matmul = matmul_params(state.params)
             step = jax.jit(make_train_step(model, make_optimizer(config.train)), donate_argnums=0,
-                           compiler_options=steps_compiler_options())
+                           compiler_options=steps_compiler_options(config.quant))
             batch = fixed_batch(config)
             tic = time.perf_counter()
             state, metrics = step(state, batch)

@@ -39,7 +39,7 @@ def build_pair(overrides, precision: str):
     model = build_model(config)
     state = jax.jit(state_initializer(config, model))()
     step = jax.jit(make_train_step(model, make_optimizer(config.train)), donate_argnums=0,
-                   compiler_options=steps_compiler_options())
+                   compiler_options=steps_compiler_options(config.quant))
     batch = fixed_batch(config)
     reference = torch_model.TorchTransformer(config.model)
     reference.load_jax_params(jax.device_get(state.params))
