@@ -28,8 +28,8 @@ def test_every_variant_serves_without_float_kernels():
             assert quantized_weights(run.variables["aqt"])
         else:
             assert "aqt" not in run.variables
-        logits, _ = run.model.apply(run.variables, jnp.zeros((1, 4), jnp.int32),
-                                    cache=KVCache.init(run.config.model, 1, run.model.dtype))
+        cache = KVCache.init(run.config.model, 1, run.model.dtype)
+        logits, _ = jax.jit(run.model.apply)(run.variables, jnp.zeros((1, 4), jnp.int32), cache=cache)
         chex.assert_shape(logits, (1, 4, run.config.model.vocab_size))
         assert bool(jnp.all(jnp.isfinite(logits))), name
 

@@ -90,7 +90,7 @@ def random_served(variant: str, size_overrides=(), seed: int = 0) -> Served:
     config_name, overrides, _, layout = VARIANTS[variant]
     cfg = load_config(config_name, (*size_overrides, *overrides))
     model = build_model(cfg)
-    variables = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32)))
+    variables = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32)))
     if "aqt" in variables:
         rng = np.random.default_rng(seed)
 
