@@ -8,19 +8,17 @@ codes are served from int8 containers, and with `int` numerics weight-only per-g
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from quant.serving import served_layout
 from slm_jax.attention import KVCache
 from slm_jax.sampling import cache_size
 from train.cli import main_guard, non_negative_float, non_negative_int, positive_int, require_one_process
 from train.loop import sample_text
-from train.run import load_run
+from train.run import load_run, served_run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,7 +41,7 @@ def main(argv=None):
     args = parse_args(argv)
     require_one_process("python -m train.generate")
     run = load_run(args.workdir, args.step)
-    run = dataclasses.replace(run, variables=served_layout(run.variables, run.config.model, run.config.quant))  # the loaded int4 arrays are dropped
+    run = served_run(run)
     kv_bits = args.kv_bits or run.config.quant.kv_bits
     if args.verbose:
         prompt_len = min(len(run.tokenizer.encode(args.prompt, source="--prompt")) or 1, run.config.model.seq_len)

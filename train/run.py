@@ -16,7 +16,7 @@ import jax
 from checkpoints.lock import LOCK_NAME, lock_workdir
 from checkpoints.manager import CheckpointStore, build_metadata
 from quant.plan import make_plan, plan_to_json
-from quant.serving import serving_template
+from quant.serving import served_layout, serving_template
 from slm_jax.errors import UserError
 from slm_jax.model import Transformer
 from train.build import abstract_state, build_model
@@ -36,6 +36,12 @@ class LoadedRun:
     metadata: dict
     step: int
     tokenizer: object  # train.tokenizer: what turns text into this run's ids and back
+
+
+def served_run(run: LoadedRun) -> LoadedRun:
+    """`run` as train.generate serves it: its variables in this backend's serving layout (quant.serving.served_layout,
+    e.g. int4 codes in int8 containers on CPU); the loaded arrays that layout replaces are dropped."""
+    return dataclasses.replace(run, variables=served_layout(run.variables, run.config.model, run.config.quant))
 
 
 KIND_NAMES = ("float", "qat", "serving", "lora", "imported")

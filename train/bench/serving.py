@@ -7,7 +7,6 @@ layout, see serve_speed), where weight bytes rather than per-token overhead limi
 """
 from __future__ import annotations
 
-import dataclasses
 import shlex
 import shutil
 import statistics
@@ -18,14 +17,13 @@ import jax
 
 from checkpoints.manager import CheckpointStore, tree_bytes
 from quant.provider import resolve_numerics
-from quant.serving import served_layout
 from slm_jax.errors import UserError
 from train.bench.common import folder_bytes, peak_rss, quiet, shown, timed, train_command
 from train.bench.serve_speed import decode_speed, interleaved_speed, variants_rss
 from train.bench.trust import spread
 from train.config import load_config
 from train.ptq import convert_workdir
-from train.run import load_run
+from train.run import load_run, served_run
 
 LARGER_VARIANTS = ("float", "float_f32", "float_kv8", "int8", "int8_w8", "int4", "int4_in_int8",
                    "int4_per_channel_int8")
@@ -70,7 +68,7 @@ def measure_serving(quality: dict, work: Path, batches, new_tokens: int, reps: i
         row.update(save_restore_times(params_only, work / f"save_{name}", reps))
         say(f"{name}: save {row['save_s']:.3f} s, restore {row['restore_s']:.3f} s ({tree_bytes(params_only)['total']:,}"
             f" bytes)")
-        served = dataclasses.replace(run, variables=served_layout(run.variables, run.config.model, run.config.quant))  # as train.generate serves it
+        served = served_run(run)
         for bits in kv_bits:
             for batch in batches:
                 speed = decode_speed(served, batch, new_tokens, reps, bits)
