@@ -12,6 +12,7 @@ import jax
 import pytest
 
 from train.config import load_config
+from train.cpu_devices import FORCE_FLAG
 from train.loop import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,6 +20,7 @@ XLA_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 
 
 def pytest_configure(config):
+    pin_one_cpu_device()
     """One persistent XLA compilation cache for the whole session: the xdist workers and every `python -m ...`
     child inherit its folder through the environment, so the train/eval steps that many tests compile alike (and
     each CLI child compiles afresh) are compiled once. A user's own cache setting is left alone."""
@@ -29,6 +31,15 @@ def pytest_configure(config):
     os.environ.update({XLA_CACHE_ENV: folder, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"})
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def pin_one_cpu_device():
+    """`python -m train.main` children train on one CPU device unless a test sets XLA_FLAGS itself: splitting the
+    host into one device per core (train.cpu_devices) adds compile time that the suite's tiny runs never win back.
+    tests/test_cpu_devices.py runs the split."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if FORCE_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {FORCE_FLAG}=1".strip()
 
 
 # Slowest files first (worker seconds measured under xdist): `--dist loadfile` hands whole files to the workers in

@@ -35,4 +35,7 @@ def test_reference_section_times_both_in_turn():
         assert 0 < row["jax_ms_min"] <= row["jax_ms"] <= row["jax_ms_max"]
         assert 0 < row["torch_ms_min"] <= row["torch_ms"] <= row["torch_ms_max"]
         assert row["ratio"] == pytest.approx(row["jax_ms"] / row["torch_ms"])
+        # on a CPU split one device per core the step is timed data-parallel and on one device too
+        assert row["devices"] == jax.device_count()
+        assert ("ratio_1dev" in row) == (jax.device_count() > 1)
     assert result["spreads"]["bf16 torch step"]["n"] == 2

@@ -12,6 +12,7 @@ from checkpoints.lock import LOCK_NAME, lock_workdir
 from slm_jax.errors import UserError
 from train.cli import main_guard, positive_int, require_one_process
 from train.config import load_config, resolve_path
+from train.cpu_devices import split_cpu_host
 from train.evaluation import evaluate_workdir, format_table
 from train.loop import run_training
 from train.ptq import convert_workdir
@@ -49,7 +50,8 @@ def main(argv=None):
                 for w in (Path(config.train.init_from), workdir)]
         print(format_table(rows))
         return
-    maybe_initialize_distributed()
+    if not maybe_initialize_distributed():
+        split_cpu_host(config.mesh, config.train.batch_size)  # one device per core: data-parallel on a CPU host
     # One writer per run: a second train.main on it is refused in one line. In a multi-process run the processes of
     # one run share it, so only process 0 holds the lock.
     created = not workdir.exists()

@@ -44,10 +44,14 @@ class MeshConfig:
     data: int = -1  # data-parallel replicas; -1: all the devices that fsdp and tensor leave
     fsdp: int = 1  # params, grads and optimizer state sharded over this many devices (the batch too)
     tensor: int = 1  # tensor parallelism: heads, MLP hidden units and vocabulary split this many ways
+    # CPU backend: XLA devices one process splits its host into; 0: one per core (module train.cpu_devices)
+    cpu_devices: int = 0
 
     def __post_init__(self):
         if self.data != -1 and self.data <= 0:
             raise UserError(f"mesh.data must be a positive integer or -1 (all remaining devices), got {self.data}")
+        if self.cpu_devices < 0:
+            raise UserError(f"mesh.cpu_devices must be 0 (one per core) or a positive integer, got {self.cpu_devices}")
         for key in ("fsdp", "tensor"):
             if getattr(self, key) <= 0:
                 raise UserError(f"mesh.{key} must be a positive integer, got {getattr(self, key)}")

@@ -15,6 +15,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from slm_jax.errors import UserError
+from train.cpu_devices import cpu_device_count
+from train.optim import make_optimizer
+from train.sharding import MeshConfig, batch_sharding, make_mesh, shard_batch, shard_train_step
+from train.steps import make_train_step, steps_compiler_options
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # the repository: child processes run from here
 TIME_BIN = Path("/usr/bin/time")
@@ -101,6 +108,26 @@ def timed_steps(step, state, batch, steps: int) -> tuple:
         jax.block_until_ready((state, metrics))
         seconds.append(time.perf_counter() - tic)
     return state, seconds
+
+
+def placed_step(config, model, state, batch) -> tuple:
+    """`config`'s training step as `train.main` runs it on this host -> (jitted step, state, batch, devices): with
+    the loop's compiler options, and on a CPU split into devices (train.cpu_devices) data-parallel over as many as
+    `config.mesh` picks for its batch (state replicated, the batch's rows split), as the loop's mesh does with one
+    device per core. Elsewhere, or on one device, a plain jit on the default device. Raises UserError for a mesh
+    with fsdp or tensor above 1 (the bench times data parallelism only)."""
+    options = steps_compiler_options(config.quant)
+    train_step = make_train_step(model, make_optimizer(config.train))
+    devices = jax.devices()
+    count = cpu_device_count(config.mesh, config.train.batch_size, len(devices)) if devices[0].platform == "cpu" else 1
+    if count == 1:
+        return jax.jit(train_step, donate_argnums=0, compiler_options=options), state, batch, 1
+    if config.mesh.fsdp * config.mesh.tensor != 1:
+        raise UserError("the bench times data-parallel steps only: leave mesh.fsdp and mesh.tensor at 1")
+    mesh = make_mesh(MeshConfig(), devices[:count])
+    replicated, rows = NamedSharding(mesh, PartitionSpec()), batch_sharding(mesh)
+    step = shard_train_step(train_step, replicated, rows, options)
+    return step, jax.device_put(state, replicated), shard_batch(jax.device_get(batch), rows), count
 
 
 def fixed_batch(config):

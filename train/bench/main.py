@@ -20,6 +20,8 @@ from train.bench.common import Progress, describe_machine, device_name, git_revi
 from train.bench.profiles import PROFILES, Profile
 from train.bench.trust import SectionLoad, busy_reasons, busy_warning
 from train.cli import main_guard
+from train.cpu_devices import MAX_AUTO_DEVICES, split_cpu_host, usable_cores
+from train.sharding import MeshConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,6 +88,8 @@ def run_bench(profile: Profile, out: Path, command: str) -> dict:
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
+    # a CPU split one device per core, as train.main trains on it; each timed step uses the devices its batch allows
+    split_cpu_host(MeshConfig(cpu_devices=min(usable_cores(), MAX_AUTO_DEVICES)), 1)
     profile = PROFILES["quick" if args.quick else "micro" if args.micro else "full"]
     out = args.out or Path("runs") / "bench" / (device_name() + ("" if profile.name == "full" else f"-{profile.name}"))
     # absolute: the bench's child processes run in the repository, not where the bench was started

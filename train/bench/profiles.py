@@ -14,6 +14,12 @@ VARIANTS = {
     "int4_w4a8": ("INT4 QAT w4a8 (g32)", "int4_qat", ("quant.act_bits=8",)),
 }
 SPEED_VARIANTS = tuple(VARIANTS)
+# name -> (label, config, overrides): timed as well where the bench's CPU is split one device per core
+# (train.cpu_devices), to show what the split gives; references are still "bf16" and "fp32"
+ONE_DEVICE_VARIANTS = {
+    "fp32_1dev": ("fp32 on one CPU device", "baseline", ("train.precision=fp32", "mesh.cpu_devices=1")),
+    "bf16_1dev": ("bf16 on one CPU device", "baseline", ("mesh.cpu_devices=1",)),
+}
 # name -> (label, config, overrides): LoRA adapters over the INT4 serving form of the float variant's random init;
 # the same weight scheme as int4_w4 (the embedding follows the size's quant.embed_bits)
 LORA_VARIANTS = {

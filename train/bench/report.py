@@ -55,7 +55,7 @@ def throughput_markdown(section: dict, device: str) -> str:
                            f"({r['matmul_params']:,} in matmuls), {r['flops_per_token']:,} FLOPs/token"
                            for name, r in sizes.items())
     rows = [[r["size"], r["label"], code(r["config"]), " ".join(code(o) for o in r["variant_overrides"]),
-             fmt(r["first_call_s"], ".1f"), fmt(r["ms_per_step"], ".1f"),
+             fmt(r.get("devices", 1), "d"), fmt(r["first_call_s"], ".1f"), fmt(r["ms_per_step"], ".1f"),
              span(r["ms_per_step_min"], r.get("ms_per_step_max"), ".1f"), fmt(r["tokens_per_s"], ",.0f"),
              timing_ratio(section, r["mfu"], ".1f", 100), timing_ratio(section, r.get("vs_bf16")),
              timing_ratio(section, r.get("vs_fp32"))]
@@ -65,7 +65,7 @@ def throughput_markdown(section: dict, device: str) -> str:
     return (f"## 2. Training throughput ({device})\n\n{section['how']}. Peak: {section['peak_gflops']:.1f} GFLOP/s "
             f"(float32, section 1).\n\nModel FLOPs: {section['flops_formula']}\n\n{size_lines}\n\nEach size's "
             f"overrides come first, then the variant's ({overrides}).\n\n"
-            + table(["size", "variant", "config", "overrides", ">first call s", ">ms/step (median)",
+            + table(["size", "variant", "config", "overrides", ">devices", ">first call s", ">ms/step (median)",
                      ">ms/step min..max", ">tokens/s", ">MFU %",
                      ">x bf16 time", ">x fp32 time"], rows))
 
@@ -74,15 +74,16 @@ def torch_markdown(section: dict, device: str) -> str:
     heading = f"## 2b. PyTorch eager reference ({device})"
     if section.get("skipped"):
         return f"{heading}\n\n{section['skipped']}."
-    rows = [[r["precision"], fmt(r["jax_ms"], ".1f"), span(r["jax_ms_min"], r["jax_ms_max"], ".1f"),
+    rows = [[r["precision"], fmt(r.get("devices", 1), "d"), fmt(r["jax_ms"], ".1f"),
+             span(r["jax_ms_min"], r["jax_ms_max"], ".1f"), fmt(r.get("jax_1dev_ms"), ".1f"),
              fmt(r["torch_ms"], ".1f"), span(r["torch_ms_min"], r["torch_ms_max"], ".1f"),
-             timing_ratio(section, r["ratio"])] for r in section["rows"]]
+             timing_ratio(section, r["ratio"]), timing_ratio(section, r.get("ratio_1dev"))] for r in section["rows"]]
     size = " ".join(code(o) for o in section["overrides"])
     return (f"{heading}\n\nslm-jax's training step (`baseline` config with {size}) against a PyTorch eager model "
             f"of the same architecture (`train.bench.torch_model`: RMSNorm, RoPE, SwiGLU, AdamW with clipping), torch "
             f"{section['torch']} on {section['torch_threads']} threads. {section['how']}.\n\n"
-            + table(["precision", ">slm-jax ms/step", ">min..max", ">torch ms/step", ">min..max",
-                     ">slm-jax / torch"], rows))
+            + table(["precision", ">devices", ">slm-jax ms/step", ">min..max", ">on 1 device", ">torch ms/step",
+                     ">min..max", ">slm-jax / torch", ">1 device / torch"], rows))
 
 
 def quality_markdown(section: dict, device: str) -> str:

@@ -15,14 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from quant.serving import convert
-from train.bench.common import fixed_batch, timed, timed_steps
-from train.bench.profiles import LORA_VARIANTS, VARIANTS
+from train.bench.common import fixed_batch, placed_step, timed, timed_steps
+from train.bench.profiles import LORA_VARIANTS, ONE_DEVICE_VARIANTS, VARIANTS
 from train.bench.trust import spread
 from train.build import build_model, state_initializer
 from train.config import load_config
 from train.lora_run import lora_initializer
-from train.optim import make_optimizer
-from train.steps import make_train_step, steps_compiler_options
 
 FLOPS_FORMULA = ("6*N + 12*n_layers*seq_len*d_model per token (PaLM, Chowdhery et al. 2022, app. B): N = parameters "
                  "of every matmul weight (q, k, v, o, gate, up, down and the LM head; not the embedding table or "
@@ -76,8 +74,8 @@ def lora_state(config, model, float_params):
 def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, peak_flops: float, say) -> dict:
     """sizes: [(label, overrides)]; variants: [(name, label, config name, overrides)] -> one row per pair.
 
-    Each variant is `load_config` + `build_model` + `jax.jit(make_train_step(...), donate_argnums=0)` on a fixed
-    batch. The initial state comes from `state_initializer` once per size (the first variant's, which must not be
+    Each variant is `load_config` + `build_model` + its step as `train.main` runs it (`placed_step`: on a CPU split
+    into one device per core, data-parallel over them) on a fixed batch. The initial state comes from `state_initializer` once per size (the first variant's, which must not be
     LoRA): quantization is a configuration of the same model, so every variant starts from the same parameters; a
     LoRA variant (finetune.method=lora) trains adapters over those parameters converted to its serving scheme.
     Rows hold `params` (trained) and `frozen_params`; FLOPs count the model's matmul weights either way.
@@ -101,9 +99,7 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
                     init = jax.jit(state_initializer(config, model))
                 state = init()
                 n_matmul = matmul_params(state.params)
-            step = jax.jit(make_train_step(model, make_optimizer(config.train)), donate_argnums=0,
-                           compiler_options=steps_compiler_options(config.quant))
-            batch = fixed_batch(config)
+            step, state, batch, devices = placed_step(config, model, state, fixed_batch(config))
             tic = time.perf_counter()
             state, metrics = step(state, batch)
             jax.block_until_ready((state, metrics))
@@ -115,7 +111,7 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
             built.append({"state": state, "step": step, "batch": batch, "times": [], "row": {
                 "size": size_label, "variant": name, "label": label, "config": config_name,
                 "overrides": overrides, "size_overrides": list(size_overrides), "variant_overrides": list(extra),
-                "batch_size": config.train.batch_size, "seq_len": config.model.seq_len,
+                "batch_size": config.train.batch_size, "seq_len": config.model.seq_len, "devices": devices,
                 "params": int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(state.params))),
                 "frozen_params": int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(state.frozen))),
                 "matmul_params": n_matmul, "flops_per_token": flops_per_token(config, n_matmul),
@@ -153,9 +149,12 @@ def measure_training_speed(profile, peak_flops: float, say) -> dict:
     """Section 2: `measure_throughput` over the profile's sizes and variants, then over its real-sized model
     (`profile.speed_real`, its own variants and step counts) when it has one; rows and spreads of both."""
     def variants(names):
-        return [(v, *({**VARIANTS, **LORA_VARIANTS}[v])) for v in names]
+        return [(v, *({**VARIANTS, **LORA_VARIANTS, **ONE_DEVICE_VARIANTS}[v])) for v in names]
 
-    result = measure_throughput(profile.speed_sizes, variants(profile.speed_variants), profile.speed_warmup,
+    split = jax.devices()[0].platform == "cpu" and jax.device_count() > 1
+    names = (*profile.speed_variants, *(v for v in ONE_DEVICE_VARIANTS if split and v.split("_")[0] in
+                                         profile.speed_variants))
+    result = measure_throughput(profile.speed_sizes, variants(names), profile.speed_warmup,
                                 profile.speed_rounds, profile.speed_steps, peak_flops, say)
     real = profile.speed_real
     if real is not None:

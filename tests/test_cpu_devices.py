@@ -1,0 +1,106 @@
+"""One XLA device per CPU core (train.cpu_devices): how many devices a run picks, that the user's own choice wins,
+and that a CPU run split into devices trains data-parallel with the losses of the one-device run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from train.cpu_devices import FORCE_FLAG, MAX_AUTO_DEVICES, cpu_device_count, split_cpu_host, usable_cores
+from train.sharding import MeshConfig
+from slm_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("mesh, batch, cores, expected", [
+    (MeshConfig(), 12, 2, 2),  # one device per core
+    (MeshConfig(), 7, 2, 1),  # a batch the cores do not split evenly stays on one device
+    (MeshConfig(), 16, 32, MAX_AUTO_DEVICES),  # capped
+    (MeshConfig(), 12, 16, 6),  # the most devices up to the cap that split 12 rows
+    (MeshConfig(), 8, 1, 1),
+    (MeshConfig(fsdp=2), 8, 3, 2),  # fsdp must divide the device count
+    (MeshConfig(tensor=2), 3, 4, 2),  # 4 devices would split 3 rows two ways; 2 devices leave 1 data replica
+    (MeshConfig(fsdp=4), 8, 2, 4),  # more than the cores when the mesh asks for it
+    (MeshConfig(data=2, fsdp=2), 8, 2, 4),  # an explicit mesh gets exactly its devices
+    (MeshConfig(cpu_devices=3), 12, 2, 3),  # an explicit count wins
+])
+def test_device_count(mesh, batch, cores, expected):
+    assert cpu_device_count(mesh, batch, cores) == expected
+
+
+def test_negative_count_is_a_user_error():
+    with pytest.raises(UserError, match="mesh.cpu_devices"):
+        MeshConfig(cpu_devices=-1)
+
+
+@pytest.mark.parametrize("env", [{"XLA_FLAGS": f"--xla_cpu_foo=1 {FORCE_FLAG}=4"}, {"JAX_NUM_CPU_DEVICES": "4"}])
+def test_the_environment_wins(env, monkeypatch):
+    calls = []
+    monkeypatch.setattr("jax.config.update", lambda *args: calls.append(args))
+    assert split_cpu_host(MeshConfig(), 12, env=env) is None
+    assert calls == []
+
+
+def test_split_sets_the_backend_device_count():
+    code = ("import jax; from train.cpu_devices import split_cpu_host; from train.sharding import MeshConfig; "
+            "n = split_cpu_host(MeshConfig(cpu_devices=3), 12, env={}); print(n, jax.device_count())")
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["3", "3"]
+
+
+def losses(workdir) -> list[tuple[int, str, float]]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], key, row[key]) for row in rows for key in ("loss", "val_loss") if key in row]
+
+
+def test_cli_trains_data_parallel_over_the_cores(tiny_run, tmp_path):
+    """`train.main` with no device flags splits the host one device per core (on a 2-core CI machine: data 2) and
+    gives the losses of the same run on one device, up to the order of the gradient sum."""
+    reference = tiny_run(tmp_path / "one-device")
+    expected = cpu_device_count(MeshConfig(), 8, usable_cores())  # tiny: batch_size 8
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-m", "train.main", "--config", "tiny", "--workdir", str(tmp_path / "cores"),
+                          "--set", f"data.path={reference.corpus}", "--set", f"data.cache_dir={reference.cache}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert f"mesh {{'data': {expected}, 'fsdp': 1, 'tensor': 1}}" in out.stdout
+    assert "mesh {'data': 1," in reference.log
+    got, want = losses(tmp_path / "cores"), losses(reference.workdir)
+    assert [row[:2] for row in got] == [row[:2] for row in want]
+    assert [row[2] for row in got] == pytest.approx([row[2] for row in want], abs=2e-5)
+
+
+PLACED = """
+import jax, numpy as np
+from train.bench.common import fixed_batch, placed_step
+from train.build import build_model, state_initializer
+from train.config import load_config
+sets = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.seq_len=16", "train.batch_size=4"]
+out = []
+for extra in ([], ["mesh.cpu_devices=1"]):
+    config = load_config("baseline", sets + extra)
+    model = build_model(config)
+    step, state, batch, devices = placed_step(config, model, jax.jit(state_initializer(config, model))(),
+                                              fixed_batch(config))
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    shards = len(batch[0].sharding.device_set)
+    out.append((devices, shards, float(metrics["loss"]), float(metrics["grad_norm"])))
+import json; print(json.dumps(out))
+"""
+
+
+def test_bench_times_the_step_data_parallel():
+    """The bench's `placed_step` on a CPU split in 2: data-parallel over both devices (the batch split across them)
+    with the one-device step's loss and gradient norm after 3 steps; with mesh.cpu_devices=1, one device."""
+    env = {**os.environ, "XLA_FLAGS": f"{FORCE_FLAG}=2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", PLACED], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    (devices, shards, loss, norm), (devices1, shards1, loss1, norm1) = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (devices, shards, devices1, shards1) == (2, 2, 1, 1)
+    assert loss == pytest.approx(loss1, abs=1e-5) and norm == pytest.approx(norm1, rel=1e-4)
