@@ -75,9 +75,10 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
     """sizes: [(label, overrides)]; variants: [(name, label, config name, overrides)] -> one row per pair.
 
     Each variant is `load_config` + `build_model` + its step as `train.main` runs it (`placed_step`: on a CPU split
-    into one device per core, data-parallel over them) on a fixed batch. The initial state comes from `state_initializer` once per size (the first variant's, which must not be
-    LoRA): quantization is a configuration of the same model, so every variant starts from the same parameters; a
-    LoRA variant (finetune.method=lora) trains adapters over those parameters converted to its serving scheme.
+    into one device per core, data-parallel over them) on a fixed batch. The initial state comes from
+    `state_initializer` once per size (the first variant's, which must not be LoRA): quantization is a configuration
+    of the same model, so every variant starts from the same parameters; a LoRA variant (finetune.method=lora)
+    trains adapters over those parameters converted to its serving scheme.
     Rows hold `params` (trained) and `frozen_params`; FLOPs count the model's matmul weights either way.
     """
     rows, spreads = [], {}
