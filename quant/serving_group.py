@@ -10,11 +10,11 @@ import jax.numpy as jnp
 from quant.plan import LayerPlan
 from quant.serving_int import LO_UNITS, split_hi_lo
 
-# Rows (tokens) up to which a served per-group layer runs `served_group_matmul`; more rows serve the dequantized
-# float matmul (which XLA hoists out of the decode loop: a float32 copy of the weights while generating). Its
-# elementwise work grows as groups * rows * n, so it wins only for the fewest rows. Decode ms per token at d_model 512,
-# 8 layers, w4 g32, bf16 compute, 2-core CPU (load 3-4, two rounds each; docs/results/cpu-2core/serving-ab.md,
-# session 6), this path against the dequantized one: batch 1 6.0-6.4 vs 8.4-9.0, batch 2 11.7-12.5 vs 13.1-14.4, batch 3 18.0-18.1 vs
+# Rows (tokens) up to which a served per-group layer runs `served_group_matmul`; more rows serve the dequantized float
+# matmul (which XLA hoists out of the decode loop: a float32 copy of the weights while generating). Its elementwise
+# work grows as groups * rows * n, so it wins only for the fewest rows. Decode ms per token at d_model 512, 8 layers,
+# w4 g32, bf16 compute, 2-core CPU (load 3-4, two rounds each; docs/results/cpu-2core/serving-ab.md, session 6), this
+# path against the dequantized one: batch 1 6.0-6.4 vs 8.4-9.0, batch 2 11.7-12.5 vs 13.1-14.4, batch 3 18.0-18.1 vs
 # 16.7-17.5, batch 4 16.0-16.6 vs 13.4-13.5, batch 8 48-55 vs 30-35.
 GROUP_DOT_MAX_ROWS = 2
 

@@ -1,6 +1,7 @@
 """Served per-group weight-only layers with `int` numerics on CPU (quant.serving_group): the exact INT4 codes in one
 int8 dot batched over groups, checked against float64 numpy over the stored integers within the hi/lo split's bound,
-against AQT's SERVE forward and the `fake` served model, and which path the compiled layer runs for few and many rows."""
+against AQT's SERVE forward and the `fake` served model, and which path the compiled layer runs for few and many
+rows."""
 import re
 
 import chex
