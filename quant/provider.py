@@ -23,6 +23,7 @@ from quant.config import QuantConfig
 from quant.embedding import ServedEmbedding
 from quant.hooks import HookContext, LayerHook, chain
 from quant.plan import ATTENTION, EMBED, LayerPlan, Path, model_layers, path_str, resolve_plan
+from quant.serving_group import served_group_matmul, uses_group_path
 from quant.serving_int import dequantizes, served_int_matmul, uses_int_path
 from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
@@ -157,9 +158,10 @@ class QuantDotGeneral(nn.Module):
 
     Only the weight (rhs) is frozen in CONVERT/SERVE; activations are always quantized on the fly (per token).
     Per-group scales use AQT's tiling, except for QAT with fake numerics, which nothing freezes: there the groups
-    are split by reshaping (`split_groups`), same numbers, much faster. On CPU, served per-group layers run as
-    `serve_fake` whatever the numerics, and served weight-only per-channel layers with `int` numerics run
-    `quant.serving_int.served_int_matmul` (one int8 dot over hi/lo activations; bounded error, see there). A ggml
+    are split by reshaping (`split_groups`), same numbers, much faster. On CPU with `int` numerics, served
+    weight-only layers run one int8 dot over hi/lo activations (bounded error): per channel
+    `quant.serving_int.served_int_matmul`, per group `quant.serving_group.served_group_matmul` while the rows are
+    few (decoding); other served per-group layers run as `serve_fake` whatever the numerics. A ggml
     scheme's layer trains with `quant.ggml.fake_quant` (not AQT) and serves its stored blocks dequantized, whatever
     the numerics. A served layer calls AQT's module only to make its variables (init).
     """
@@ -205,7 +207,11 @@ class QuantDotGeneral(nn.Module):
                 if stored is None:  # not serving, or making the serving variables (init)
                     return aqt(x, w, dimension_numbers, precision)
                 # ggml schemes are weight-only blocks: served as one matmul over float32-dequantized blocks
-                if self.numerics == "fake" or plan.scheme != "aqt" or dequantizes(stored):
+                if self.numerics == "fake" or plan.scheme != "aqt":
+                    return serve_fake(stored, x, dimension_numbers, precision, plan)
+                if uses_group_path(plan, stored, x):
+                    return served_group_matmul(stored, x)
+                if dequantizes(stored):
                     return serve_fake(stored, x, dimension_numbers, precision, plan)
                 if uses_int_path(plan, stored):
                     return served_int_matmul(stored, x)

@@ -16,9 +16,9 @@ LO_UNITS = 254
 
 
 def split_hi_lo(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [rows, k] (any float dtype) -> (q [2 * rows, k] int8, scale [rows, 1] float32) with
+    """x [rows, ..., k] (any float dtype) -> (q [2 * rows, ..., k] int8, scale [rows, ..., 1] float32) with
     x ~= scale * (q[:rows] + q[rows:] / LO_UNITS): hi = round(x / scale), lo = round((x / scale - hi) * LO_UNITS),
-    scale = abs-max of the row / 127 (1 for an all-zero row). |x - that| <= scale / (2 * LO_UNITS) per element.
+    scale = abs-max of the slice along k / 127 (1 for an all-zero slice). |x - that| <= scale / (2 * LO_UNITS) per element.
     Stacking hi over lo makes one int8 dot of twice the rows, which for one row also dodges XLA CPU's slow int8
     matrix-vector product (see quant.provider.two_rows)."""
     x = x.astype(jnp.float32)

@@ -10,6 +10,7 @@ import pytest
 from aqt.jax.v2.utils import QuantMode
 
 from quant.plan import LayerPlan
+from quant.serving_group import GROUP_DOT_MAX_ROWS
 from quant.serving_int import LO_UNITS, requantize_per_channel, split_hi_lo
 from tests.test_serve_fast import AqtReference, Layer
 
@@ -115,11 +116,12 @@ def test_per_channel_int8_serves_the_per_group_layer_within_its_bound(dtype):
     assert np.all(error <= bound + 1e-4 * magnitude + 4 * ulp * magnitude)
 
 
-@pytest.mark.parametrize("plan", [W4G16, W4A8G16], ids=["w4g16", "w4a8g16"])
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("plan,rows", [(W4G16, GROUP_DOT_MAX_ROWS + 1), (W4A8G16, 1), (W4A8G16, 5)],
+                         ids=["w4g16-many-rows", "w4a8g16-1", "w4a8g16-5"])
 def test_per_group_layers_serve_the_dequantized_matmul_on_cpu(plan, rows):
     """A per-group layer with `int` numerics serves on CPU as with `fake` numerics, bit for bit (AQT's integer form
-    of per-group layers, a batched int8 dot over groups, is the slowest there)."""
+    of per-group layers is the slowest there): with act_bits, and weight-only past the rows of decoding (fewer rows:
+    quant.serving_group, tests/test_serve_group.py)."""
     out, *_ = served(plan, jnp.bfloat16, rows)
     fake, *_ = served(plan, jnp.bfloat16, rows, numerics="fake")
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(fake, np.float32))

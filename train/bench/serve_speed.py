@@ -39,9 +39,13 @@ VARIANTS = {
     "int4_in_int8": ("ptq_int4", (), None, "containers"),
     "int4_w4a8": ("ptq_int4", ("quant.act_bits=8", "quant.numerics=int"), None, "containers"),
     "int4_per_channel_int8": ("ptq_int4", ("quant.numerics=int",), None, "per_channel"),
+    # the exact int4 codes (int8 containers) with int numerics: decoding serves one int8 dot over block-diagonal
+    # hi/lo activations (quant.serving_group), prefill the dequantized matmul
+    "int4_int": ("ptq_int4", ("quant.numerics=int",), None, "containers"),
     # float32 compute around the same integer weights (faster than bf16 on this CPU, as for float)
     "int8_f32": ("ptq_int8", ("train.precision=fp32",), None, None),
     "int4_per_channel_int8_f32": ("ptq_int4", ("quant.numerics=int", "train.precision=fp32"), None, "per_channel"),
+    "int4_int_f32": ("ptq_int4", ("quant.numerics=int", "train.precision=fp32"), None, "containers"),
 }
 SIZES = {"bundled": (), "larger": LARGER, "smollm2": (*SMOLLM2_135M, "quant.embed_bits=null")}
 
