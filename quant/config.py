@@ -71,6 +71,9 @@ class QuantConfig:
     numerics: str = "auto"  # int (integer matmul) | fake (dequantize, then float matmul) | auto (fake on CPU)
     scale_dtype: str = "float32"  # dtype of the weight scales, as trained and as stored: float32 | bfloat16
     kv_bits: int | None = None  # KV cache when generating: null (compute dtype) | 8 (int8, scale per token and head)
+    # CPU serving with int numerics: re-quantize weight-only per-group (INT4) layers at load to int8 per channel
+    # (faster decode, approximate weights: quant.serving.per_channel_int8); false serves the exact codes
+    serve_per_channel_int8: bool = False
     rules: tuple[QuantRule, ...] = ()
     scheme: str = "aqt"  # aqt | ggml_q8_0 | ggml_q4_0 (llama.cpp's blocks of 32 weights, float16 scale each)
 
@@ -91,6 +94,9 @@ class QuantConfig:
         check_choice(self.scale_dtype, SCALE_DTYPES, "quant.scale_dtype")
         if isinstance(self.kv_bits, bool) or self.kv_bits not in KV_BITS:
             raise UserError(f"quant.kv_bits must be null or 8, got {self.kv_bits!r}")
+        if self.serve_per_channel_int8 and self.numerics == "fake":
+            raise UserError("quant.serve_per_channel_int8 re-quantizes for int8 dots: it needs quant.numerics int "
+                            "(or auto, int on GPU/TPU), not fake")
         for i, rule in enumerate(self.rules):
             rule.validate(i)
 

@@ -214,12 +214,13 @@ def per_channel_int8(variables: Variables, plan: Plan) -> Variables:
 def served_layout(variables: Variables, model_cfg: ModelConfig, quant_cfg: QuantConfig) -> Variables:
     """The in-memory layout a serving run is served from on this backend: on CPU, int4 codes in int8 containers
     (`int8_containers`: about 2-3x faster dequantizing, at one byte per code instead of half), and with `int`
-    numerics every weight-only per-group layer re-quantized to int8 per channel (`per_channel_int8`: served by one
-    int8 dot, within a 1/254 part of each column's abs-max of the stored weight); elsewhere unchanged."""
+    numerics and `quant.serve_per_channel_int8` every weight-only per-group layer re-quantized to int8 per channel
+    (`per_channel_int8`: served by one int8 dot, within a 1/254 part of each column's abs-max of the stored weight;
+    without it those layers keep their exact codes, quant.serving_group); elsewhere unchanged."""
     if jax.default_backend() != "cpu" or "aqt" not in variables:
         return variables
     variables = int8_containers(variables)
-    if resolve_numerics(quant_cfg.numerics) == "int":
+    if resolve_numerics(quant_cfg.numerics) == "int" and quant_cfg.serve_per_channel_int8:
         variables = per_channel_int8(variables, make_plan(model_cfg, quant_cfg))
     return variables
 

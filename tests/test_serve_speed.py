@@ -12,9 +12,11 @@ from checkpoints.manager import tree_bytes
 from quant.plan import make_plan
 from quant.serving import float_copies, int8_containers, quantized_weights
 from slm_jax.attention import KVCache
+from slm_jax.errors import UserError
 from train.bench.profiles import MICRO_MODEL
 from train.bench.serve_ab import main as serve_ab_main
 from train.bench.serve_speed import VARIANTS, interleaved_speed, random_served
+from train.config import load_config
 
 SIZE = (*MICRO_MODEL, "model.d_model=64")  # 64: two groups of 32 per row for INT4 g32
 
@@ -70,6 +72,19 @@ def test_int_numerics_serve_int4_groups_as_int8_channels_within_bound():
     b = np.asarray(apply(channels.variables, tokens), np.float32)
     assert np.abs(a - b).max() <= 0.02 * (a.max() - a.min())
     assert np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.9
+
+
+def test_int_numerics_keep_exact_int4_codes_unless_asked_to_requantize():
+    """Without quant.serve_per_channel_int8, served_layout with `int` numerics keeps every per-group layer's exact
+    codes (int8 containers of the int4 ones, same shapes); the flag needs int numerics, and fake refuses it."""
+    exact = random_served("int4_int", SIZE)
+    codes = random_served("int4", SIZE)  # the same seed: the same codes, packed int4
+    packed = quantized_weights(codes.variables["aqt"])
+    for path, stored in quantized_weights(exact.variables["aqt"]).items():
+        assert stored["value"].dtype == jnp.int8 and stored["value"].shape == packed[path]["value"].shape
+        np.testing.assert_array_equal(np.asarray(stored["value"]), np.asarray(packed[path]["value"], np.int8))
+    with pytest.raises(UserError, match="serve_per_channel_int8"):
+        load_config("ptq_int4", ["quant.numerics=fake", "quant.serve_per_channel_int8=true"])
 
 
 def test_interleaved_speed_reports_per_round_ratios_to_both_floats():

@@ -26,7 +26,7 @@ from train.build import build_model
 from train.config import load_config
 
 # name -> (config, overrides, KV cache bits, serving layout: None, "containers" (int4 codes held in int8) or
-# "per_channel" (quant.serving.served_layout with int numerics: weight-only per-group layers as int8 per channel))
+# "served" (quant.serving.served_layout, as train.generate serves the run on this backend))
 VARIANTS = {
     "float": ("baseline", (), None, None),  # bf16 compute over float32 params, as the baseline trains
     "float_f32": ("baseline", ("train.precision=fp32",), None, None),
@@ -38,14 +38,15 @@ VARIANTS = {
     "int4": ("ptq_int4", (), None, None),  # w4 g32, packed int4
     "int4_in_int8": ("ptq_int4", (), None, "containers"),
     "int4_w4a8": ("ptq_int4", ("quant.act_bits=8", "quant.numerics=int"), None, "containers"),
-    "int4_per_channel_int8": ("ptq_int4", ("quant.numerics=int",), None, "per_channel"),
-    # the exact int4 codes (int8 containers) with int numerics: decoding serves one int8 dot over block-diagonal
-    # hi/lo activations (quant.serving_group), prefill the dequantized matmul
-    "int4_int": ("ptq_int4", ("quant.numerics=int",), None, "containers"),
+    "int4_per_channel_int8": ("ptq_int4", ("quant.numerics=int", "quant.serve_per_channel_int8=true"), None, "served"),
+    # the exact int4 codes (int8 containers) with int numerics: decoding (up to 2 rows) serves one int8 dot batched
+    # over groups on hi/lo activations (quant.serving_group), more rows the dequantized matmul
+    "int4_int": ("ptq_int4", ("quant.numerics=int",), None, "served"),
     # float32 compute around the same integer weights (faster than bf16 on this CPU, as for float)
     "int8_f32": ("ptq_int8", ("train.precision=fp32",), None, None),
-    "int4_per_channel_int8_f32": ("ptq_int4", ("quant.numerics=int", "train.precision=fp32"), None, "per_channel"),
-    "int4_int_f32": ("ptq_int4", ("quant.numerics=int", "train.precision=fp32"), None, "containers"),
+    "int4_per_channel_int8_f32": ("ptq_int4", ("quant.numerics=int", "quant.serve_per_channel_int8=true",
+                                               "train.precision=fp32"), None, "served"),
+    "int4_int_f32": ("ptq_int4", ("quant.numerics=int", "train.precision=fp32"), None, "served"),
 }
 SIZES = {"bundled": (), "larger": LARGER, "smollm2": (*SMOLLM2_135M, "quant.embed_bits=null")}
 
@@ -108,7 +109,7 @@ def random_served(variant: str, size_overrides=(), seed: int = 0) -> Served:
         check_serving_variables(cfg.model, cfg.quant, variables)
     if layout == "containers":
         variables = int8_containers(variables)
-    elif layout == "per_channel":  # as train.generate serves an `int` numerics run on CPU
+    elif layout == "served":
         variables = served_layout(variables, cfg.model, cfg.quant)
     return Served(cfg, model, variables)
 

@@ -25,7 +25,7 @@ from train.config import load_config
 from train.ptq import convert_workdir
 from train.run import load_run, served_run
 
-LARGER_VARIANTS = ("float", "float_f32", "float_kv8", "int8", "int8_w8", "int4", "int4_in_int8",
+LARGER_VARIANTS = ("float", "float_f32", "float_kv8", "int8", "int8_w8", "int4", "int4_in_int8", "int4_int",
                    "int4_per_channel_int8")
 RUNTIME_ONLY = "import jax.numpy as jnp, train.generate; jnp.zeros(1).block_until_ready()"
 
