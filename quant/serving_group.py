@@ -27,13 +27,12 @@ def uses_group_path(plan: LayerPlan, stored: dict, x: jax.Array) -> bool:
 
 
 def sum_groups(p: jax.Array) -> jax.Array:
-    """p [groups, ...] -> [...] float32, the sum over the first axis by pairwise adds of halves: elementwise ops that
-    XLA fuses, where a reduce would go to XLA CPU's YNNPACK reduction (65-125 us per layer at decode, more than the
-    layer's int8 dot)."""
-    while p.shape[0] > 1:
-        half = p.shape[0] // 2
-        p = jnp.concatenate([p[:half] + p[half:2 * half], p[2 * half:]])
-    return p[0]
+    """p [groups, ...] float32 -> [...], the sum over the first axis as a dot with a vector of ones: XLA CPU hands a
+    dot to YNNPACK's matmul, where a reduce would go to its reduction (65-125 us per layer at decode, more than the
+    layer's int8 dot). Per layer at decode (1 row, w4 g32, 2-core CPU, 16 layers in one jit): 84 / 82 / 37 us at
+    [512 -> 1376] / [1376 -> 512] / [512 -> 512], against 89 / 114 / 42 us for a pairwise tree of adds and 206 /
+    215 / 85 us for jnp.sum; float32 [1, in] @ [in, out]: 116 / 123 / 47 us)."""
+    return jnp.tensordot(jnp.ones(p.shape[:1], p.dtype), p, axes=1)
 
 
 def served_group_matmul(stored: dict, x: jax.Array) -> jax.Array:
