@@ -94,9 +94,9 @@ class QuantConfig:
         check_choice(self.scale_dtype, SCALE_DTYPES, "quant.scale_dtype")
         if isinstance(self.kv_bits, bool) or self.kv_bits not in KV_BITS:
             raise UserError(f"quant.kv_bits must be null or 8, got {self.kv_bits!r}")
-        if self.serve_per_channel_int8 and self.numerics == "fake":
-            raise UserError("quant.serve_per_channel_int8 re-quantizes for int8 dots: it needs quant.numerics int "
-                            "(or auto, int on GPU/TPU), not fake")
+        if self.serve_per_channel_int8 and self.numerics != "int":
+            raise UserError(f"quant.serve_per_channel_int8 re-quantizes for CPU int8 dots: it needs quant.numerics "
+                            f"int (train.generate --numerics int), not {self.numerics}")
         for i, rule in enumerate(self.rules):
             rule.validate(i)
 

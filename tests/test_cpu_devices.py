@@ -104,3 +104,16 @@ def test_bench_times_the_step_data_parallel():
     (devices, shards, loss, norm), (devices1, shards1, loss1, norm1) = json.loads(out.stdout.strip().splitlines()[-1])
     assert (devices, shards, devices1, shards1) == (2, 2, 1, 1)
     assert loss == pytest.approx(loss1, abs=1e-5) and norm == pytest.approx(norm1, rel=1e-4)
+
+
+def test_fewer_devices_than_asked_or_than_cores_is_said_in_one_line(monkeypatch):
+    from train.config import load_config
+    from train.main import cpu_split_note
+    monkeypatch.setattr("train.main.usable_cores", lambda: 2)
+    env_won = cpu_split_note(load_config("tiny", ["mesh.cpu_devices=3"]), None)
+    assert "mesh.cpu_devices=3 is not used" in env_won and "XLA_FLAGS" in env_won
+    uneven = cpu_split_note(load_config("tiny", ["train.batch_size=7"]), 1)
+    assert uneven == ("note: train.batch_size 7 does not split evenly over 2 cores: training on 1 CPU device(s) "
+                      "(mesh.cpu_devices)")
+    assert cpu_split_note(load_config("tiny"), 2) is None  # one device per core: nothing to say
+    assert cpu_split_note(load_config("tiny", ["mesh.cpu_devices=1"]), 1) is None  # asked for

@@ -8,10 +8,12 @@ import pytest
 from checkpoints.manager import CheckpointStore
 from quant.convert import main as convert_main
 from quant.report import main as report_main
+from quant.serving import quantized_weights
+from slm_jax.errors import UserError
 from train.cli import add_scheme_args, scheme_from_args
 from train.config import load_config
 from train.evaluation import evaluate_workdir
-from train.run import load_run
+from train.run import load_run, served_run
 
 TINY = ("train.steps=12", "train.sample_tokens=0", "train.eval_every=1000", "checkpoint.every=12", "model.n_layers=1")
 
@@ -170,3 +172,47 @@ def test_generate_and_evaluate_read_qat_serving_and_float_runs(runs, capsys, tmp
     assert table[5] == "val loss over 2 batches x 4 windows x 32 tokens of each run's validation split"
     param_mb = [float(line.split()[6]) for line in table[2:5]]  # then KL columns (vs the served run's parent)
     assert param_mb[2] < 0.4 * param_mb[1] and param_mb[0] == param_mb[1]
+
+
+def test_serving_numerics_are_chosen_when_serving_not_by_converting_again(runs, capsys, tmp_path):
+    """A ptq_int4 run serves its exact codes with `int` numerics too (bit for bit the fake-served logits up to the
+    hi/lo split), or re-quantized per channel when asked; train.generate chooses both, and converting again into
+    the same workdir with other quant settings is refused instead of keeping the old run without a word."""
+    from train.generate import main as generate_main
+    from train.main import main as train_main
+    ptq = ["--config", "ptq_int4", "--set", f"train.init_from={runs / 'float'}", "--set", "train.eval_batches=2",
+           "--workdir", str(tmp_path / "int4")]
+    train_main(ptq)
+    train_main(ptq)  # the same settings again: kept, evaluated again
+    assert "already holds the converted model" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        train_main([*ptq, "--set", "quant.numerics=int"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "quant.numerics='auto' (asked 'int')" in err
+
+    run = load_run(tmp_path / "int4")
+    tokens = np.random.default_rng(0).integers(0, run.config.model.vocab_size, (1, 12)).astype(np.int32)
+    logits = {}
+    for name, serving in (("fake", {}), ("int", {"numerics": "int"}),
+                          ("channel", {"numerics": "int", "serve_per_channel_int8": True})):
+        served = served_run(run, **serving)
+        assert served.config.quant.numerics == serving.get("numerics", "auto")
+        dims = {w["value"].ndim for path, w in quantized_weights(served.variables["aqt"]).items() if path[-1] != "embed"}
+        assert dims == ({2} if name == "channel" else {3})  # per channel [in, out] / per group [g, size, out]
+        logits[name] = np.asarray(served.model.apply(served.variables, tokens)[0], np.float32)
+    spread = logits["fake"].max() - logits["fake"].min()
+    # 12 rows: the per-group layers serve the dequantized matmul either way; int numerics round some products in
+    # another order in bf16 compute (measured 1.2e-3 of the spread), the per-channel re-quantization adds its own
+    # 1/254-of-a-column error (measured 2.4e-3)
+    np.testing.assert_allclose(logits["int"], logits["fake"], atol=5e-3 * spread)
+    assert np.abs(logits["channel"] - logits["fake"]).max() <= 0.02 * spread
+    with pytest.raises(UserError, match="change how a run is served"):
+        served_run(run, weight_bits=8)
+
+    generate_main(["--workdir", str(tmp_path / "int4"), "--max-new-tokens", "8", "--numerics", "int",
+                   "--per-channel-int8", "--prompt", "SPEAKER1:"])
+    assert capsys.readouterr().out.startswith("SPEAKER1:")
+    with pytest.raises(SystemExit) as stop:
+        generate_main(["--workdir", str(tmp_path / "int4"), "--max-new-tokens", "8", "--per-channel-int8"])
+    assert stop.value.code == 2 and "--numerics int" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 Works for float, QAT and serving (integer) workdirs alike: the model comes from the checkpoint's own config.
 `--kv-bits 8` (default: the run's quant.kv_bits) keeps the KV cache as int8; `--verbose` prints its bytes. On CPU, int4
-codes are served from int8 containers, and with `int` numerics weight-only per-group layers from int8 per channel
+codes are served from int8 containers; `--numerics int` (default: the run's quant.numerics) serves integer matmuls,
+and `--per-channel-int8` with it re-quantizes weight-only per-group layers to int8 per channel at load
 (quant.serving.served_layout).
 """
 from __future__ import annotations
@@ -32,6 +33,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--step", type=non_negative_int, help="checkpoint step (default: latest)")
     parser.add_argument("--kv-bits", type=int, choices=(8,), help="int8 KV cache (default: the run's quant.kv_bits)")
+    parser.add_argument("--numerics", choices=("auto", "int", "fake"),
+                        help="integer (int) or dequantized (fake) matmuls for a quantized run (default: the run's "
+                             "quant.numerics; auto = fake on CPU, int elsewhere)")
+    parser.add_argument("--per-channel-int8", action="store_true",
+                        help="with --numerics int on CPU: serve weight-only per-group (INT4) layers re-quantized to "
+                             "int8 per channel (faster decode; each weight within 1/254 of its column's abs-max, not "
+                             "the exact codes; quant.serve_per_channel_int8)")
     parser.add_argument("--verbose", action="store_true", help="print the KV cache's size and bytes")
     return parser.parse_args(argv)
 
@@ -41,7 +49,7 @@ def main(argv=None):
     args = parse_args(argv)
     require_one_process("python -m train.generate")
     run = load_run(args.workdir, args.step)
-    run = served_run(run)
+    run = served_run(run, numerics=args.numerics, serve_per_channel_int8=args.per_channel_int8 or None)
     kv_bits = args.kv_bits or run.config.quant.kv_bits
     if args.verbose:
         prompt_len = min(len(run.tokenizer.encode(args.prompt, source="--prompt")) or 1, run.config.model.seq_len)

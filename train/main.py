@@ -11,8 +11,8 @@ import jax
 from checkpoints.lock import LOCK_NAME, lock_workdir
 from slm_jax.errors import UserError
 from train.cli import main_guard, positive_int, require_one_process
-from train.config import load_config, resolve_path
-from train.cpu_devices import split_cpu_host
+from train.config import load_config, read_yaml, resolve_path
+from train.cpu_devices import MAX_AUTO_DEVICES, split_cpu_host, usable_cores
 from train.evaluation import evaluate_workdir, format_table
 from train.loop import run_training
 from train.ptq import convert_workdir
@@ -43,6 +43,7 @@ def main(argv=None):
         if not config.train.init_from:
             raise UserError("quant.mode=serve converts an existing run: set train.init_from to its workdir")
         if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+            check_same_quantization(workdir, config)
             print(f"{workdir} already holds the converted model")
         else:
             convert_workdir(Path(config.train.init_from), workdir, config.quant)
@@ -51,7 +52,9 @@ def main(argv=None):
         print(format_table(rows))
         return
     if not maybe_initialize_distributed():
-        split_cpu_host(config.mesh, config.train.batch_size)  # one device per core: data-parallel on a CPU host
+        note = cpu_split_note(config, split_cpu_host(config.mesh, config.train.batch_size))
+        if note:
+            print(note)
     # One writer per run: a second train.main on it is refused in one line. In a multi-process run the processes of
     # one run share it, so only process 0 holds the lock.
     created = not workdir.exists()
@@ -62,6 +65,35 @@ def main(argv=None):
         if created and jax.process_index() == 0:
             remove_if_untouched(workdir)  # a refused run leaves no folder behind to block the next command
         raise
+
+
+def cpu_split_note(config, count: int | None) -> str | None:
+    """A line saying why a CPU run trains on fewer devices than its cores or than mesh.cpu_devices asked for (the
+    environment chose the count, or the batch does not split over every core), else None."""
+    if jax.default_backend() != "cpu":
+        return None
+    if count is None and config.mesh.cpu_devices:
+        return (f"note: the environment (XLA_FLAGS or JAX_NUM_CPU_DEVICES) sets {jax.device_count()} CPU devices; "
+                f"mesh.cpu_devices={config.mesh.cpu_devices} is not used")
+    cores = usable_cores()
+    if count is not None and not config.mesh.cpu_devices and config.mesh.data == -1 \
+            and count < min(cores, MAX_AUTO_DEVICES):
+        return (f"note: train.batch_size {config.train.batch_size} does not split evenly over {cores} cores: "
+                f"training on {count} CPU device(s) (mesh.cpu_devices)")
+    return None
+
+
+def check_same_quantization(workdir: Path, config) -> None:
+    """UserError unless the serving run in `workdir` was made with `config`'s quant section: converting again into
+    a workdir that holds one keeps it, so other settings would otherwise be dropped without a word."""
+    stored = read_yaml(workdir / "config.yaml", "the serving run's config")
+    stored = stored.get("quant", {}) if isinstance(stored, dict) else {}
+    wanted = config.to_dict()["quant"]
+    changed = [key for key in sorted(set(stored) | set(wanted)) if stored.get(key) != wanted.get(key)]
+    if changed:
+        shown = ", ".join(f"quant.{key}={stored.get(key)!r} (asked {wanted.get(key)!r})" for key in changed)
+        raise UserError(f"{workdir} already holds a serving run made with {shown}: convert into a new --workdir "
+                        f"(train.generate --numerics / --per-channel-int8 choose how a run is served)")
 
 
 def remove_if_untouched(workdir: Path) -> None:
