@@ -202,8 +202,9 @@ def test_serving_numerics_are_chosen_when_serving_not_by_converting_again(runs, 
         assert dims == ({2} if name == "channel" else {3})  # per channel [in, out] / per group [g, size, out]
         logits[name] = np.asarray(served.model.apply(served.variables, tokens)[0], np.float32)
     spread = logits["fake"].max() - logits["fake"].min()
-    # 12 rows: the per-group layers serve the dequantized matmul either way; int numerics round some products in
-    # another order in bf16 compute (measured 1.2e-3 of the spread), the per-channel re-quantization adds its own
+    # 12 rows: the per-group layers serve the dequantized matmul either way; the int8 embedding's rows are rescaled
+    # in float32 with int numerics and in its bfloat16 scale's dtype with fake, as AQT does (quant.embedding;
+    # measured 1.2e-3 of the spread, 0 with embed_bits null); re-quantizing per channel adds its own
     # 1/254-of-a-column error (measured 2.4e-3)
     np.testing.assert_allclose(logits["int"], logits["fake"], atol=5e-3 * spread)
     assert np.abs(logits["channel"] - logits["fake"]).max() <= 0.02 * spread
