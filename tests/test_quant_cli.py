@@ -217,3 +217,14 @@ def test_serving_numerics_are_chosen_when_serving_not_by_converting_again(runs, 
     with pytest.raises(SystemExit) as stop:
         generate_main(["--workdir", str(tmp_path / "int4"), "--max-new-tokens", "8", "--per-channel-int8"])
     assert stop.value.code == 2 and "--numerics int" in capsys.readouterr().err
+
+
+def test_ptq_from_a_missing_run_names_train_init_from(tmp_path, capsys):
+    from train.main import main as train_main
+    with pytest.raises(SystemExit) as stop:
+        train_main(["--config", "ptq_int4", "--set", f"train.init_from={tmp_path / 'nothing'}",
+                    "--workdir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: train.init_from: ") and "does not exist" in err
+    assert not (tmp_path / "out").exists()

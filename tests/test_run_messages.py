@@ -61,9 +61,18 @@ def test_a_resume_with_nothing_to_train_says_so_and_a_sample_is_announced(tmp_pa
     first = []
     run_training(load_config("tiny", overrides), tmp_path, log=first.append)
     notice = next(i for i, line in enumerate(first) if line.startswith("sampling 5 tokens from "))
-    assert first[notice - 1].startswith("done: 4 steps") and first[notice + 1].startswith("sample:")
+    assert first[notice - 1].startswith("done: 4 steps in ") and first[notice + 1].startswith("sample:")
     again = []
     summary = run_training(load_config("tiny", overrides), tmp_path, log=again.append)
     assert again[-1].startswith("already trained to step 4; nothing to do")
     assert not any(line.startswith(("done:", "sampling", "sample:", "step ")) for line in again)
     assert summary["val_loss"] == pytest.approx(float(again[-1].split("val loss ")[1].split()[0]), abs=1e-4)
+
+
+def test_the_done_line_of_a_resume_says_which_steps_this_session_ran(tmp_path, corpus_file):
+    overrides = [f"data.path={corpus_file}", "train.eval_every=100", "checkpoint.every=2", "train.sample_tokens=0"]
+    run_training(load_config("tiny", [*overrides, "train.steps=2"]), tmp_path, log=lambda line: None)
+    lines = []
+    run_training(load_config("tiny", [*overrides, "train.steps=4", "train.extend=true"]), tmp_path, log=lines.append)
+    assert [line for line in lines if line.startswith("done:")][0].startswith(
+        "done: 4 steps (steps 3-4 in this session) in ")

@@ -214,7 +214,8 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     if start >= cfg.steps:  # a resume of a finished run: no training, no sample
         log(f"already trained to step {start}; nothing to do (train.steps = {cfg.steps}) | {val_line}")
         return summary
-    log(f"done: {cfg.steps} steps in {format_duration(wall)}"
+    resumed = f" (steps {start + 1}-{cfg.steps} in this session)" if start else ""
+    log(f"done: {cfg.steps} steps{resumed} in {format_duration(wall)}"
         + (f" | {rates['tokens_per_s']:,.0f} tok/s" if rates else "") + f" | {val_line}")
     if cfg.sample_tokens and tokenizer.kind == "none":
         log("no sample: the run reads pre-tokenized ids without a tokenizer (set data.tokenizer to have text)")

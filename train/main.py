@@ -42,6 +42,9 @@ def main(argv=None):
             raise UserError("--profile traces training steps; quant.mode=serve converts a run and trains nothing")
         if not config.train.init_from:
             raise UserError("quant.mode=serve converts an existing run: set train.init_from to its workdir")
+        if not Path(config.train.init_from).is_dir():
+            raise UserError(f"train.init_from: {config.train.init_from} does not exist (the run to quantize: train it "
+                            f"first, e.g. python -m train.main --config baseline, or --set train.init_from=WORKDIR)")
         if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
             check_same_quantization(workdir, config)
             print(f"{workdir} already holds the converted model")
