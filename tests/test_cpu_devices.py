@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from train.cpu_devices import FORCE_FLAG, MAX_AUTO_DEVICES, cpu_device_count, split_cpu_host, usable_cores
+from train.cpu_devices import (FORCE_FLAG, MAX_AUTO_DEVICES, MIN_SPLIT_FLOPS, cpu_device_count, split_cpu_host,
+                               step_flops)
 from train.sharding import MeshConfig
 from slm_jax.errors import UserError
 
@@ -28,6 +29,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ])
 def test_device_count(mesh, batch, cores, expected):
     assert cpu_device_count(mesh, batch, cores) == expected
+    assert cpu_device_count(mesh, batch, cores, flops=MIN_SPLIT_FLOPS) == expected  # big enough to split
+
+
+@pytest.mark.parametrize("mesh, expected", [
+    (MeshConfig(), 1),  # too small to gain from the split
+    (MeshConfig(fsdp=2), 2),  # the fewest devices the mesh allows
+    (MeshConfig(cpu_devices=2), 2),  # an explicit count wins
+    (MeshConfig(data=2), 2),  # so does an explicit mesh
+])
+def test_a_small_step_stays_on_the_fewest_devices(mesh, expected):
+    assert cpu_device_count(mesh, 8, 2, flops=MIN_SPLIT_FLOPS / 2) == expected
+
+
+def test_step_flops_counts_six_per_matmul_weight_and_token():
+    """6 x tokens x matmul weights, against a count by hand: `baseline` (vocab 256, width 128, 4 layers, 4 heads,
+    SwiGLU hidden 352, untied LM head) over 16 x 128 tokens."""
+    from train.config import load_config
+    model = load_config("baseline").model
+    weights = 4 * (4 * 128 * 128 + 3 * 128 * 352) + 256 * 128
+    assert model.hidden == 352 and step_flops(model, 16 * 128) == 6 * 16 * 128 * weights
 
 
 def test_negative_count_is_a_user_error():
@@ -58,13 +79,15 @@ def losses(workdir) -> list[tuple[int, str, float]]:
 
 
 def test_cli_trains_data_parallel_over_the_cores(tiny_run, tmp_path):
-    """`train.main` with no device flags splits the host one device per core (on a 2-core CI machine: data 2) and
-    gives the losses of the same run on one device, up to the order of the gradient sum."""
+    """`train.main` with no device flags in the environment and mesh.cpu_devices=2 splits the host in two (the
+    tiny model is too small for the default to split it) and gives the losses of the same run on one device, up to
+    the order of the gradient sum."""
     reference = tiny_run(tmp_path / "one-device")
-    expected = cpu_device_count(MeshConfig(), 8, usable_cores())  # tiny: batch_size 8
+    expected = 2
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-m", "train.main", "--config", "tiny", "--workdir", str(tmp_path / "cores"),
-                          "--set", f"data.path={reference.corpus}", "--set", f"data.cache_dir={reference.cache}"],
+                          "--set", f"data.path={reference.corpus}", "--set", f"data.cache_dir={reference.cache}",
+                          "--set", "mesh.cpu_devices=2"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert f"mesh {{'data': {expected}, 'fsdp': 1, 'tensor': 1}}" in out.stdout
@@ -81,7 +104,7 @@ from train.build import build_model, state_initializer
 from train.config import load_config
 sets = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.seq_len=16", "train.batch_size=4"]
 out = []
-for extra in ([], ["mesh.cpu_devices=1"]):
+for extra in (["mesh.cpu_devices=2"], ["mesh.cpu_devices=1"]):
     config = load_config("baseline", sets + extra)
     model = build_model(config)
     step, state, batch, devices = placed_step(config, model, jax.jit(state_initializer(config, model))(),
@@ -112,8 +135,9 @@ def test_fewer_devices_than_asked_or_than_cores_is_said_in_one_line(monkeypatch)
     monkeypatch.setattr("train.main.usable_cores", lambda: 2)
     env_won = cpu_split_note(load_config("tiny", ["mesh.cpu_devices=3"]), None)
     assert "mesh.cpu_devices=3 is not used" in env_won and "XLA_FLAGS" in env_won
-    uneven = cpu_split_note(load_config("tiny", ["train.batch_size=7"]), 1)
+    uneven = cpu_split_note(load_config("baseline", ["train.batch_size=7"]), 1)
     assert uneven == ("note: train.batch_size 7 does not split evenly over 2 cores: training on 1 CPU device(s) "
                       "(mesh.cpu_devices)")
-    assert cpu_split_note(load_config("tiny"), 2) is None  # one device per core: nothing to say
+    assert cpu_split_note(load_config("baseline"), 2) is None  # one device per core: nothing to say
+    assert cpu_split_note(load_config("tiny"), 1) is None  # too small to split: one device is expected
     assert cpu_split_note(load_config("tiny", ["mesh.cpu_devices=1"]), 1) is None  # asked for

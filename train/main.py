@@ -12,7 +12,7 @@ from checkpoints.lock import LOCK_NAME, lock_workdir
 from slm_jax.errors import UserError
 from train.cli import main_guard, positive_int, require_one_process
 from train.config import load_config, read_yaml, resolve_path
-from train.cpu_devices import MAX_AUTO_DEVICES, split_cpu_host, usable_cores
+from train.cpu_devices import MAX_AUTO_DEVICES, MIN_SPLIT_FLOPS, split_cpu_host, step_flops, usable_cores
 from train.evaluation import evaluate_workdir, format_table
 from train.loop import run_training
 from train.ptq import convert_workdir
@@ -55,7 +55,8 @@ def main(argv=None):
         print(format_table(rows))
         return
     if not maybe_initialize_distributed():
-        note = cpu_split_note(config, split_cpu_host(config.mesh, config.train.batch_size))
+        flops = step_flops(config.model, config.train.batch_size * config.model.seq_len)
+        note = cpu_split_note(config, split_cpu_host(config.mesh, config.train.batch_size, flops=flops))
         if note:
             print(note)
     # One writer per run: a second train.main on it is refused in one line. In a multi-process run the processes of
@@ -72,14 +73,16 @@ def main(argv=None):
 
 def cpu_split_note(config, count: int | None) -> str | None:
     """A line saying why a CPU run trains on fewer devices than its cores or than mesh.cpu_devices asked for (the
-    environment chose the count, or the batch does not split over every core), else None."""
+    environment chose the count, or the batch does not split over every core), else None (also for a model too
+    small to gain from the split: one device is the expected case there)."""
     if jax.default_backend() != "cpu":
         return None
     if count is None and config.mesh.cpu_devices:
         return (f"note: the environment (XLA_FLAGS or JAX_NUM_CPU_DEVICES) sets {jax.device_count()} CPU devices; "
                 f"mesh.cpu_devices={config.mesh.cpu_devices} is not used")
     cores = usable_cores()
-    if count is not None and not config.mesh.cpu_devices and config.mesh.data == -1 \
+    small = step_flops(config.model, config.train.batch_size * config.model.seq_len) < MIN_SPLIT_FLOPS
+    if count is not None and not config.mesh.cpu_devices and config.mesh.data == -1 and not small \
             and count < min(cores, MAX_AUTO_DEVICES):
         return (f"note: train.batch_size {config.train.batch_size} does not split evenly over {cores} cores: "
                 f"training on {count} CPU device(s) (mesh.cpu_devices)")

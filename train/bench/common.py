@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from slm_jax.errors import UserError
-from train.cpu_devices import cpu_device_count
+from train.cpu_devices import cpu_device_count, step_flops
 from train.optim import make_optimizer
 from train.sharding import MeshConfig, batch_sharding, make_mesh, shard_batch, shard_train_step
 from train.steps import make_train_step, steps_compiler_options
@@ -119,7 +119,9 @@ def placed_step(config, model, state, batch) -> tuple:
     options = steps_compiler_options(config.quant)
     train_step = make_train_step(model, make_optimizer(config.train))
     devices = jax.devices()
-    count = cpu_device_count(config.mesh, config.train.batch_size, len(devices)) if devices[0].platform == "cpu" else 1
+    flops = step_flops(config.model, config.train.batch_size * config.model.seq_len)
+    count = cpu_device_count(config.mesh, config.train.batch_size, len(devices), flops) \
+        if devices[0].platform == "cpu" else 1
     if count == 1:
         return jax.jit(train_step, donate_argnums=0, compiler_options=options), state, batch, 1
     if config.mesh.fsdp * config.mesh.tensor != 1:
