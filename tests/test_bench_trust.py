@@ -1,5 +1,7 @@
 """The bench's busy-machine rule: a figure whose repeats spread more than 1.5x, or a load average (less the bench's
 own CPU use) above 0.75 x the cores, marks a section unreliable; and the report says so in plain words."""
+import time
+
 import numpy as np
 import pytest
 
@@ -32,9 +34,13 @@ def test_busy_reasons(seconds, load, cores, expected):
 
 def test_section_load_subtracts_the_bench_s_own_cpu_use():
     load = SectionLoad().start()
-    sum(i * i for i in range(2_000_000))  # this process keeps one core busy
+    end = time.perf_counter() + 0.5
+    while time.perf_counter() < end:  # this thread keeps one core busy for half a second
+        sum(i * i for i in range(10_000))
     result = load.finish()
-    assert 0 < result["own_cpu"] <= 1.1  # one thread: at most one core (CPU clock granularity aside)
+    # about one core: this thread's, plus whatever threads earlier tests left in this worker process use meanwhile
+    # (XLA pools, Orbax's event loop; a run of the suite measured 1.12 over a shorter loop)
+    assert 0.5 < result["own_cpu"] <= 1.5
     assert result["others_load"] == pytest.approx(max(result["load_after"] - result["own_cpu"], 0), abs=0.011)
     assert result["others_cpu"] is None or result["others_cpu"] >= 0  # None where /proc/stat is missing
 
