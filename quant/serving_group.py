@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from quant.plan import LayerPlan
-from quant.serving_int import LO_UNITS, split_hi_lo
+from quant.serving_int import LO_UNITS, split_hi_lo, weight_only_on_cpu
 
 # Rows (tokens) up to which a served per-group layer runs `served_group_matmul`; more rows serve the dequantized float
 # matmul (which XLA hoists out of the decode loop: a float32 copy of the weights while generating). Its elementwise
@@ -22,8 +22,7 @@ GROUP_DOT_MAX_ROWS = 2
 def uses_group_path(plan: LayerPlan, stored: dict, x: jax.Array) -> bool:
     """Whether a served `int` layer runs `served_group_matmul` for x [..., in]: on CPU, a weight-only AQT layer
     stored per group (value [groups, group_size, n]) and at most GROUP_DOT_MAX_ROWS rows of x."""
-    return (jax.default_backend() == "cpu" and plan.scheme == "aqt" and plan.act_bits is None
-            and stored["value"].ndim == 3 and x.size // x.shape[-1] <= GROUP_DOT_MAX_ROWS)
+    return weight_only_on_cpu(plan) and stored["value"].ndim == 3 and x.size // x.shape[-1] <= GROUP_DOT_MAX_ROWS
 
 
 def sum_groups(p: jax.Array) -> jax.Array:
@@ -31,7 +30,7 @@ def sum_groups(p: jax.Array) -> jax.Array:
     dot to YNNPACK's matmul, where a reduce would go to its reduction (65-125 us per layer at decode, more than the
     layer's int8 dot). Per layer at decode (1 row, w4 g32, 2-core CPU, 16 layers in one jit): 84 / 82 / 37 us at
     [512 -> 1376] / [1376 -> 512] / [512 -> 512], against 89 / 114 / 42 us for a pairwise tree of adds and 206 /
-    215 / 85 us for jnp.sum; float32 [1, in] @ [in, out]: 116 / 123 / 47 us)."""
+    215 / 85 us for jnp.sum; float32 [1, in] @ [in, out]: 116 / 123 / 47 us."""
     return jnp.tensordot(jnp.ones(p.shape[:1], p.dtype), p, axes=1)
 
 

@@ -18,7 +18,8 @@ LO_UNITS = 254
 def split_hi_lo(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [rows, ..., k] (any float dtype) -> (q [2 * rows, ..., k] int8, scale [rows, ..., 1] float32) with
     x ~= scale * (q[:rows] + q[rows:] / LO_UNITS): hi = round(x / scale), lo = round((x / scale - hi) * LO_UNITS),
-    scale = abs-max of the slice along k / 127 (1 for an all-zero slice). |x - that| <= scale / (2 * LO_UNITS) per element.
+    scale = abs-max of the slice along k / 127 (1 for an all-zero slice). |x - that| <= scale / (2 * LO_UNITS) per
+    element.
     Stacking hi over lo makes one int8 dot of twice the rows, which for one row also dodges XLA CPU's slow int8
     matrix-vector product (see quant.provider.two_rows)."""
     x = x.astype(jnp.float32)
@@ -30,12 +31,17 @@ def split_hi_lo(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.concatenate([hi, lo]).astype(jnp.int8), scale
 
 
+def weight_only_on_cpu(plan: LayerPlan) -> bool:
+    """Whether a served `int` layer may take one of the CPU int8 paths over hi/lo activations (this module's and
+    quant.serving_group's): on CPU, a weight-only AQT layer."""
+    return jax.default_backend() == "cpu" and plan.scheme == "aqt" and plan.act_bits is None
+
+
 def uses_int_path(plan: LayerPlan, stored: dict) -> bool:
     """Whether a served `int` layer runs `served_int_matmul`: on CPU, a weight-only AQT layer whose stored weight is
     per channel (value [k, n]; per-group layers re-quantized by `per_channel_int8` count). Other backends, and
     layers with act_bits, serve AQT's forms."""
-    return (jax.default_backend() == "cpu" and plan.scheme == "aqt" and plan.act_bits is None
-            and stored["value"].ndim == 2)
+    return weight_only_on_cpu(plan) and stored["value"].ndim == 2
 
 
 def dequantizes(stored: dict) -> bool:

@@ -133,11 +133,15 @@ def test_fewer_devices_than_asked_or_than_cores_is_said_in_one_line(monkeypatch)
     from train.config import load_config
     from train.main import cpu_split_note
     monkeypatch.setattr("train.main.usable_cores", lambda: 2)
-    env_won = cpu_split_note(load_config("tiny", ["mesh.cpu_devices=3"]), None)
+
+    def note(config, count):
+        return cpu_split_note(config, count, step_flops(config.model, config.train.batch_size * config.model.seq_len))
+
+    env_won = note(load_config("tiny", ["mesh.cpu_devices=3"]), None)
     assert "mesh.cpu_devices=3 is not used" in env_won and "XLA_FLAGS" in env_won
-    uneven = cpu_split_note(load_config("baseline", ["train.batch_size=7"]), 1)
+    uneven = note(load_config("baseline", ["train.batch_size=7"]), 1)
     assert uneven == ("note: train.batch_size 7 does not split evenly over 2 cores: training on 1 CPU device(s) "
                       "(mesh.cpu_devices)")
-    assert cpu_split_note(load_config("baseline"), 2) is None  # one device per core: nothing to say
-    assert cpu_split_note(load_config("tiny"), 1) is None  # too small to split: one device is expected
-    assert cpu_split_note(load_config("tiny", ["mesh.cpu_devices=1"]), 1) is None  # asked for
+    assert note(load_config("baseline"), 2) is None  # one device per core: nothing to say
+    assert note(load_config("tiny"), 1) is None  # too small to split: one device is expected
+    assert note(load_config("tiny", ["mesh.cpu_devices=1"]), 1) is None  # asked for

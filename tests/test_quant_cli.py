@@ -198,7 +198,8 @@ def test_serving_numerics_are_chosen_when_serving_not_by_converting_again(runs, 
                           ("channel", {"numerics": "int", "serve_per_channel_int8": True})):
         served = served_run(run, **serving)
         assert served.config.quant.numerics == serving.get("numerics", "auto")
-        dims = {w["value"].ndim for path, w in quantized_weights(served.variables["aqt"]).items() if path[-1] != "embed"}
+        stored = quantized_weights(served.variables["aqt"])
+        dims = {w["value"].ndim for path, w in stored.items() if path[-1] != "embed"}
         assert dims == ({2} if name == "channel" else {3})  # per channel [in, out] / per group [g, size, out]
         logits[name] = np.asarray(served.model.apply(served.variables, tokens)[0], np.float32)
     spread = logits["fake"].max() - logits["fake"].min()

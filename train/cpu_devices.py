@@ -41,6 +41,12 @@ def step_flops(model: ModelConfig, tokens: int) -> float:
     return 6.0 * tokens * (model.n_layers * layer + model.vocab_size * d)
 
 
+def gains_from_split(flops: float | None) -> bool:
+    """Whether a training step of `flops` model FLOPs (`step_flops`; None: not known) is large enough for auto to
+    split the host (at least MIN_SPLIT_FLOPS)."""
+    return flops is None or flops >= MIN_SPLIT_FLOPS
+
+
 def cpu_device_count(mesh: MeshConfig, batch_size: int, cores: int, flops: float | None = None) -> int:
     """How many CPU devices a run with this `mesh` section and `batch_size` (rows per micro-batch) splits a host of
     `cores` cores into: `mesh.cpu_devices` when set; else the devices an explicit mesh needs (mesh.data set: data x
@@ -52,7 +58,7 @@ def cpu_device_count(mesh: MeshConfig, batch_size: int, cores: int, flops: float
     split = mesh.fsdp * mesh.tensor
     if mesh.data != -1:
         return mesh.data * split
-    if flops is not None and flops < MIN_SPLIT_FLOPS:
+    if not gains_from_split(flops):
         return split
     for count in range(min(cores, MAX_AUTO_DEVICES), 0, -1):
         if count % split == 0 and batch_size % (count // mesh.tensor) == 0:

@@ -12,7 +12,7 @@ from checkpoints.lock import LOCK_NAME, lock_workdir
 from slm_jax.errors import UserError
 from train.cli import main_guard, positive_int, require_one_process
 from train.config import load_config, read_yaml, resolve_path
-from train.cpu_devices import MAX_AUTO_DEVICES, MIN_SPLIT_FLOPS, split_cpu_host, step_flops, usable_cores
+from train.cpu_devices import MAX_AUTO_DEVICES, gains_from_split, split_cpu_host, step_flops, usable_cores
 from train.evaluation import evaluate_workdir, format_table
 from train.loop import run_training
 from train.ptq import convert_workdir
@@ -56,7 +56,7 @@ def main(argv=None):
         return
     if not maybe_initialize_distributed():
         flops = step_flops(config.model, config.train.batch_size * config.model.seq_len)
-        note = cpu_split_note(config, split_cpu_host(config.mesh, config.train.batch_size, flops=flops))
+        note = cpu_split_note(config, split_cpu_host(config.mesh, config.train.batch_size, flops=flops), flops)
         if note:
             print(note)
     # One writer per run: a second train.main on it is refused in one line. In a multi-process run the processes of
@@ -71,18 +71,17 @@ def main(argv=None):
         raise
 
 
-def cpu_split_note(config, count: int | None) -> str | None:
+def cpu_split_note(config, count: int | None, flops: float) -> str | None:
     """A line saying why a CPU run trains on fewer devices than its cores or than mesh.cpu_devices asked for (the
     environment chose the count, or the batch does not split over every core), else None (also for a model too
-    small to gain from the split: one device is the expected case there)."""
+    small to gain from the split, `flops` per step: one device is the expected case there)."""
     if jax.default_backend() != "cpu":
         return None
     if count is None and config.mesh.cpu_devices:
         return (f"note: the environment (XLA_FLAGS or JAX_NUM_CPU_DEVICES) sets {jax.device_count()} CPU devices; "
                 f"mesh.cpu_devices={config.mesh.cpu_devices} is not used")
     cores = usable_cores()
-    small = step_flops(config.model, config.train.batch_size * config.model.seq_len) < MIN_SPLIT_FLOPS
-    if count is not None and not config.mesh.cpu_devices and config.mesh.data == -1 and not small \
+    if count is not None and not config.mesh.cpu_devices and config.mesh.data == -1 and gains_from_split(flops) \
             and count < min(cores, MAX_AUTO_DEVICES):
         return (f"note: train.batch_size {config.train.batch_size} does not split evenly over {cores} cores: "
                 f"training on {count} CPU device(s) (mesh.cpu_devices)")
