@@ -1,6 +1,7 @@
 """`python -m quant.convert` and `python -m quant.report` on real (tiny) runs: what they write and print, and their
 one-line errors."""
 import argparse
+import shutil
 
 import numpy as np
 import pytest
@@ -177,7 +178,8 @@ def test_generate_and_evaluate_read_qat_serving_and_float_runs(runs, capsys, tmp
 def test_serving_numerics_are_chosen_when_serving_not_by_converting_again(runs, capsys, tmp_path):
     """A ptq_int4 run serves its exact codes with `int` numerics too (bit for bit the fake-served logits up to the
     hi/lo split), or re-quantized per channel when asked; train.generate chooses both, and converting again into
-    the same workdir with other quant settings is refused instead of keeping the old run without a word."""
+    the same workdir from another run or with other quant settings is refused instead of keeping the old run
+    without a word."""
     from train.generate import main as generate_main
     from train.main import main as train_main
     ptq = ["--config", "ptq_int4", "--set", f"train.init_from={runs / 'float'}", "--set", "train.eval_batches=2",
@@ -190,6 +192,12 @@ def test_serving_numerics_are_chosen_when_serving_not_by_converting_again(runs, 
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "quant.numerics='auto' (asked 'int')" in err
+    shutil.copytree(runs / "float", tmp_path / "other")  # the same settings from another run: refused as well
+    with pytest.raises(SystemExit) as stop:
+        train_main([*ptq[:3], f"train.init_from={tmp_path / 'other'}", *ptq[4:]])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"converted from {(runs / 'float').resolve()}, not from" in err
 
     run = load_run(tmp_path / "int4")
     tokens = np.random.default_rng(0).integers(0, run.config.model.vocab_size, (1, 12)).astype(np.int32)

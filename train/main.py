@@ -16,6 +16,7 @@ from train.cpu_devices import MAX_AUTO_DEVICES, gains_from_split, split_cpu_host
 from train.evaluation import evaluate_workdir, format_table
 from train.loop import run_training
 from train.ptq import convert_workdir
+from train.run import open_store
 from train.sharding import maybe_initialize_distributed
 
 
@@ -46,7 +47,7 @@ def main(argv=None):
             raise UserError(f"train.init_from: {config.train.init_from} does not exist (the run to quantize: train it "
                             f"first, e.g. python -m train.main --config baseline, or --set train.init_from=WORKDIR)")
         if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
-            check_same_quantization(workdir, config)
+            check_same_conversion(workdir, config)
             print(f"{workdir} already holds the converted model")
         else:
             convert_workdir(Path(config.train.init_from), workdir, config.quant)
@@ -88,9 +89,18 @@ def cpu_split_note(config, count: int | None, flops: float) -> str | None:
     return None
 
 
-def check_same_quantization(workdir: Path, config) -> None:
-    """UserError unless the serving run in `workdir` was made with `config`'s quant section: converting again into
-    a workdir that holds one keeps it, so other settings would otherwise be dropped without a word."""
+def check_same_conversion(workdir: Path, config) -> None:
+    """UserError unless the serving run in `workdir` was converted from `config`'s train.init_from with its quant
+    section: converting again into a workdir that holds one keeps it, so another source or other settings would
+    otherwise be dropped without a word."""
+    store = open_store(workdir)
+    try:
+        source = store.metadata().get("converted_from")
+    finally:
+        store.close()
+    if source is not None and Path(source) != Path(config.train.init_from).resolve():
+        raise UserError(f"{workdir} already holds a serving run converted from {source}, not from "
+                        f"train.init_from={config.train.init_from}: convert into a new --workdir")
     stored = read_yaml(workdir / "config.yaml", "the serving run's config")
     stored = stored.get("quant", {}) if isinstance(stored, dict) else {}
     wanted = config.to_dict()["quant"]
