@@ -35,7 +35,7 @@ def reference(workdir: Path, windows: int, new_tokens: int) -> dict[str, np.ndar
         targets.append(y)
         logits.append(np.asarray(forward(run.variables, x), np.float32))
     text = tokenizer.decode(splits.val[:2000]).encode("utf-8")
-    speed = decode_speed(run, 1, min(new_tokens, cfg.seq_len // 2), reps=3)
+    speed = decode_speed(run, 1, max(2, min(new_tokens, cfg.seq_len // 2)), reps=3)
     return {"inputs": np.concatenate(inputs)[:windows].astype(np.int32),
             "targets": np.concatenate(targets)[:windows].astype(np.int32),
             "logits": np.concatenate(logits)[:windows], "text": np.frombuffer(text, np.uint8),
@@ -51,8 +51,9 @@ def main(argv=None) -> None:
     parser.add_argument("--windows", type=int, default=64, help="validation windows of seq_len tokens")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded when timing slm-jax")
     args = parser.parse_args(argv)
-    if args.windows <= 0 or args.new_tokens <= 0:
-        raise UserError("--windows and --new-tokens must be positive")
+    if args.windows <= 0 or args.new_tokens < 2:
+        raise UserError("--windows must be positive and --new-tokens at least 2 (decode is timed between two "
+                        "generate lengths)")
     arrays = reference(args.workdir, args.windows, args.new_tokens)
     np.savez(args.out, **arrays)
     print(f"wrote {args.out}: {len(arrays['inputs'])} windows of {int(arrays['seq_len'])} tokens; slm-jax decode "

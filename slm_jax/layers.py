@@ -5,8 +5,10 @@ the model a `MatmulProvider` instead of editing the model: the model file stays 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import flax.linen as nn
 import jax
@@ -33,6 +35,28 @@ class MatmulProvider(Protocol):
     def dot_general(self, path: tuple[str, ...]) -> DotGeneral: ...
 
     def keeps_float_kernel(self, path: tuple[str, ...]) -> bool: ...
+
+
+# Set while tracing a loop body that applies the same weights every iteration (generate's decode step)
+_WEIGHTS_LOOP_INVARIANT = contextvars.ContextVar("weights_loop_invariant", default=False)
+
+
+@contextlib.contextmanager
+def weights_loop_invariant() -> Iterator[None]:
+    """Trace-time marker around a loop body that applies the same weights every iteration (`generate`'s decode
+    step). A dot_general that derives its weight from stored values (quant's dequantized serving) may then leave
+    the derivation loop-invariant, for XLA to compute once before the loop; outside such a body it ties it to the
+    layer's input, so each layer's weight is made just before its matmul (see quant.provider.serve_fake)."""
+    token = _WEIGHTS_LOOP_INVARIANT.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_LOOP_INVARIANT.reset(token)
+
+
+def in_weights_loop() -> bool:
+    """Whether the current trace is inside `weights_loop_invariant`."""
+    return _WEIGHTS_LOOP_INVARIANT.get()
 
 
 def embeds_by_matmul(matmul: MatmulProvider | None, path: tuple[str, ...]) -> bool:

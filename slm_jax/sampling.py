@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from slm_jax.attention import KVCache
+from slm_jax.layers import weights_loop_invariant
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
@@ -44,7 +45,8 @@ def generate(model: nn.Module, variables, prompt: jax.Array, rng: jax.Array, max
 
     def step(carry, i):
         token, cache = carry
-        logits, cache = model.apply(variables, token[:, None], cache=cache)
+        with weights_loop_invariant():  # dequantized weights, if any, may be made once before the loop
+            logits, cache = model.apply(variables, token[:, None], cache=cache)
         nxt = sample_logits(logits[:, -1], jax.random.fold_in(rng, i), temperature, top_k)
         return (nxt, cache), token
 

@@ -99,12 +99,13 @@ def quality_markdown(section: dict, device: str) -> str:
 
 
 def decode_cell(speed: dict) -> str:
-    """Decode tokens/s (median) and its range over the generate repeats, each less the same median of generate
-    with no new tokens that the median rate subtracts (so the median always lies within the range)."""
-    tokens, rate = speed["batch"] * speed["new_tokens"], speed["decode_tokens_per_s"]
+    """Decode tokens/s (median) and its range over the generate repeats, each less the same median of the baseline
+    generate that the median rate subtracts (so the median always lies within the range). Results written before
+    `decode_steps` existed subtracted generate(0) over all new tokens."""
+    tokens, rate = speed["batch"] * speed.get("decode_steps", speed["new_tokens"]), speed["decode_tokens_per_s"]
     rates = [None, None]
     if rate and "generate_spread" in speed:
-        no_new_tokens_s = speed["generate_s"] - tokens / rate  # generate(0)'s median, as decode_speed measured it
+        no_new_tokens_s = speed["generate_s"] - tokens / rate  # the baseline's median, as decode_speed measured it
         rates = [tokens / max(speed["generate_spread"][k] - no_new_tokens_s, 1e-9) for k in ("max", "min")]
     return f"{fmt(speed['decode_tokens_per_s'], ',.0f')} ({span(*rates, ',.0f')})"
 

@@ -47,6 +47,8 @@ def main(argv=None):
     if args.rss_child:
         return rss_child(args.rss_child, SIZES[args.size] if args.overrides is None else args.overrides,
                          args.new_tokens)
+    if args.new_tokens < 2:
+        raise UserError("--new-tokens must be at least 2: decode is timed as generate(n) minus generate(n // 2)")
     if args.json and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
         raise UserError(f"--json {args.json}: its folder does not exist or is not writable")
     tic = time.perf_counter()

@@ -54,9 +54,14 @@ SIZES = {"bundled": (), "larger": LARGER, "smollm2": (*SMOLLM2_135M, "quant.embe
 def decode_speed(run, batch: int, new_tokens: int, reps: int, kv_bits: int | None = None) -> dict:
     """Prefill of a seq_len/2 prompt, timed alone, and `generate` (prefill + new_tokens decode steps, sampling
     at temperature 0.8, top-k 40 as train.generate does), with an int8 KV cache when kv_bits is 8. Decode seconds =
-    generate with `new_tokens` minus the same generate with none (the prompt's prefill and first sample), medians
-    of `reps` runs after compilation (`time.perf_counter`); decode tokens/s = batch * new_tokens / decode seconds,
-    None when load made the difference not positive (too few new tokens to resolve), never a clamped rate."""
+    generate with `new_tokens` minus the same generate with `new_tokens // 2` (both run the prompt's prefill, the
+    first sample and a decode loop, so the difference is `decode_steps` = new_tokens - new_tokens // 2 decode steps;
+    a generate with no new tokens is no baseline: XLA drops its unused prefill), medians of `reps` runs after
+    compilation (`time.perf_counter`); decode tokens/s = batch * decode_steps / decode seconds, None when load made
+    the difference not positive (too few new tokens to resolve), never a clamped rate.
+    Raises ValueError for new_tokens < 2."""
+    if new_tokens < 2:
+        raise ValueError(f"decode_speed needs at least 2 new tokens, got {new_tokens}")
     model, variables, cfg = run.model, run.variables, run.config.model
     prompt_len = max(1, cfg.seq_len // 2)
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
@@ -64,20 +69,38 @@ def decode_speed(run, batch: int, new_tokens: int, reps: int, kv_bits: int | Non
     rng = jax.random.PRNGKey(0)
     run_prefill = lambda: prefill(variables, prompt)
     run_generate = lambda n: lambda: generate(model, variables, prompt, rng, n, 0.8, 40, kv_bits)
-    first_prefill, first_generate, _ = timed(run_prefill), timed(run_generate(new_tokens)), timed(run_generate(0))
+    baseline_tokens = new_tokens // 2
+    first_prefill, first_generate = timed(run_prefill), timed(run_generate(new_tokens))
+    timed(run_generate(baseline_tokens))
     prefills = spread(timed(run_prefill) for _ in range(reps))
     generates = spread(timed(run_generate(new_tokens)) for _ in range(reps))
+    baselines = spread(timed(run_generate(baseline_tokens)) for _ in range(reps))
     prefill_s, generate_s = prefills["median"], generates["median"]
-    decode_s = generate_s - spread(timed(run_generate(0)) for _ in range(reps))["median"]
+    decode_s = generate_s - baselines["median"]
     decode_s = decode_s if decode_s > 0 else None
+    steps = new_tokens - baseline_tokens
     cache = jax.eval_shape(lambda: KVCache.init(cfg, batch, model.dtype, cache_size(model, prompt_len, new_tokens),
                                                 kv_bits))
     return {"batch": batch, "kv_bits": kv_bits, "kv_cache_bytes": cache.nbytes(), "prompt_len": prompt_len,
-            "new_tokens": new_tokens, "first_prefill_s": first_prefill, "first_generate_s": first_generate,
+            "new_tokens": new_tokens, "decode_steps": steps, "baseline_generate_s": baselines["median"],
+            "first_prefill_s": first_prefill, "first_generate_s": first_generate,
             "prefill_s": prefill_s, "generate_s": generate_s, "prefill_spread": prefills, "generate_spread": generates,
             "prefill_tokens_per_s": batch * prompt_len / prefill_s,
-            "decode_tokens_per_s": decode_s and batch * new_tokens / decode_s,
-            "decode_ms_per_token": decode_s and 1000 * decode_s / new_tokens}
+            "decode_tokens_per_s": decode_s and batch * steps / decode_s,
+            "decode_ms_per_token": decode_s and 1000 * decode_s / steps}
+
+
+def generate_memory(run, batch: int, new_tokens: int, kv_bits: int | None = None) -> dict:
+    """XLA's buffer assignment for `generate` of `new_tokens` after a seq_len/2 prompt at `batch` (compiled memory
+    analysis, bytes): `argument` (the variables and prompt), `temp` (every buffer the program allocates while it
+    runs: activations, KV cache, and any float weights it dequantizes and keeps) and `output`. A float copy of a
+    quantized model shows here exactly, where peak RSS mixes it with the runtime and the compiler."""
+    cfg = run.config.model
+    prompt = jnp.zeros((batch, max(1, cfg.seq_len // 2)), jnp.int32)
+    lowered = generate.lower(run.model, run.variables, prompt, jax.random.PRNGKey(0), new_tokens, 0.8, 40, kv_bits)
+    found = lowered.compile().memory_analysis()
+    return {"argument": found.argument_size_in_bytes, "temp": found.temp_size_in_bytes,
+            "output": found.output_size_in_bytes}
 
 
 class Served(NamedTuple):
@@ -122,17 +145,20 @@ def interleaved_speed(variants, size_overrides, batches, new_tokens: int, rounds
     """Prefill and decode tokens/s of each variant at each batch, variants timed in turn round after round, and each
     round's ratio to each float of FLOATS among `variants` (both are added when missing, bf16 first). Rows carry
     min/median over rounds of the ratios: `{key}_x_float_{min,median}` against bf16 and `{key}_x_float_f32_...`
-    against f32 compute."""
+    against f32 compute, and `generate_temp_bytes` (see generate_memory: a run-time float copy of the weights shows
+    there)."""
     variants = [*FLOATS, *[name for name in variants if name not in FLOATS]]
     runs = {name: random_served(name, size_overrides) for name in variants}
     per_round = {(name, b): [] for name in variants for b in batches}
+    memory = {(name, b): generate_memory(runs[name], b, new_tokens, VARIANTS[name][2]) for name, b in per_round}
     for r in range(rounds):
         for name, b in per_round:
             per_round[name, b].append(decode_speed(runs[name], b, new_tokens, 1, VARIANTS[name][2]))
         say(f"round {r + 1}/{rounds} done, load average {load_text()}")
     rows = []
     for (name, b), speeds in per_round.items():
-        row = {"name": name, "batch": b, "param_bytes": tree_bytes(runs[name].variables)["total"]}
+        row = {"name": name, "batch": b, "param_bytes": tree_bytes(runs[name].variables)["total"],
+               "generate_temp_bytes": memory[name, b]["temp"]}
         text = []
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
             row[f"{key}_median"] = statistics.median([s[key] for s in speeds if s[key]] or [0])
@@ -143,7 +169,8 @@ def interleaved_speed(variants, size_overrides, batches, new_tokens: int, rounds
                 row[f"{key}_x_{base}_median"] = statistics.median(found) if found else None
                 ratios.append(f"x{label} {fmt(row[f'{key}_x_{base}_min'])}/{fmt(row[f'{key}_x_{base}_median'])}")
             text.append(f"{key.split('_')[0]} {row[f'{key}_median']:,.0f} tok/s {' '.join(ratios)}")
-        say(f"{name} b={b}: {', '.join(text)}, param bytes {row['param_bytes']:,}")
+        say(f"{name} b={b}: {', '.join(text)}, param bytes {row['param_bytes']:,}, generate's temp bytes "
+            f"{row['generate_temp_bytes']:,}")
         rows.append(row)
     return {"overrides": list(size_overrides), "rounds": rounds, "new_tokens": new_tokens, "rows": rows}
 

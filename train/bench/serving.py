@@ -125,7 +125,7 @@ def measure_serving(quality: dict, work: Path, batches, new_tokens: int, reps: i
         extra["larger"]["rss"] = variants_rss(LARGER_VARIANTS, larger.overrides, larger.new_tokens)
     return {**extra, "how": f"tokens/s after compilation, median of {reps}; prompt seq_len/2 random tokens; decode "
                    f"{new_tokens} new tokens with the KV cache (slm_jax.sampling.generate), timed as generate(n) "
-                   f"minus generate(0); tokens/s at batch b count the tokens of all b sequences (b x tokens / "
-                   f"seconds)", "spreads": spreads,
+                   f"minus generate(n // 2) over the n - n // 2 steps between; tokens/s at batch b count the "
+                   f"tokens of all b sequences (b x tokens / seconds)", "spreads": spreads,
             "runtime_rss": {**measured["runtime"], "command": f"python -c {shlex.quote(RUNTIME_ONLY)}"},
             "rows": rows}
