@@ -3,6 +3,7 @@ one-line errors."""
 import argparse
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -223,6 +224,13 @@ def test_serving_numerics_are_chosen_when_serving_not_by_converting_again(runs, 
     generate_main(["--workdir", str(tmp_path / "int4"), "--max-new-tokens", "8", "--numerics", "int",
                    "--per-channel-int8", "--prompt", "SPEAKER1:"])
     assert capsys.readouterr().out.startswith("SPEAKER1:")
+    # the compute dtype is a serving choice too: the same stored codes, float32 activations and KV cache
+    bf16 = served_run(run, "bf16")
+    assert run.model.dtype == jnp.float32 and bf16.model.dtype == jnp.bfloat16 and bf16.config.train.precision == "bf16"
+    np.testing.assert_allclose(np.asarray(bf16.model.apply(bf16.variables, tokens)[0], np.float32), logits["fake"],
+                               atol=0.05 * spread)
+    generate_main(["--workdir", str(tmp_path / "int4"), "--max-new-tokens", "8", "--precision", "bf16", "--verbose"])
+    assert "[KV cache: bfloat16," in capsys.readouterr().out
     with pytest.raises(SystemExit) as stop:
         generate_main(["--workdir", str(tmp_path / "int4"), "--max-new-tokens", "8", "--per-channel-int8"])
     assert stop.value.code == 2 and "--numerics int" in capsys.readouterr().err

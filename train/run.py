@@ -38,18 +38,21 @@ class LoadedRun:
     tokenizer: object  # train.tokenizer: what turns text into this run's ids and back
 
 
-def served_run(run: LoadedRun, **serving) -> LoadedRun:
+def served_run(run: LoadedRun, precision: str | None = None, **serving) -> LoadedRun:
     """`run` as train.generate serves it: its variables in this backend's serving layout (quant.serving.served_layout,
     e.g. int4 codes in int8 containers on CPU); the loaded arrays that layout replaces are dropped. `serving` sets
     quant fields that change how a serving run is computed, not what it stores (`numerics`,
-    `serve_per_channel_int8`; None keeps the run's own), and rebuilds the model with them. Raises UserError for
-    another key, or a value QuantConfig refuses."""
+    `serve_per_channel_int8`; None keeps the run's own), and `precision` the compute dtype (train.precision: fp32,
+    bf16 or fp16; None keeps the run's own); the model is rebuilt with them. Raises UserError for another key, or a
+    value the config refuses."""
     unknown = set(serving) - {"numerics", "serve_per_channel_int8"}
     if unknown:
         raise UserError(f"only numerics and serve_per_channel_int8 change how a run is served, not {sorted(unknown)}")
     changes = {key: value for key, value in serving.items() if value is not None}
-    if changes:
+    if changes or precision is not None:
         config = dataclasses.replace(run.config, quant=dataclasses.replace(run.config.quant, **changes))
+        if precision is not None:
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
         run = dataclasses.replace(run, config=config, model=build_model(config))
     return dataclasses.replace(run, variables=served_layout(run.variables, run.config.model, run.config.quant))
 
