@@ -189,10 +189,10 @@ def test_serving_numerics_are_chosen_when_serving_not_by_converting_again(runs, 
     train_main(ptq)  # the same settings again: kept, evaluated again
     assert "already holds the converted model" in capsys.readouterr().out
     with pytest.raises(SystemExit) as stop:
-        train_main([*ptq, "--set", "quant.numerics=int"])
+        train_main([*ptq, "--set", "quant.numerics=fake"])
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "quant.numerics='auto' (asked 'int')" in err
+    assert len(err.splitlines()) == 1 and "quant.numerics='int' (asked 'fake')" in err
     shutil.copytree(runs / "float", tmp_path / "other")  # the same settings from another run: refused as well
     with pytest.raises(SystemExit) as stop:
         train_main([*ptq[:3], f"train.init_from={tmp_path / 'other'}", *ptq[4:]])
@@ -203,10 +203,10 @@ def test_serving_numerics_are_chosen_when_serving_not_by_converting_again(runs, 
     run = load_run(tmp_path / "int4")
     tokens = np.random.default_rng(0).integers(0, run.config.model.vocab_size, (1, 12)).astype(np.int32)
     logits = {}
-    for name, serving in (("fake", {}), ("int", {"numerics": "int"}),
-                          ("channel", {"numerics": "int", "serve_per_channel_int8": True})):
+    for name, serving in (("fake", {"numerics": "fake"}), ("int", {}),  # ptq_int4 serves with int numerics
+                          ("channel", {"serve_per_channel_int8": True})):
         served = served_run(run, **serving)
-        assert served.config.quant.numerics == serving.get("numerics", "auto")
+        assert served.config.quant.numerics == serving.get("numerics", "int")
         stored = quantized_weights(served.variables["aqt"])
         dims = {w["value"].ndim for path, w in stored.items() if path[-1] != "embed"}
         assert dims == ({2} if name == "channel" else {3})  # per channel [in, out] / per group [g, size, out]
@@ -232,7 +232,8 @@ def test_serving_numerics_are_chosen_when_serving_not_by_converting_again(runs, 
     generate_main(["--workdir", str(tmp_path / "int4"), "--max-new-tokens", "8", "--precision", "bf16", "--verbose"])
     assert "[KV cache: bfloat16," in capsys.readouterr().out
     with pytest.raises(SystemExit) as stop:
-        generate_main(["--workdir", str(tmp_path / "int4"), "--max-new-tokens", "8", "--per-channel-int8"])
+        generate_main(["--workdir", str(tmp_path / "int4"), "--max-new-tokens", "8", "--numerics", "fake",
+                       "--per-channel-int8"])
     assert stop.value.code == 2 and "--numerics int" in capsys.readouterr().err
 
 

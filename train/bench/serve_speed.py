@@ -35,8 +35,8 @@ VARIANTS = {
     "int8_w8": ("ptq_int8", ("quant.act_bits=null", "quant.numerics=fake"), None, None),
     # weight-only int numerics on CPU: one int8 dot over hi/lo int8 halves of the activations (quant.serving_int)
     "int8_w8_int": ("ptq_int8", ("quant.act_bits=null",), None, None),
-    "int4": ("ptq_int4", (), None, None),  # w4 g32, packed int4
-    "int4_in_int8": ("ptq_int4", (), None, "containers"),
+    "int4": ("ptq_int4", ("quant.numerics=fake",), None, None),  # w4 g32, packed int4, dequantized
+    "int4_in_int8": ("ptq_int4", ("quant.numerics=fake",), None, "containers"),  # the same codes in int8 containers
     "int4_w4a8": ("ptq_int4", ("quant.act_bits=8", "quant.numerics=int"), None, "containers"),
     "int4_per_channel_int8": ("ptq_int4", ("quant.numerics=int", "quant.serve_per_channel_int8=true"), None, "served"),
     # the exact int4 codes (int8 containers) with int numerics: decoding (up to 2 rows) serves one int8 dot batched
