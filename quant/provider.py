@@ -236,6 +236,7 @@ class QuantDotGeneral(nn.Module):
                 if x.size == x.shape[-1]:  # one row: XLA CPU's int8 matvec is slow, see two_rows
                     return two_rows(lambda x2: aqt(x2, w, dimension_numbers, precision), x)
                 return aqt(x, w, dimension_numbers, precision)
+            dot = float16_safe(dot, self.numerics)
         return chain(self.hooks, HookContext(self.layer_path, plan, self), dot)(lhs, rhs)
 
 
@@ -247,9 +248,27 @@ def activation_dot_general(plan: LayerPlan, numerics: str):
     cfg = aqt_dot_general_config(plan, numerics)
 
     def dot(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-        return copy.deepcopy(cfg)(lhs, rhs, dimension_numbers, precision)
+        return float16_safe(lambda x, y: copy.deepcopy(cfg)(x, y, dimension_numbers, precision), numerics)(lhs, rhs)
 
     return dot
+
+
+def float16_safe(dot, numerics: str):
+    """dot(lhs, rhs) -> the same product, computed in float32 and cast back when `int` numerics meet float16 operands.
+
+    AQT rescales the int32 sums of an integer matmul in the operands' dtype (aqtp 0.9.0, QTensor.dequant): float16's
+    largest value, 65,504, is the sum of 127 * 127 * 4.06 products, so any int8 layer contracting more than a few
+    elements overflowed to inf and the served model's logits to NaN. The sums are exact integers either way; only
+    their rescaling moves to float32 (as quant.serving_int does for its own int paths)."""
+    if numerics != "int":
+        return dot
+
+    def safe(lhs, rhs):
+        if lhs.dtype != jnp.float16:
+            return dot(lhs, rhs)
+        return dot(lhs.astype(jnp.float32), rhs.astype(jnp.float32)).astype(jnp.float16)
+
+    return safe
 
 
 class AqtProvider:

@@ -246,3 +246,35 @@ def test_ptq_from_a_missing_run_names_train_init_from(tmp_path, capsys):
     assert stop.value.code == 2 and len(err.splitlines()) == 1
     assert err.startswith("error: train.init_from: ") and "does not exist" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_ptq_honours_train_precision_and_names_the_overrides_it_ignores(runs, capsys, tmp_path):
+    """`--set train.precision=bf16` when making a serving run sets its compute dtype (the source trained in float32);
+    an override PTQ does not read (train.steps) is named in one note line instead of dropped without a word; and
+    converting again into that run with another precision is refused like other settings."""
+    from train.main import main as train_main
+    ptq = ["--config", "ptq_int8", "--set", f"train.init_from={runs / 'float'}", "--set", "train.eval_batches=2",
+           "--set", "train.steps=7", "--workdir", str(tmp_path / "int8")]
+    assert load_run(runs / "float").config.train.precision == "fp32"
+    train_main([*ptq, "--set", "train.precision=bf16"])
+    out = capsys.readouterr().out
+    assert "note: post-training quantization converts train.init_from as it was trained; train.steps do(es) not " \
+           "apply" in out
+    served = load_run(tmp_path / "int8")
+    assert served.config.train.precision == "bf16" and served.model.dtype == jnp.bfloat16
+    with pytest.raises(SystemExit) as stop:
+        train_main([*ptq, "--set", "train.precision=fp32"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.precision='bf16' (asked 'fp32')" in err
+
+
+def test_generate_says_when_the_prompt_is_longer_than_the_context(runs, capsys):
+    from train.generate import main as generate_main
+    seq_len = load_run(runs / "float").config.model.seq_len
+    generate_main(["--workdir", str(runs / "float"), "--prompt", "x" * (seq_len + 5), "--max-new-tokens", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"[prompt: {seq_len + 5} tokens; the model sees its last {seq_len} (its context)]"
+    assert lines[1].startswith("x" * (seq_len + 5))
+    generate_main(["--workdir", str(runs / "float"), "--prompt", "x" * seq_len, "--max-new-tokens", "2"])
+    assert not capsys.readouterr().out.startswith("[prompt")

@@ -7,7 +7,7 @@ import pytest
 from aqt.jax.v2.utils import QuantMode
 
 from quant.plan import LayerPlan
-from quant.provider import AqtProvider
+from quant.provider import AqtProvider, activation_dot_general
 from slm_jax.layers import Linear
 
 
@@ -93,3 +93,22 @@ def test_quantized_gradients_round_stochastically_with_the_dropout_rng():
         assert np.isfinite(g).all() and np.abs(g - g2).max() > 0  # the noise follows the key
         for approx in (g, g_nearest):
             assert np.linalg.norm(approx - g_float) / np.linalg.norm(g_float) < 0.05
+
+
+def test_attention_einsum_with_int_numerics_in_float16_matches_float32():
+    """A quantized attention einsum (both operands activations, int8 x int8) on float16 operands of +-1 contracting
+    64 elements: the int32 sums reach 1,032,256, past float16's 65,504, while the result (at most 64) is small. The
+    float16 result is the float32 computation's, rounded to float16, not inf (AQT's rescale of the int32 sums runs in
+    float32, quant.provider.float16_safe)."""
+    plan = LayerPlan(8, 8, "per_channel", None, None, "attention")
+    dot = activation_dot_general(plan, "int")
+    rng = np.random.default_rng(0)
+    q = rng.choice([-1.0, 1.0], size=(4, 64)).astype(np.float16)  # codes +-127, int32 sums up to 127 * 127 * 64
+    k = rng.choice([-1.0, 1.0], size=(64, 4)).astype(np.float16)
+    dims = (((1,), (0,)), ((), ()))
+    half = np.asarray(dot(jnp.asarray(q), jnp.asarray(k), dims))
+    full = np.asarray(dot(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), dims))
+    assert half.dtype == np.float16 and np.isfinite(half).all()
+    np.testing.assert_array_equal(half, full.astype(np.float16))
+    # AQT puts the abs-max 1 at 127.5 steps and clips to 127: each operand reads 127 / 127.5 of its value
+    np.testing.assert_allclose(full, (127 / 127.5) ** 2 * (q.astype(np.float64) @ k.astype(np.float64)), rtol=1e-6)

@@ -192,3 +192,45 @@ def test_generate_with_no_new_tokens_runs_no_prefill():
     text = lambda n: generate.lower(run.model, run.variables, prompt, jax.random.PRNGKey(0), n, 0.8, 40, None) \
         .compile().as_text()
     assert not re.search(r" dot\(", text(0)) and re.search(r" dot\(", text(1))
+
+
+def test_int8_served_in_float16_keeps_its_integer_sums_finite():
+    """w8a8 with `int` numerics in float16 compute: AQT rescales the int32 sums in the compute dtype, and float16 tops
+    out at 65,504 (4 products of 127 * 127), so with random codes most outputs of the first matmul were inf and
+    every logit NaN. quant.provider.float16_safe rescales them in float32: the float16 logits are the float32
+    compute's within float16's rounding of the activations."""
+    half = random_served("int8", (*SIZE, "train.precision=fp16"))
+    full = random_served("int8", (*SIZE, "train.precision=fp32"))
+    assert half.model.dtype == jnp.float16
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 8)), jnp.int32)
+    logits = {name: np.asarray(jax.jit(lambda v, t, r=r: r.model.apply(v, t)[0])(r.variables, tokens), np.float32)
+              for name, r in (("half", half), ("full", full))}
+    chex.assert_shape(logits["half"], (2, 8, 256))
+    assert np.isfinite(logits["half"]).all()
+    spread = logits["full"].max() - logits["full"].min()
+    assert np.abs(logits["half"] - logits["full"]).max() <= 0.05 * spread
+
+
+def test_interleaved_speed_reports_an_unresolved_decode_rate_as_missing(monkeypatch):
+    """A round whose decode difference was not positive gives no rate (decode_speed's None): the row's median is
+    None and printed as n/a with the count of such rounds, never a rate of 0; ratios use the resolved rounds only."""
+    calls = {"n": 0}
+
+    def fake_speed(run, batch, new_tokens, reps, kv_bits=None):
+        calls["n"] += 1
+        unresolved = run.config == "int8" or (run.config == "float" and calls["n"] > 3)
+        return {"prefill_tokens_per_s": 100.0, "decode_tokens_per_s": None if unresolved else 50.0}
+
+    monkeypatch.setattr(serve_speed, "random_served",
+                        lambda name, overrides: serve_speed.Served(name, None, {"params": {"w": jnp.zeros(4)}}))
+    monkeypatch.setattr(serve_speed, "decode_speed", fake_speed)
+    monkeypatch.setattr(serve_speed, "generate_memory", lambda *args: {"temp": 1})
+    said = []
+    rows = {row["name"]: row for row in interleaved_speed(["int8"], (), (1,), 4, 2, said.append)["rows"]}
+    assert rows["int8"]["decode_tokens_per_s_median"] is None and rows["int8"]["decode_tokens_per_s_rounds"] == 0
+    assert rows["int8"]["decode_tokens_per_s_x_float_median"] is None
+    assert rows["float"]["decode_tokens_per_s_median"] == 50.0 and rows["float"]["decode_tokens_per_s_rounds"] == 1
+    assert rows["float_f32"]["decode_tokens_per_s_x_float_median"] == 1.0  # round 1 only: float's round 2 missed
+    line = next(text for text in said if text.startswith("int8 "))
+    assert "decode n/a tok/s (2 of 2 rounds too short to resolve)" in line
+    assert "float b=1: prefill 100 tok/s xbf16" in said[2] and "(1 of 2 rounds too short to resolve)" in said[2]

@@ -56,15 +56,18 @@ def main(argv=None):
     run = served_run(run, args.precision, numerics=args.numerics,
                      serve_per_channel_int8=args.per_channel_int8 or None)
     kv_bits = args.kv_bits or run.config.quant.kv_bits
+    seq_len = run.config.model.seq_len
+    prompt_len = len(run.tokenizer.encode(args.prompt, add_special_tokens=True, source="--prompt"))
+    if prompt_len > seq_len:
+        print(f"[prompt: {prompt_len} tokens; the model sees its last {seq_len} (its context)]")
     if args.verbose:
-        prompt_len = min(len(run.tokenizer.encode(args.prompt, source="--prompt")) or 1, run.config.model.seq_len)
-        size = cache_size(run.model, prompt_len, args.max_new_tokens)
+        size = cache_size(run.model, min(prompt_len or 1, seq_len), args.max_new_tokens)
         cache = jax.eval_shape(lambda: KVCache.init(run.config.model, args.num_samples, run.model.dtype, size, kv_bits))
         print(f"[KV cache: {'int8' if kv_bits else jnp.dtype(run.model.dtype).name}, {size} slots x "
               f"{args.num_samples} sample(s), {cache.nbytes():,} bytes]")
     start = time.perf_counter()
     texts = sample_text(run.model, run.variables, run.tokenizer, args.prompt, args.max_new_tokens,
-                        run.config.model.seq_len, seed=args.seed, temperature=args.temperature,
+                        seq_len, seed=args.seed, temperature=args.temperature,
                         top_k=args.top_k or None, batch=args.num_samples, kv_bits=kv_bits)
     seconds = time.perf_counter() - start
     for i, text in enumerate([texts] if isinstance(texts, str) else texts):

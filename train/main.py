@@ -46,11 +46,17 @@ def main(argv=None):
         if not Path(config.train.init_from).is_dir():
             raise UserError(f"train.init_from: {config.train.init_from} does not exist (the run to quantize: train it "
                             f"first, e.g. python -m train.main --config baseline, or --set train.init_from=WORKDIR)")
+        keys = [text.split("=", 1)[0].strip() for text in args.overrides]
+        ignored = [key for key in keys if not key.startswith("quant.") and key not in PTQ_KEYS]
+        if ignored:
+            print(f"note: post-training quantization converts train.init_from as it was trained; "
+                  f"{', '.join(ignored)} do(es) not apply (only quant.*, {', '.join(sorted(PTQ_KEYS))})")
+        precision = config.train.precision if "train.precision" in keys else None
         if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
-            check_same_conversion(workdir, config)
+            check_same_conversion(workdir, config, precision)
             print(f"{workdir} already holds the converted model")
         else:
-            convert_workdir(Path(config.train.init_from), workdir, config.quant)
+            convert_workdir(Path(config.train.init_from), workdir, config.quant, precision=precision)
         rows = [evaluate_workdir(w, config.train.eval_batches, config.train.batch_size)
                 for w in (Path(config.train.init_from), workdir)]
         print(format_table(rows))
@@ -89,10 +95,15 @@ def cpu_split_note(config, count: int | None, flops: float) -> str | None:
     return None
 
 
-def check_same_conversion(workdir: Path, config) -> None:
+# what post-training quantization (quant.mode=serve) reads of the config besides quant.*: the run to convert, the
+# serving run's compute dtype, and how its evaluation afterwards batches
+PTQ_KEYS = frozenset({"train.init_from", "train.precision", "train.eval_batches", "train.batch_size"})
+
+
+def check_same_conversion(workdir: Path, config, precision: str | None = None) -> None:
     """UserError unless the serving run in `workdir` was converted from `config`'s train.init_from with its quant
-    section: converting again into a workdir that holds one keeps it, so another source or other settings would
-    otherwise be dropped without a word."""
+    section (and `precision`, when asked): converting again into a workdir that holds one keeps it, so another
+    source or other settings would otherwise be dropped without a word."""
     store = open_store(workdir)
     try:
         source = store.metadata().get("converted_from")
@@ -101,12 +112,16 @@ def check_same_conversion(workdir: Path, config) -> None:
     if source is not None and Path(source) != Path(config.train.init_from).resolve():
         raise UserError(f"{workdir} already holds a serving run converted from {source}, not from "
                         f"train.init_from={config.train.init_from}: convert into a new --workdir")
-    stored = read_yaml(workdir / "config.yaml", "the serving run's config")
-    stored = stored.get("quant", {}) if isinstance(stored, dict) else {}
-    wanted = config.to_dict()["quant"]
+    whole = read_yaml(workdir / "config.yaml", "the serving run's config")
+    whole = whole if isinstance(whole, dict) else {}
+    stored = {f"quant.{key}": value for key, value in (whole.get("quant") or {}).items()}
+    wanted = {f"quant.{key}": value for key, value in config.to_dict()["quant"].items()}
+    if precision is not None:
+        stored["train.precision"] = (whole.get("train") or {}).get("precision")
+        wanted["train.precision"] = precision
     changed = [key for key in sorted(set(stored) | set(wanted)) if stored.get(key) != wanted.get(key)]
     if changed:
-        shown = ", ".join(f"quant.{key}={stored.get(key)!r} (asked {wanted.get(key)!r})" for key in changed)
+        shown = ", ".join(f"{key}={stored.get(key)!r} (asked {wanted.get(key)!r})" for key in changed)
         raise UserError(f"{workdir} already holds a serving run made with {shown}: convert into a new --workdir "
                         f"(train.generate --numerics / --per-channel-int8 choose how a run is served)")
 

@@ -44,10 +44,12 @@ def serving_quant_config(source: Config, override: QuantConfig | None) -> QuantC
 
 
 def convert_workdir(source: Path, out: Path, quant_cfg: QuantConfig | None = None, log=print, method: str = "rtn",
-                    calibration: Calibration = Calibration(), settings: PTQSettings = PTQSettings()) -> Path:
+                    calibration: Calibration = Calibration(), settings: PTQSettings = PTQSettings(),
+                    precision: str | None = None) -> Path:
     """Convert the latest checkpoint of `source` (float or QAT) into a serving run in `out` by `method` ("rtn", the
     default, or one of `quant.ptq_methods.METHODS`), calibrated on `calibration` from the training split, built
     whole under a temporary name (`train.run.new_run_folder`). Logs the resolved scheme in one line first.
+    `precision` (train.precision: fp32, bf16, fp16) sets the serving run's compute dtype; None keeps the source's.
 
     The serving run's metadata records `converted_from` (the source path), `converted_from_step` and `ptq` (method
     and seconds quantizing; for calibrated methods `quantize_with_method`'s record: settings, calibration amount,
@@ -61,6 +63,8 @@ def convert_workdir(source: Path, out: Path, quant_cfg: QuantConfig | None = Non
         run = load_run(source, refuse=REFUSED)
         serve_quant = serving_quant_config(run.config, quant_cfg)
         config = dataclasses.replace(run.config, quant=serve_quant)
+        if precision is not None:
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
         log(describe_scheme(config.model, serve_quant))
         splits = load_splits(config.data, run.tokenizer)
         params = run.variables["params"]

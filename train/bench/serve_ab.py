@@ -66,7 +66,7 @@ def main(argv=None):
     load = section_load.finish()
     results["busy"] = busy_reasons({}, load, os.cpu_count())
     if results["busy"]:
-        say(busy_warning(results["busy"]))
+        say(busy_warning(results["busy"], marked=False))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

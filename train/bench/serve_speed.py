@@ -161,14 +161,19 @@ def interleaved_speed(variants, size_overrides, batches, new_tokens: int, rounds
                "generate_temp_bytes": memory[name, b]["temp"]}
         text = []
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-            row[f"{key}_median"] = statistics.median([s[key] for s in speeds if s[key]] or [0])
+            resolved = [s[key] for s in speeds if s[key]]
+            row[f"{key}_median"] = statistics.median(resolved) if resolved else None  # None: no round resolved it
+            row[f"{key}_rounds"] = len(resolved)
             ratios = []
             for base, label in FLOATS.items():
                 found = [s[key] / f[key] for s, f in zip(speeds, per_round[base, b]) if s[key] and f[key]]
                 row[f"{key}_x_{base}_min"] = min(found) if found else None
                 row[f"{key}_x_{base}_median"] = statistics.median(found) if found else None
                 ratios.append(f"x{label} {fmt(row[f'{key}_x_{base}_min'])}/{fmt(row[f'{key}_x_{base}_median'])}")
-            text.append(f"{key.split('_')[0]} {row[f'{key}_median']:,.0f} tok/s {' '.join(ratios)}")
+            median = "n/a" if row[f"{key}_median"] is None else f"{row[f'{key}_median']:,.0f}"
+            unresolved = len(speeds) - len(resolved)
+            note = f" ({unresolved} of {len(speeds)} rounds too short to resolve)" if unresolved else ""
+            text.append(f"{key.split('_')[0]} {median} tok/s{note} {' '.join(ratios)}")
         say(f"{name} b={b}: {', '.join(text)}, param bytes {row['param_bytes']:,}, generate's temp bytes "
             f"{row['generate_temp_bytes']:,}")
         rows.append(row)

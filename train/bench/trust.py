@@ -90,9 +90,10 @@ def busy_reasons(spreads: dict[str, dict], load: dict, cpu_count: int) -> list[s
     return reasons
 
 
-def busy_warning(reasons: list[str]) -> str:
-    """The one plain sentence the console and results.md print above a busy section's figures ('' when quiet)."""
+def busy_warning(reasons: list[str], marked: bool = True) -> str:
+    """The one plain sentence the console and results.md print above a busy section's figures ('' when quiet);
+    `marked`: the section's ratios carry a '?' (the bench's tables; serve_ab's lines do not)."""
     if not reasons:
         return ""
-    return ("BUSY MACHINE: these timings are unreliable and their ratios (marked ?) should not be compared: "
-            + "; ".join(reasons))
+    return (f"BUSY MACHINE: these timings are unreliable and their ratios{' (marked ?)' if marked else ''} should "
+            f"not be compared: " + "; ".join(reasons))
