@@ -1,7 +1,9 @@
-"""`python -m checkpoints.inspect DIR [--step N]`: what a checkpoint holds, without building a model.
+"""`python -m checkpoints.inspect DIR [--step N] [--verify]`: what a checkpoint holds, without building a model.
 
 DIR is a workdir, its checkpoints folder, or one step folder. Prints the metadata, the steps present and every
-array of the saved state (read from Orbax's metadata, not restored), with bytes by dtype.
+array of the saved state (read from Orbax's metadata, not restored), with bytes by dtype. `--verify` also reads
+every array and compares its bytes with the CRC-32 recorded when the step was saved (exit 2 when one differs or
+cannot be read).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m checkpoints.inspect", description=__doc__)
     parser.add_argument("dir", type=Path, help="a workdir, its checkpoints/ folder, or one step folder in it")
     parser.add_argument("--step", type=non_negative_int, help="which step (default: the latest)")
+    parser.add_argument("--verify", action="store_true",
+                        help="read every array and check it against the CRC-32 recorded at save")
     return parser.parse_args(argv)
 
 
@@ -146,6 +150,10 @@ def main(argv=None):
         metadata, arrays = store.metadata(step), store.arrays(step)
         where = f"{store.directory}/{step if step is not None else store.latest_step()}"
         print(describe(metadata, store.steps(), arrays, where))
+        if args.verify:
+            checked = store.verify(step)
+            print(f"verified    every array read; {checked} match the CRC-32 recorded at save" if checked else
+                  "verified    every array read; no checksums recorded (saved before slm-jax recorded them)")
     finally:
         store.close()
 

@@ -1,0 +1,109 @@
+"""Checkpoint integrity: each save records a CRC-32 of every array's bytes, and a restore refuses arrays whose bytes
+changed on disk afterwards (bit rot, a bad copy), where Orbax itself reads them without complaint."""
+import shutil
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from checkpoints.manager import CHECKSUM_KEY, CheckpointStore, array_checksums
+from slm_jax.errors import UserError
+
+
+def state(seed: int) -> dict:
+    """Arrays of every dtype a run saves: float32 weights and moments, bfloat16 scales, int8 and int4 codes, a step."""
+    rng = np.random.default_rng(seed)
+    return {"params": {"w": jnp.asarray(rng.normal(size=(8, 16)), jnp.float32),
+                       "scale": jnp.asarray(rng.normal(size=(1, 16)), jnp.bfloat16),
+                       "codes": jnp.asarray(rng.integers(-128, 128, (8, 16)), jnp.int8),
+                       "codes4": jnp.asarray(rng.integers(-8, 8, (8, 16)), jnp.int4)},
+            "step": jnp.asarray(seed, jnp.int32)}
+
+
+def abstract(tree):
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def saved_store(tmp_path, steps=(1, 2)) -> CheckpointStore:
+    store = CheckpointStore(tmp_path / "checkpoints", keep=5, async_save=False)
+    for step in steps:
+        store.save(step, state(step), {"format_version": 2, "step": step})
+    store.wait()
+    return store
+
+
+def test_a_save_records_the_crc32_of_each_array_s_bytes(tmp_path):
+    store = saved_store(tmp_path, steps=(1,))
+    recorded = store.metadata(1)[CHECKSUM_KEY]
+    expected = state(1)
+    assert set(recorded) == {"params/w", "params/scale", "params/codes", "params/codes4", "step"}
+    # independent reference: zlib over numpy's bytes of the same values
+    assert recorded["params/w"] == zlib.crc32(np.asarray(expected["params"]["w"]).tobytes())
+    assert recorded["params/scale"] == zlib.crc32(np.asarray(expected["params"]["scale"]).astype(
+        ml_dtypes.bfloat16).tobytes())
+    assert recorded["step"] == zlib.crc32(np.int32(1).tobytes())
+
+
+def test_an_intact_checkpoint_restores_bit_exact_with_every_dtype(tmp_path):
+    store = saved_store(tmp_path)
+    restored = store.restore(abstract(state(2)), 2)
+    for got, want in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state(2))):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got).astype(np.float32), np.asarray(want).astype(np.float32))
+    assert array_checksums(restored) == store.metadata(2)[CHECKSUM_KEY]
+
+
+def test_bytes_changed_on_disk_after_the_save_are_refused_in_one_line(tmp_path):
+    store = saved_store(tmp_path)
+    before = store.restore(abstract(state(1)), 1)  # readable as saved
+    # a bad copy: step 1's array files replaced by step 2's (valid files, so Orbax reads them without complaint)
+    shutil.rmtree(tmp_path / "checkpoints" / "1" / "state")
+    shutil.copytree(tmp_path / "checkpoints" / "2" / "state", tmp_path / "checkpoints" / "1" / "state")
+    reopened = CheckpointStore(tmp_path / "checkpoints", create=False)
+    with pytest.raises(UserError) as err:
+        reopened.restore(abstract(state(1)), 1)
+    message = str(err.value)
+    assert "checkpoints/1 is damaged: the bytes of params/" in message
+    assert "(and 4 more)" in message and "differ from the CRC-32 recorded when it was saved" in message
+    assert "other steps here: [2]" in message and "\n" not in message
+    assert reopened.restore(abstract(state(2)), 2)["step"] == 2  # the other step is untouched
+    assert int(before["step"]) == 1
+
+
+def test_one_changed_array_is_named(tmp_path):
+    store = saved_store(tmp_path, steps=(1,))
+    metadata_file = tmp_path / "checkpoints" / "1" / "metadata" / "metadata"
+    text = metadata_file.read_text()
+    crc = store.metadata(1)[CHECKSUM_KEY]["params/codes4"]
+    metadata_file.write_text(text.replace(str(crc), str(crc ^ 1), 1))  # as if those bytes had changed
+    with pytest.raises(UserError, match=r"the bytes of params/codes4 differ .*; no other step is kept here"):
+        CheckpointStore(tmp_path / "checkpoints", create=False).restore(abstract(state(1)), 1)
+
+
+def test_checkpoints_saved_before_checksums_still_restore(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints", keep=5, async_save=False)
+    # as an older slm-jax saved: the same items, no checksums in the metadata
+    store._manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state(3)),
+                                                   metadata=ocp.args.JsonSave({"format_version": 2})))
+    store.wait()
+    assert CHECKSUM_KEY not in store.metadata(3)
+    assert int(store.restore(abstract(state(3)), 3)["step"]) == 3
+
+
+def test_inspect_verify_reads_every_array_and_reports_a_changed_one(tmp_path, capsys):
+    from checkpoints import inspect as inspect_cli
+    saved_store(tmp_path)
+    inspect_cli.main([str(tmp_path / "checkpoints"), "--step", "2", "--verify"])
+    assert "verified    every array read; 5 match the CRC-32 recorded at save" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "checkpoints" / "1" / "state")
+    shutil.copytree(tmp_path / "checkpoints" / "2" / "state", tmp_path / "checkpoints" / "1" / "state")
+    inspect_cli.main([str(tmp_path / "checkpoints"), "--step", "1"])  # without --verify: metadata only, no error
+    with pytest.raises(SystemExit) as exit_:
+        inspect_cli.main([str(tmp_path / "checkpoints"), "--step", "1", "--verify"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoints/1 is damaged: the bytes of params/" in err[0]
