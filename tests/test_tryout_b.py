@@ -2,6 +2,7 @@
 against its meta.json and the vocabulary, SIGTERM and SIGINT keep the checkpoint being written, a re-run with
 nothing to train appends nothing to metrics.jsonl, and a NaN at a session's first step names the data too."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -67,3 +68,39 @@ def test_a_resume_over_edited_text_at_the_same_path_is_refused_and_cadence_keys_
     with pytest.raises(UserError, match=r"with other data or batches \(train_tokens \d+ -> \d+; val_tokens \d+ -> \d+\); "):
         run_training(config("train.steps=8", "train.extend=true"), tmp_path / "run", **quiet)
     assert checkpoint_steps(tmp_path / "run") == [4, 6]
+
+
+def poison_id(folder: Path) -> None:
+    ids = np.memmap(folder / "train.bin", dtype=np.uint16, mode="r+")
+    ids[len(ids) // 2] = 300  # beyond the byte tokenizer's 256 ids
+
+
+def truncate(folder: Path) -> None:
+    path = folder / "train.bin"
+    path.write_bytes(path.read_bytes()[:-2])
+
+
+def garble_meta(folder: Path) -> None:
+    (folder / "meta.json").write_text('{"train_tokens": ')
+
+
+@pytest.mark.parametrize("damage, why", [
+    (poison_id, "has train.bin holding id 300, outside the tokenizer's 256 ids"),
+    (truncate, r"has train.bin of \d+ bytes, but meta.json says \d+ uint16 tokens \(\d+ bytes\)"),
+    (garble_meta, r"has an unreadable meta.json \(JSONDecodeError\)"),
+], ids=["id-beyond-vocab", "truncated", "bad-meta"])
+def test_a_damaged_token_cache_is_rebuilt_from_the_corpus_with_a_note(tmp_path, corpus_file, capsys, damage, why):
+    cfg = DataConfig(path=str(corpus_file), cache_dir=str(tmp_path / "cache"))
+    first = load_splits(cfg)
+    expected = (np.array(first.train), np.array(first.val), first.description)
+    [folder] = [p for p in (tmp_path / "cache").iterdir() if (p / "meta.json").is_file()]
+    capsys.readouterr()
+    damage(folder)
+    again = load_splits(cfg)
+    assert re.fullmatch(f"note: the token cache {re.escape(str(folder))} {why}; rebuilding it from data.path "
+                        f"{re.escape(str(corpus_file))}", capsys.readouterr().err.strip())
+    np.testing.assert_array_equal(again.train, expected[0])
+    np.testing.assert_array_equal(again.val, expected[1])
+    assert again.description == expected[2]
+    load_splits(cfg)
+    assert capsys.readouterr().err == ""  # checked once rebuilt: no note

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -168,9 +169,13 @@ def load_splits(cfg: DataConfig, tokenizer=None) -> Splits:
         tokenizer = _named_tokenizer(cfg, cache_root, key, lambda: source()[0])
     folder = cache_root / _cache_key({**key, "tokenizer": tokenizer.describe()})
     meta_path = folder / "meta.json"
+    where = f"data.path {cfg.path}" if cfg.path else "the bundled corpus"
+    problem = _cache_problem(folder, tokenizer) if meta_path.is_file() else None
+    if problem:  # the cache is derived data: a damaged one is made again from the corpus
+        print(f"note: the token cache {folder} {problem}; rebuilding it from {where}", file=sys.stderr)
+        meta_path.unlink(missing_ok=True)
     if not meta_path.is_file():  # meta.json is written last, so its presence means the cache is complete
         train_text, val_text, info = source()
-        where = f"data.path {cfg.path}" if cfg.path else "the bundled corpus"
         train, val = (tokenizer.encode(t, source=where) for t in (train_text, val_text))
         if len(train) < 2 or len(val) < 2:
             raise UserError(f"data.path: {cfg.path} is too small to split into train and validation text "
@@ -181,9 +186,42 @@ def load_splits(cfg: DataConfig, tokenizer=None) -> Splits:
         info |= {"train_chars": len(train_text), "val_chars": len(val_text), "train_tokens": len(train),
                  "val_tokens": len(val), "dtype": train.dtype.name, "tokenizer": tokenizer.describe()}
         _write_atomic(meta_path, json.dumps(info, indent=1).encode())
+        problem = _cache_problem(folder, tokenizer)
+        if problem:
+            raise UserError(f"the token cache {folder} {problem} right after it was written from {where}")
     description = json.loads(meta_path.read_text())
     load = lambda name: np.memmap(folder / name, dtype=description.get("dtype", "uint16"), mode="r")
     return Splits(train=load("train.bin"), val=load("val.bin"), description=description, tokenizer=tokenizer)
+
+
+def _cache_problem(folder: Path, tokenizer) -> str | None:
+    """What is wrong with the token cache in `folder`, whose meta.json exists, or None: meta.json unreadable, a
+    token file whose size disagrees with meta.json's token count (truncated, or written by something else), or an
+    id outside `tokenizer`'s vocabulary (one max over each memmapped file)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        dtype = np.dtype(meta.get("dtype", "uint16"))
+        counts = {"train.bin": int(meta["train_tokens"]), "val.bin": int(meta["val_tokens"])}
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        return f"has an unreadable meta.json ({type(err).__name__})"
+    for name, count in counts.items():
+        path = folder / name
+        size = path.stat().st_size if path.is_file() else None
+        if size != count * dtype.itemsize:
+            return (f"has {name} of {'no' if size is None else size} bytes, but meta.json says {count} "
+                    f"{dtype.name} tokens ({count * dtype.itemsize} bytes)")
+        problem = _ids_problem(np.memmap(path, dtype=dtype, mode="r") if count else np.zeros(0, dtype),
+                               tokenizer.vocab_size)
+        if problem:
+            return f"has {name} holding {problem}"
+    return None
+
+
+def _ids_problem(ids: np.ndarray, vocab_size: int) -> str | None:
+    """`"id N, outside the tokenizer's V ids"` when the largest of `ids` is not below `vocab_size`, else None."""
+    if len(ids) and int(ids.max()) >= vocab_size:
+        return f"id {int(ids.max())}, outside the tokenizer's {vocab_size} ids"
+    return None
 
 
 def check_inherited_tokenizer(cfg: DataConfig, tokenizer, where: str) -> None:
@@ -221,9 +259,10 @@ def _pretokenized(cfg: DataConfig, folder: Path, tokenizer) -> Splits:
         raise UserError(f"data.path: {folder} holds uint16 ids, but the tokenizer has {tokenizer.vocab_size} ids")
     train, val = (np.memmap(folder / name, dtype=np.uint16, mode="r") for name in PRETOKENIZED)
     for name, ids in (("val.bin", val), ("train.bin", train[:ID_CHECK])):
-        if int(ids.max()) >= tokenizer.vocab_size:
-            raise UserError(f"data.path: {folder / name} holds id {int(ids.max())}, outside the tokenizer's "
-                            f"{tokenizer.vocab_size} ids (data.vocab_size or data.tokenizer is wrong)")
+        problem = _ids_problem(ids, tokenizer.vocab_size)
+        if problem:
+            raise UserError(f"data.path: {folder / name} holds {problem} (data.vocab_size or data.tokenizer is "
+                            f"wrong)")
     description = {"source": str(folder), "pretokenized": True, "train_tokens": len(train), "val_tokens": len(val),
                    "dtype": "uint16", "tokenizer": tokenizer.describe()}
     if tokenizer.kind != "none":
