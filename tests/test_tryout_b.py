@@ -10,10 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from checkpoints.manager import CheckpointStore
+
 from slm_jax.errors import UserError
+from train.build import abstract_state, build_model
 from train.config import load_config
 from train.data import DataConfig, load_splits
 from train.loop import run_training
@@ -65,7 +69,7 @@ def test_a_resume_over_edited_text_at_the_same_path_is_refused_and_cadence_keys_
                            tmp_path / "run", **quiet)
     assert summary["step"] == 6 and checkpoint_steps(tmp_path / "run") == [4, 6]
     corpus_file.write_text(corpus_file.read_text() + "MORE:\nText that was not there before.\n")
-    with pytest.raises(UserError, match=r"with other data or batches \(train_tokens \d+ -> \d+; val_tokens \d+ -> \d+\); "):
+    with pytest.raises(UserError, match=r"other data or batches \(train_tokens \d+ -> \d+; val_tokens \d+ -> \d+\); "):
         run_training(config("train.steps=8", "train.extend=true"), tmp_path / "run", **quiet)
     assert checkpoint_steps(tmp_path / "run") == [4, 6]
 
@@ -104,3 +108,20 @@ def test_a_damaged_token_cache_is_rebuilt_from_the_corpus_with_a_note(tmp_path, 
     assert again.description == expected[2]
     load_splits(cfg)
     assert capsys.readouterr().err == ""  # checked once rebuilt: no note
+
+
+def test_a_nan_at_the_first_step_of_a_resume_names_the_data_and_the_checkpoint_before_the_learning_rate(tiny_run,
+                                                                                                      tmp_path):
+    run = tiny_run(tmp_path / "run", *TINY)
+    config = tiny(run, "train.steps=8", "train.extend=true")
+    store = CheckpointStore(run.workdir / "checkpoints", keep=5, async_save=False)
+    state = store.restore(abstract_state(config, build_model(config)), 4)
+    huge = {**state.params, "lm_head": {"kernel": jnp.full_like(state.params["lm_head"]["kernel"], 1e38)}}  # finite
+    store.save(5, state.replace(params=huge, step=jnp.full_like(state.step, 5)), {**store.metadata(4), "step": 5})
+    store.close()
+    with pytest.raises(UserError) as stopped:
+        run_training(config, run.workdir, **quiet)
+    assert str(stopped.value) == (
+        f"loss became nan at step 6 (the first step of this session); stopped without saving (last good checkpoint: "
+        f"5 in {run.workdir / 'checkpoints'}); check the data (data.path, the token cache) and the checkpoint of "
+        f"step 5 it resumed from; try a lower train.learning_rate or train.grad_clip")

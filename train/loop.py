@@ -39,12 +39,18 @@ class TrainingDiverged(UserError):
     (which is finite: every save is checked) stays as it was."""
 
 
-def diverged(what: str, step: int, last_good: int | None, store: CheckpointStore, precision: str) -> TrainingDiverged:
-    """The stop message: what became non-finite, and the last checkpoint saved (finite: every save is checked)."""
+def diverged(what: str, step: int, last_good: int | None, store: CheckpointStore, precision: str,
+             first: int | None = None) -> TrainingDiverged:
+    """The stop message: what became non-finite, and the last checkpoint saved (finite: every save is checked).
+    `first`: the step this session started from, when `step` is its first step: there the input (the data, the
+    resumed checkpoint) is as likely a cause as the learning rate, so the message names it first."""
+    check = ("" if first is None else "check the data (data.path, the token cache)"
+             + (f" and the checkpoint of step {first} it resumed from" if first else "") + "; ")
     return TrainingDiverged(
-        f"{what} at step {step}; stopped without saving (last good checkpoint: "
-        f"{last_good if last_good is not None else 'none'} in {store.directory}); try a lower train.learning_rate"
-        f" or train.grad_clip" + (", or train.precision=fp32" if precision != "fp32" else ""))
+        f"{what} at step {step}{'' if first is None else ' (the first step of this session)'}; stopped without "
+        f"saving (last good checkpoint: {last_good if last_good is not None else 'none'} in {store.directory}); "
+        f"{check}try a lower train.learning_rate or train.grad_clip"
+        + (", or train.precision=fp32" if precision != "fp32" else ""))
 
 
 def train_batch(tokens: np.ndarray, config: Config, step: int, sharding):
@@ -172,11 +178,12 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
                 profiler.after(step, state)
             if step > start:  # the first step of a process includes compilation
                 speed.add(time.perf_counter() - tic)
+            first = start if step == start else None  # a NaN here may come from the input, not the learning rate
             if not math.isfinite(loss):
-                raise diverged(f"loss became {loss}", step + 1, last_good, store, cfg.precision)
+                raise diverged(f"loss became {loss}", step + 1, last_good, store, cfg.precision, first)
             if not (fp16 or bool(metrics["grads_finite"])):  # fp16 skips such a step and lowers its loss scale
                 raise diverged(f"gradient norm became {float(metrics['grad_norm'])}", step + 1, last_good, store,
-                               cfg.precision)
+                               cfg.precision, first)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 rates = speed.rates(done)
