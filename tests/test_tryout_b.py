@@ -110,6 +110,15 @@ def test_a_damaged_token_cache_is_rebuilt_from_the_corpus_with_a_note(tmp_path, 
     assert capsys.readouterr().err == ""  # checked once rebuilt: no note
 
 
+def test_a_re_run_with_nothing_to_train_appends_nothing_to_metrics_jsonl(tiny_run, tmp_path):
+    run = tiny_run(tmp_path / "run", *TINY)
+    before = (run.workdir / "metrics.jsonl").read_text()
+    assert [r["step"] for r in read_metrics(run.workdir / "metrics.jsonl") if r.get("final")] == [4]
+    summary = run_training(tiny(run), run.workdir, **quiet)
+    assert summary["step"] == 4 and summary["final"]
+    assert (run.workdir / "metrics.jsonl").read_text() == before
+
+
 def test_a_nan_at_the_first_step_of_a_resume_names_the_data_and_the_checkpoint_before_the_learning_rate(tiny_run,
                                                                                                       tmp_path):
     run = tiny_run(tmp_path / "run", *TINY)

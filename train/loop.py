@@ -215,7 +215,8 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
                "val_loss": val["loss"], "val_perplexity": val["perplexity"],
                "val_bits_per_char": val["bits_per_char"],
                **{k: v for k, v in rates.items() if k != "eta_s"}}
-    metrics_log.write(**summary)
+    if start < cfg.steps:  # a re-run of a finished run trained nothing: its record is already there
+        metrics_log.write(**summary)
     metrics_log.close()
     val_line = (f"val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
                 + format_bits_per_char(val["bits_per_char"]) + f" | over {val_windows}")
