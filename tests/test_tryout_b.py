@@ -134,3 +134,58 @@ def test_a_nan_at_the_first_step_of_a_resume_names_the_data_and_the_checkpoint_b
         f"loss became nan at step 6 (the first step of this session); stopped without saving (last good checkpoint: "
         f"5 in {run.workdir / 'checkpoints'}); check the data (data.path, the token cache) and the checkpoint of "
         f"step 5 it resumed from; try a lower train.learning_rate or train.grad_clip")
+
+
+SIGNAL_RUN = ("model.d_model=16", "model.seq_len=16", "train.batch_size=4", "train.steps=40", "train.sample_tokens=0",
+              "train.log_every=1", "train.eval_every=1000", "checkpoint.every=1", "checkpoint.keep=2")
+
+
+def train_command(workdir: Path, corpus: Path) -> list[str]:
+    return [sys.executable, "-m", "train.main", "--config", "tiny", "--workdir", str(workdir),
+            *(arg for o in (f"data.path={corpus}", *SIGNAL_RUN) for arg in ("--set", o))]
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(workdir / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(f"SPEAKER{i % 7}:\nThe quick brown fox {i} jumps over the lazy dog.\n\n"
+                              for i in range(800)))
+    done = subprocess.run(train_command(root / "run", corpus), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return corpus, losses(root / "run")
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_save_keeps_that_checkpoint_and_the_run_resumes_exactly(uninterrupted, tmp_path, sig, code,
+                                                                                 word):
+    corpus, reference = uninterrupted
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(train_command(workdir, corpus), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while True:  # signal while a save is being written (its temporary folder exists) after a complete one
+        names = os.listdir(workdir / "checkpoints") if (workdir / "checkpoints").is_dir() else []
+        writing = [int(n.split(".")[0]) for n in names if ".orbax-checkpoint-tmp" in n]
+        if writing and any(n.isdigit() for n in names):
+            break
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == word
+    kept = checkpoint_steps(workdir)
+    assert not [n for n in os.listdir(workdir / "checkpoints") if not n.isdigit()]  # no unfinished save left
+    assert max(kept) >= writing[0]  # the save in flight at the signal was finished, not dropped
+    assert re.search(rf"^interrupted after step \d+: the latest checkpoint is step {max(kept)} in "
+                     rf"{re.escape(str(workdir / 'checkpoints'))}; the same command resumes from it$", out, re.M), out
+    resumed = subprocess.run(train_command(workdir, corpus), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {max(kept)} " in resumed.stdout
+    assert losses(workdir) == reference

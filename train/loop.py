@@ -5,8 +5,11 @@ uninterrupted run's loss trajectory exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -166,6 +169,7 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     wall_start = time.perf_counter()
     last_good = store.latest_step()
     profiler = StepProfiler(workdir / "profile", profile_steps, start + 1, log) if profile_steps and primary else None
+    done = start
     try:
         for step in range(start, cfg.steps):
             batch = train_batch(splits.train, config, step, place)
@@ -199,9 +203,14 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
                 log(f"eval   {done:>6} | val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
                     f"over {val_windows}")
             if done % config.checkpoint.every == 0 or done == cfg.steps:
-                save(done)
+                with signals_held():  # an interrupt never cuts a save short while it is being started
+                    save(done)
                 last_good = done
         val = validate()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where train.main turns it into one: keep the save in flight
+        metrics_log.close()
+        keep_latest_checkpoint(store, done, log)
+        raise
     except BaseException:
         metrics_log.close()  # the curves up to the failure stay readable
         raise
@@ -235,6 +244,38 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
         log(f"sample:\n{cfg.sample_prompt}{text}")
         summary["sample"] = text
     return summary
+
+
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM while the block runs and deliver them, to the handlers in place before, once it is
+    done (in the main thread only: elsewhere the block runs as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {sig: signal.signal(sig, lambda number, frame: caught.append(number)) for sig in INTERRUPTS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
+
+
+def keep_latest_checkpoint(store: CheckpointStore, done: int, log) -> None:
+    """After an interrupt at step `done`: wait for a checkpoint still being written to finish (a second interrupt
+    stops the wait; the unfinished save is then removed at the next start), and say in one line which step is the
+    latest checkpoint, the one the same command resumes from."""
+    store.wait()
+    latest = store.latest_step()
+    log(f"interrupted after step {done}: " + (
+        f"the latest checkpoint is step {latest} in {store.directory}; the same command resumes from it"
+        if latest is not None else f"no checkpoint saved yet in {store.directory}; the same command starts over"))
 
 
 def _silent(*args, **kwargs) -> None:

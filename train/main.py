@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -32,8 +35,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop request), raised like Ctrl-C's KeyboardInterrupt so training stops the
+    same way: the checkpoint being written is finished and named (train.loop.keep_latest_checkpoint)."""
+
+
+def _terminate(number, frame):
+    raise Terminated()
+
+
 @main_guard
 def main(argv=None):
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
+    try:
+        train(argv)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def train(argv=None):
+    """What `main` runs: parse `argv`, then convert (quant.mode=serve) or train; UserError for bad input."""
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)  # no JAX call: jax.distributed may still be initialized
     workdir = args.workdir or Path("runs") / resolve_path(args.config).stem
