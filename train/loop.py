@@ -268,9 +268,10 @@ def signals_held():
 
 
 def keep_latest_checkpoint(store: CheckpointStore, done: int, log) -> None:
-    """After an interrupt at step `done`: wait for a checkpoint still being written to finish (a second interrupt
-    stops the wait; the unfinished save is then removed at the next start), and say in one line which step is the
-    latest checkpoint, the one the same command resumes from."""
+    """After an interrupt at step `done`: wait for a checkpoint still being written to finish (bounded by the save
+    itself: Orbax's writer threads would be joined at exit anyway; a SIGKILL meanwhile leaves the previous checkpoint
+    and an unfinished folder that the next start removes), and say in one line which step is the latest checkpoint,
+    the one the same command resumes from."""
     store.wait()
     latest = store.latest_step()
     log(f"interrupted after step {done}: " + (
