@@ -74,6 +74,19 @@ def test_a_resume_over_edited_text_at_the_same_path_is_refused_and_cadence_keys_
     assert checkpoint_steps(tmp_path / "run") == [4, 6]
 
 
+def test_a_resume_naming_the_same_corpus_another_way_is_accepted(tmp_path, corpus_file):
+    config = lambda path, *more: load_config("tiny", [f"data.path={path}", *TINY, *more])
+    run_training(config(corpus_file), tmp_path / "run", **quiet)
+    (tmp_path / "link.txt").symlink_to(corpus_file)  # the same file under another name
+    summary = run_training(config(tmp_path / "link.txt", "train.steps=6", "train.extend=true"), tmp_path / "run",
+                           **quiet)
+    assert summary["step"] == 6
+    other = tmp_path / "other.txt"
+    other.write_text(corpus_file.read_text())  # the same text in another file is another corpus
+    with pytest.raises(UserError, match=r"other data or batches \(data.path "):
+        run_training(config(other, "train.steps=8", "train.extend=true"), tmp_path / "run", **quiet)
+
+
 def poison_id(folder: Path) -> None:
     ids = np.memmap(folder / "train.bin", dtype=np.uint16, mode="r+")
     ids[len(ids) // 2] = 300  # beyond the byte tokenizer's 256 ids

@@ -293,6 +293,17 @@ RESUME_FIXED = ("data.path", "data.val_plays", "data.genres", "data.val_fraction
                 "train.seed", "train.batch_size", "train.grad_accum")
 
 
+def same_file(key: str, saved, now) -> bool:
+    """True when `key` is data.path and both values name the same existing file or folder, however written
+    (relative or absolute, through a link); the text in it is compared by its split sizes."""
+    if key != "data.path" or not isinstance(saved, str) or not isinstance(now, str):
+        return False
+    try:
+        return Path(saved).exists() and Path(now).exists() and Path(saved).samefile(now)
+    except OSError:
+        return False
+
+
 def check_same_data(store: CheckpointStore, config: Config, splits) -> None:
     """A run resumes only with the data split and batches its checkpoints were trained with: UserError naming each
     changed `RESUME_FIXED` key (old -> new), or the split sizes when the text at the same data.path changed."""
@@ -304,7 +315,7 @@ def check_same_data(store: CheckpointStore, config: Config, splits) -> None:
     now = config.to_dict()
     value = lambda values, key: values[key.split(".")[0]][key.split(".")[1]]
     changes = [f"{key} {value(saved, key)!r} -> {value(now, key)!r}" for key in RESUME_FIXED
-               if value(saved, key) != value(now, key)]
+               if value(saved, key) != value(now, key) and not same_file(key, value(saved, key), value(now, key))]
     recorded = metadata.get("data") or {}
     if not changes:
         changes = [f"{key} {recorded[key]} -> {splits.description.get(key)}" for key in ("train_tokens", "val_tokens")
