@@ -6,7 +6,10 @@ so what the model cannot represent is refused before anything is read or written
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -16,7 +19,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import safetensors.numpy
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from slm_jax.config import ModelConfig, RopeScaling
 from slm_jax.errors import UserError
@@ -39,6 +42,8 @@ CONFIG_FIELDS = {
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
             "max_position_embeddings": 2048}
+INTEGER_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings")  # optional integers (null: default)
+NUMBER_FIELDS = ("rms_norm_eps", "rope_theta")
 
 # HF tensor name -> (slm-jax param path, transposed?). HF stores a linear layer as [out, in], slm-jax as [in, out].
 TENSORS = {
@@ -79,23 +84,74 @@ def read_config(folder: Path) -> dict:
     return values
 
 
+def _number(hf: dict, key: str, default, integer: bool = False, where: str = ""):
+    """config.json's `key` (in `where`, e.g. "rope_scaling.") as a finite number (an integer with `integer`), or
+    `default` when absent or null; UserError naming the key otherwise."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"config.json {where}{key} must be an integer, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"config.json {where}{key} must be a finite number, got {value!r}")
+    return value
+
+
+def _rope_dict(hf: dict, key: str) -> dict | None:
+    """config.json's rope_parameters or rope_scaling: a JSON object or null (UserError naming `key` otherwise)."""
+    value = hf.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise UserError(f"config.json {key} must be a JSON object such as {{\"rope_type\": \"llama3\", ...}} or "
+                        f"null, got {value!r}")
+    return value or None
+
+
+def _rope_kind(rope: dict, key: str) -> str:
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if not isinstance(kind, str):
+        raise UserError(f"config.json {key}.rope_type must be a string such as \"llama3\", got {kind!r}")
+    return kind
+
+
+ROPE_LLAMA3 = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
 def rope_settings(hf: dict) -> tuple[float, RopeScaling | None]:
     """(rope_theta, scaling) from config.json, in transformers 4's form (rope_theta, rope_scaling) or 5's
-    (rope_parameters with rope_type and rope_theta inside)."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = hf.get("rope_theta", rope.get("rope_theta", DEFAULTS["rope_theta"]))
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind == "default":
+    (rope_parameters with rope_type and rope_theta inside). UserError, naming the config.json key, for a value of
+    the wrong type, a scaling other than llama3, or rope_parameters and rope_scaling that disagree."""
+    given = {key: rope for key in ("rope_parameters", "rope_scaling") if (rope := _rope_dict(hf, key)) is not None}
+    kinds = {key: _rope_kind(rope, key) for key, rope in given.items()}
+    if len(set(kinds.values())) > 1 or (len(given) > 1 and len({repr(_rope_meaning(rope, key))
+                                                                  for key, rope in given.items()}) > 1):
+        raise UserError(f"config.json rope_parameters ({kinds['rope_parameters']}) and rope_scaling "
+                        f"({kinds['rope_scaling']}) disagree; keep one of them")
+    meanings = {key: _rope_meaning(rope, key) for key, rope in given.items()}
+    key, rope = next(iter(given.items()), ("rope_parameters", {}))
+    inner = _number(rope, "rope_theta", None, where=f"{key}.")
+    theta = _number(hf, "rope_theta", DEFAULTS["rope_theta"] if inner is None else inner)
+    if inner is not None and "rope_theta" in hf and hf["rope_theta"] is not None and inner != theta:
+        raise UserError(f"config.json rope_theta ({theta}) and {key}.rope_theta ({inner}) disagree; keep one of them")
+    if meanings.get(key) is None:
         return float(theta), None
+    return float(theta), RopeScaling(**meanings[key])
+
+
+def _rope_meaning(rope: dict, key: str) -> dict | None:
+    """The scaling a rope_parameters/rope_scaling object stands for: None (plain rotary) or the RopeScaling fields
+    of llama3 scaling; UserError naming `key` for another type or a missing or non-numeric field."""
+    kind = _rope_kind(rope, key)
+    if kind == "default":
+        return None
     if kind != "llama3":
-        raise UserError(f"config.json rope_scaling type {kind!r} is not supported (accepted: default, llama3)")
-    fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    missing = [f for f in fields if not isinstance(rope.get(f), (int, float))]
+        raise UserError(f"config.json {key} type {kind!r} is not supported (accepted: default, llama3)")
+    missing = [f for f in ROPE_LLAMA3 if rope.get(f) is None]
     if missing:
-        raise UserError(f"config.json rope_scaling of type llama3 needs a number for {missing[0]}")
-    return float(theta), RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-                                     high_freq_factor=float(rope["high_freq_factor"]),
-                                     original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+        raise UserError(f"config.json {key} of type llama3 needs a number for {missing[0]}")
+    values = {f: _number(rope, f, None, integer=f == "original_max_position_embeddings", where=f"{key}.")
+              for f in ROPE_LLAMA3}
+    return {f: (int(v) if f == "original_max_position_embeddings" else float(v)) for f, v in values.items()}
 
 
 def model_config(hf: dict, seq_len: int | None = None) -> ModelConfig:
@@ -119,13 +175,39 @@ def model_config(hf: dict, seq_len: int | None = None) -> ModelConfig:
     for key in REQUIRED:
         if not isinstance(hf.get(key), int) or isinstance(hf.get(key), bool):
             raise UserError(f"config.json {key} must be an integer, got {hf.get(key)!r}")
-    values = {field: hf.get(key, DEFAULTS.get(key)) for key, field in CONFIG_FIELDS.items()}
+    values = {field: hf[key] for key, field in CONFIG_FIELDS.items() if key in REQUIRED}
+    for key in INTEGER_FIELDS:
+        values[CONFIG_FIELDS[key]] = _number(hf, key, DEFAULTS.get(key), integer=True)
+    for key in NUMBER_FIELDS:
+        values[CONFIG_FIELDS[key]] = _number(hf, key, DEFAULTS[key])
+    tie = hf.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        raise UserError(f"config.json tie_word_embeddings must be true or false, got {tie!r}")
+    values["tie_embeddings"] = DEFAULTS["tie_word_embeddings"] if tie is None else tie
+    for key in TOKEN_IDS:
+        token_id = hf.get(key)
+        ids = token_id if isinstance(token_id, list) else [token_id]
+        if token_id is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise UserError(f"config.json {key} must be a token id (an integer >= 0), a list of them or null, "
+                            f"got {token_id!r}")
     values["rope_theta"], values["rope_scaling"] = rope_settings(hf)
     if values["head_size"] == hf["hidden_size"] // hf["num_attention_heads"] and \
             hf["hidden_size"] % hf["num_attention_heads"] == 0:
         values["head_size"] = None  # the default width: no need to record it
     context = values["max_context"]
-    return ModelConfig(**values, seq_len=seq_len or min(context, 512))
+    try:
+        return ModelConfig(**values, seq_len=seq_len or min(context, 512))
+    except UserError as err:  # name config.json's keys, not the model section's it maps them to
+        raise UserError(config_json_names(str(err), hf)) from None
+
+
+def config_json_names(message: str, hf: dict) -> str:
+    """A ModelConfig validation message with each `model.FIELD` read from config.json named by its config.json key
+    (and model.seq_len as --seq-len, model.rope_scaling as the rope key config.json used)."""
+    names = {field: f"config.json {key}" for key, field in CONFIG_FIELDS.items()}
+    names["seq_len"] = "--seq-len"
+    names["rope_scaling"] = "config.json " + ("rope_parameters" if hf.get("rope_parameters") else "rope_scaling")
+    return re.sub(r"\bmodel\.([a-z_]+)", lambda m: names.get(m.group(1), m.group(0)), message)
 
 
 def hf_config(cfg: ModelConfig, dtype: str = "bf16", extra: dict | None = None) -> dict:
@@ -174,8 +256,20 @@ def shard_files(folder: Path) -> dict[str, Path]:
     single = folder / "model.safetensors"
     if not single.is_file():
         raise UserError(f"{folder} has no model.safetensors or model.safetensors.index.json")
-    with safe_open(single, framework="np") as f:
+    with open_safetensors(single) as f:
         return {name: single for name in f.keys()}
+
+
+@contextlib.contextmanager
+def open_safetensors(file: Path):
+    """`safe_open(file)` for numpy, with a truncated or corrupt file (its header does not describe its bytes) a
+    UserError naming the file."""
+    try:
+        handle = safe_open(file, framework="np")
+    except SafetensorError as err:
+        raise UserError(f"{file} is not a readable safetensors file ({err}); download it again") from None
+    with handle as f:
+        yield f
 
 
 def check_tensors(folder: Path, cfg: ModelConfig) -> dict[str, Path]:
@@ -195,7 +289,7 @@ def check_tensors(folder: Path, cfg: ModelConfig) -> dict[str, Path]:
     for file, names in by_file.items():
         if not file.is_file():
             raise UserError(f"{folder}: shard {file.name} named in the index is missing")
-        with safe_open(file, framework="np") as f:
+        with open_safetensors(file) as f:
             for name in names:
                 info = f.get_slice(name)
                 path, transposed = wanted[name]
@@ -209,15 +303,19 @@ def check_tensors(folder: Path, cfg: ModelConfig) -> dict[str, Path]:
 
 
 def read_tensors(files: dict[str, Path], cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """(param path, float32 array in slm-jax layout) for each checked tensor, one at a time, file by file."""
+    """(param path, float32 array in slm-jax layout) for each checked tensor, one at a time, file by file; UserError
+    naming the first tensor that holds NaN or inf (a checkpoint is finite)."""
     wanted, by_file = tensor_map(cfg), {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        with safe_open(file, framework="np") as f:
+        with open_safetensors(file) as f:
             for name in names:
                 path, transposed = wanted[name]
                 array = f.get_tensor(name).astype(np.float32)
+                if not np.isfinite(array).all():
+                    raise UserError(f"{file}: tensor {name} holds {int((~np.isfinite(array)).sum()):,} non-finite "
+                                    f"values (NaN or inf); a model with them cannot be imported")
                 yield path, np.ascontiguousarray(array.T) if transposed else array
 
 
