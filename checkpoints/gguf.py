@@ -30,6 +30,9 @@ FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTL
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
 SCHEME_TYPES = {ggml.Q8_0: "q8_0", ggml.Q4_0: "q4_0"}
+EXPORTABLE_KINDS = ("train", "imported", "serving")  # checkpoint metadata "kind"; an imported run is a float run
+TOKEN_ID_WRITERS = {"bos_token_id": "add_bos_token_id", "eos_token_id": "add_eos_token_id",
+                    "pad_token_id": "add_pad_token_id"}
 # slm-jax module path inside a block -> llama.cpp tensor; the model's own names read straight across.
 BLOCK_MATRICES = {("attn", "q"): MODEL_TENSOR.ATTN_Q, ("attn", "k"): MODEL_TENSOR.ATTN_K,
                   ("attn", "v"): MODEL_TENSOR.ATTN_V, ("attn", "o"): MODEL_TENSOR.ATTN_OUT,
@@ -67,13 +70,14 @@ def _float_matrix(matrix: np.ndarray, out_type: str) -> tuple[np.ndarray, GGMLTy
 
 
 def check_kind(kind: str) -> None:
-    """UserError unless a run of this kind (checkpoint metadata "kind") holds plain weights: "train" (float or QAT)
-    or "serving"."""
+    """UserError unless a run of this kind (checkpoint metadata "kind") holds plain weights: "train" (float or QAT),
+    "imported" (float, from Hugging Face) or "serving"."""
     if kind == "lora":
         raise UserError("a LoRA run holds unmerged adapters; merge them first (python -m quant.merge --workdir RUN "
                         "--out MERGED) and export the merged run")
-    if kind not in ("train", "serving"):
-        raise UserError(f"a {kind!r} run cannot be exported to GGUF (float, QAT and serving runs can)")
+    if kind not in EXPORTABLE_KINDS:
+        raise UserError(f"a run of kind {kind!r} cannot be exported to GGUF (float, imported, QAT and serving runs "
+                        f"can)")
 
 
 def export_type(kind: str, quant_cfg: QuantConfig, requested: str | None) -> str:
@@ -170,9 +174,12 @@ def check_exportable(model_cfg: ModelConfig, quant_cfg: QuantConfig, out_type: s
                             f"model.{narrow[0]} is not")
 
 
-def write_gguf(out: Path, model_cfg: ModelConfig, tensors, vocab: Vocab, out_type: str, name: str) -> Path:
-    """Write the GGUF file: llama hyperparameters, the vocabulary and `tensors` (from `gguf_tensors`). Written to a
-    temporary name beside `out` and renamed at the end, so a failure never leaves a partial .gguf behind."""
+def write_gguf(out: Path, model_cfg: ModelConfig, tensors, vocab: Vocab, out_type: str, name: str,
+               token_ids: dict | None = None) -> Path:
+    """Write the GGUF file: llama hyperparameters, the vocabulary, `token_ids` ({"bos_token_id": 1, ...} as a
+    Hugging Face config.json has them; of a list of eos ids the first) and `tensors` (from `gguf_tensors`). Written
+    to a temporary name beside `out` and renamed at the end, so a failure never leaves a partial .gguf behind;
+    UserError if `out` exists (it is never overwritten)."""
     out = Path(out)
     if len(vocab.tokens) != model_cfg.vocab_size:
         raise UserError(f"the tokenizer has {len(vocab.tokens)} tokens but model.vocab_size is "
@@ -203,12 +210,18 @@ def write_gguf(out: Path, model_cfg: ModelConfig, tensors, vocab: Vocab, out_typ
         writer.add_token_types(vocab.types)
         writer.add_token_merges(vocab.merges)
         writer.add_add_bos_token(False)
+        for key, token_id in (token_ids or {}).items():
+            token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
+            if isinstance(token_id, int) and key in TOKEN_ID_WRITERS:
+                getattr(writer, TOKEN_ID_WRITERS[key])(token_id)
         for tensor_name_, data, dtype in tensors:
             writer.add_tensor(tensor_name_, data, raw_dtype=dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        if out.exists():  # made while this export ran: never overwritten
+            raise UserError(f"--out {out} already exists; an export writes a new file")
         os.replace(temporary, out)
     except BaseException:
         writer.close()

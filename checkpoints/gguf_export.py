@@ -14,7 +14,7 @@ from checkpoints.gguf import check_exportable, check_kind, export_type, gguf_ten
 from checkpoints.gguf_vocab import Vocab, bpe_vocab, byte_vocab, pad_vocab
 from slm_jax.errors import UserError
 from train.cli import main_guard, require_one_process
-from train.run import load_run, open_store, tokenizer_of
+from train.run import check_out_parent, imported_token_ids, load_run, open_store, tokenizer_of
 
 
 def run_vocab(workdir: Path) -> Vocab:
@@ -31,10 +31,14 @@ def run_vocab(workdir: Path) -> Vocab:
 
 
 def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, log=print) -> Path:
-    """Export the latest checkpoint of `workdir` to the GGUF file `out` (see the module docstring)."""
+    """Export the latest checkpoint of `workdir` to the GGUF file `out` (see the module docstring), which must not
+    exist; a run imported from Hugging Face, or derived from one, keeps its bos/eos/pad token ids."""
     workdir, out = Path(workdir), Path(out)
     if out.suffix != ".gguf":
         raise UserError(f"--out must name a .gguf file, got {out}")
+    if out.exists() or out.is_symlink():
+        raise UserError(f"--out {out} already exists; an export writes a new file")
+    check_out_parent(out)
     if not out.parent.is_dir():
         raise UserError(f"--out: folder {out.parent} does not exist")
     store = open_store(workdir)
@@ -52,7 +56,8 @@ def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, 
     check_exportable(config.model, config.quant, out_type)
     tensors = gguf_tensors(config.model, config.quant, run.variables, kind, out_type)
     vocab = pad_vocab(vocab, config.model.vocab_size)
-    write_gguf(out, config.model, tensors, vocab, out_type, name=workdir.resolve().name)
+    write_gguf(out, config.model, tensors, vocab, out_type, name=workdir.resolve().name,
+               token_ids=imported_token_ids(workdir, run.metadata))
     log(f"wrote {out} ({out_type}, {out.stat().st_size:,} bytes, {len(tensors)} tensors) from {workdir} "
         f"(step {run.step}, {kind}) in {time.perf_counter() - start:.1f}s")
     return out
@@ -62,9 +67,9 @@ def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m checkpoints.gguf_export",
-        description="Write a run as a GGUF file for llama.cpp. Float and QAT runs: f32/f16/bf16, or q8_0/q4_0 "
-                    "quantized by gguf's own quantizer (layers a QAT run keeps float stay F16). Serving runs in a "
-                    "ggml scheme: their stored Q8_0/Q4_0 blocks, unchanged.")
+        description="Write a run as a GGUF file for llama.cpp. Float, imported and QAT runs: f32/f16/bf16, or "
+                    "q8_0/q4_0 quantized by gguf's own quantizer (layers a QAT run keeps float stay F16). Serving "
+                    "runs in a ggml scheme: their stored Q8_0/Q4_0 blocks, unchanged.")
     parser.add_argument("--workdir", type=Path, required=True, help="the run to export")
     parser.add_argument("--out", type=Path, required=True, help="the .gguf file to write")
     parser.add_argument("--type", dest="type", help="f32 | f16 | bf16 | q8_0 | q4_0 (default: the run's ggml scheme, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Iterator
@@ -345,3 +346,6 @@ def write_safetensors(file: Path, params: dict, cfg: ModelConfig, dtype: str = "
         array = param(path)
         tensors[name] = np.ascontiguousarray((array.T if transposed else array).astype(EXPORT_DTYPES[dtype]))
     safetensors.numpy.save_file(tensors, str(file), metadata={"format": "pt"})
+    umask = os.umask(0)  # safetensors writes owner-only (0600); give the file the mode any other file gets
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)

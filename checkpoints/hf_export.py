@@ -14,11 +14,11 @@ import os
 import shutil
 from pathlib import Path
 
-from checkpoints.hf import EXPORT_DTYPES, TOKEN_IDS, hf_config, write_safetensors
+from checkpoints.hf import EXPORT_DTYPES, hf_config, write_safetensors
 from quant.lora_merge import merged_float_params
 from slm_jax.errors import UserError
 from train.cli import main_guard, require_one_process
-from train.run import load_run
+from train.run import check_out_parent, imported_token_ids, load_run
 from train.tokenizer import save_tokenizer
 
 
@@ -37,14 +37,14 @@ def export_run(workdir: Path, out: Path, dtype: str = "bf16", log=print) -> Path
         raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
     if out.exists():
         raise UserError(f"--out {out} already exists; an export writes a new folder")
+    check_out_parent(out)
     run = load_run(workdir)
     if run.tokenizer.kind == "none":
         raise UserError(f"{workdir} was trained on pre-tokenized ids without a tokenizer, and a Hugging Face folder "
                         f"needs a tokenizer.json; train with data.tokenizer=PATH/tokenizer.json")
     cfg = run.config.model
     params = float_params(run)
-    source = run.metadata.get("imported_from") or {}
-    token_ids = {key: source[key] for key in TOKEN_IDS if key in source}
+    token_ids = imported_token_ids(workdir, run.metadata)  # its own import's, or that of the run it derives from
 
     final = out.resolve()
     tmp = final.with_name(f".{final.name}.exporting-{os.getpid()}")

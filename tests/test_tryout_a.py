@@ -3,16 +3,26 @@ nothing written, and imported token ids survive derived runs."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from checkpoints import hf_import
+from checkpoints import gguf as gguf_lib
+from checkpoints import gguf_export, hf_export, hf_import
 from checkpoints.hf import model_config
+from checkpoints.hf_export import export_run
+from checkpoints.hf_import import import_folder
+from checkpoints.manager import CheckpointStore
+from quant.config import QuantConfig
+from quant.convert import main as convert_main
 from slm_jax.errors import UserError
+from train.ptq import convert_workdir
+from train.run import imported_token_ids, load_run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 
@@ -129,3 +139,98 @@ def test_rope_parameters_and_rope_scaling_that_agree_are_read_as_one():
     assert model_config(plain).rope_scaling is None and model_config(plain).rope_theta == 5e5
     with pytest.raises(UserError, match="'yarn' is not supported"):
         model_config({**hf, "rope_parameters": None, "rope_scaling": {"type": "yarn", "factor": 4.0}})
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory) -> Path:
+    """The gqa_tied fixture imported (bos 1, eos 2 in its config.json) and converted to ggml Q8_0 by quant.convert."""
+    root = tmp_path_factory.mktemp("tryout_a")
+    import_folder(FIXTURES / "gqa_tied", root / "imported", log=lambda _: None)
+    convert_workdir(root / "imported", root / "int8", QuantConfig(mode="serve", scheme="ggml_q8_0"),
+                    log=lambda *_: None)
+    return root
+
+
+def gguf_field(reader, key):
+    return reader.fields[key].parts[-1][0] if key in reader.fields else None
+
+
+def test_gguf_export_refuses_an_existing_out_and_leaves_it_as_it_was(imported, tmp_path, capsys):
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"precious")
+    one_line_refusal(gguf_export.main, ["--workdir", str(imported / "imported"), "--out", str(out)], capsys,
+                     f"--out {out} already exists")
+    assert out.read_bytes() == b"precious" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+
+def test_an_imported_run_exports_to_gguf_as_a_float_run(imported, tmp_path):
+    out = gguf_export.export_workdir(imported / "imported", tmp_path / "f32.gguf", "f32", log=lambda *_: None)
+    tensors = {t.name: np.asarray(t.data).reshape(t.shape[::-1]) for t in gguf.GGUFReader(out).tensors}
+    params = load_run(imported / "imported").variables["params"]
+    cfg = load_run(imported / "imported").config.model
+    np.testing.assert_array_equal(tensors["token_embd.weight"], params["embed"]["embedding"])
+    down, k = (np.asarray(params[layer][block][name]["kernel"]).T
+               for layer, block, name in (("layer_1", "mlp", "down"), ("layer_0", "attn", "k")))
+    np.testing.assert_array_equal(tensors["blk.1.ffn_down.weight"], down)
+    np.testing.assert_array_equal(tensors["blk.0.attn_k.weight"], k[gguf_lib.rotary_rows(cfg.kv_heads, cfg.head_dim)])
+    q8 = gguf_export.export_workdir(imported / "imported", tmp_path / "q8.gguf", "q8_0", log=lambda *_: None)
+    assert {t.tensor_type for t in gguf.GGUFReader(q8).tensors if t.name.startswith("blk.0.attn_q")} == {
+        gguf.GGMLQuantizationType.Q8_0}
+
+
+def test_a_run_of_an_unknown_kind_is_refused_in_plain_words():
+    with pytest.raises(UserError, match="a run of kind 'mystery' cannot be exported to GGUF"):
+        gguf_lib.check_kind("mystery")
+
+
+def test_a_converted_imported_run_keeps_its_token_ids_in_hf_and_gguf_exports(imported, tmp_path):
+    export_run(imported / "int8", tmp_path / "hf", log=lambda *_: None)
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text()) == {"bos_token_id": 1,
+                                                                                     "eos_token_id": 2}
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    for run in ("imported", "int8"):
+        reader = gguf.GGUFReader(gguf_export.export_workdir(imported / run, tmp_path / f"{run}.gguf",
+                                                            log=lambda *_: None))
+        assert (gguf_field(reader, "tokenizer.ggml.bos_token_id"), gguf_field(reader, "tokenizer.ggml.eos_token_id")) \
+            == (1, 2)
+        assert gguf_field(reader, "tokenizer.ggml.padding_token_id") is None  # pad_token_id is null in config.json
+
+
+def test_token_ids_of_a_broken_lineage_are_empty_not_an_error(imported, tmp_path):
+    shutil.copytree(imported / "int8", tmp_path / "int8")
+    assert imported_token_ids(tmp_path / "int8") == {"bos_token_id": 1, "eos_token_id": 2}
+    store = CheckpointStore(tmp_path / "int8" / "checkpoints", create=False)
+    try:
+        metadata = {**store.metadata(), "converted_from": str(tmp_path / "gone")}
+    finally:
+        store.close()
+    assert imported_token_ids(tmp_path / "int8", metadata) == {}
+
+
+def test_exported_and_converted_files_take_the_umask_like_any_other_file(imported, tmp_path):
+    umask = os.umask(0o027)
+    try:
+        export_run(imported / "imported", tmp_path / "hf", log=lambda *_: None)
+        gguf_export.export_workdir(imported / "imported", tmp_path / "m.gguf", log=lambda *_: None)
+        convert_workdir(imported / "imported", tmp_path / "int4", QuantConfig(mode="serve", weight_bits=4),
+                        log=lambda *_: None)
+    finally:
+        os.umask(umask)
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"]
+    assert len(files) > 6 and any(p.name == "model.safetensors" for p in files)
+    assert {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in files
+            if p.stat().st_mode & 0o777 != 0o640} == {}
+
+
+@pytest.mark.parametrize("tool", ["hf_export", "gguf_export", "convert", "hf_import"])
+def test_an_out_below_a_file_is_refused_naming_out_not_a_temporary_folder(imported, tmp_path, capsys, tool):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / ("sub.gguf" if tool == "gguf_export" else "sub")
+    main, argv = {"hf_export": (hf_export.main, ["--workdir", str(imported / "imported")]),
+                  "gguf_export": (gguf_export.main, ["--workdir", str(imported / "imported")]),
+                  "convert": (convert_main, ["--workdir", str(imported / "imported"), "--bits", "8"]),
+                  "hf_import": (hf_import.main, [str(FIXTURES / "gqa_tied")])}[tool]
+    err = one_line_refusal(main, [*argv, "--out", str(out)], capsys, f"--out {out}", f"{tmp_path / 'afile'} is a file")
+    assert ".partial" not in err and ".exporting" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 
+from checkpoints.hf import TOKEN_IDS
 from checkpoints.lock import LOCK_NAME, lock_workdir
 from checkpoints.manager import CheckpointStore, build_metadata
 from quant.plan import make_plan, plan_to_json
@@ -175,6 +176,45 @@ def load_run(workdir: Path, step: int | None = None, base: Path | None = None,
                      run_tokenizer(workdir, metadata.get("tokenizer")))
 
 
+LINEAGE_HOPS = 32  # a run derives from at most this many ancestors (a guard against a loop of paths)
+
+
+def parent_runs(metadata: dict) -> list[str]:
+    """The workdirs a run was made from, as its metadata records them: converted_from (quant.convert),
+    merged_from (quant.merge), a LoRA run's base, train.init_from and finetune.base (training from another run)."""
+    config = metadata.get("config") or {}
+    parents = [metadata.get("converted_from"), metadata.get("merged_from"), (metadata.get("base") or {}).get("path"),
+               (config.get("train") or {}).get("init_from"), (config.get("finetune") or {}).get("base")]
+    return [str(p) for p in parents if isinstance(p, str) and p]
+
+
+def imported_token_ids(workdir: Path, metadata: dict | None = None) -> dict:
+    """The bos/eos/pad token ids of the Hugging Face model a run comes from: its own `imported_from` record, or that
+    of the first imported run up its lineage (`parent_runs`, read from metadata only, no arrays), so converted,
+    merged, LoRA and fine-tuned runs of an imported model export its ids. {} when no run in the lineage was imported
+    or the lineage is broken (a parent moved or deleted)."""
+    seen, pending = set(), [(Path(workdir), metadata)]
+    while pending and len(seen) < LINEAGE_HOPS:
+        path, meta = pending.pop(0)
+        if path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        if meta is None:
+            try:
+                store = open_store(path)
+                try:
+                    meta = store.metadata()
+                finally:
+                    store.close()
+            except UserError:
+                continue
+        source = meta.get("imported_from")
+        if isinstance(source, dict):
+            return {key: source[key] for key in TOKEN_IDS if source.get(key) is not None}
+        pending.extend((Path(parent), None) for parent in parent_runs(meta))
+    return {}
+
+
 def tokenizer_of(workdir: Path):
     """The tokenizer of the run in `workdir` (its latest checkpoint's), without restoring any arrays; UserError if
     `workdir` is not a run or its tokenizer.json is missing or differs from the recorded sha256."""
@@ -247,9 +287,20 @@ def check_output_folder(source: Path, out: Path) -> None:
         raise UserError("the new run needs its own folder: --out must differ from --workdir")
     if out.is_file():
         raise UserError(f"--out {out} is a file; give a folder for the new run")
+    check_out_parent(out)
     if out.is_dir() and any(out.iterdir()):
         what = "already holds checkpoints" if (out / "checkpoints").is_dir() else "is not empty"
         raise UserError(f"{out} {what}; choose an empty --out folder")
+
+
+def check_out_parent(out: Path) -> None:
+    """UserError naming --out when a folder above it is a file (nothing can be made under it), said before any
+    temporary sibling of `out` is made, so the message names the user's path rather than the temporary one."""
+    for parent in Path(out).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {out} cannot be made: {parent} is a file, not a folder")
+            return
 
 
 def partial_folder(out: Path) -> Path:
