@@ -34,13 +34,22 @@ def check_choice(value, allowed, key: str) -> None:
         raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
 
 
+_ALLOWED = {  # what a rule's fields take, as errors word it (train.config_loader.build)
+    "match": "a regex searched in each layer's path, e.g. {match: lm_head, weight_bits: null}",
+    "bits": "an integer from 2 to 8, null (keep the layer float) or left out (the section's value)",
+    "granularity": f"one of {', '.join(GRANULARITIES)} or left out (the section's value)",
+    "group_size": "a positive integer or left out (the section's value)",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantRule:
-    match: str  # regex searched in the layer path, e.g. "layer_0/mlp/up", "attn/(q|k|v)", "lm_head"
-    weight_bits: int | None | str = INHERIT
-    act_bits: int | None | str = INHERIT
-    granularity: str = INHERIT
-    group_size: int | str = INHERIT
+    # regex searched in the layer path, e.g. "layer_0/mlp/up", "attn/(q|k|v)", "lm_head"
+    match: str = dataclasses.field(metadata={"allowed": _ALLOWED["match"]})
+    weight_bits: int | None | str = dataclasses.field(default=INHERIT, metadata={"allowed": _ALLOWED["bits"]})
+    act_bits: int | None | str = dataclasses.field(default=INHERIT, metadata={"allowed": _ALLOWED["bits"]})
+    granularity: str = dataclasses.field(default=INHERIT, metadata={"allowed": _ALLOWED["granularity"]})
+    group_size: int | str = dataclasses.field(default=INHERIT, metadata={"allowed": _ALLOWED["group_size"]})
 
     def validate(self, index: int) -> None:
         key = f"quant.rules[{index}]"

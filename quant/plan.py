@@ -128,9 +128,13 @@ def resolve_plan(quant_cfg: QuantConfig, layers: Sequence[LayerInfo],
             if bits is not None and quant_cfg.scheme != "aqt":
                 raise UserError(f"quant.rules[{index}] quantizes the embedding table, which stays float with scheme "
                                 f"{quant_cfg.scheme}; make the rule's match skip {name}")
-            if bits is not None and tied_embeddings:
-                raise UserError(f"{_key(index, rule, 'weight_bits') if rule else 'quant.embed_bits'}: a quantized "
-                                f"embedding table cannot be tied to the LM head; set model.tie_embeddings=false")
+            if bits is not None and tied_embeddings:  # a trained model's tying cannot change: say what can
+                if rule is not None and rule.weight_bits != INHERIT:
+                    raise UserError(f"{_key(index, rule, 'weight_bits')}: the model ties its embedding table to the "
+                                    f"LM head, which keeps it float; make the rule's match skip {name}")
+                raise UserError("quant.embed_bits (--embed-bits): the model ties its embedding table to the LM head, "
+                                "which keeps it float; drop --embed-bits (leave quant.embed_bits null), or train an "
+                                "untied model (model.tie_embeddings=false)")
             plan[layer.path] = None if bits is None else LayerPlan(
                 bits, None, "per_channel", None, quant_cfg.bwd_bits, EMBED, quant_cfg.scale_dtype)
             continue
@@ -213,12 +217,15 @@ def _weights(plan: LayerPlan | None) -> str:
 
 def describe_scheme(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> str:
     """The resolved scheme in one line, e.g. "scheme: w4 per_group(32) bfloat16 scales, activations float,
-    embedding int8, lm_head int4 per_group(32)"; with rules, how many of the model's matmuls they change.
+    embedding int8, lm_head int4 per_group(32)", a ggml scheme named ("scheme: ggml_q4_0 (w4 per_group(32) float16
+    scales), ..."); with rules, how many of the model's matmuls they change.
     UserError as `make_plan` for an impossible scheme."""
     plan = make_plan(model_cfg, quant_cfg)
     scales = f"per_group({quant_cfg.group_size})" if quant_cfg.granularity == "per_group" else "per_channel"
     weights = "float" if quant_cfg.weight_bits is None else f"w{quant_cfg.weight_bits} {scales} " \
                                                             f"{quant_cfg.scale_dtype} scales"
+    if quant_cfg.scheme != "aqt":  # a ggml block format: named, so nobody mistakes it for AQT's int4/int8
+        weights = f"{quant_cfg.scheme} ({weights})"
     acts = "float" if quant_cfg.act_bits is None else f"int{quant_cfg.act_bits} per token"
     head = _weights(plan[("lm_head",)]) if ("lm_head",) in plan else "tied to the embedding"
     line = f"scheme: {weights}, activations {acts}, embedding {_weights(plan[EMBED_PATH])}, lm_head {head}"

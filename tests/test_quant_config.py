@@ -97,6 +97,9 @@ def test_plan_prints_as_a_table_and_saves_as_json():
 
 def test_a_quantized_embedding_cannot_be_tied_to_the_head():
     tied = dataclasses.replace(CFG, tie_embeddings=True)
-    with pytest.raises(UserError, match="quant.embed_bits: a quantized embedding table cannot be tied"):
+    with pytest.raises(UserError, match=r"quant.embed_bits \(--embed-bits\): the model ties its embedding table to "
+                                        r"the LM head, which keeps it float; drop --embed-bits"):
         make_plan(tied, QuantConfig(weight_bits=8, embed_bits=8))
+    with pytest.raises(UserError, match=r"quant.rules\[0\].weight_bits: the model ties .* skip embed"):
+        make_plan(tied, QuantConfig(weight_bits=8, rules=(QuantRule(match="embed", weight_bits=8),)))
     assert make_plan(tied, QuantConfig(weight_bits=8))[("embed",)] is None

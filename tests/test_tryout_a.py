@@ -2,6 +2,7 @@
 nothing written, and imported token ids survive derived runs."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -21,6 +22,9 @@ from checkpoints.manager import CheckpointStore
 from quant.config import QuantConfig
 from quant.convert import main as convert_main
 from slm_jax.errors import UserError
+from train.cli import add_scheme_args, scheme_from_args
+from train.config import load_config
+from train.generate import main as generate_main
 from train.ptq import convert_workdir
 from train.run import imported_token_ids, load_run
 
@@ -234,3 +238,55 @@ def test_an_out_below_a_file_is_refused_naming_out_not_a_temporary_folder(import
     err = one_line_refusal(main, [*argv, "--out", str(out)], capsys, f"--out {out}", f"{tmp_path / 'afile'} is a file")
     assert ".partial" not in err and ".exporting" not in err
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+@pytest.mark.parametrize("rules,message", [
+    ("- {weight_bits: 8}\n", "quant.rules[0].match is missing (a regex searched in each layer's path"),
+    ("- {match: lm_head}\n- {act_bits: 8}\n", "quant.rules[1].match is missing"),
+    ("- {match: lm_head, weight_bits: .nan}\n",
+     "quant.rules[0].weight_bits must be an integer from 2 to 8, null (keep the layer float) or left out"),
+    ("- {match: lm_head, group_size: [32]}\n", "quant.rules[0].group_size must be a positive integer or left out"),
+])
+def test_a_bad_rules_file_is_one_line_naming_the_rule_key(imported, tmp_path, capsys, rules, message):
+    (tmp_path / "rules.yaml").write_text(rules)
+    one_line_refusal(convert_main, ["--workdir", str(imported / "imported"), "--out", str(tmp_path / "out"),
+                                    "--bits", "8", "--rules", str(tmp_path / "rules.yaml")], capsys, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_rule_without_match_names_its_key():
+    with pytest.raises(UserError, match=r"quant.rules\[0\].match is missing"):
+        load_config("tiny", ("quant.mode=qat", "quant.rules=[{weight_bits: null}]"))
+
+
+def test_embed_bits_on_a_tied_model_says_to_drop_the_flag(imported, tmp_path, capsys):
+    err = one_line_refusal(convert_main, ["--workdir", str(imported / "imported"), "--out", str(tmp_path / "out"),
+                                          "--bits", "8", "--embed-bits", "8"], capsys, "drop --embed-bits")
+    assert "--embed-bits" in err.split(";")[0] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra", [(), ("--numerics", "int")])
+def test_per_channel_int8_on_a_run_without_integer_layers_is_refused(imported, capsys, extra):
+    one_line_refusal(generate_main, ["--workdir", str(imported / "imported"), "--max-new-tokens", "2",
+                                     "--per-channel-int8", *extra], capsys, "is an imported run, which has no integer layers")
+
+
+GGML_QAT = ("train.steps=4", "train.sample_tokens=0", "train.eval_every=1000", "checkpoint.every=4",
+            "model.n_layers=1", "quant.mode=qat", "quant.scheme=ggml_q4_0")
+
+
+def test_an_explicit_scheme_aqt_is_honoured_or_refused_never_ignored(tiny_run, tmp_path, capsys):
+    qat = tiny_run(tmp_path / "qat", *GGML_QAT, lines=400).workdir
+    one_line_refusal(convert_main, ["--workdir", str(qat), "--out", str(tmp_path / "out"), "--scheme", "aqt"], capsys,
+                     "--scheme aqt needs --bits")
+    assert not (tmp_path / "out").exists()
+    parser = argparse.ArgumentParser()
+    add_scheme_args(parser)
+    lines = []
+    convert_workdir(qat, tmp_path / "own", scheme_from_args(parser.parse_args([])), log=lines.append)
+    assert lines[0].startswith("scheme: ggml_q4_0 (w4 per_group(32) float16 scales)")
+    convert_workdir(qat, tmp_path / "aqt", scheme_from_args(parser.parse_args(["--scheme", "aqt", "--bits", "4"])),
+                    log=lines.append)
+    assert lines[2].startswith("scheme: w4 per_group(32) bfloat16 scales")
+    assert load_run(tmp_path / "own").config.quant.scheme == "ggml_q4_0"
+    assert load_run(tmp_path / "aqt").config.quant.scheme == "aqt"

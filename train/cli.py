@@ -158,8 +158,8 @@ def add_scheme_args(parser: argparse.ArgumentParser) -> None:
 def scheme_from_args(args: argparse.Namespace) -> QuantConfig | None:
     """The serving QuantConfig the `add_scheme_args` flags describe, validated like the `quant` config section
     (None when --bits and --scheme are absent); 4 bits or fewer default to per-group bfloat16 scales, more bits to
-    per-channel float32 scales, as the ptq_int4 and ptq_int8 configs. UserError for a refinement without --bits or an
-    invalid value."""
+    per-channel float32 scales, as the ptq_int4 and ptq_int8 configs. UserError for a refinement without --bits,
+    --scheme aqt without --bits (which would otherwise mean "the QAT run's own scheme") or an invalid value."""
     if args.scheme not in (None, "aqt"):
         if (args.bits, args.act_bits, args.granularity, args.embed_bits, args.scale_dtype) != (None,) * 5:
             raise UserError(f"--scheme {args.scheme} fixes bits, blocks and scales: give only --rules with it")
@@ -169,6 +169,9 @@ def scheme_from_args(args: argparse.Namespace) -> QuantConfig | None:
         if (args.act_bits, args.granularity, args.rules, args.embed_bits, args.scale_dtype) != (None,) * 5:
             raise UserError("--act-bits, --granularity, --rules, --embed-bits and --scale-dtype refine a scheme: "
                             "give --bits too")
+        if args.scheme == "aqt":  # asked for by name: never silently replaced by a QAT run's own (ggml) scheme
+            raise UserError("--scheme aqt needs --bits (e.g. --scheme aqt --bits 4); without --scheme, a QAT run "
+                            "converts with the scheme it trained with")
         return None
     granularity = args.granularity or ("per_group" if args.bits <= 4 else "per_channel")
     scale_dtype = args.scale_dtype or ("bfloat16" if args.bits <= 4 else "float32")

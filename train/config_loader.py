@@ -92,15 +92,29 @@ def convert(value: Any, tp: Any, key: str) -> Any:
 
 
 def build(cls, values: dict, prefix: str = ""):
-    """Instantiate dataclass `cls` from `values`, rejecting unknown keys; nested dataclasses are built too."""
+    """Instantiate dataclass `cls` from `values`, rejecting unknown keys and missing required ones; nested dataclasses
+    are built too. A field's metadata "allowed" (e.g. "an integer from 2 to 8 or null") words what it takes in the
+    message for a missing or wrong-typed value."""
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - fields)
     if unknown:
         where = f"'{prefix}{unknown[0]}'"
         raise UserError(f"unknown config key {where} (allowed in {prefix.rstrip('.') or 'the root'}: "
                         f"{', '.join(sorted(fields))})")
+    described = {f.name: f.metadata.get("allowed") for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        if f.init and f.name not in values and (f.default, f.default_factory) == (dataclasses.MISSING,) * 2:
+            what = f" ({described[f.name]})" if described[f.name] else ""
+            raise UserError(f"{prefix}{f.name} is missing{what}")
     hints = _field_types(cls)
-    kwargs = {name: convert(v, hints[name], f"{prefix}{name}") for name, v in values.items()}
+    kwargs = {}
+    for name, v in values.items():
+        try:
+            kwargs[name] = convert(v, hints[name], f"{prefix}{name}")
+        except _WrongType:
+            if not described[name]:
+                raise
+            raise UserError(f"{prefix}{name} must be {described[name]}, got {v!r}") from None
     return cls(**kwargs)
 
 

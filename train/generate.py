@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from slm_jax.attention import KVCache
+from slm_jax.errors import UserError
 from slm_jax.sampling import cache_size
 from train.cli import main_guard, non_negative_float, non_negative_int, positive_int, require_one_process
 from train.config import PRECISIONS
 from train.loop import sample_text
-from train.run import load_run, served_run
+from train.run import load_run, run_kind, served_run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,9 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="integer (int) or dequantized (fake) matmuls for a quantized run (default: the run's "
                              "quant.numerics; auto = fake on CPU, int elsewhere)")
     parser.add_argument("--per-channel-int8", action="store_true",
-                        help="with --numerics int on CPU: serve weight-only per-group (INT4) layers re-quantized to "
-                             "int8 per channel (faster decode; each weight within 1/254 of its column's abs-max, not "
-                             "the exact codes; quant.serve_per_channel_int8)")
+                        help="serving runs, with --numerics int on CPU: serve weight-only per-group (INT4) layers "
+                             "re-quantized to int8 per channel (faster decode; each weight within 1/254 of its "
+                             "column's abs-max, not the exact codes; quant.serve_per_channel_int8)")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="compute dtype while serving (default: the run's train.precision); on CPU fp32 is "
                              "faster than bf16 for float and quantized runs alike")
@@ -53,6 +54,11 @@ def main(argv=None):
     args = parse_args(argv)
     require_one_process("python -m train.generate")
     run = load_run(args.workdir, args.step)
+    kind = run_kind(run.metadata)
+    if args.per_channel_int8 and "aqt" not in run.variables:
+        raise UserError(f"--per-channel-int8 re-quantizes the integer (INT4) layers a serving run stores; "
+                        f"{args.workdir} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} run, which has no "
+                        f"integer layers (convert it first: python -m quant.convert)")
     run = served_run(run, args.precision, numerics=args.numerics,
                      serve_per_channel_int8=args.per_channel_int8 or None)
     kv_bits = args.kv_bits or run.config.quant.kv_bits
