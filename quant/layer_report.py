@@ -1,4 +1,5 @@
-"""Per-layer quantization error report: what AQT did to each weight and what that does to the layer's output.
+"""Per-layer quantization error report: what AQT (or a ggml block format) did to each weight and what that does to
+the layer's output.
 
 Each quantized weight layer is measured in isolation on the activations the float model feeds it for a given
 batch (captured with a hook), so rows show where the error comes from rather than how it compounds; its KL column
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from aqt.jax.v2.utils import QuantMode
 
+from quant import ggml
 from quant.config import QuantConfig
 from quant.folding import get_param
 from quant.serving import dequantize, weight_layers
@@ -91,13 +93,29 @@ def _captured_inputs(model_cfg: ModelConfig, params: dict, tokens, paths: list[P
     return inputs
 
 
+GGML_LEVELS = {ggml.Q8_0: (-127, 127), ggml.Q4_0: (-8, 7)}  # the integer codes each ggml block format stores
+
+
+def _clipped_share(weights: np.ndarray, scale: np.ndarray, plan: LayerPlan) -> float:
+    """Share of `weights` (as quantized, [..., in, out]) beyond the largest integer level of `scale` (broadcast to
+    them). AQT: |w| / scale above the top level (the top half step, see `LayerReport.clipped`). ggml: w / d, d
+    signed, more than half a step outside the block format's codes (Q4_0: above 7.5, below -8.5)."""
+    if plan.scheme == "aqt":
+        return float(np.mean(np.abs(weights) / scale > 2 ** (plan.weight_bits - 1) - 1))
+    low, high = GGML_LEVELS[plan.scheme]
+    with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero block has d = 0: 0 / 0 is not clipped
+        steps = weights / scale.astype(np.float32)
+    return float(np.mean((steps > high + 0.5) | (steps < low - 0.5)))
+
+
 def layer_report(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, tokens, stored: dict | None = None,
                  fold: dict | None = None, kl_tokens=None, fold_out: dict | None = None) -> list[LayerReport]:
     """One row per quantized weight layer, in model order. params: the float "params" collection; tokens: [batch,
     seq] int, the batch whose activations the outputs are measured on.
 
     stored: a serving run's {layer path: its stored {"value", "scale"}} (`quant.serving.quantized_weights`), made
-    from these params by any method; the rows then report those integers, else AQT's round-to-nearest of params.
+    from these params by any method; the rows then report those integers, else AQT's round-to-nearest of params
+    (for a ggml scheme's layer, `quant.ggml.quantize`: the blocks quant.convert and gguf write).
     fold: {layer path: s [in] float}, the input scales a method folded in (AWQ, SmoothQuant): its stored integers
     quantize kernel * s[:, None] and read x / s. Weight errors compare the weight the integers stand for in the
     params' coordinates, dequantized / s[:, None], with the float kernel; output errors the layer's quantized
@@ -117,7 +135,11 @@ def layer_report(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, t
         s = np.ones(kernel.shape[0], np.float32) if fold is None or path not in fold else np.asarray(fold[path])
         o = np.ones(kernel.shape[1], np.float32) if fold_out is None or path not in fold_out else np.asarray(
             fold_out[path])
-        if stored is None:
+        if stored is None and layer_plan.scheme != "aqt":  # ggml blocks: gguf's own quantizer, as convert uses
+            codes, d = ggml.quantize(kernel, layer_plan.scheme)
+            frozen = {"value": codes, "scale": d[:, None, None, :]}
+            y_quant = x @ ggml.dequantize(codes, d).astype(x.dtype)
+        elif stored is None:
             y_quant, frozen = _quantize_layer(x, kernel, layer_plan, numerics)
         else:
             frozen = stored[path]
@@ -126,14 +148,16 @@ def layer_report(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, t
                        else _serve_layer(x, frozen, layer_plan, numerics))
         value, scale = np.asarray(frozen["value"]).astype(np.float32), np.asarray(frozen["scale"])
         scaled = kernel * s[:, None] / o[None, :]
-        ratio = np.abs(scaled.reshape(value.shape)) / scale.reshape(value.shape[:-2] + (1, value.shape[-1]))
+        clipped = _clipped_share(scaled.reshape(value.shape), scale.reshape(value.shape[:-2] + (1, value.shape[-1])),
+                                 layer_plan)
         effective[path] = (dequantize(value, scale) / s[:, None] * o[None, :]).astype(np.float32)
         weight_sqnr, weight_err = _errors(kernel, effective[path])
         output_sqnr, output_err = _errors(np.asarray(x) @ scaled, np.asarray(y_quant))
         rows.append(LayerReport(
             path_str(path), layer_plan.weight_bits, layer_plan.act_bits,
+            layer_plan.scheme if layer_plan.scheme != "aqt" else
             layer_plan.granularity if layer_plan.group_size is None else f"per_group({layer_plan.group_size})",
-            float(scale.min()), float(scale.max()), float(np.mean(ratio > 2 ** (layer_plan.weight_bits - 1) - 1)),
+            float(scale.min()), float(scale.max()), clipped,
             weight_sqnr, weight_err, output_sqnr, output_err))
     if kl_tokens is not None:
         kl = single_layer_kl(model_cfg, params, effective, kl_tokens)

@@ -19,8 +19,10 @@ from checkpoints.hf import model_config
 from checkpoints.hf_export import export_run
 from checkpoints.hf_import import import_folder
 from checkpoints.manager import CheckpointStore
+from quant import ggml
 from quant.config import QuantConfig
 from quant.convert import main as convert_main
+from quant.layer_report import layer_report
 from slm_jax.errors import UserError
 from train.cli import add_scheme_args, scheme_from_args
 from train.config import load_config
@@ -268,7 +270,8 @@ def test_embed_bits_on_a_tied_model_says_to_drop_the_flag(imported, tmp_path, ca
 @pytest.mark.parametrize("extra", [(), ("--numerics", "int")])
 def test_per_channel_int8_on_a_run_without_integer_layers_is_refused(imported, capsys, extra):
     one_line_refusal(generate_main, ["--workdir", str(imported / "imported"), "--max-new-tokens", "2",
-                                     "--per-channel-int8", *extra], capsys, "is an imported run, which has no integer layers")
+                                     "--per-channel-int8", *extra], capsys,
+                     "is an imported run, which has no integer layers")
 
 
 GGML_QAT = ("train.steps=4", "train.sample_tokens=0", "train.eval_every=1000", "checkpoint.every=4",
@@ -290,3 +293,31 @@ def test_an_explicit_scheme_aqt_is_honoured_or_refused_never_ignored(tiny_run, t
     assert lines[2].startswith("scheme: w4 per_group(32) bfloat16 scales")
     assert load_run(tmp_path / "own").config.quant.scheme == "ggml_q4_0"
     assert load_run(tmp_path / "aqt").config.quant.scheme == "aqt"
+
+
+@pytest.mark.parametrize("scheme", ["ggml_q4_0", "ggml_q8_0"])
+def test_report_of_a_ggml_scheme_measures_ggmls_own_blocks(imported, scheme):
+    run = load_run(imported / "imported")
+    cfg, params = run.config.model, run.variables["params"]
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16))
+    rows = layer_report(cfg, QuantConfig(mode="qat", scheme=scheme), params, tokens)
+    aqt = layer_report(cfg, QuantConfig(mode="qat", weight_bits=ggml.BITS[scheme], granularity="per_group",
+                                        scale_dtype="float16"), params, tokens)
+    assert [r.layer for r in rows] == [r.layer for r in aqt] and len(rows) == 7 * cfg.n_layers  # tied: no lm_head
+    for row, other in zip(rows, aqt):
+        node = params
+        for key in row.layer.split("/"):
+            node = node[key]
+        kernel = np.asarray(node["kernel"], np.float32)
+        codes, d = ggml.quantize(kernel, scheme)
+        reference = np.asarray(ggml.dequantize(codes, d))
+        assert row.granularity == scheme
+        assert (row.scale_min, row.scale_max) == (float(np.asarray(d).min()), float(np.asarray(d).max()))
+        np.testing.assert_allclose(row.weight_rel_err, np.linalg.norm(kernel - reference) / np.linalg.norm(kernel),
+                                   rtol=1e-6)
+        if scheme == "ggml_q8_0":
+            assert row.clipped == 0
+        else:  # Q4_0 maps each block's largest magnitude to -8: only the other sign can pass +7.5 steps
+            steps = np.asarray(kernel).reshape(codes.shape) / np.asarray(d, np.float32)[:, None, :]
+            assert row.clipped == np.mean(steps > 7.5)
+    assert any(row.weight_rel_err != other.weight_rel_err for row, other in zip(rows, aqt))
