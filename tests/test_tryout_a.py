@@ -321,3 +321,12 @@ def test_report_of_a_ggml_scheme_measures_ggmls_own_blocks(imported, scheme):
             steps = np.asarray(kernel).reshape(codes.shape) / np.asarray(d, np.float32)[:, None, :]
             assert row.clipped == np.mean(steps > 7.5)
     assert any(row.weight_rel_err != other.weight_rel_err for row, other in zip(rows, aqt))
+
+
+def test_token_ids_are_found_through_every_kind_of_parent_link(imported):
+    for metadata in ({"config": {"train": {"init_from": str(imported / "imported")}}},  # fine-tuned from it
+                     {"config": {"finetune": {"base": str(imported / "int8")}}},
+                     {"base": {"path": str(imported / "int8")}},  # a LoRA run over its conversion
+                     {"merged_from": str(imported / "int8")}):
+        assert imported_token_ids(imported / "none", metadata) == {"bos_token_id": 1, "eos_token_id": 2}, metadata
+    assert imported_token_ids(imported / "none", {"config": {"train": {"init_from": None}}}) == {}
