@@ -124,11 +124,13 @@ def rope_settings(hf: dict) -> tuple[float, RopeScaling | None]:
     the wrong type, a scaling other than llama3, or rope_parameters and rope_scaling that disagree."""
     given = {key: rope for key in ("rope_parameters", "rope_scaling") if (rope := _rope_dict(hf, key)) is not None}
     kinds = {key: _rope_kind(rope, key) for key, rope in given.items()}
-    if len(set(kinds.values())) > 1 or (len(given) > 1 and len({repr(_rope_meaning(rope, key))
-                                                                  for key, rope in given.items()}) > 1):
-        raise UserError(f"config.json rope_parameters ({kinds['rope_parameters']}) and rope_scaling "
-                        f"({kinds['rope_scaling']}) disagree; keep one of them")
+    disagree = UserError(f"config.json rope_parameters ({kinds.get('rope_parameters')}) and rope_scaling "
+                         f"({kinds.get('rope_scaling')}) disagree; keep one of them")
+    if len(set(kinds.values())) > 1:  # before either is checked: a second, conflicting key is the first problem
+        raise disagree
     meanings = {key: _rope_meaning(rope, key) for key, rope in given.items()}
+    if len({repr(meaning) for meaning in meanings.values()}) > 1:
+        raise disagree
     key, rope = next(iter(given.items()), ("rope_parameters", {}))
     inner = _number(rope, "rope_theta", None, where=f"{key}.")
     theta = _number(hf, "rope_theta", DEFAULTS["rope_theta"] if inner is None else inner)
