@@ -188,7 +188,7 @@ def test_file_system_refusals_of_every_command_are_one_line(runs, tmp_path, caps
         (convert_main, ["--workdir", str(runs.root / "float"), "--out", str(blocker), "--bits", "8"],
          f"error: --out {blocker} is a file; give a folder for the new run"),
         (convert_main, ["--workdir", str(runs.root / "float"), "--out", str(blocker / "sub"), "--bits", "8"],
-         f"error: cannot lock workdir {blocker / '.sub.partial'}: Not a directory ({blocker / '.sub.partial'})"),
+         f"error: --out {blocker / 'sub'} cannot be made: {blocker} is a file, not a folder"),  # not .sub.partial
     ]
     for main, argv, line in cases:
         with pytest.raises(SystemExit) as exited:
