@@ -294,12 +294,16 @@ class CheckpointStore:
     def metadata(self, step: int | None = None) -> dict:
         """The metadata of `step` (default latest), migrated to the current format."""
         step = self._resolve(step)
+        return upgrade(self._raw_metadata(step), self._where(step))
+
+    def _raw_metadata(self, step: int) -> Any:
+        """The metadata item of `step` as saved (any JSON value); UserError when it cannot be read."""
         try:
             with _orbax_quiet():
                 restored = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
         except Exception as err:  # Orbax raises many types for a damaged folder
             raise UserError(f"checkpoint {self._where(step)} has no readable metadata ({_describe(err)})") from None
-        return upgrade(restored["metadata"], self._where(step))
+        return restored["metadata"]
 
     def arrays(self, step: int | None = None) -> list[ArrayInfo]:
         """Path, shape and dtype of every array in the state of `step`, read from Orbax's metadata only."""
@@ -344,12 +348,15 @@ class CheckpointStore:
             saved = self._manager.item_metadata(step)["state"]
         target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(tuple(a.shape), a.dtype), saved)
         self.restore(target, step)
-        recorded = self.metadata(step).get(CHECKSUM_KEY)
+        raw = self._raw_metadata(step)
+        recorded = raw.get(CHECKSUM_KEY) if isinstance(raw, dict) else None
         return len(recorded) if recorded else None
 
     def _check_integrity(self, step: int, restored: Any) -> None:
-        """Raise UserError when an array of `restored` (step `step`) differs from its checksum at save time."""
-        expected = self.metadata(step).get(CHECKSUM_KEY)
+        """Raise UserError when an array of `restored` (step `step`) differs from its checksum at save time. Read
+        from the metadata as saved: whatever its format, the arrays are checked if it has their checksums."""
+        raw = self._raw_metadata(step)
+        expected = raw.get(CHECKSUM_KEY) if isinstance(raw, dict) else None
         if not expected:
             return
         bad = checksum_mismatches(restored, expected, self.arrays(step))

@@ -107,3 +107,16 @@ def test_inspect_verify_reads_every_array_and_reports_a_changed_one(tmp_path, ca
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "checkpoints/1 is damaged: the bytes of params/" in err[0]
+
+
+def test_checksums_are_checked_whatever_the_metadata_holds(tmp_path):
+    # a store used below the run layer (sharding checks, the bench) saves metadata without slm-jax's format keys
+    store = CheckpointStore(tmp_path / "checkpoints", keep=5, async_save=False)
+    store.save(1, state(1), {"step": 1})
+    store.save(2, state(2), {"step": 2})
+    store.wait()
+    assert int(store.restore(abstract(state(1)), 1)["step"]) == 1
+    shutil.rmtree(tmp_path / "checkpoints" / "1" / "state")
+    shutil.copytree(tmp_path / "checkpoints" / "2" / "state", tmp_path / "checkpoints" / "1" / "state")
+    with pytest.raises(UserError, match="checkpoints/1 is damaged: the bytes of "):
+        CheckpointStore(tmp_path / "checkpoints", create=False).restore(abstract(state(1)), 1)
