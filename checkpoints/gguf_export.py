@@ -5,7 +5,6 @@ The run is read through `train.run` (so this entry module sits above the `checkp
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 from checkpoints.gguf import check_exportable, check_kind, export_type, gguf_tensors, write_gguf
 from checkpoints.gguf_vocab import Vocab, bpe_vocab, byte_vocab, pad_vocab
 from slm_jax.errors import UserError
-from train.cli import main_guard, require_one_process
+from train.cli import ArgumentParser, main_guard, require_one_process
 from train.run import check_out_parent, imported_token_ids, load_run, open_store, tokenizer_of
 
 
@@ -65,7 +64,7 @@ def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, 
 
 @main_guard
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m checkpoints.gguf_export",
         description="Write a run as a GGUF file for llama.cpp. Float, imported and QAT runs: f32/f16/bf16, or "
                     "q8_0/q4_0 quantized by gguf's own quantizer (layers a QAT run keeps float stay F16). Serving "

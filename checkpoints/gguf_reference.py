@@ -5,7 +5,6 @@ validation windows, slm-jax's logits on them, a text sample with its token ids, 
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import jax
@@ -13,7 +12,7 @@ import numpy as np
 
 from slm_jax.errors import UserError
 from train.bench.serving import decode_speed
-from train.cli import main_guard
+from train.cli import ArgumentParser, main_guard
 from train.data import eval_batches, load_splits
 from train.run import load_run
 
@@ -45,7 +44,7 @@ def reference(workdir: Path, windows: int, new_tokens: int) -> dict[str, np.ndar
 
 @main_guard
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m checkpoints.gguf_reference", description=__doc__)
+    parser = ArgumentParser(prog="python -m checkpoints.gguf_reference", description=__doc__)
     parser.add_argument("--workdir", type=Path, required=True, help="the run the GGUF files were exported from")
     parser.add_argument("--out", type=Path, required=True, help="the .npz file to write")
     parser.add_argument("--windows", type=int, default=64, help="validation windows of seq_len tokens")

@@ -8,7 +8,6 @@ The folder is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 from checkpoints.hf import EXPORT_DTYPES, hf_config, write_safetensors
 from quant.lora_merge import merged_float_params
 from slm_jax.errors import UserError
-from train.cli import main_guard, require_one_process
+from train.cli import ArgumentParser, main_guard, require_one_process
 from train.run import check_out_parent, imported_token_ids, load_run
 from train.tokenizer import save_tokenizer
 
@@ -64,7 +63,7 @@ def export_run(workdir: Path, out: Path, dtype: str = "bf16", log=print) -> Path
 
 @main_guard
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m checkpoints.hf_export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m checkpoints.hf_export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, required=True, help="a float, QAT, serving, LoRA or imported run")
     parser.add_argument("--out", type=Path, required=True, help="the new Hugging Face folder")
     parser.add_argument("--dtype", default="bf16", choices=tuple(EXPORT_DTYPES), help="dtype of the weights")

@@ -6,7 +6,6 @@ relative to the fixture folder (run from inside it, or re-point it).
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from checkpoints.manager import CheckpointStore
 from checkpoints.versioning import FORMAT_VERSION
 from slm_jax.errors import UserError
 from train.build import abstract_state, build_model
-from train.cli import main_guard
+from train.cli import ArgumentParser, main_guard
 from train.config import load_config
 from train.loop import run_training
 
@@ -69,7 +68,7 @@ def make_fixture(version: int, out: Path, log=print) -> None:
 
 @main_guard
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m checkpoints.make_fixture", description=__doc__)
+    parser = ArgumentParser(prog="python -m checkpoints.make_fixture", description=__doc__)
     parser.add_argument("--version", type=int, default=FORMAT_VERSION, help="checkpoint format to write")
     parser.add_argument("--out", type=Path, required=True, help="a new folder, e.g. tests/fixtures/v2_tiny")
     args = parser.parse_args(argv)

@@ -14,6 +14,7 @@ from quant.calibrate import InputStats
 from quant.folding import InputGroup, fold_scales, get_param, input_groups, per_channel, set_param
 from quant.grid import dequantize, rtn
 from quant.plan import LayerPlan, Path, Plan, path_str
+from quant.progress import GroupProgress
 from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
 
@@ -114,8 +115,8 @@ def _clipped_layers(group: InputGroup) -> list[Path]:
     return [layer for layer in group.layers if layer[-1] not in ("q", "k")]
 
 
-def apply_awq(model_cfg: ModelConfig, plan: Plan, params: dict, stats: dict, settings: AWQSettings = AWQSettings()
-              ) -> tuple[dict, dict[str, dict]]:
+def apply_awq(model_cfg: ModelConfig, plan: Plan, params: dict, stats: dict, settings: AWQSettings = AWQSettings(),
+              log=None) -> tuple[dict, dict[str, dict]]:
     """Search and fold AWQ scales for every input group with a quantized weight layer, in model order.
 
     params: float params (nested dict of arrays); stats: {first layer path of each group: InputStats of its input
@@ -123,10 +124,12 @@ def apply_awq(model_cfg: ModelConfig, plan: Plan, params: dict, stats: dict, set
     s, [group.channels] floats: the layers' input is divided by s[group.expand], their kernel rows multiplied),
     and with clipping "clip_ratio_mean" (mean chosen ratio over the clipped layers' groups and channels)}}).
     Without clipping the float model computes the same function before and after (up to float rounding); the
-    clipping then clamps the clipped layers' scaled kernels (`search_clip`).
+    clipping then clamps the clipped layers' scaled kernels (`search_clip`). `log` (or None) gets a progress line
+    after each group.
     """
-    chosen = {}
-    for group in input_groups(model_cfg):
+    chosen, groups = {}, input_groups(model_cfg)
+    progress = GroupProgress("awq", sum(any(plan.get(layer) for layer in g.layers) for g in groups), log)
+    for group in groups:
         plans = [plan.get(layer) for layer in group.layers]
         if all(p is None for p in plans):
             continue
@@ -148,4 +151,5 @@ def apply_awq(model_cfg: ModelConfig, plan: Plan, params: dict, stats: dict, set
             if ratios:
                 entry["clip_ratio_mean"] = round(float(np.mean(np.concatenate(ratios))), 4)
         chosen[path_str(group.layers[0])] = {**entry, "scales": [float(v) for v in scales]}
+        progress.step(path_str(group.layers[0]))
     return params, chosen

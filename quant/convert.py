@@ -13,7 +13,7 @@ from quant.awq import AWQSettings
 from quant.gptq import GPTQSettings
 from quant.ptq_methods import METHODS, PTQSettings
 from slm_jax.errors import UserError
-from train.cli import (add_scheme_args, main_guard, non_negative_float, non_negative_int, positive_int,
+from train.cli import (ArgumentParser, add_scheme_args, main_guard, non_negative_float, non_negative_int, positive_int,
                        require_one_process, scheme_from_args)
 from train.evaluation import evaluate_workdir, format_table
 from train.ptq import Calibration, convert_workdir
@@ -57,7 +57,7 @@ def method_from_args(args: argparse.Namespace) -> tuple[Calibration, PTQSettings
 
 @main_guard
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m quant.convert",
         description="Post-training quantization: convert a float or QAT run into a serving run whose weights "
                     "are stored only as int8/int4 values and scales.")
@@ -70,6 +70,7 @@ def main(argv=None) -> None:
     calibration, settings = method_from_args(args)
     convert_workdir(args.workdir, args.out, scheme_from_args(args), method=args.method, calibration=calibration,
                     settings=settings)
+    print("evaluating both runs on the validation split (20 batches of 16 windows each) ...", flush=True)
     print(format_table([evaluate_workdir(w, 20, 16) for w in (args.workdir, args.out)]))
 
 

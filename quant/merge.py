@@ -4,7 +4,6 @@ as `quant.convert`, so generate/evaluate read it like any other, and print what 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from checkpoints.manager import tree_bytes
 from quant.lora import split_adapters
 from quant.lora_merge import format_rows, logits_error, merge_adapters
 from train.build import build_model
-from train.cli import main_guard, positive_int, require_one_process
+from train.cli import ArgumentParser, main_guard, positive_int, require_one_process
 from train.config import FinetuneConfig
 from train.data import eval_batches, load_splits
 from train.evaluation import eval_windows, mean_loss
@@ -66,7 +65,7 @@ def _merge(workdir: Path, out: Path, folder: Path, batches: int, batch_size: int
 
 @main_guard
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m quant.merge", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m quant.merge", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, required=True, help="a LoRA run (finetune.method=lora)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the merged serving run")
     parser.add_argument("--batches", type=positive_int, default=20, help="validation batches for the loss comparison")

@@ -23,6 +23,7 @@ from quant.folding import get_param, input_groups
 from quant.gptq import GPTQSettings, gptq
 from quant.grid import dequantize
 from quant.plan import EMBED_PATH, make_plan, path_str
+from quant.progress import GroupProgress
 from quant.smoothquant import apply_smoothquant, check_alpha
 from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
@@ -76,8 +77,8 @@ def check_method(model_cfg: ModelConfig, quant_cfg: QuantConfig, method: str, ca
 
 
 def quantize_with_method(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, method: str,
-                         calib_tokens: np.ndarray | None = None, settings: PTQSettings = PTQSettings()
-                         ) -> tuple[dict, dict]:
+                         calib_tokens: np.ndarray | None = None, settings: PTQSettings = PTQSettings(),
+                         log=None) -> tuple[dict, dict]:
     """Serving variables ({"params", "aqt"}, as `quant.serving.convert` returns) for float `params` quantized to
     `quant_cfg` by `method`, and a JSON-able record of what was done for the run's metadata: method, settings,
     calibration amount, per-group/per-layer results and seconds taken.
@@ -86,7 +87,8 @@ def quantize_with_method(model_cfg: ModelConfig, quant_cfg: QuantConfig, params:
     rtn. AWQ and SmoothQuant fold scales into the float params (same float function), then round to nearest or,
     for awq+gptq, run GPTQ. GPTQ calibrates sequentially: each group of layers sharing an input gets its Hessian
     from the serving model whose earlier layers already hold their GPTQ integers. The token embedding table, when
-    quantized, is always rounded to nearest (its one-hot inputs make GPTQ and AWQ no-ops there).
+    quantized, is always rounded to nearest (its one-hot inputs make GPTQ and AWQ no-ops there). `log` (a
+    callable taking one line, or None) gets a progress line after each layer group of AWQ's search and GPTQ.
     Raises UserError for inapplicable input (see `check_method`) before any work.
     """
     check_method(model_cfg, quant_cfg, method, calib_tokens, settings)
@@ -101,10 +103,11 @@ def quantize_with_method(model_cfg: ModelConfig, quant_cfg: QuantConfig, params:
         if method == "smoothquant":
             params, record["groups"] = apply_smoothquant(model_cfg, plan, params, stats, settings.smoothquant_alpha)
         else:
-            params, record["groups"] = apply_awq(model_cfg, plan, params, stats, settings.awq)
+            params, record["groups"] = apply_awq(model_cfg, plan, params, stats, settings.awq, log=log)
     variables = convert(model_cfg, quant_cfg, params)
     if "gptq" in method:
-        variables, record["layers"] = apply_gptq(model_cfg, quant_cfg, params, variables, calib_tokens, settings)
+        variables, record["layers"] = apply_gptq(model_cfg, quant_cfg, params, variables, calib_tokens, settings,
+                                                 log=log)
         check_serving_variables(model_cfg, quant_cfg, variables)
     if method != "rtn":
         record["calibration"] = {"split": "train", "sequences": int(len(calib_tokens)),
@@ -114,9 +117,10 @@ def quantize_with_method(model_cfg: ModelConfig, quant_cfg: QuantConfig, params:
 
 
 def apply_gptq(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, variables: dict,
-               calib_tokens: np.ndarray, settings: PTQSettings = PTQSettings()) -> tuple[dict, dict]:
+               calib_tokens: np.ndarray, settings: PTQSettings = PTQSettings(), log=None) -> tuple[dict, dict]:
     """Replace the round-to-nearest integers in serving `variables` by GPTQ's, group of layers by group of layers
-    in model order, each group's Hessian taken from the serving model as quantized so far.
+    in model order, each group's Hessian taken from the serving model as quantized so far; `log` (or None) gets a
+    progress line after each group.
 
     params: the float params the variables were converted from. Returns (variables, {layer: {"objective_vs_rtn":
     ||X(W - Q_gptq)||^2 / ||X(W - Q_rtn)||^2 on the calibration inputs}}).
@@ -125,6 +129,7 @@ def apply_gptq(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, var
     serve = dataclasses.replace(quant_cfg, mode="serve")
     detail, groups = {}, input_groups(model_cfg)
     firsts = [group.layers[0] for group in groups]  # all measured on every pass: one compiled forward for all
+    progress = GroupProgress("gptq", sum(any(plan.get(layer) for layer in g.layers) for g in groups), log)
     for group in groups:
         layers = [layer for layer in group.layers if plan.get(layer) is not None]
         if not layers:
@@ -142,6 +147,7 @@ def apply_gptq(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, var
             ratio = _objective(kernel, dequantize(codes, scales), hessian) / _objective(kernel, rtn_kernel, hessian)
             detail[path_str(layer)] = {"objective_vs_rtn": round(float(ratio), 4)}
         variables = {**variables, "aqt": replace_quantized_weights(variables["aqt"], new)}
+        progress.step(path_str(group.layers[0]))
     return variables, detail
 
 

@@ -4,7 +4,6 @@ float or serving run (a serving run's own stored integers, whichever method made
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from quant.plan import path_str
 from quant.serving import quantized_weights
 from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
-from train.cli import add_scheme_args, int_in, main_guard, positive_int, require_one_process, scheme_from_args
+from train.cli import (ArgumentParser, add_scheme_args, int_in, main_guard, positive_int, require_one_process,
+                       scheme_from_args)
 from train.data import eval_batches, load_splits
 from train.ptq import serving_quant_config
 from train.run import load_run
@@ -95,7 +95,7 @@ def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int, k
 
 @main_guard
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m quant.report",
         description="Per quantized layer: bits, granularity, weight scale range, clipped share, the quantization "
                     "error of its weights and of its output on a batch of validation text, and the KL divergence "

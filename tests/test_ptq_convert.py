@@ -44,6 +44,10 @@ def test_gptq_conversion_uses_seeded_training_windows_and_records_method_calibra
                   "--calib-batches", "4", "--calib-seq-len", "16", "--seed", "3", "--act-order"])
     printed = capsys.readouterr().out
     assert "by gptq" in printed and "KL mean" in printed and "top-1" in printed
+    # progress after each layer group with a quantized layer: q/k/v, o, gate/up, down and the LM head of one layer
+    progress = [line for line in printed.splitlines() if line.startswith("gptq: layer group ")]
+    assert [line.split()[3] for line in progress] == [f"{i}/5" for i in range(1, 6)], progress
+    assert progress[0].startswith("gptq: layer group 1/5 (layer_0/attn/q) done: ") and "s left" in progress[0]
     served, parent = load_run(out), load_run(float_run)
     ptq = served.metadata["ptq"]
     assert ptq["method"] == "gptq" and ptq["settings"]["gptq"]["act_order"] is True
@@ -119,6 +123,9 @@ def test_bad_calibrated_conversions_exit_2_in_one_line_and_create_no_out_folder(
     with pytest.raises(SystemExit) as exit_info:
         convert_main(["--workdir", str(float_run), "--out", str(out),
                       *(str(rules) if a == "RULES" else a for a in args)])
-    err = capsys.readouterr().err.strip().splitlines()
+    printed = capsys.readouterr()
+    err = printed.err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
     assert not out.exists()
+    if "singular" not in message:  # found before any work: not even the scheme line comes first
+        assert printed.out == ""

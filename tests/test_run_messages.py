@@ -76,3 +76,14 @@ def test_the_done_line_of_a_resume_says_which_steps_this_session_ran(tmp_path, c
     run_training(load_config("tiny", [*overrides, "train.steps=4", "train.extend=true"]), tmp_path, log=lines.append)
     assert [line for line in lines if line.startswith("done:")][0].startswith(
         "done: 4 steps (steps 3-4 in this session) in ")
+
+
+def test_the_loss_table_keeps_its_columns_aligned_for_long_workdir_names():
+    long_name = "/tmp/runs/p_smoothquant_bits8_actbits8_and_more"
+    lines = format_table([row("a", "1 batch x 3 windows x 8 tokens"), row(long_name, "1 batch x 3 windows x 8 tokens")
+                          ]).splitlines()
+    header, short, long_row = lines[0], lines[2], lines[3]
+    assert long_row.startswith(long_name + " ")
+    # every column ends where the header's does
+    assert [m.end() for m in re.finditer(r"\S+", short)][1:] == [m.end() for m in re.finditer(r"\S+", long_row)][1:]
+    assert header.index("step") + len("step") == [m.end() for m in re.finditer(r"\S+", short)][1]

@@ -202,3 +202,37 @@ def test_a_signal_during_a_save_keeps_that_checkpoint_and_the_run_resumes_exactl
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from step {max(kept)} " in resumed.stdout
     assert losses(workdir) == reference
+
+
+def test_a_resume_refused_for_another_quant_config_prints_nothing_first_and_keeps_quant_plan_json(tiny_run,
+                                                                                                     tmp_path):
+    run = tiny_run(tmp_path / "run", *TINY, "quant.mode=qat", "quant.weight_bits=8")
+    saved_plan = (run.workdir / "quant_plan.json").read_text()
+    lines = []
+    with pytest.raises(UserError, match=r"different quant config \(quant.weight_bits: 8 -> 4"):
+        run_training(tiny(run, "quant.mode=qat", "quant.weight_bits=4"), run.workdir, log=lines.append)
+    assert lines == [] and (run.workdir / "quant_plan.json").read_text() == saved_plan
+
+
+def test_validation_during_training_reads_the_same_windows_for_the_same_effective_batch(tmp_path, corpus_file):
+    config = lambda *more: load_config("tiny", [f"data.path={corpus_file}", *TINY, "train.steps=2",
+                                                "train.eval_batches=3", *more])
+    logs = {"whole": [], "split": []}
+    whole = run_training(config("train.batch_size=8"), tmp_path / "whole", log=logs["whole"].append)
+    split = run_training(config("train.batch_size=4", "train.grad_accum=2"), tmp_path / "split",
+                         log=logs["split"].append)
+    # the same 3 x 8 windows, the same weights up to the order of the gradient sum: the same loss
+    assert whole["val_loss"] == pytest.approx(split["val_loss"], abs=1e-5)
+    assert re.search(r"over 3 batches x 8 windows x \d+ tokens", "\n".join(logs["whole"]))
+    assert re.search(r"over 6 batches x 4 windows x \d+ tokens", "\n".join(logs["split"]))
+
+
+def test_a_config_that_repeats_a_key_is_refused_naming_the_key_and_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("inherit: tiny\ntrain:\n  steps: 5\n  log_every: 1\n  steps: 7\n")
+    with pytest.raises(UserError, match=r"is not valid YAML: duplicate key 'steps' \(line 5\)$"):
+        load_config(str(path), [])
+    # the same key in different mappings (each rule's match and weight_bits) is no repetition
+    path.write_text("inherit: tiny\nquant:\n  mode: qat\n  rules:\n    - {match: attn, weight_bits: 4}\n"
+                    "    - {match: mlp, weight_bits: 8}\n")
+    assert [rule.weight_bits for rule in load_config(str(path), []).quant.rules] == [4, 8]

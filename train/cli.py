@@ -79,6 +79,32 @@ non_negative_float = float_in(0.0)
 probability = float_in(0.0, 1.0)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default, "(default: X)", where it has one (not None or False) that its help text
+    does not already name."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
+                and action.option_strings):
+            text += ("; " if text else "") + "default: %(default)s"
+        return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors follow the project's rule for bad input: one line on stderr, `error: <prog>:
+    <message> (--help shows the usage)`, and exit code 2 (argparse prints its usage block above the message); its
+    --help names the options' defaults (`DefaultsHelpFormatter`) unless another formatter is given."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (--help shows the usage)", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+
+
 def main_guard(fn):
     """Run a CLI main; a UserError prints `error: <one line>` to stderr and exits with code 2, and so does an
     OSError the user's environment causes (a read-only folder, a file where a folder belongs, a missing parent, no

@@ -39,7 +39,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (f32 master params, bf16 compute) | fp16 (plus dynamic loss scaling)
     log_every: int = 50
     eval_every: int = 250
-    eval_batches: int = 20
+    eval_batches: int = 20  # of the effective batch (batch_size x grad_accum windows), so the windows a validation
+    # loss averages depend on the effective batch only, not on how it is split into micro-batches
     init_from: str | None = None  # a workdir whose latest params start this run (e.g. QAT from a float model)
     sample_prompt: str = "ROMEO:"
     sample_tokens: int = 200
@@ -132,10 +133,30 @@ class Config:
         return build(cls, values)
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key (PyYAML keeps the last value without a word, so
+    `steps: 5` then `steps: 7` would train 7 steps silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path, what: str = "config"):
-    """A YAML file's values; an unreadable file or invalid YAML is a one-line UserError naming `what` it is."""
+    """A YAML file's values; an unreadable file, invalid YAML or a repeated key in a mapping is a one-line
+    UserError naming `what` it is."""
     try:
-        return yaml.safe_load(Path(path).read_text())
+        return yaml.load(Path(path).read_text(), Loader=UniqueKeyLoader)
     except OSError as err:
         raise UserError(f"cannot read {what} {path}: {err.strerror}") from None
     except yaml.YAMLError as err:

@@ -6,15 +6,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from train.cli import main_guard, positive_int, require_one_process
+from train.cli import ArgumentParser, main_guard, positive_int, require_one_process
 from train.evaluation import evaluate_workdir, format_table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__)
+    parser = ArgumentParser(prog="python -m train.evaluate", description=__doc__)
     parser.add_argument("--workdir", type=Path, action="append", required=True, help="repeat to compare runs")
     parser.add_argument("--batches", type=positive_int, default=50, help="validation batches per run")
-    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="windows per validation batch")
     return parser.parse_args(argv)
 
 

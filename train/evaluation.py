@@ -107,12 +107,14 @@ def format_table(rows: list[dict]) -> str:
     parent run) when any row has them; then the validation windows the losses average (one line when all runs used
     the same, else one per run) and a note for each serving run whose parent was absent."""
     kl = any("kl_mean" in r for r in rows)
-    header = f"{'workdir':<28} {'step':>6} {'quant':>6} {'val loss':>9} {'ppl':>8} {'bits/char':>9} {'param MB':>9}"
+    width = max(28, *(len(str(r["workdir"])) for r in rows))  # the longest workdir sets the first column
+    header = (f"{'workdir':<{width}} {'step':>6} {'quant':>6} {'val loss':>9} {'ppl':>8} {'bits/char':>9} "
+              f"{'param MB':>9}")
     header += f" {'KL mean':>8} {'KL p99':>8} {'top-1':>7}" if kl else ""
     lines, notes = [header, "-" * len(header)], []
     for r in rows:
-        line = (f"{r['workdir']:<28} {r['step']:>6} {r['quant']:>6} {r['loss']:>9.4f} {r['perplexity']:>8.3f} "
-                f"{format_bits(r['bits_per_char']):>9} {r['param_bytes'] / 1e6:>9.3f}")
+        line = (f"{str(r['workdir']):<{width}} {r['step']:>6} {r['quant']:>6} {r['loss']:>9.4f} "
+                f"{r['perplexity']:>8.3f} {format_bits(r['bits_per_char']):>9} {r['param_bytes'] / 1e6:>9.3f}")
         if kl:
             line += (f" {r['kl_mean']:>8.4f} {r['kl_p99']:>8.4f} {r['top1']:>7.2%}" if "kl_mean" in r
                      else f" {'-':>8} {'-':>8} {'-':>7}")

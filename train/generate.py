@@ -18,21 +18,22 @@ import jax.numpy as jnp
 from slm_jax.attention import KVCache
 from slm_jax.errors import UserError
 from slm_jax.sampling import cache_size
-from train.cli import main_guard, non_negative_float, non_negative_int, positive_int, require_one_process
+from train.cli import (ArgumentParser, main_guard, non_negative_float, non_negative_int, positive_int,
+                       require_one_process)
 from train.config import PRECISIONS
 from train.loop import sample_text
 from train.run import load_run, run_kind, served_run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__)
-    parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--prompt", default="ROMEO:")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=200)
+    parser = ArgumentParser(prog="python -m train.generate", description=__doc__)
+    parser.add_argument("--workdir", type=Path, required=True, help="the run to sample from (any kind)")
+    parser.add_argument("--prompt", default="ROMEO:", help="text to continue (its tokenizer's special tokens added)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to sample after the prompt")
     parser.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=non_negative_int, default=40, help="0 = no top-k filtering")
-    parser.add_argument("--num-samples", type=positive_int, default=1)
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--num-samples", type=positive_int, default=1, help="continuations, sampled as one batch")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed")
     parser.add_argument("--step", type=non_negative_int, help="checkpoint step (default: latest)")
     parser.add_argument("--kv-bits", type=int, choices=(8,), help="int8 KV cache (default: the run's quant.kv_bits)")
     parser.add_argument("--numerics", choices=("auto", "int", "fake"),

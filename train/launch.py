@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from train.cli import non_negative_float, positive_int
+from train.cli import ArgumentParser, non_negative_float, positive_int
 
 POLL_S = 0.1
 
@@ -108,7 +108,7 @@ def launch(command: list[str], processes: int, devices: int, grace_s: float, hea
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.launch", description=__doc__,
+    parser = ArgumentParser(prog="python -m train.launch", description=__doc__,
                                      usage="python -m train.launch [options] -- ARGS FOR THE MODULE")
     parser.add_argument("--processes", type=positive_int, default=2, help="how many processes (simulated hosts)")
     parser.add_argument("--devices-per-process", type=positive_int, default=4, help="CPU devices of each process")

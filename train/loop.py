@@ -74,12 +74,11 @@ def eval_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int, mesh):
                         lambda index: windows(tokens, starts[index[0]], seq_len), count=2)
 
 
-def describe_quant_plan(config: Config, workdir: Path | None, log) -> dict | None:
-    """Print the resolved per-layer quantization plan and save it as `quant_plan.json` in `workdir` (None: not
-    saved); returns it as JSON (None for float runs)."""
-    if config.quant.mode == "none":
+def describe_quant_plan(config: Config, plan, workdir: Path | None, log) -> dict | None:
+    """Print the resolved per-layer quantization `plan` (`make_plan`'s, None for a float run) and save it as
+    `quant_plan.json` in `workdir` (None: not saved); returns it as JSON (None for float runs)."""
+    if plan is None:
         return None
-    plan = make_plan(config.model, config.quant)
     log(f"quantization plan ({config.quant.mode}):\n{format_plan(plan)}")
     if workdir is not None:
         (workdir / "quant_plan.json").write_text(json.dumps(plan_to_json(plan), indent=1))
@@ -108,7 +107,9 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     if tokenizer.vocab_size > config.model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids, more than model.vocab_size="
                         f"{config.model.vocab_size}; leave model.vocab_size unset to take it from the tokenizer")
-    quant_plan = describe_quant_plan(config, workdir if primary else None, log)
+    # made (and its rules checked) now; printed and saved once the workdir's checkpoints are known to match, so a
+    # refused resume prints one line and leaves the workdir's quant_plan.json as it was
+    plan = make_plan(config.model, config.quant) if config.quant.mode != "none" else None
     tensorboard = TensorBoardLog(workdir / "tensorboard") if primary and cfg.tensorboard else None
     store = CheckpointStore(workdir / "checkpoints", keep=config.checkpoint.keep,
                             async_save=config.checkpoint.async_save)
@@ -127,6 +128,7 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     except BaseException:
         store.close()
         raise
+    quant_plan = describe_quant_plan(config, plan, workdir if primary else None, log)
     if primary:
         save_yaml(config, workdir / "config.yaml")
         save_tokenizer(tokenizer, workdir)
@@ -148,11 +150,12 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
                         compiler_options=compiler_options)
     cpt = splits.chars_per_token
     seq_len = config.model.seq_len
-    val_windows = eval_windows(splits.val, cfg.batch_size, seq_len, cfg.eval_batches)
+    eval_count = cfg.eval_batches * cfg.grad_accum  # micro-batches: the same windows for the same effective batch
+    val_windows = eval_windows(splits.val, cfg.batch_size, seq_len, eval_count)
 
     def validate() -> dict:
         loss = mean_loss(eval_step, state.params, state.frozen, splits.val, cfg.batch_size, seq_len,
-                         cfg.eval_batches, place=lambda starts: eval_batch(splits.val, starts, seq_len, mesh))
+                         eval_count, place=lambda starts: eval_batch(splits.val, starts, seq_len, mesh))
         if not math.isfinite(loss):
             raise diverged(f"validation loss became {loss}", int(state.step), last_good, store, cfg.precision)
         return loss_summary(loss, cpt)

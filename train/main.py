@@ -13,7 +13,7 @@ import jax
 
 from checkpoints.lock import LOCK_NAME, lock_workdir
 from slm_jax.errors import UserError
-from train.cli import main_guard, positive_int, require_one_process
+from train.cli import ArgumentParser, main_guard, positive_int, require_one_process
 from train.config import load_config, read_yaml, resolve_path
 from train.cpu_devices import MAX_AUTO_DEVICES, gains_from_split, split_cpu_host, step_flops, usable_cores
 from train.evaluation import evaluate_workdir, format_table
@@ -24,7 +24,7 @@ from train.sharding import maybe_initialize_distributed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.main", description=__doc__)
+    parser = ArgumentParser(prog="python -m train.main", description=__doc__)
     parser.add_argument("--config", required=True, help="a name in configs/ (tiny, baseline, int8_qat, ...) or a YAML path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field (repeatable), e.g. --set train.steps=200")

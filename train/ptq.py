@@ -12,7 +12,7 @@ from checkpoints.manager import tree_bytes
 from quant.calibrate import calibration_tokens
 from quant.config import QuantConfig
 from quant.plan import describe_scheme
-from quant.ptq_methods import PTQSettings, quantize_with_method
+from quant.ptq_methods import PTQSettings, check_method, quantize_with_method
 from quant.serving import convert
 from slm_jax.errors import UserError
 from train.config import Config
@@ -65,18 +65,21 @@ def convert_workdir(source: Path, out: Path, quant_cfg: QuantConfig | None = Non
         config = dataclasses.replace(run.config, quant=serve_quant)
         if precision is not None:
             config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
-        log(describe_scheme(config.model, serve_quant))
         splits = load_splits(config.data, run.tokenizer)
         params = run.variables["params"]
+        if method != "rtn":  # inapplicable input is refused before the scheme line: one line, nothing else
+            tokens = calibration_tokens(splits.train, calibration.batches,
+                                        calibration.seq_len or config.model.seq_len, calibration.seed)
+            check_method(config.model, serve_quant, method, tokens, settings)
+        log(describe_scheme(config.model, serve_quant))
         if method == "rtn":
             sample, _ = get_batch(splits.train, config.train.seed, 0, 1, config.model.seq_len)
             tic = time.perf_counter()
             variables = convert(config.model, serve_quant, params, sample)
             record = {"method": "rtn", "seconds": round(time.perf_counter() - tic, 2)}
         else:
-            tokens = calibration_tokens(splits.train, calibration.batches,
-                                        calibration.seq_len or config.model.seq_len, calibration.seed)
-            variables, record = quantize_with_method(config.model, serve_quant, params, method, tokens, settings)
+            variables, record = quantize_with_method(config.model, serve_quant, params, method, tokens, settings,
+                                                     log=log)
             record["calibration"]["seed"] = calibration.seed
         write_serving_run(folder, config, run.step, variables, splits, converted_from=str(source.resolve()),
                           converted_from_step=run.step, ptq=record)

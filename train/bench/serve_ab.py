@@ -20,7 +20,7 @@ from slm_jax.errors import UserError
 from slm_jax.sampling import generate
 from train.bench.serve_speed import SIZES, VARIANTS, interleaved_speed, load_text, random_served, variants_rss
 from train.bench.trust import SectionLoad, busy_reasons, busy_warning
-from train.cli import main_guard, positive_int
+from train.cli import ArgumentParser, main_guard, positive_int
 
 
 def rss_child(variant: str, overrides, new_tokens: int) -> None:
@@ -33,7 +33,7 @@ def rss_child(variant: str, overrides, new_tokens: int) -> None:
 
 @main_guard
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m train.bench.serve_ab", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m train.bench.serve_ab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=tuple(SIZES), default="larger")
     parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8])
