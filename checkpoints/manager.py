@@ -348,15 +348,18 @@ class CheckpointStore:
             saved = self._manager.item_metadata(step)["state"]
         target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(tuple(a.shape), a.dtype), saved)
         self.restore(target, step)
-        raw = self._raw_metadata(step)
-        recorded = raw.get(CHECKSUM_KEY) if isinstance(raw, dict) else None
+        recorded = self._recorded_checksums(step)
         return len(recorded) if recorded else None
+
+    def _recorded_checksums(self, step: int) -> dict[str, int] | None:
+        """The CRC-32s `save` recorded for `step`, read from its metadata as saved (whatever its format), or None."""
+        raw = self._raw_metadata(step)
+        return raw.get(CHECKSUM_KEY) if isinstance(raw, dict) else None
 
     def _check_integrity(self, step: int, restored: Any) -> None:
         """Raise UserError when an array of `restored` (step `step`) differs from its checksum at save time. Read
         from the metadata as saved: whatever its format, the arrays are checked if it has their checksums."""
-        raw = self._raw_metadata(step)
-        expected = raw.get(CHECKSUM_KEY) if isinstance(raw, dict) else None
+        expected = self._recorded_checksums(step)
         if not expected:
             return
         bad = checksum_mismatches(restored, expected, self.arrays(step))
