@@ -1,10 +1,13 @@
 """Data sources and tokenizers in the pipeline: BPE trained on the training split alone, uint32 caches, folders
 and globs of text, nanoGPT's train.bin/val.bin, model.vocab_size taken from the tokenizer, and one-line errors."""
+import zlib
+
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from slm_jax.errors import UserError
+from train import data
 from train.config import load_config
 from train.data import DataConfig, load_splits
 from train.tokenizer import train_bpe
@@ -90,10 +93,27 @@ def test_nanogpt_bin_pair_is_read_as_it_is(tmp_path):
     assert with_tok.chars_per_token == pytest.approx(len(bpe.decode(text_ids[:100])) / 100)
 
 
+def test_every_pre_tokenized_id_is_checked_not_only_the_first_chunk(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SCAN_CHUNK", 64)  # the file spans many chunks; the bad id sits in a late one
+    train_ids = np.arange(1000) % 500
+    train_ids[777] = 60000
+    folder = write_bin_pair(tmp_path / "owt", train_ids, [1, 2, 3])
+    with pytest.raises(UserError, match=r"train.bin holds id 60000 at position 777, outside the tokenizer's 500 ids"):
+        load_splits(DataConfig(path=str(folder), tokenizer=None, vocab_size=500))
+
+
+def test_token_file_crc32_matches_zlib_over_the_whole_file_in_any_chunking(tmp_path, monkeypatch):
+    ids = np.random.default_rng(1).integers(0, 65535, 1001).astype(np.uint16)
+    expected = zlib.crc32(ids.tobytes())
+    for chunk in (1, 7, 64, 1 << 24):
+        monkeypatch.setattr(data, "SCAN_CHUNK", chunk)
+        assert data.crc32(ids) == expected
+
+
 @pytest.mark.parametrize("setup, settings, message", [
     (lambda d: write_bin_pair(d, [1, 2, 3], [1, 2, 3]), dict(), "holds pre-tokenized ids; set data.tokenizer"),
     (lambda d: write_bin_pair(d, [1, 2, 3], [1, 999, 3]), dict(tokenizer=None, vocab_size=500),
-     "val.bin holds id 999, outside the tokenizer's 500 ids"),
+     "val.bin holds id 999 at position 1, outside the tokenizer's 500 ids"),
     (lambda d: (write_bin_pair(d, [1, 2], [1, 2]) / "val.bin").unlink(), dict(tokenizer=None, vocab_size=500),
      "has train.bin but no val.bin"),
     (lambda d: d.mkdir(), dict(), "is a folder with no .txt files and no nanoGPT train.bin/val.bin pair"),

@@ -196,6 +196,21 @@ def test_file_system_refusals_of_every_command_are_one_line(runs, tmp_path, caps
         assert one_error_line(capsys, exited) == line
 
 
+def test_an_out_folder_under_an_unwritable_folder_is_refused_naming_out_not_the_partial(runs, tmp_path, capsys,
+                                                                                       monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # The suite may run as root, for whom every folder is writable: the file system's answer is stubbed for one path.
+    monkeypatch.setattr("train.run.os.access",
+                        lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    with pytest.raises(SystemExit) as exited:
+        convert_main(["--workdir", str(runs.root / "float"), "--out", str(locked / "int8"), "--bits", "8"])
+    assert one_error_line(capsys, exited) == \
+        f"error: --out {locked / 'int8'} cannot be made: no permission to write in {locked}"
+    assert list(locked.iterdir()) == []  # no .int8.partial left behind
+
+
 def test_a_write_refused_by_the_file_system_during_training_is_one_line(runs, tmp_path, capsys, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "run" / "config.yaml"))

@@ -22,6 +22,7 @@ from train.config import load_config
 from train.data import DataConfig, load_splits
 from train.loop import run_training
 from train.metrics import read_metrics
+from train.precision import MAX_LOSS_SCALE, LossScale
 
 ROOT = Path(__file__).resolve().parent.parent
 quiet = dict(log=lambda *_: None)
@@ -101,11 +102,25 @@ def garble_meta(folder: Path) -> None:
     (folder / "meta.json").write_text('{"train_tokens": ')
 
 
+def swap_ids(folder: Path) -> None:
+    ids = np.memmap(folder / "val.bin", dtype=np.uint16, mode="r+")
+    first = next(i for i in range(1, len(ids)) if ids[i] != ids[0])
+    ids[0], ids[first] = ids[first], ids[0]  # valid ids, same size: only the checksum sees it
+
+
+def drop_crc(folder: Path) -> None:
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["crc32"]  # as written before caches recorded CRC-32s
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize("damage, why", [
-    (poison_id, "has train.bin holding id 300, outside the tokenizer's 256 ids"),
+    (poison_id, r"has train.bin holding id 300 at position \d+, outside the tokenizer's 256 ids"),
     (truncate, r"has train.bin of \d+ bytes, but meta.json says \d+ uint16 tokens \(\d+ bytes\)"),
     (garble_meta, r"has an unreadable meta.json \(JSONDecodeError\)"),
-], ids=["id-beyond-vocab", "truncated", "bad-meta"])
+    (swap_ids, "has val.bin whose CRC-32 differs from the one recorded when it was written"),
+    (drop_crc, "was made before token caches recorded CRC-32s"),
+], ids=["id-beyond-vocab", "truncated", "bad-meta", "changed-bytes", "no-checksums"])
 def test_a_damaged_token_cache_is_rebuilt_from_the_corpus_with_a_note(tmp_path, corpus_file, capsys, damage, why):
     cfg = DataConfig(path=str(corpus_file), cache_dir=str(tmp_path / "cache"))
     first = load_splits(cfg)
@@ -236,3 +251,44 @@ def test_a_config_that_repeats_a_key_is_refused_naming_the_key_and_line(tmp_path
     path.write_text("inherit: tiny\nquant:\n  mode: qat\n  rules:\n    - {match: attn, weight_bits: 4}\n"
                     "    - {match: mlp, weight_bits: 8}\n")
     assert [rule.weight_bits for rule in load_config(str(path), []).quant.rules] == [4, 8]
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n"], ids=["empty", "comments", "document-marker"])
+def test_an_empty_config_file_is_refused_rather_than_training_the_defaults(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=f"^config {re.escape(str(path))} is empty; give its sections, or "
+                                        r"`inherit: baseline` to start from a named config$"):
+        load_config(str(path), [])
+
+
+def test_fp16_runs_log_their_loss_scale_and_count_the_steps_they_skipped(tiny_run, tmp_path, monkeypatch):
+    run = tiny_run(tmp_path / "ref", *TINY)
+    # Start at the ceiling: the first steps' scaled gradients overflow float16, are skipped, and halve the scale.
+    monkeypatch.setattr("train.steps.LossScale.create",
+                        lambda enabled: LossScale(scale=jnp.float32(MAX_LOSS_SCALE), good_steps=jnp.int32(0),
+                                                  enabled=enabled))
+    lines = []
+    run_training(tiny(run, "train.precision=fp16", "train.log_every=1"), tmp_path / "fp16", log=lines.append)
+    records = [r for r in read_metrics(tmp_path / "fp16" / "metrics.jsonl") if "loss_scale" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    scales = [r["loss_scale"] for r in records]
+    # Each record holds the scale its step ran with; a skipped step halves the next one's, a good one keeps it.
+    for before, after, record in zip(scales, scales[1:], records):
+        assert after == (before / 2 if record["skipped_steps"] else before)
+    assert records[0] == {**records[0], "loss_scale": MAX_LOSS_SCALE, "skipped_steps": 1}
+    shown = [line for line in lines if line.startswith("step ")]
+    assert shown[0].startswith("step      1/4 | loss ") and "| loss scale 1.67772e+07, 1 skipped" in shown[0]
+
+
+def test_a_resume_with_other_optimizer_settings_says_what_changed(tiny_run, tmp_path):
+    run = tiny_run(tmp_path / "run", *TINY)
+    lines = []
+    summary = run_training(tiny(run, "train.steps=4", "train.grad_clip=0.5", "train.beta2=0.99"), run.workdir,
+                           log=lines.append)
+    assert summary["step"] == 4
+    assert (f"note: resuming step 4 with changed settings (train.beta2 0.95 -> 0.99; train.grad_clip 1.0 -> 0.5)"
+            in lines), lines
+    lines.clear()
+    run_training(tiny(run, "train.steps=4"), run.workdir, log=lines.append)
+    assert not [line for line in lines if line.startswith("note: resuming")]

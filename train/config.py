@@ -165,8 +165,9 @@ def read_yaml(path: Path, what: str = "config"):
 
 def _read_yaml(path: Path) -> dict:
     values = read_yaml(path)
-    if values is None:
-        return {}
+    if values is None:  # an empty file, or only comments: never meant as "train the defaults"
+        raise UserError(f"config {path} is empty; give its sections, or `inherit: baseline` to start from a named "
+                        f"config")
     if not isinstance(values, dict):
         raise UserError(f"config {path} must be a mapping of sections")
     return values

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sys
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -24,7 +25,7 @@ from train.tokenizer import (KINDS, ByteTokenizer, NoTokenizer, read_tokenizer_f
                              train_bpe)
 
 PRETOKENIZED = ("train.bin", "val.bin")  # nanoGPT's layout: uint16 ids, no header
-ID_CHECK = 1 << 24  # pre-tokenized ids checked against the vocabulary: all of val.bin, this many of train.bin
+SCAN_CHUNK = 1 << 24  # ids per read when a whole token file is scanned (range check, CRC-32): 32 MiB of uint16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +185,8 @@ def load_splits(cfg: DataConfig, tokenizer=None) -> Splits:
         _write_atomic(folder / "train.bin", train.tobytes())
         _write_atomic(folder / "val.bin", val.tobytes())
         info |= {"train_chars": len(train_text), "val_chars": len(val_text), "train_tokens": len(train),
-                 "val_tokens": len(val), "dtype": train.dtype.name, "tokenizer": tokenizer.describe()}
+                 "val_tokens": len(val), "dtype": train.dtype.name, "tokenizer": tokenizer.describe(),
+                 "crc32": {"train.bin": zlib.crc32(train.tobytes()), "val.bin": zlib.crc32(val.tobytes())}}
         _write_atomic(meta_path, json.dumps(info, indent=1).encode())
         problem = _cache_problem(folder, tokenizer)
         if problem:
@@ -195,14 +197,19 @@ def load_splits(cfg: DataConfig, tokenizer=None) -> Splits:
 
 
 def _cache_problem(folder: Path, tokenizer) -> str | None:
-    """What is wrong with the token cache in `folder`, whose meta.json exists, or None: meta.json unreadable, a
-    token file whose size disagrees with meta.json's token count (truncated, or written by something else), or an
-    id outside `tokenizer`'s vocabulary (one max over each memmapped file)."""
+    """What is wrong with the token cache in `folder`, whose meta.json exists, or None: meta.json unreadable or
+    without the CRC-32s of its token files (a cache made before they were recorded), a token file whose size
+    disagrees with meta.json's token count (truncated, or written by something else), an id outside `tokenizer`'s
+    vocabulary, or bytes whose CRC-32 differs from the one recorded when the cache was written (one pass over each
+    memmapped file)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
         dtype = np.dtype(meta.get("dtype", "uint16"))
         counts = {"train.bin": int(meta["train_tokens"]), "val.bin": int(meta["val_tokens"])}
+        recorded = {name: int(meta["crc32"][name]) for name in counts}
     except (ValueError, TypeError, KeyError, AttributeError) as err:
+        if isinstance(err, KeyError) and err.args == ("crc32",):
+            return "was made before token caches recorded CRC-32s"
         return f"has an unreadable meta.json ({type(err).__name__})"
     for name, count in counts.items():
         path = folder / name
@@ -210,17 +217,37 @@ def _cache_problem(folder: Path, tokenizer) -> str | None:
         if size != count * dtype.itemsize:
             return (f"has {name} of {'no' if size is None else size} bytes, but meta.json says {count} "
                     f"{dtype.name} tokens ({count * dtype.itemsize} bytes)")
-        problem = _ids_problem(np.memmap(path, dtype=dtype, mode="r") if count else np.zeros(0, dtype),
-                               tokenizer.vocab_size)
+        ids = np.memmap(path, dtype=dtype, mode="r") if count else np.zeros(0, dtype)
+        problem = _ids_problem(ids, tokenizer.vocab_size)
         if problem:
             return f"has {name} holding {problem}"
+        if crc32(ids) != recorded[name]:
+            return f"has {name} whose CRC-32 differs from the one recorded when it was written"
     return None
 
 
+def _chunks(ids: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset, ids[offset:offset + SCAN_CHUNK]) over the whole array, so a memmapped file of any size is read
+    once with bounded memory."""
+    for start in range(0, len(ids), SCAN_CHUNK):
+        yield start, np.asarray(ids[start:start + SCAN_CHUNK])
+
+
+def crc32(ids: np.ndarray) -> int:
+    """zlib's CRC-32 of the bytes of `ids` (any 1-D array, e.g. a memmapped token file), read in chunks."""
+    value = 0
+    for _, chunk in _chunks(ids):
+        value = zlib.crc32(chunk.tobytes(), value)
+    return value
+
+
 def _ids_problem(ids: np.ndarray, vocab_size: int) -> str | None:
-    """`"id N, outside the tokenizer's V ids"` when the largest of `ids` is not below `vocab_size`, else None."""
-    if len(ids) and int(ids.max()) >= vocab_size:
-        return f"id {int(ids.max())}, outside the tokenizer's {vocab_size} ids"
+    """`"id N at position P, outside the tokenizer's V ids"` for the first id of `ids` (1-D, e.g. a memmapped
+    token file, read whole in chunks) not below `vocab_size`, else None."""
+    for start, chunk in _chunks(ids):
+        if len(chunk) and int(chunk.max()) >= vocab_size:
+            where = int(np.argmax(chunk >= vocab_size))
+            return f"id {int(chunk[where])} at position {start + where}, outside the tokenizer's {vocab_size} ids"
     return None
 
 
@@ -241,7 +268,7 @@ def check_inherited_tokenizer(cfg: DataConfig, tokenizer, where: str) -> None:
 
 def _pretokenized(cfg: DataConfig, folder: Path, tokenizer) -> Splits:
     """nanoGPT's train.bin/val.bin (uint16 ids, no header), memory-mapped as they are. The ids must lie below the
-    vocabulary (checked on all of val.bin and the first ID_CHECK ids of train.bin); bits per character are known
+    vocabulary (checked over both whole files, SCAN_CHUNK ids at a time); bits per character are known
     only with a tokenizer, by decoding val.bin."""
     if cfg.tokenizer in KINDS:
         raise UserError(f"data.path: {folder} holds pre-tokenized ids; set data.tokenizer to the tokenizer.json that "
@@ -258,7 +285,7 @@ def _pretokenized(cfg: DataConfig, folder: Path, tokenizer) -> Splits:
     if tokenizer.vocab_size > 1 << 16:
         raise UserError(f"data.path: {folder} holds uint16 ids, but the tokenizer has {tokenizer.vocab_size} ids")
     train, val = (np.memmap(folder / name, dtype=np.uint16, mode="r") for name in PRETOKENIZED)
-    for name, ids in (("val.bin", val), ("train.bin", train[:ID_CHECK])):
+    for name, ids in (("val.bin", val), ("train.bin", train)):
         problem = _ids_problem(ids, tokenizer.vocab_size)
         if problem:
             raise UserError(f"data.path: {folder / name} holds {problem} (data.vocab_size or data.tokenizer is "

@@ -17,6 +17,7 @@ import time
 from train.cli import ArgumentParser, non_negative_float, positive_int
 
 POLL_S = 0.1
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # passed on to every process (they run in sessions of their own)
 
 
 def free_port() -> int:
@@ -60,14 +61,37 @@ def _say(message: str) -> None:
     print(f"launch: {message}", file=sys.stderr, flush=True)
 
 
-def launch(command: list[str], processes: int, devices: int, grace_s: float, heartbeat_s: int | None) -> int:
+def _end_running(children: list, running: list[int], wait_s: float, why: str) -> None:
+    """Give `running` (indices into `children`) `wait_s` seconds to exit, then SIGKILL those left; say each
+    one's end (`why`: what they were waiting on, for the kill line)."""
+    deadline = time.monotonic() + wait_s
+    while any(children[i].poll() is None for i in running) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    for i in running:
+        if children[i].poll() is None:
+            children[i].kill()
+            children[i].wait()
+            _say(f"process {i} killed after {wait_s:g} s {why}")
+        else:
+            _say(f"process {i} {_how(children[i].returncode)} on its own")
+
+
+def launch(command: list[str], processes: int, devices: int, grace_s: float, heartbeat_s: int | None,
+           stop_s: float = 30.0) -> int:
     """Run `command` (argv after `python`) as `processes` joined processes; returns the exit code for the launcher:
     0 when all exit 0, else the first failure's code (128 + signal number for a signal). When one fails, the others
-    get `grace_s` seconds to end on their own (JAX's heartbeat timeout ends them), then SIGKILL."""
+    get `grace_s` seconds to end on their own (JAX's heartbeat timeout ends them), then SIGKILL. SIGINT or SIGTERM
+    to the launcher (from the main thread) is sent on to every running process, which get `stop_s` seconds to save
+    and exit before SIGKILL; the launcher then returns 128 + that signal's number."""
     port, lock = free_port(), threading.Lock()
-    children, threads = [], []
+    children, threads, stop = [], [], []
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in STOP_SIGNALS} \
+        if in_main else {}
     try:
         for index in range(processes):
+            if stop:
+                break
             child = subprocess.Popen([sys.executable, *command], env=process_env(index, processes, devices, port,
                                                                                  heartbeat_s),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -78,25 +102,24 @@ def launch(command: list[str], processes: int, devices: int, grace_s: float, hea
             threads.append(threading.Thread(target=_forward, args=(index, child.stdout, lock), daemon=True))
             threads[-1].start()
         failed = None
-        while any(c.poll() is None for c in children) and failed is None:
+        while any(c.poll() is None for c in children) and failed is None and not stop:
             failed = next((i for i, c in enumerate(children) if c.poll() not in (None, 0)), None)
             time.sleep(POLL_S)
+        if stop:
+            running = [i for i, c in enumerate(children) if c.poll() is None]
+            name = signal.Signals(stop[0]).name
+            _say(f"{name}: sending it on to processes {running}; they have {stop_s:g} s to save and stop")
+            for i in running:
+                children[i].send_signal(stop[0])
+            _end_running(children, running, stop_s, f"after {name}")
+            return 128 + stop[0]
         failed = next((i for i, c in enumerate(children) if c.poll() not in (None, 0)), failed)
         if failed is None:
             return 0
         code = children[failed].returncode
         running = [i for i, c in enumerate(children) if c.poll() is None]
         _say(f"process {failed} {_how(code)}" + (f"; stopping processes {running}" if running else ""))
-        deadline = time.monotonic() + grace_s
-        while any(children[i].poll() is None for i in running) and time.monotonic() < deadline:
-            time.sleep(POLL_S)
-        for i in running:
-            if children[i].poll() is None:
-                children[i].kill()
-                children[i].wait()
-                _say(f"process {i} killed after {grace_s:g} s")
-            else:
-                _say(f"process {i} {_how(children[i].returncode)} on its own")
+        _end_running(children, running, grace_s, "of grace")
         return code if code > 0 else 128 - code
     finally:
         for child in children:
@@ -105,6 +128,8 @@ def launch(command: list[str], processes: int, devices: int, grace_s: float, hea
             child.wait()
         for thread in threads:
             thread.join(timeout=5)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,6 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--module", default="train.main", help="the module each process runs (python -m MODULE)")
     parser.add_argument("--grace", type=non_negative_float, default=0.0,
                         help="seconds the other processes get to end on their own after one fails, before SIGKILL")
+    parser.add_argument("--stop-timeout", type=non_negative_float, default=30.0,
+                        help="after Ctrl-C or SIGTERM to the launcher: seconds the processes get to save and stop, "
+                             "before SIGKILL")
     parser.add_argument("--heartbeat-timeout", type=positive_int,
                         help="seconds without a heartbeat before JAX declares a process dead (default: "
                              "train.sharding.HEARTBEAT_TIMEOUT_S or $SLM_JAX_HEARTBEAT_TIMEOUT_S)")
@@ -129,7 +157,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         code = launch(["-m", args.module, *args.args], args.processes, args.devices_per_process, args.grace,
-                      args.heartbeat_timeout)
+                      args.heartbeat_timeout, args.stop_timeout)
     except KeyboardInterrupt:
         _say("interrupted; stopped every process")
         code = 130

@@ -172,7 +172,7 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     wall_start = time.perf_counter()
     last_good = store.latest_step()
     profiler = StepProfiler(workdir / "profile", profile_steps, start + 1, log) if profile_steps and primary else None
-    done = start
+    done, skipped = start, 0
     try:
         for step in range(start, cfg.steps):
             batch = train_batch(splits.train, config, step, place)
@@ -188,18 +188,25 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
             first = start if step == start else None  # a NaN here may come from the input, not the learning rate
             if not math.isfinite(loss):
                 raise diverged(f"loss became {loss}", step + 1, last_good, store, cfg.precision, first)
-            if not (fp16 or bool(metrics["grads_finite"])):  # fp16 skips such a step and lowers its loss scale
-                raise diverged(f"gradient norm became {float(metrics['grad_norm'])}", step + 1, last_good, store,
-                               cfg.precision, first)
+            if not bool(metrics["grads_finite"]):
+                if not fp16:  # fp16 skips such a step and lowers its loss scale
+                    raise diverged(f"gradient norm became {float(metrics['grad_norm'])}", step + 1, last_good,
+                                   store, cfg.precision, first)
+                skipped += 1
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
                 rates = speed.rates(done)
+                # fp16: the loss scale this step ran with, and the steps dropped for overflowing grads since the
+                # last record (their updates were not applied)
+                scaling = {"loss_scale": float(metrics["loss_scale"]), "skipped_steps": skipped} if fp16 else {}
                 record = {"step": done, "loss": loss, "lr": float(metrics["lr"]),
-                          "grad_norm": float(metrics["grad_norm"]), **rates}
+                          "grad_norm": float(metrics["grad_norm"]), **scaling, **rates}
                 metrics_log.write(**record)
                 log(f"step {done:>6}/{cfg.steps} | loss {loss:.4f} | lr {record['lr']:.2e}"
+                    + (f" | loss scale {scaling['loss_scale']:g}, {skipped} skipped" if fp16 else "")
                     + (f" | {rates['tokens_per_s']:,.0f} tok/s | {rates['ms_per_step']:.1f} ms/step | "
                        f"ETA {format_duration(rates['eta_s'])}" if rates else ""))
+                skipped = 0
             if done % cfg.eval_every == 0 and done != cfg.steps:
                 val = validate()
                 metrics_log.write(step=done, val_loss=val["loss"], val_perplexity=val["perplexity"])

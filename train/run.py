@@ -60,6 +60,9 @@ def served_run(run: LoadedRun, precision: str | None = None, **serving) -> Loade
 
 KIND_NAMES = ("float", "qat", "serving", "lora", "imported")
 SCHEDULE_KEYS = ("steps", "learning_rate", "warmup_steps", "min_lr_ratio")  # what `learning_rate_schedule` reads
+# The optimizer's other settings and the precision: a resume may change them (e.g. a lower grad_clip after a
+# spike), and says so.
+RESUME_NOTED = ("weight_decay", "beta1", "beta2", "grad_clip", "precision")
 
 
 def open_store(workdir: Path) -> CheckpointStore:
@@ -83,16 +86,24 @@ def config_from_metadata(metadata: dict, source) -> Config:
         raise UserError(f"checkpoint metadata in {source} has no usable config") from None
 
 
+def _changed(saved, now, keys) -> list[str]:
+    return [f"train.{key} {getattr(saved, key)!r} -> {getattr(now, key)!r}" for key in keys
+            if getattr(saved, key) != getattr(now, key)]
+
+
 def check_schedule(store: CheckpointStore, config: Config, log) -> None:
     """Resuming with other learning-rate schedule settings (e.g. a larger train.steps over a finished run) changes
     the schedule mid-run: UserError naming the changes unless train.extend is true, when it is logged instead.
+    Other optimizer settings (`RESUME_NOTED`) may change on resume; each change is logged, so it is never silent.
     Call it after the recipe's own resume checks (same model, quantization and LoRA base)."""
     latest = store.latest_step()
     if latest is None:
         return
     saved = config_from_metadata(store.metadata(latest), store.directory).train
-    changes = [f"train.{key} {getattr(saved, key)!r} -> {getattr(config.train, key)!r}" for key in SCHEDULE_KEYS
-               if getattr(saved, key) != getattr(config.train, key)]
+    noted = _changed(saved, config.train, RESUME_NOTED)
+    if noted:
+        log(f"note: resuming step {latest} with changed settings ({'; '.join(noted)})")
+    changes = _changed(saved, config.train, SCHEDULE_KEYS)
     if not changes:
         return
     if not config.train.extend:
@@ -294,12 +305,15 @@ def check_output_folder(source: Path, out: Path) -> None:
 
 
 def check_out_parent(out: Path) -> None:
-    """UserError naming --out when a folder above it is a file (nothing can be made under it), said before any
-    temporary sibling of `out` is made, so the message names the user's path rather than the temporary one."""
+    """UserError naming --out when a folder above it is a file or the nearest existing folder above it may not be
+    written (nothing can be made under it), said before any temporary sibling of `out` is made, so the message
+    names the user's path rather than the temporary one."""
     for parent in Path(out).absolute().parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"--out {out} cannot be made: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"--out {out} cannot be made: no permission to write in {parent}")
             return
 
 

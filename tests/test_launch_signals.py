@@ -1,0 +1,78 @@
+"""`python -m train.launch` passes Ctrl-C and SIGTERM on to every process it started (they run in sessions of their
+own, so a terminal's signal reaches only the launcher) and kills, after --stop-timeout, any that do not stop: no
+process outlives the launcher. The processes here are a small script, not training, so the test needs no JAX."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CHILD = """
+import os, signal, sys, time
+from pathlib import Path
+index = os.environ["JAX_PROCESS_ID"]
+stubborn = index in sys.argv[2:]  # these note the signal but keep running
+def stop(signum, frame):
+    (Path(sys.argv[1]) / index).write_text(signal.Signals(signum).name)
+    if not stubborn:
+        sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+print("ready", os.getpid(), flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def start(tmp_path: Path, *stubborn: str):
+    (tmp_path / "child_module.py").write_text(CHILD)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "train.launch", "--processes", "2", "--devices-per-process", "1",
+                             "--module", "child_module", "--stop-timeout", "2", "--", str(marks), *stubborn],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids, lines = {}, []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(("[p0] ready", "[p1] ready")):
+            pids[int(line[2])] = int(line.split()[-1])
+        if len(pids) == 2:
+            return proc, pids, marks, lines
+    raise AssertionError("".join(lines))
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_launcher_reaches_every_process_and_sets_the_exit_code(tmp_path, sig):
+    proc, pids, marks, _ = start(tmp_path)
+    proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, rest
+    assert {p.name: p.read_text() for p in marks.iterdir()} == {"0": sig.name, "1": sig.name}
+    assert f"launch: {sig.name}: sending it on to processes [0, 1]; they have 2 s to save and stop" in rest, rest
+    assert "process 0 exited with code 0 on its own" in rest and "process 1 exited with code 0 on its own" in rest
+    assert all(gone(pid) for pid in pids.values())
+
+
+def test_a_process_that_ignores_the_signal_is_killed_after_the_stop_timeout(tmp_path):
+    proc, pids, marks, _ = start(tmp_path, "1")
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=60)
+    assert time.monotonic() - sent >= 2
+    assert proc.returncode == 128 + signal.SIGTERM, rest
+    assert (marks / "1").read_text() == "SIGTERM"  # it got the signal, and did not stop
+    assert "process 1 killed after 2 s after SIGTERM" in rest, rest
+    assert "process 0 exited with code 0 on its own" in rest, rest
+    assert all(gone(pid) for pid in pids.values())
