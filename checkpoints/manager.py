@@ -310,10 +310,14 @@ class CheckpointStore:
         step = self._resolve(step)
         try:
             with _orbax_quiet():
-                return arrays_of(self._manager.item_metadata(step)["state"])
+                found = arrays_of(self._manager.item_metadata(step)["state"])
         except Exception as err:
             raise UserError(f"checkpoint {self._where(step)} has no readable array metadata ({_describe(err)})") \
                 from None
+        if not found:  # Orbax reads a state folder without its _METADATA file as an empty tree; no state is empty
+            raise UserError(f"checkpoint {self._where(step)} is damaged: its state lists no arrays (state/_METADATA "
+                            f"missing or emptied){self._fallback(step)}")
+        return found
 
     def restore(self, target: Any, step: int | None = None) -> Any:
         """Restore the state at `step` (default latest) into the structure of `target` (abstract arrays). Leaves

@@ -120,3 +120,14 @@ def test_checksums_are_checked_whatever_the_metadata_holds(tmp_path):
     shutil.copytree(tmp_path / "checkpoints" / "2" / "state", tmp_path / "checkpoints" / "1" / "state")
     with pytest.raises(UserError, match="checkpoints/1 is damaged: the bytes of "):
         CheckpointStore(tmp_path / "checkpoints", create=False).restore(abstract(state(1)), 1)
+
+
+def test_a_state_without_its_array_metadata_is_named_damage_not_another_model(tmp_path):
+    store = saved_store(tmp_path)
+    (tmp_path / "checkpoints" / "2" / "state" / "_METADATA").unlink()
+    damaged = (r"^checkpoint \S+/checkpoints/2 is damaged: its state lists no arrays \(state/_METADATA missing or "
+               r"emptied\); other steps here: \[1\] \(move this step's folder away to resume from the latest of them\)$")
+    for read in (lambda: store.restore(abstract(state(2)), 2), lambda: store.arrays(2), lambda: store.verify(2)):
+        with pytest.raises(UserError, match=damaged):
+            read()
+    assert store.restore(abstract(state(1)), 1)["step"] == 1  # the other step is untouched
