@@ -233,8 +233,8 @@ def header_markdown(results: dict) -> str:
             f"cores), jax {m['jax']}, Python {m['python']}\n"
             f"- load average at start / end: {m['load_average_at_start']} / {m.get('load_average_at_end')}\n"
             f"- total {results['total_s']:.0f} s ({sections})\n\n"
-            + (f"**UNRELIABLE: the machine was busy during {', '.join(busy)}; their timings and ratios (marked ?) "
-               f"are noise, not results. Rerun on a quiet machine.**\n" if busy else
+            + (f"**UNRELIABLE: the machine was busy (or its host noisy) during {', '.join(busy)}; their timings and "
+               f"ratios (marked ?) are noise, not results. Rerun on a quiet machine.**\n" if busy else
                "Absolute times hold for this device and its load only; compare ratios within one run.\n"))
 
 
