@@ -20,10 +20,10 @@ XLA_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 
 
 def pytest_configure(config):
-    pin_one_cpu_device()
     """One persistent XLA compilation cache for the whole session: the xdist workers and every `python -m ...`
     child inherit its folder through the environment, so the train/eval steps that many tests compile alike (and
     each CLI child compiles afresh) are compiled once. A user's own cache setting is left alone."""
+    pin_one_cpu_device()
     if os.environ.get(XLA_CACHE_ENV):
         return
     folder = tempfile.mkdtemp(prefix="slm-jax-xla-cache-")
