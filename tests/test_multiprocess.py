@@ -25,6 +25,7 @@ from quant.merge import main as merge_main
 from quant.report import main as report_main
 from train.evaluate import main as evaluate_main
 from train.generate import main as generate_main
+from train.main import main as train_main
 from train.cli import launched_many
 from train.evaluation import evaluate_workdir
 from train.launch import free_port, process_env
@@ -170,18 +171,6 @@ def test_qat_and_int4_serving_checkpoints_cross_between_one_and_two_processes(tm
     np.testing.assert_allclose(val_losses(qat_two)[4], val_losses(qat_one)[4], rtol=0, atol=1e-5)
     assert_same_params(qat_one, qat_two)
 
-    # A conversion is a single-process tool: launched as 2 processes (each would convert and write the same run),
-    # serve-mode train.main stops in one line with exit code 2 and writes nothing.
-    served = tmp_path / "served"
-    result = subprocess.run([sys.executable, "-m", "train.launch", "--processes", "2", "--devices-per-process", "1",
-                             "--", "--config", "tiny", "--set", f"data.path={corpus_file}", "--set", "quant.mode=serve",
-                             "--set", "quant.weight_bits=4", "--set", f"train.init_from={qat_one}",
-                             "--workdir", str(served)], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
-    assert re.search(r"^\[p\d\] error: python -m train.main with quant.mode=serve runs in one process "
-                     r"\(JAX_NUM_PROCESSES=2 is set\): start it once", result.stdout, re.M), result.stdout[-3000:]
-    assert not served.exists()
-
     # INT4 serving: the two-process QAT checkpoint, converted here, is the frozen base of LoRA adapters that two
     # processes train. 1 -> 2: they read its int4 weights and scales, written by one process. 2 -> 1: the adapters
     # they wrote, read here over the base, give the validation loss they measured.
@@ -214,6 +203,22 @@ def test_single_process_tools_refuse_to_run_as_one_of_several(main, argv, monkey
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert re.fullmatch(r"error: python -m \S+ runs in one process \(JAX_NUM_PROCESSES=2 is set\): start it once, "
                         r"without train.launch, srun or mpirun\n", err), err
+
+
+def test_a_conversion_by_train_main_refuses_to_run_as_one_of_several_and_writes_nothing(tmp_path, corpus_file,
+                                                                                         monkeypatch, capsys):
+    # quant.mode=serve makes train.main a conversion: each launched copy would convert and write the same run.
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    served = tmp_path / "served"
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--config", "tiny", "--set", f"data.path={corpus_file}", "--set", "quant.mode=serve",
+                    "--set", "quant.weight_bits=4", "--set", f"train.init_from={tmp_path / 'qat'}",
+                    "--workdir", str(served)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err == ("error: python -m train.main with quant.mode=serve runs in one "
+                                                 "process (JAX_NUM_PROCESSES=2 is set): start it once, without "
+                                                 "train.launch, srun or mpirun\n"), err
+    assert not served.exists()
 
 
 def test_launched_many_reads_the_launchers_process_counts():
