@@ -47,7 +47,10 @@ def export_run(workdir: Path, out: Path, dtype: str = "bf16", log=print) -> Path
 
     final = out.resolve()
     tmp = final.with_name(f".{final.name}.exporting-{os.getpid()}")
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as err:  # e.g. a folder of a file system that makes nothing (/proc): name the user's path
+        raise UserError(f"--out {out} cannot be made: {err.strerror or err} in {final.parent}") from None
     try:
         save_tokenizer(run.tokenizer, tmp)
         write_safetensors(tmp / "model.safetensors", params, cfg, dtype)

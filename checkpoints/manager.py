@@ -302,7 +302,8 @@ class CheckpointStore:
             with _orbax_quiet():
                 restored = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
         except Exception as err:  # Orbax raises many types for a damaged folder
-            raise UserError(f"checkpoint {self._where(step)} has no readable metadata ({_describe(err)})") from None
+            raise UserError(f"checkpoint {self._where(step)} has no readable metadata ({_describe(err)})"
+                            f"{self._fallback(step)}") from None
         return restored["metadata"]
 
     def arrays(self, step: int | None = None) -> list[ArrayInfo]:
@@ -377,7 +378,8 @@ class CheckpointStore:
         others = [s for s in self.steps() if s != step]
         if not others:
             return "; no other step is kept here"
-        return f"; other steps here: {others} (move this step's folder away to resume from the latest of them)"
+        return (f"; other steps here: {others} (move this step's folder away to resume from, or read, the latest of "
+                f"them)")
 
     def _restore_failure(self, step: int, target: Any, err: Exception) -> str:
         """Why a restore failed, in one line: another model's state, or damaged files."""

@@ -1,5 +1,6 @@
-"""The bench's busy-machine rule: a figure whose median repeat is more than 1.3x its fastest, or a load average (less the bench's
-own CPU use) above 0.75 x the cores, marks a section unreliable; and the report says so in plain words."""
+"""The bench's busy-machine rule: a figure whose median repeat is more than 1.3x its fastest, or a load average
+(less the bench's own CPU use) above 0.75 x the cores, marks a section unreliable; and the report says so in plain
+words."""
 import time
 
 import numpy as np

@@ -126,8 +126,18 @@ def test_a_state_without_its_array_metadata_is_named_damage_not_another_model(tm
     store = saved_store(tmp_path)
     (tmp_path / "checkpoints" / "2" / "state" / "_METADATA").unlink()
     damaged = (r"^checkpoint \S+/checkpoints/2 is damaged: its state lists no arrays \(state/_METADATA missing or "
-               r"emptied\); other steps here: \[1\] \(move this step's folder away to resume from the latest of them\)$")
+               r"emptied\); other steps here: \[1\] \(move this step's folder away to resume from, or read, the "
+               r"latest of them\)$")
     for read in (lambda: store.restore(abstract(state(2)), 2), lambda: store.arrays(2), lambda: store.verify(2)):
         with pytest.raises(UserError, match=damaged):
             read()
     assert store.restore(abstract(state(1)), 1)["step"] == 1  # the other step is untouched
+
+
+def test_unreadable_metadata_names_the_steps_to_fall_back_on(tmp_path):
+    store = saved_store(tmp_path)
+    (tmp_path / "checkpoints" / "2" / "metadata" / "metadata").unlink()
+    with pytest.raises(UserError, match=r"^checkpoint \S+/checkpoints/2 has no readable metadata \(.*\); other steps "
+                                        r"here: \[1\] \(move this step's folder away"):
+        store.metadata(2)
+    assert store.metadata(1)["step"] == 1

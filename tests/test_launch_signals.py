@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from train.launch import main as launch_main
+
 CHILD = """
 import os, signal, sys, time
 from pathlib import Path
@@ -76,3 +78,11 @@ def test_a_process_that_ignores_the_signal_is_killed_after_the_stop_timeout(tmp_
     assert "process 1 killed after 2 s after SIGTERM" in rest, rest
     assert "process 0 exited with code 0 on its own" in rest, rest
     assert all(gone(pid) for pid in pids.values())
+
+
+@pytest.mark.parametrize("module", ["nonexist.mod", "train.no_such_tool", ""])
+def test_a_module_python_cannot_find_is_one_line_before_any_process_starts(module, capsys):
+    with pytest.raises(SystemExit) as exited:
+        launch_main(["--module", module, "--", "--config", "tiny"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == f"error: --module {module!r} is not a module python can find (e.g. train.main)\n"

@@ -274,6 +274,20 @@ def test_per_channel_int8_on_a_run_without_integer_layers_is_refused(imported, c
                      "is an imported run, which has no integer layers")
 
 
+@pytest.mark.parametrize("numerics", ["int", "fake", "auto"])
+def test_numerics_on_a_run_without_quantized_layers_is_refused(imported, capsys, numerics):
+    one_line_refusal(generate_main, ["--workdir", str(imported / "imported"), "--max-new-tokens", "2",
+                                     "--numerics", numerics], capsys,
+                     "--numerics chooses how quantized layers compute; ")
+
+
+def test_an_export_whose_folder_cannot_be_made_names_out_not_its_temporary_folder(imported, tmp_path, capsys):
+    # /proc is a folder in which nothing can be made, whoever runs the suite (root included)
+    err = one_line_refusal(hf_export.main, ["--workdir", str(imported / "imported"), "--out", "/proc/slm-jax-export"],
+                           capsys, "--out /proc/slm-jax-export cannot be made: ")
+    assert ".exporting" not in err
+
+
 GGML_QAT = ("train.steps=4", "train.sample_tokens=0", "train.eval_every=1000", "checkpoint.every=4",
             "model.n_layers=1", "quant.mode=qat", "quant.scheme=ggml_q4_0")
 

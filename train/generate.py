@@ -56,10 +56,14 @@ def main(argv=None):
     require_one_process("python -m train.generate")
     run = load_run(args.workdir, args.step)
     kind = run_kind(run.metadata)
+    article = "an" if kind[0] in "aeiou" else "a"
     if args.per_channel_int8 and "aqt" not in run.variables:
         raise UserError(f"--per-channel-int8 re-quantizes the integer (INT4) layers a serving run stores; "
-                        f"{args.workdir} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} run, which has no "
-                        f"integer layers (convert it first: python -m quant.convert)")
+                        f"{args.workdir} is {article} {kind} run, which has no integer layers (convert it first: "
+                        f"python -m quant.convert)")
+    if args.numerics and run.config.quant.mode == "none":
+        raise UserError(f"--numerics chooses how quantized layers compute; {args.workdir} is {article} {kind} run "
+                        f"with no quantized layer (convert it first: python -m quant.convert)")
     run = served_run(run, args.precision, numerics=args.numerics,
                      serve_per_channel_int8=args.per_channel_int8 or None)
     kv_bits = args.kv_bits or run.config.quant.kv_bits

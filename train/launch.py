@@ -6,6 +6,7 @@ and stops the others, saying which one died, when one fails.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import socket
@@ -14,7 +15,8 @@ import sys
 import threading
 import time
 
-from train.cli import ArgumentParser, non_negative_float, positive_int
+from slm_jax.errors import UserError
+from train.cli import ArgumentParser, main_guard, non_negative_float, positive_int
 
 POLL_S = 0.1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # passed on to every process (they run in sessions of their own)
@@ -153,8 +155,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_module(name: str) -> None:
+    """UserError unless `name` is a module `python -m` can run from here (found without importing it)."""
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package that does not exist, or an empty or relative name
+        found = False
+    if not found:
+        raise UserError(f"--module {name!r} is not a module python can find (e.g. train.main)")
+
+
+@main_guard
 def main(argv=None):
     args = parse_args(argv)
+    check_module(args.module)
     try:
         code = launch(["-m", args.module, *args.args], args.processes, args.devices_per_process, args.grace,
                       args.heartbeat_timeout, args.stop_timeout)

@@ -3,10 +3,10 @@ around each section. A busy machine (other processes competing for the cores) tu
 says so, so the console, results.md and the plots can say it plainly instead of presenting noise as results.
 
 The rule (`busy_reasons`): a section is unreliable when any timed figure's median over its repeats exceeds its
-fastest repeat by more than `SPREAD_LIMIT`, or when other processes used more than `OTHERS_CPU_PER_CORE` x the cores over the section (the
-machine's CPU time from /proc/stat less the bench's own). Where /proc/stat is missing, the load average less the
-bench's own CPU use is compared with `LOAD_PER_CORE` x the cores instead; it overstates others' load, because the
-load average counts every runnable thread of the bench's own thread pools.
+fastest repeat by more than `SPREAD_LIMIT` times, or when other processes used more than `OTHERS_CPU_PER_CORE` x the
+cores over the section (the machine's CPU time from /proc/stat less the bench's own). Where /proc/stat is missing,
+the load average less the bench's own CPU use is compared with `LOAD_PER_CORE` x the cores instead; it overstates
+others' load, because the load average counts every runnable thread of the bench's own thread pools.
 """
 from __future__ import annotations
 
