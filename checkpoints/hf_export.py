@@ -29,7 +29,7 @@ def float_params(run) -> dict:
     return run.variables["params"]
 
 
-def export_run(workdir: Path, out: Path, dtype: str = "bf16", log=print) -> Path:
+def export_run(workdir: Path, out: Path, dtype: str = "bf16", log=print, base: Path | None = None) -> Path:
     """Write the Hugging Face folder `out` (which must not exist) from the latest checkpoint of `workdir`."""
     workdir, out = Path(workdir), Path(out)
     if dtype not in EXPORT_DTYPES:
@@ -37,7 +37,7 @@ def export_run(workdir: Path, out: Path, dtype: str = "bf16", log=print) -> Path
     if out.exists():
         raise UserError(f"--out {out} already exists; an export writes a new folder")
     check_out_parent(out)
-    run = load_run(workdir)
+    run = load_run(workdir, base=base)
     if run.tokenizer.kind == "none":
         raise UserError(f"{workdir} was trained on pre-tokenized ids without a tokenizer, and a Hugging Face folder "
                         f"needs a tokenizer.json; train with data.tokenizer=PATH/tokenizer.json")
@@ -70,9 +70,10 @@ def main(argv=None):
     parser.add_argument("--workdir", type=Path, required=True, help="a float, QAT, serving, LoRA or imported run")
     parser.add_argument("--out", type=Path, required=True, help="the new Hugging Face folder")
     parser.add_argument("--dtype", default="bf16", choices=tuple(EXPORT_DTYPES), help="dtype of the weights")
+    parser.add_argument("--base", type=Path, help="LoRA runs: the folder their base serving run is in now, if it moved (its fingerprint must be the one the adapters recorded)")
     args = parser.parse_args(argv)
     require_one_process("python -m checkpoints.hf_export")
-    export_run(args.workdir, args.out, args.dtype)
+    export_run(args.workdir, args.out, args.dtype, base=args.base)
 
 
 if __name__ == "__main__":

@@ -21,17 +21,20 @@ from train.run import load_run, new_run_folder, write_serving_run
 from train.steps import make_eval_step, split_variables
 
 
-def merge_workdir(workdir: Path, out: Path, batches: int = 20, batch_size: int = 16, log=print) -> dict:
+def merge_workdir(workdir: Path, out: Path, batches: int = 20, batch_size: int = 16, log=print,
+                  base: Path | None = None) -> dict:
     """Merge the LoRA run in `workdir` into a serving run in `out`; returns the per-layer rows, the logits errors and
     the validation losses of base, base + adapters and merged model on the LoRA run's (target) validation split.
-    UserError if `workdir` is not a LoRA run or `out` is not a new, empty folder."""
+    UserError if `workdir` is not a LoRA run or `out` is not a new, empty folder. `base`: where the LoRA run's base
+    is now, if it moved (its fingerprint is checked)."""
     workdir, out = Path(workdir), Path(out)
     with new_run_folder(workdir, out) as folder:
-        return _merge(workdir, out, folder, batches, batch_size, log)
+        return _merge(workdir, out, folder, batches, batch_size, log, base)
 
 
-def _merge(workdir: Path, out: Path, folder: Path, batches: int, batch_size: int, log) -> dict:
-    run = load_run(workdir, refuse={kind: f"it has no adapters to merge ({hint})" for kind, hint in (
+def _merge(workdir: Path, out: Path, folder: Path, batches: int, batch_size: int, log,
+           base_path: Path | None) -> dict:
+    run = load_run(workdir, base=base_path, refuse={kind: f"it has no adapters to merge ({hint})" for kind, hint in (
         ("float", "quantize it with python -m quant.convert"), ("qat", "quantize it with python -m quant.convert"),
         ("imported", "quantize it with python -m quant.convert"), ("serving", "evaluate or generate with it as it is"))})
     config = dataclasses.replace(run.config, finetune=FinetuneConfig())  # the merged model is a plain serving one
@@ -70,9 +73,10 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True, help="folder for the merged serving run")
     parser.add_argument("--batches", type=positive_int, default=20, help="validation batches for the loss comparison")
     parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--base", type=Path, help="LoRA runs: the folder their base serving run is in now, if it moved (its fingerprint must be the one the adapters recorded)")
     args = parser.parse_args(argv)
     require_one_process("python -m quant.merge")
-    merge_workdir(args.workdir, args.out, args.batches, args.batch_size)
+    merge_workdir(args.workdir, args.out, args.batches, args.batch_size, base=args.base)
 
 
 if __name__ == "__main__":

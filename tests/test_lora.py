@@ -157,6 +157,36 @@ def test_adapters_refuse_a_base_they_were_not_trained_on(runs, tmp_path):
         open_lora_base(runs.lora)
 
 
+def test_a_moved_base_is_found_with_base_and_checked_by_its_fingerprint(runs, tmp_path, capsys):
+    from checkpoints.hf_export import main as hf_export_main
+    from quant.merge import main as merge_main
+    from train.evaluate import main as evaluate_main
+    from train.generate import main as generate_main
+    base, moved, lora = tmp_path / "base", tmp_path / "moved_base", tmp_path / "lora"
+    shutil.copytree(runs.base, base)
+    config = dataclasses.replace(runs.config, finetune=dataclasses.replace(runs.config.finetune, base=str(base)),
+                                 train=dataclasses.replace(runs.config.train, steps=4),
+                                 checkpoint=dataclasses.replace(runs.config.checkpoint, every=4))
+    run_training(config, lora, **quiet)
+    adapted = load_run(lora).variables
+    base.rename(moved)  # the base moves after the adapters were trained on it
+    with pytest.raises(SystemExit):
+        evaluate_main(["--workdir", str(lora), "--batches", "1"])
+    err = capsys.readouterr().err
+    assert f"cannot open the base model {base} (" in err and "give its new folder with --base" in err, err
+    chex.assert_trees_all_equal(load_run(lora, base=moved).variables, adapted)  # the same model, read from there
+    evaluate_main(["--workdir", str(lora), "--batches", "1", "--batch-size", "8", "--base", str(moved)])
+    generate_main(["--workdir", str(lora), "--base", str(moved), "--max-new-tokens", "4", "--temperature", "0"])
+    merge_main(["--workdir", str(lora), "--base", str(moved), "--out", str(tmp_path / "merged"), "--batches", "1",
+                "--batch-size", "8"])
+    hf_export_main(["--workdir", str(lora), "--base", str(moved), "--out", str(tmp_path / "hf")])
+    assert (tmp_path / "merged" / "checkpoints").is_dir() and (tmp_path / "hf" / "model.safetensors").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # another run at --base is refused by its fingerprint
+        evaluate_main(["--workdir", str(lora), "--base", str(runs.root / "merged")])
+    assert "use the base they were trained on" in capsys.readouterr().err
+
+
 def test_merged_int4_model_stays_close_to_base_plus_adapters(runs):
     report = runs.merged
     merged, base = report["logits"]["merged_vs_adapted"], report["logits"]["base_vs_adapted"]

@@ -15,6 +15,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, action="append", required=True, help="repeat to compare runs")
     parser.add_argument("--batches", type=positive_int, default=50, help="validation batches per run")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="windows per validation batch")
+    parser.add_argument("--base", type=Path, help="LoRA runs: the folder their base serving run is in now, if it moved (its fingerprint must be the one the adapters recorded)")
     return parser.parse_args(argv)
 
 
@@ -22,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     require_one_process("python -m train.evaluate")
-    rows = [evaluate_workdir(w, args.batches, args.batch_size) for w in args.workdir]
+    rows = [evaluate_workdir(w, args.batches, args.batch_size, base=args.base) for w in args.workdir]
     print(format_table(rows))
 
 

@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="compute dtype while serving (default: the run's train.precision); on CPU fp32 is "
                              "faster than bf16 for float and quantized runs alike")
     parser.add_argument("--verbose", action="store_true", help="print the KV cache's size and bytes")
+    parser.add_argument("--base", type=Path, help="LoRA runs: the folder their base serving run is in now, if it moved (its fingerprint must be the one the adapters recorded)")
     return parser.parse_args(argv)
 
 
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     require_one_process("python -m train.generate")
-    run = load_run(args.workdir, args.step)
+    run = load_run(args.workdir, args.step, base=args.base)
     kind = run_kind(run.metadata)
     article = "an" if kind[0] in "aeiou" else "a"
     if args.per_channel_int8 and "aqt" not in run.variables:

@@ -163,7 +163,7 @@ def load_run(workdir: Path, step: int | None = None, base: Path | None = None,
         if kind == "lora":  # adapters only: the base's variables come from its own workdir
             recorded = metadata.get("base") or {}
             lora_base = open_lora_base(base or recorded.get("path") or config.finetune.base,
-                                       key=f"base of {store.directory}")
+                                       key=f"base of {store.directory}", hint=None if base else MOVED_BASE_HINT)
             lora_base.check(recorded, store.directory)
             state = store.restore(on_this_device(jax.eval_shape(lora_initializer(config, model))), metadata["step"])
             variables = merge_variables(state.params, lora_base.variables)
@@ -236,16 +236,20 @@ def tokenizer_of(workdir: Path):
         store.close()
 
 
-def open_lora_base(path: str | Path, key: str = "finetune.base") -> LoraBase:
+MOVED_BASE_HINT = ("if it moved, give its new folder with --base (the fingerprint the adapters recorded is "
+                   "checked)")
+
+
+def open_lora_base(path: str | Path, key: str = "finetune.base", hint: str | None = None) -> LoraBase:
     """The serving run at `path` that LoRA adapters train over; UserError naming `key` if it cannot be read or is
-    not a serving run."""
+    not a serving run, ending with `hint` (default: how to make a base)."""
     try:
         run = load_run(Path(path), refuse={"lora": "LoRA trains over a serving run: merge it first with "
                                                    f"python -m quant.merge and set {key} to the merged run"})
     except UserError as err:
-        raise UserError(f"{key}: cannot open the base model {path} ({err}); make it first, e.g. with the "
-                        f"commands atop configs/finetune_int4_lora.yaml (python -m train.main --config "
-                        f"finetune_base, then --config finetune_base_int4)") from None
+        hint = hint or ("make it first, e.g. with the commands atop configs/finetune_int4_lora.yaml (python -m "
+                        "train.main --config finetune_base, then --config finetune_base_int4)")
+        raise UserError(f"{key}: cannot open the base model {path} ({err}); {hint}") from None
     if run_kind(run.metadata) != "serving":
         raise UserError(f"{key}: {path} is a {run_kind(run.metadata)} run; LoRA trains over a serving "
                         f"(integer) run: convert it first (e.g. --config ptq_int4 --set train.init_from={path})")
