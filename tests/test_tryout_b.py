@@ -292,3 +292,16 @@ def test_a_resume_with_other_optimizer_settings_says_what_changed(tiny_run, tmp_
     lines.clear()
     run_training(tiny(run, "train.steps=4"), run.workdir, log=lines.append)
     assert not [line for line in lines if line.startswith("note: resuming")]
+
+
+def test_evaluate_reads_an_earlier_step_when_the_latest_is_damaged(tiny_run, tmp_path, capsys):
+    from train.evaluate import main as evaluate_main
+    run = tiny_run(tmp_path / "run", *TINY, "checkpoint.every=2", "checkpoint.keep=2")
+    assert checkpoint_steps(run.workdir) == [2, 4]
+    (run.workdir / "checkpoints" / "4" / "metadata" / "metadata").unlink()
+    with pytest.raises(SystemExit) as exited:
+        evaluate_main(["--workdir", str(run.workdir), "--batches", "1", "--batch-size", "4"])
+    assert exited.value.code == 2 and "has no readable metadata" in capsys.readouterr().err
+    evaluate_main(["--workdir", str(run.workdir), "--batches", "1", "--batch-size", "4", "--step", "2"])
+    table = capsys.readouterr().out
+    assert re.search(rf"^{re.escape(str(run.workdir))}\s+2\s+none\s+\d", table, re.M), table

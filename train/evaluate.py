@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from train.cli import ArgumentParser, main_guard, positive_int, require_one_process
+from train.cli import ArgumentParser, main_guard, non_negative_int, positive_int, require_one_process
 from train.evaluation import evaluate_workdir, format_table
 
 
@@ -15,6 +15,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, action="append", required=True, help="repeat to compare runs")
     parser.add_argument("--batches", type=positive_int, default=50, help="validation batches per run")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="windows per validation batch")
+    parser.add_argument("--step", type=non_negative_int,
+                        help="checkpoint step to evaluate (default: each run's latest), e.g. when the latest is damaged")
     parser.add_argument("--base", type=Path, help="LoRA runs: the folder their base serving run is in now, if it moved (its fingerprint must be the one the adapters recorded)")
     return parser.parse_args(argv)
 
@@ -23,7 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     require_one_process("python -m train.evaluate")
-    rows = [evaluate_workdir(w, args.batches, args.batch_size, base=args.base) for w in args.workdir]
+    rows = [evaluate_workdir(w, args.batches, args.batch_size, base=args.base, step=args.step) for w in args.workdir]
     print(format_table(rows))
 
 

@@ -48,13 +48,14 @@ def format_bits_per_char(bits: float | None) -> str:
 
 
 def evaluate_workdir(workdir: Path, batches: int, batch_size: int, data: DataConfig | None = None,
-                     base: Path | None = None) -> dict:
+                     base: Path | None = None, step: int | None = None) -> dict:
     """Validation loss of any run in `workdir` on its own validation split, or on `data`'s (e.g. a fine-tuning
     target), tokenized by the run's own tokenizer: {'workdir', 'step', 'quant', 'loss', 'perplexity',
     'bits_per_char' (None without text), 'param_bytes', 'val_windows' (`eval_windows`)}, plus for a serving run that
     names the run it was converted from, `parent_comparison`'s 'kl_mean', 'kl_p99', 'top1' or 'kl_absent'. UserError
-    if the loss is not finite (a NaN is never a result). `base`: where a LoRA run's base is now (`load_run`)."""
-    run = load_run(workdir, base=base)  # `base` is used by LoRA runs only
+    if the loss is not finite (a NaN is never a result). `base`: where a LoRA run's base is now (`load_run`);
+    `step`: the checkpoint step to evaluate (default: the latest)."""
+    run = load_run(workdir, step, base=base)  # `base` is used by LoRA runs only
     splits = load_splits(data or run.config.data, run.tokenizer)
     loss = mean_loss(jax.jit(make_eval_step(run.model)), *split_variables(run.variables), splits.val, batch_size,
                      run.config.model.seq_len, batches)
