@@ -16,7 +16,7 @@ from pathlib import Path
 from checkpoints.hf import EXPORT_DTYPES, hf_config, write_safetensors
 from quant.lora_merge import merged_float_params
 from slm_jax.errors import UserError
-from train.cli import ArgumentParser, main_guard, require_one_process
+from train.cli import ArgumentParser, add_base_argument, main_guard, require_one_process
 from train.run import check_out_parent, imported_token_ids, load_run
 from train.tokenizer import save_tokenizer
 
@@ -47,10 +47,7 @@ def export_run(workdir: Path, out: Path, dtype: str = "bf16", log=print, base: P
 
     final = out.resolve()
     tmp = final.with_name(f".{final.name}.exporting-{os.getpid()}")
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as err:  # e.g. a folder of a file system that makes nothing (/proc): name the user's path
-        raise UserError(f"--out {out} cannot be made: {err.strerror or err} in {final.parent}") from None
+    tmp.mkdir(parents=True)
     try:
         save_tokenizer(run.tokenizer, tmp)
         write_safetensors(tmp / "model.safetensors", params, cfg, dtype)
@@ -70,7 +67,7 @@ def main(argv=None):
     parser.add_argument("--workdir", type=Path, required=True, help="a float, QAT, serving, LoRA or imported run")
     parser.add_argument("--out", type=Path, required=True, help="the new Hugging Face folder")
     parser.add_argument("--dtype", default="bf16", choices=tuple(EXPORT_DTYPES), help="dtype of the weights")
-    parser.add_argument("--base", type=Path, help="LoRA runs: the folder their base serving run is in now, if it moved (its fingerprint must be the one the adapters recorded)")
+    add_base_argument(parser)
     args = parser.parse_args(argv)
     require_one_process("python -m checkpoints.hf_export")
     export_run(args.workdir, args.out, args.dtype, base=args.base)

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -200,10 +201,14 @@ def test_an_out_folder_under_an_unwritable_folder_is_refused_naming_out_not_the_
                                                                                        monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
-    real_access = os.access
-    # The suite may run as root, for whom every folder is writable: the file system's answer is stubbed for one path.
-    monkeypatch.setattr("train.run.os.access",
-                        lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    real_probe = tempfile.TemporaryFile
+
+    def probe(*args, dir=None, **kwargs):  # the suite may run as root, for whom every folder is writable
+        if Path(dir) == locked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(locked))
+        return real_probe(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr("train.run.tempfile.TemporaryFile", probe)
     with pytest.raises(SystemExit) as exited:
         convert_main(["--workdir", str(runs.root / "float"), "--out", str(locked / "int8"), "--bits", "8"])
     assert one_error_line(capsys, exited) == \

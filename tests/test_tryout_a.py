@@ -281,11 +281,15 @@ def test_numerics_on_a_run_without_quantized_layers_is_refused(imported, capsys,
                      "--numerics chooses how quantized layers compute; ")
 
 
-def test_an_export_whose_folder_cannot_be_made_names_out_not_its_temporary_folder(imported, tmp_path, capsys):
+@pytest.mark.parametrize("command, out", [(hf_export.main, "/proc/slm-jax-export"),
+                                          (convert_main, "/proc/slm-jax-int8"),
+                                          (gguf_export.main, "/proc/slm-jax.gguf")], ids=["hf", "convert", "gguf"])
+def test_an_output_whose_folder_cannot_be_made_names_out_not_its_temporary_sibling(imported, capsys, command, out):
     # /proc is a folder in which nothing can be made, whoever runs the suite (root included)
-    err = one_line_refusal(hf_export.main, ["--workdir", str(imported / "imported"), "--out", "/proc/slm-jax-export"],
-                           capsys, "--out /proc/slm-jax-export cannot be made: ")
-    assert ".exporting" not in err
+    extra = ["--bits", "8"] if command is convert_main else []
+    err = one_line_refusal(command, ["--workdir", str(imported / "imported"), "--out", out, *extra], capsys,
+                           f"--out {out} cannot be made: ")
+    assert ".exporting" not in err and ".partial" not in err and " in /proc" in err
 
 
 GGML_QAT = ("train.steps=4", "train.sample_tokens=0", "train.eval_every=1000", "checkpoint.every=4",

@@ -105,6 +105,12 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(USER_ERROR_EXIT)
 
 
+def add_base_argument(parser: argparse.ArgumentParser) -> None:
+    """`--base DIR` (args.base, a Path or None) for commands that read LoRA runs: where a run's base is now."""
+    parser.add_argument("--base", type=Path, help="LoRA runs: the folder their base serving run is in now, if it "
+                                                   "moved (its fingerprint must be the one the adapters recorded)")
+
+
 def main_guard(fn):
     """Run a CLI main; a UserError prints `error: <one line>` to stderr and exits with code 2, and so does an
     OSError the user's environment causes (a read-only folder, a file where a folder belongs, a missing parent, no

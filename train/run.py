@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,6 +144,10 @@ def on_this_device(abstract):
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
 
 
+MOVED_BASE_HINT = ("if it moved, give its new folder with --base (the fingerprint the adapters recorded is "
+                   "checked)")
+
+
 def load_run(workdir: Path, step: int | None = None, base: Path | None = None,
              refuse: dict[str, str] | None = None) -> LoadedRun:
     """Float, QAT, serving and LoRA runs alike, onto this process's first device whatever mesh wrote them: the
@@ -236,10 +242,6 @@ def tokenizer_of(workdir: Path):
         store.close()
 
 
-MOVED_BASE_HINT = ("if it moved, give its new folder with --base (the fingerprint the adapters recorded is "
-                   "checked)")
-
-
 def open_lora_base(path: str | Path, key: str = "finetune.base", hint: str | None = None) -> LoraBase:
     """The serving run at `path` that LoRA adapters train over; UserError naming `key` if it cannot be read or is
     not a serving run, ending with `hint` (default: how to make a base)."""
@@ -309,15 +311,20 @@ def check_output_folder(source: Path, out: Path) -> None:
 
 
 def check_out_parent(out: Path) -> None:
-    """UserError naming --out when a folder above it is a file or the nearest existing folder above it may not be
-    written (nothing can be made under it), said before any temporary sibling of `out` is made, so the message
-    names the user's path rather than the temporary one."""
+    """UserError naming --out when a folder above it is a file or nothing can be made in the nearest existing folder
+    above it (no permission, a read-only or virtual file system: probed by making an unnamed temporary file there,
+    which root's permission bits would not tell), said before any temporary sibling of `out` is made, so the
+    message names the user's path rather than the temporary one."""
     for parent in Path(out).absolute().parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"--out {out} cannot be made: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise UserError(f"--out {out} cannot be made: no permission to write in {parent}")
+            try:
+                with tempfile.TemporaryFile(dir=parent):
+                    pass
+            except OSError as err:
+                why = "no permission to write" if err.errno in (errno.EACCES, errno.EPERM) else err.strerror
+                raise UserError(f"--out {out} cannot be made: {why} in {parent}") from None
             return
 
 
