@@ -13,7 +13,7 @@ from checkpoints.manager import tree_bytes
 from quant.lora import split_adapters
 from quant.lora_merge import format_rows, logits_error, merge_adapters
 from train.build import build_model
-from train.cli import ArgumentParser, main_guard, positive_int, require_one_process
+from train.cli import ArgumentParser, add_base_argument, main_guard, positive_int, require_one_process
 from train.config import FinetuneConfig
 from train.data import eval_batches, load_splits
 from train.evaluation import eval_windows, mean_loss
@@ -34,9 +34,10 @@ def merge_workdir(workdir: Path, out: Path, batches: int = 20, batch_size: int =
 
 def _merge(workdir: Path, out: Path, folder: Path, batches: int, batch_size: int, log,
            base_path: Path | None) -> dict:
-    run = load_run(workdir, base=base_path, refuse={kind: f"it has no adapters to merge ({hint})" for kind, hint in (
+    refused = {kind: f"it has no adapters to merge ({hint})" for kind, hint in (
         ("float", "quantize it with python -m quant.convert"), ("qat", "quantize it with python -m quant.convert"),
-        ("imported", "quantize it with python -m quant.convert"), ("serving", "evaluate or generate with it as it is"))})
+        ("imported", "quantize it with python -m quant.convert"), ("serving", "evaluate or generate with it as it is"))}
+    run = load_run(workdir, base=base_path, refuse=refused)
     config = dataclasses.replace(run.config, finetune=FinetuneConfig())  # the merged model is a plain serving one
     splits = load_splits(config.data, run.tokenizer)
     seq_len = config.model.seq_len
@@ -73,7 +74,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True, help="folder for the merged serving run")
     parser.add_argument("--batches", type=positive_int, default=20, help="validation batches for the loss comparison")
     parser.add_argument("--batch-size", type=positive_int, default=16)
-    parser.add_argument("--base", type=Path, help="LoRA runs: the folder their base serving run is in now, if it moved (its fingerprint must be the one the adapters recorded)")
+    add_base_argument(parser)
     args = parser.parse_args(argv)
     require_one_process("python -m quant.merge")
     merge_workdir(args.workdir, args.out, args.batches, args.batch_size, base=args.base)

@@ -186,7 +186,7 @@ def load_splits(cfg: DataConfig, tokenizer=None) -> Splits:
         _write_atomic(folder / "val.bin", val.tobytes())
         info |= {"train_chars": len(train_text), "val_chars": len(val_text), "train_tokens": len(train),
                  "val_tokens": len(val), "dtype": train.dtype.name, "tokenizer": tokenizer.describe(),
-                 "crc32": {"train.bin": zlib.crc32(train.tobytes()), "val.bin": zlib.crc32(val.tobytes())}}
+                 "crc32": {"train.bin": crc32(train), "val.bin": crc32(val)}}
         _write_atomic(meta_path, json.dumps(info, indent=1).encode())
         problem = _cache_problem(folder, tokenizer)
         if problem:
@@ -218,10 +218,10 @@ def _cache_problem(folder: Path, tokenizer) -> str | None:
             return (f"has {name} of {'no' if size is None else size} bytes, but meta.json says {count} "
                     f"{dtype.name} tokens ({count * dtype.itemsize} bytes)")
         ids = np.memmap(path, dtype=dtype, mode="r") if count else np.zeros(0, dtype)
-        problem = _ids_problem(ids, tokenizer.vocab_size)
+        problem, checksum = _scan(ids, tokenizer.vocab_size)
         if problem:
             return f"has {name} holding {problem}"
-        if crc32(ids) != recorded[name]:
+        if checksum != recorded[name]:
             return f"has {name} whose CRC-32 differs from the one recorded when it was written"
     return None
 
@@ -235,20 +235,27 @@ def _chunks(ids: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
 
 def crc32(ids: np.ndarray) -> int:
     """zlib's CRC-32 of the bytes of `ids` (any 1-D array, e.g. a memmapped token file), read in chunks."""
-    value = 0
-    for _, chunk in _chunks(ids):
-        value = zlib.crc32(chunk.tobytes(), value)
-    return value
+    return _scan(ids)[1]
 
 
 def _ids_problem(ids: np.ndarray, vocab_size: int) -> str | None:
     """`"id N at position P, outside the tokenizer's V ids"` for the first id of `ids` (1-D, e.g. a memmapped
     token file, read whole in chunks) not below `vocab_size`, else None."""
+    return _scan(ids, vocab_size, checksum=False)[0]
+
+
+def _scan(ids: np.ndarray, vocab_size: int | None = None, checksum: bool = True) -> tuple[str | None, int | None]:
+    """One chunked pass over `ids`: (the `_ids_problem` phrase for the first id not below `vocab_size`, or None;
+    zlib's CRC-32 of the bytes read so far, None when not `checksum`). Stops at a bad id."""
+    value = 0 if checksum else None
     for start, chunk in _chunks(ids):
-        if len(chunk) and int(chunk.max()) >= vocab_size:
+        if vocab_size is not None and len(chunk) and int(chunk.max()) >= vocab_size:
             where = int(np.argmax(chunk >= vocab_size))
-            return f"id {int(chunk[where])} at position {start + where}, outside the tokenizer's {vocab_size} ids"
-    return None
+            return (f"id {int(chunk[where])} at position {start + where}, outside the tokenizer's {vocab_size} "
+                    f"ids"), value
+        if checksum:
+            value = zlib.crc32(np.ascontiguousarray(chunk), value)
+    return None, value
 
 
 def check_inherited_tokenizer(cfg: DataConfig, tokenizer, where: str) -> None:

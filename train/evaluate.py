@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from train.cli import ArgumentParser, main_guard, non_negative_int, positive_int, require_one_process
+from train.cli import ArgumentParser, add_base_argument, main_guard, non_negative_int, positive_int, require_one_process
 from train.evaluation import evaluate_workdir, format_table
 
 
@@ -16,8 +16,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batches", type=positive_int, default=50, help="validation batches per run")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="windows per validation batch")
     parser.add_argument("--step", type=non_negative_int,
-                        help="checkpoint step to evaluate (default: each run's latest), e.g. when the latest is damaged")
-    parser.add_argument("--base", type=Path, help="LoRA runs: the folder their base serving run is in now, if it moved (its fingerprint must be the one the adapters recorded)")
+                        help="checkpoint step to evaluate (default: each run's latest), e.g. when the latest is "
+                             "damaged")
+    add_base_argument(parser)
     return parser.parse_args(argv)
 
 

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from slm_jax.attention import KVCache
 from slm_jax.errors import UserError
 from slm_jax.sampling import cache_size
-from train.cli import (ArgumentParser, main_guard, non_negative_float, non_negative_int, positive_int,
-                       require_one_process)
+from train.cli import (ArgumentParser, add_base_argument, main_guard, non_negative_float, non_negative_int,
+                       positive_int, require_one_process)
 from train.config import PRECISIONS
 from train.loop import sample_text
 from train.run import load_run, run_kind, served_run
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="compute dtype while serving (default: the run's train.precision); on CPU fp32 is "
                              "faster than bf16 for float and quantized runs alike")
     parser.add_argument("--verbose", action="store_true", help="print the KV cache's size and bytes")
-    parser.add_argument("--base", type=Path, help="LoRA runs: the folder their base serving run is in now, if it moved (its fingerprint must be the one the adapters recorded)")
+    add_base_argument(parser)
     return parser.parse_args(argv)
 
 
