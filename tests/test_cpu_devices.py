@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from train.cpu_devices import (FORCE_FLAG, MAX_AUTO_DEVICES, MIN_SPLIT_FLOPS, cpu_device_count, split_cpu_host,
-                               step_flops)
+                               step_flops, with_device_count)
 from train.sharding import MeshConfig
 from slm_jax.errors import UserError
 
@@ -64,10 +64,18 @@ def test_the_environment_wins(env, monkeypatch):
     assert calls == []
 
 
+def test_with_device_count_replaces_only_the_device_flag():
+    flags = f"--xla_a=1 {FORCE_FLAG}=4 --xla_b=2"
+    assert with_device_count(flags, 2) == f"--xla_a=1 --xla_b=2 {FORCE_FLAG}=2"
+    assert with_device_count(flags, None) == "--xla_a=1 --xla_b=2"
+    assert with_device_count("", 3) == f"{FORCE_FLAG}=3"
+
+
 def test_split_sets_the_backend_device_count():
     code = ("import jax; from train.cpu_devices import split_cpu_host; from train.sharding import MeshConfig; "
             "n = split_cpu_host(MeshConfig(cpu_devices=3), 12, env={}); print(n, jax.device_count())")
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": with_device_count(os.environ.get("XLA_FLAGS", ""), None),
+           "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["3", "3"]
@@ -84,7 +92,8 @@ def test_cli_trains_data_parallel_over_the_cores(tiny_run, tmp_path):
     the order of the gradient sum."""
     reference = tiny_run(tmp_path / "one-device")
     expected = 2
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": with_device_count(os.environ.get("XLA_FLAGS", ""), None),
+           "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-m", "train.main", "--config", "tiny", "--workdir", str(tmp_path / "cores"),
                           "--set", f"data.path={reference.corpus}", "--set", f"data.cache_dir={reference.cache}",
                           "--set", "mesh.cpu_devices=2"],
@@ -120,7 +129,8 @@ import json; print(json.dumps(out))
 def test_bench_times_the_step_data_parallel():
     """The bench's `placed_step` on a CPU split in 2: data-parallel over both devices (the batch split across them)
     with the one-device step's loss and gradient norm after 3 steps; with mesh.cpu_devices=1, one device."""
-    env = {**os.environ, "XLA_FLAGS": f"{FORCE_FLAG}=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": with_device_count(os.environ.get("XLA_FLAGS", ""), 2),
+           "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", PLACED], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr

@@ -28,6 +28,7 @@ from train.generate import main as generate_main
 from train.main import main as train_main
 from train.cli import launched_many
 from train.evaluation import evaluate_workdir
+from train.cpu_devices import with_device_count
 from train.launch import free_port, process_env
 from train.ptq import convert_workdir
 from train.run import load_run
@@ -51,7 +52,7 @@ def settings(corpus, *extra):
 
 def one_process(workdir, corpus, *extra):
     """`train.main` in one process with 4 CPU devices."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": with_device_count(os.environ.get("XLA_FLAGS", ""), 4)}
     result = subprocess.run([sys.executable, "-m", "train.main", *settings(corpus, *extra), "--workdir", str(workdir)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -26,6 +26,13 @@ FORCE_FLAG = "--xla_force_host_platform_device_count"
 MIN_SPLIT_FLOPS = 2e9
 
 
+def with_device_count(flags: str, devices: int | None) -> str:
+    """XLA_FLAGS text `flags` with its --xla_force_host_platform_device_count replaced by `devices` (removed when
+    None); every other flag is kept in order."""
+    kept = [f for f in flags.split() if not f.startswith(FORCE_FLAG)]
+    return " ".join(kept if devices is None else [*kept, f"{FORCE_FLAG}={devices}"])
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one, else os.cpu_count())."""
     if hasattr(os, "sched_getaffinity"):

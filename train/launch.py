@@ -16,6 +16,7 @@ import threading
 import time
 
 from slm_jax.errors import UserError
+from train.cpu_devices import with_device_count
 from train.cli import ArgumentParser, main_guard, non_negative_float, positive_int
 
 POLL_S = 0.1
@@ -36,10 +37,9 @@ def process_env(index: int, processes: int, devices: int, port: int, heartbeat_s
     (XLA's --xla_force_host_platform_device_count, added to any XLA_FLAGS of `base`) and gloo collectives;
     SLM_JAX_HEARTBEAT_TIMEOUT_S when `heartbeat_s` is given. `base` defaults to this process's environment."""
     env = dict(os.environ if base is None else base)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env.update({"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(processes),
                 "JAX_PROCESS_ID": str(index), "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-                "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
+                "XLA_FLAGS": with_device_count(env.get("XLA_FLAGS", ""), devices),
                 "PYTHONUNBUFFERED": "1"})
     if heartbeat_s is not None:
         env["SLM_JAX_HEARTBEAT_TIMEOUT_S"] = str(heartbeat_s)
