@@ -17,7 +17,7 @@ from checkpoints.hf import EXPORT_DTYPES, hf_config, write_safetensors
 from quant.lora_merge import merged_float_params
 from slm_jax.errors import UserError
 from train.cli import ArgumentParser, add_base_argument, main_guard, require_one_process
-from train.run import check_out_parent, imported_token_ids, load_run
+from train.run import check_output_folder, imported_token_ids, load_run
 from train.tokenizer import save_tokenizer
 
 
@@ -30,13 +30,13 @@ def float_params(run) -> dict:
 
 
 def export_run(workdir: Path, out: Path, dtype: str = "bf16", log=print, base: Path | None = None) -> Path:
-    """Write the Hugging Face folder `out` (which must not exist) from the latest checkpoint of `workdir`."""
+    """Write the Hugging Face folder `out` (absent or an empty folder) from the latest checkpoint of `workdir`.
+
+    Raises UserError for a non-empty `out`, `out` = `workdir`, or an `out` that cannot be made."""
     workdir, out = Path(workdir), Path(out)
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
-    if out.exists():
-        raise UserError(f"--out {out} already exists; an export writes a new folder")
-    check_out_parent(out)
+    check_output_folder(workdir, out)  # absent or empty, never the run itself
     run = load_run(workdir, base=base)
     if run.tokenizer.kind == "none":
         raise UserError(f"{workdir} was trained on pre-tokenized ids without a tokenizer, and a Hugging Face folder "
@@ -53,7 +53,10 @@ def export_run(workdir: Path, out: Path, dtype: str = "bf16", log=print, base: P
         write_safetensors(tmp / "model.safetensors", params, cfg, dtype)
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, token_ids), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(token_ids, indent=2) + "\n")
-        tmp.rename(final)
+        try:
+            tmp.rename(final)  # replaces an empty folder: rename(2) refuses one that gained files meanwhile
+        except OSError as err:
+            raise UserError(f"--out {out} is no longer empty: {err.strerror}; the export was not written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

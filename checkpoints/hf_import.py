@@ -19,7 +19,7 @@ from train.tokenizer import TOKENIZER_FILE, read_tokenizer_file, save_tokenizer
 
 
 def import_folder(folder: Path, out: Path, seq_len: int | None = None, log=print) -> Path:
-    """Write the run `out` (which must not exist) from the Hugging Face folder `folder`; returns `out`.
+    """Write the run `out` (absent or an empty folder) from the Hugging Face folder `folder`; returns `out`.
 
     Everything is checked (config.json, every tensor's name, dtype and shape, tokenizer.json) before anything is
     written; the run is built under a locked temporary name and renamed when complete (`train.run.new_run_folder`),

@@ -144,6 +144,9 @@ def describe(metadata: dict, steps: list[int], arrays: list[ArrayInfo], where: s
 def main(argv=None):
     args = parse_args(argv)
     directory, step = locate(args.dir)
+    if step is not None and args.step is not None and args.step != step:
+        raise UserError(f"{args.dir} is the folder of step {step}, but --step {args.step} was given: name the "
+                        f"checkpoints folder {directory} with --step, or one step folder without it")
     step = args.step if args.step is not None else step
     store = CheckpointStore(directory, create=False)
     try:

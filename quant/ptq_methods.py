@@ -88,8 +88,8 @@ def quantize_with_method(model_cfg: ModelConfig, quant_cfg: QuantConfig, params:
     for awq+gptq, run GPTQ. GPTQ calibrates sequentially: each group of layers sharing an input gets its Hessian
     from the serving model whose earlier layers already hold their GPTQ integers. The token embedding table, when
     quantized, is always rounded to nearest (its one-hot inputs make GPTQ and AWQ no-ops there). `log` (a
-    callable taking one line, or None) gets a progress line after each layer group of AWQ's search and GPTQ.
-    Raises UserError for inapplicable input (see `check_method`) before any work.
+    callable taking one line, or None) gets a progress line after each layer group of AWQ's search and GPTQ, and
+    GPTQ's note on too few calibration tokens (`gptq_rank_note`, also the record's "note"). Raises UserError for inapplicable input (see `check_method`) before any work.
     """
     check_method(model_cfg, quant_cfg, method, calib_tokens, settings)
     start = time.perf_counter()
@@ -106,6 +106,11 @@ def quantize_with_method(model_cfg: ModelConfig, quant_cfg: QuantConfig, params:
             params, record["groups"] = apply_awq(model_cfg, plan, params, stats, settings.awq, log=log)
     variables = convert(model_cfg, quant_cfg, params)
     if "gptq" in method:
+        note = gptq_rank_note(model_cfg, quant_cfg, calib_tokens, settings.gptq.damp)
+        if note:
+            record["note"] = note
+            if log:
+                log(note)
         variables, record["layers"] = apply_gptq(model_cfg, quant_cfg, params, variables, calib_tokens, settings,
                                                  log=log)
         check_serving_variables(model_cfg, quant_cfg, variables)
@@ -114,6 +119,24 @@ def quantize_with_method(model_cfg: ModelConfig, quant_cfg: QuantConfig, params:
                                  "seq_len": int(np.shape(calib_tokens)[1]), "tokens": int(np.size(calib_tokens))}
     record["seconds"] = round(time.perf_counter() - start, 2)
     return variables, record
+
+
+def gptq_rank_note(model_cfg: ModelConfig, quant_cfg: QuantConfig, calib_tokens: np.ndarray,
+                   damp: float) -> str | None:
+    """A one-line note when GPTQ's Hessians must be singular: the calibration's tokens (sequences x seq_len) are
+    fewer than the inputs of the widest layer it quantizes (H = 2 X^T X / tokens has rank at most the token count),
+    so the damping term alone decides the rest of the solve; None when there are enough tokens. GPTQ's paper
+    calibrates on 128 sequences of 2,048 tokens."""
+    plan, tokens = make_plan(model_cfg, quant_cfg), int(np.size(calib_tokens))
+    widths = [(len(group.expand), path_str(layer)) for group in input_groups(model_cfg) for layer in group.layers
+              if plan.get(layer) is not None]
+    width = max((w for w, _ in widths), default=0)
+    if tokens >= width:
+        return None
+    layer = next(name for w, name in widths if w == width)  # the first in model order
+    return (f"note: GPTQ calibrates on {tokens:,} tokens, fewer than the {width:,} inputs of {layer}: its Hessian "
+            f"has rank at most {tokens:,} and the damping ({damp:g} of its mean diagonal) decides the rest; use more "
+            f"calibration tokens (--calib-batches, --calib-seq-len)")
 
 
 def apply_gptq(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, variables: dict,

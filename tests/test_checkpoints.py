@@ -265,6 +265,18 @@ def test_inspect_of_a_folder_that_is_not_a_checkpoint_prints_one_line_and_exits_
     assert "does not exist" in err if where == "missing" else "is not a run directory or a checkpoints folder" in err
 
 
+def test_inspect_of_a_step_folder_reads_that_step_and_refuses_another_step(tmp_path, capsys):
+    run_dir = copy_fixture(FORMAT_VERSION, tmp_path / "run")
+    step_folder = run_dir / "checkpoints" / "4"
+    inspect_cli.main([str(step_folder), "--step", "4"])  # the same step twice is no conflict
+    assert "step        4" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        inspect_cli.main([str(step_folder), "--step", "2"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "is the folder of step 4, but --step 2 was given" in err
+
+
 def test_inspect_prints_a_recorded_quant_plan_one_row_per_layer():
     layer = {"weight_bits": 4, "act_bits": 8, "granularity": "per_group", "group_size": 32, "bwd_bits": None,
              "kind": "weight"}

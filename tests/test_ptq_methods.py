@@ -46,6 +46,25 @@ def rtn():
     return quantize_with_method(TINY, INT3_G16, random_params(), "rtn")
 
 
+def test_gptq_notes_calibration_with_fewer_tokens_than_a_layers_inputs():
+    """TINY's widest quantized inputs are the MLP down projection's (model.hidden): with fewer calibration tokens
+    its Hessian cannot be full rank, which GPTQ says once, in the log and the record."""
+    hidden, lines = TINY.hidden, []
+    few = random_tokens(max(1, (hidden - 1) // 16))  # sequences of 16 tokens, fewer than `hidden` in all
+    assert np.size(few) < hidden
+    _, record = quantize_with_method(TINY, INT3_G16, random_params(), "gptq", few, PTQSettings(chunk=4),
+                                     log=lines.append)
+    notes = [line for line in lines if line.startswith("note: GPTQ")]
+    assert notes == [record["note"]]
+    assert f"fewer than the {hidden:,} inputs of layer_0/mlp/down" in notes[0]
+    assert f"rank at most {np.size(few):,}" in notes[0]
+    enough = random_tokens(-(-hidden // 16))
+    assert np.size(enough) >= hidden
+    _, record = quantize_with_method(TINY, INT3_G16, random_params(), "gptq", enough, PTQSettings(chunk=4),
+                                     log=lines.append)
+    assert "note" not in record
+
+
 def test_rtn_is_aqts_convert(rtn):
     variables, record = rtn
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, convert(TINY, INT3_G16, random_params()))

@@ -169,6 +169,19 @@ def test_gguf_export_refuses_an_existing_out_and_leaves_it_as_it_was(imported, t
     assert out.read_bytes() == b"precious" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
 
 
+def test_hf_export_writes_into_an_empty_folder_and_refuses_a_full_one(imported, tmp_path, capsys):
+    empty, full = tmp_path / "empty", tmp_path / "full"
+    empty.mkdir()
+    full.mkdir()
+    (full / "notes.txt").write_text("precious")
+    hf_export.main(["--workdir", str(imported / "imported"), "--out", str(empty)])
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in empty.iterdir()}
+    one_line_refusal(hf_export.main, ["--workdir", str(imported / "imported"), "--out", str(full)], capsys,
+                     f"{full} is not empty; choose an empty --out folder")
+    assert [p.name for p in full.iterdir()] == ["notes.txt"] and (full / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "full"]  # no temporary folder left behind
+
+
 def test_an_imported_run_exports_to_gguf_as_a_float_run(imported, tmp_path):
     out = gguf_export.export_workdir(imported / "imported", tmp_path / "f32.gguf", "f32", log=lambda *_: None)
     tensors = {t.name: np.asarray(t.data).reshape(t.shape[::-1]) for t in gguf.GGUFReader(out).tensors}
