@@ -53,6 +53,32 @@ def test_resume_continues_the_uninterrupted_loss_trajectory(tmp_path, corpus_fil
     assert [resumed[s] for s in range(11, 21)] == [uninterrupted[s] for s in range(11, 21)]
 
 
+def test_an_interrupt_saves_the_steps_since_the_last_checkpoint_and_the_run_resumes_exactly(tmp_path, corpus_file):
+    """Ctrl-C (or SIGTERM, which train.main raises the same way) at step 13 of a run that checkpoints every 10: step
+    13 is saved on the way out, and the same command resumes there on the uninterrupted trajectory."""
+    config = tiny(corpus_file, "train.steps=20", "train.log_every=1", "checkpoint.every=10", "checkpoint.keep=5",
+                  "model.dropout=0.1", "train.sample_tokens=0")
+    run_training(config, tmp_path / "whole", log=lambda *_: None)
+    uninterrupted = train_losses(tmp_path / "whole")
+    lines = []
+
+    def interrupt_at_13(line):
+        lines.append(str(line))
+        if str(line).startswith("step     13/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config, tmp_path / "cut", log=interrupt_at_13)
+    assert sorted(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir()) == [10, 13]
+    assert "saved step 13 on the interrupt: the 3 step(s) trained since the last checkpoint" in lines
+    assert lines[-1].startswith("interrupted after step 13: the latest checkpoint is step 13 in ")
+    lines.clear()
+    run_training(config, tmp_path / "cut", log=lines.append)
+    assert any(str(line).startswith("resuming from step 13 ") for line in lines), lines
+    resumed = train_losses(tmp_path / "cut")
+    assert [resumed[s] for s in range(1, 21)] == [uninterrupted[s] for s in range(1, 21)]
+
+
 def test_resuming_with_another_model_shape_is_refused(tmp_path, corpus_file):
     from slm_jax.errors import UserError
     run_training(tiny(corpus_file, "train.steps=10"), tmp_path, log=lambda *_: None)

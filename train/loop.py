@@ -168,6 +168,24 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
                               quant_plan=quant_plan, data=splits.description)
         store.save(step, *recipe.checkpoint(state, meta))
 
+    def save_on_interrupt(saved: int | None, done: int) -> int:
+        """Save the steps trained since the last checkpoint (`saved`, None for none) before an interrupt stops the
+        run, so a preempted or stopped job loses none of them; returns the step the state stands at. Not in a
+        multi-process run (its processes may stand at different steps when the signal reaches each), nor when the
+        state is gone (an interrupt between a step's dispatch and its result leaves the donated state deleted) or
+        not finite."""
+        if jax.process_count() > 1 or any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)
+                                          if isinstance(leaf, jax.Array)):
+            return done
+        step = int(state.step)
+        if step == (saved if saved is not None else start) or not bool(state_finite(state)):
+            return step
+        with signals_held():  # a second Ctrl-C or SIGTERM waits until this save has started
+            save(step)
+        since = "the last checkpoint" if saved is not None else "the start"
+        log(f"saved step {step} on the interrupt: the {step - (saved or 0)} step(s) trained since {since}")
+        return step
+
     speed = Throughput(cfg.batch_size * cfg.grad_accum * seq_len, cfg.steps)
     wall_start = time.perf_counter()
     last_good = store.latest_step()
@@ -215,10 +233,11 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
             if done % config.checkpoint.every == 0 or done == cfg.steps:
                 with signals_held():  # an interrupt never cuts a save short while it is being started
                     save(done)
-                last_good = done
+                    last_good = done
         val = validate()
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where train.main turns it into one: keep the save in flight
         metrics_log.close()
+        done = save_on_interrupt(last_good, done)
         keep_latest_checkpoint(store, done, log)
         raise
     except BaseException:
