@@ -75,7 +75,7 @@ def test_a_process_that_ignores_the_signal_is_killed_after_the_stop_timeout(tmp_
     assert time.monotonic() - sent >= 2
     assert proc.returncode == 128 + signal.SIGTERM, rest
     assert (marks / "1").read_text() == "SIGTERM"  # it got the signal, and did not stop
-    assert "process 1 killed after 2 s after SIGTERM" in rest, rest
+    assert "process 1 still running 2 s later (--stop-timeout): killed" in rest, rest
     assert "process 0 exited with code 0 on its own" in rest, rest
     assert all(gone(pid) for pid in pids.values())
 
@@ -86,3 +86,17 @@ def test_a_module_python_cannot_find_is_one_line_before_any_process_starts(modul
         launch_main(["--module", module, "--", "--config", "tiny"])
     assert exited.value.code == 2
     assert capsys.readouterr().err == f"error: --module {module!r} is not a module python can find (e.g. train.main)\n"
+
+
+@pytest.mark.parametrize("wait_s, said", [(0, "process 0 killed at once (--grace 0)"),
+                                          (0.2, "process 0 still running 0.2 s later (--grace): killed")])
+def test_a_process_left_running_is_killed_and_the_line_names_the_option(capsys, wait_s, said):
+    from train.launch import _end_running
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _end_running([child], [0], wait_s, "--grace")
+        assert child.returncode == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.wait()
+    assert capsys.readouterr().err.strip() == f"launch: {said}"

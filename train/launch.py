@@ -63,9 +63,9 @@ def _say(message: str) -> None:
     print(f"launch: {message}", file=sys.stderr, flush=True)
 
 
-def _end_running(children: list, running: list[int], wait_s: float, why: str) -> None:
+def _end_running(children: list, running: list[int], wait_s: float, option: str) -> None:
     """Give `running` (indices into `children`) `wait_s` seconds to exit, then SIGKILL those left; say each
-    one's end (`why`: what they were waiting on, for the kill line)."""
+    one's end (`option`: the command-line option that set `wait_s`, named in the kill line)."""
     deadline = time.monotonic() + wait_s
     while any(children[i].poll() is None for i in running) and time.monotonic() < deadline:
         time.sleep(POLL_S)
@@ -73,7 +73,8 @@ def _end_running(children: list, running: list[int], wait_s: float, why: str) ->
         if children[i].poll() is None:
             children[i].kill()
             children[i].wait()
-            _say(f"process {i} killed after {wait_s:g} s {why}")
+            _say(f"process {i} killed at once ({option} 0)" if wait_s <= 0 else
+                 f"process {i} still running {wait_s:g} s later ({option}): killed")
         else:
             _say(f"process {i} {_how(children[i].returncode)} on its own")
 
@@ -113,7 +114,7 @@ def launch(command: list[str], processes: int, devices: int, grace_s: float, hea
             _say(f"{name}: sending it on to processes {running}; they have {stop_s:g} s to save and stop")
             for i in running:
                 children[i].send_signal(stop[0])
-            _end_running(children, running, stop_s, f"after {name}")
+            _end_running(children, running, stop_s, "--stop-timeout")
             return 128 + stop[0]
         failed = next((i for i, c in enumerate(children) if c.poll() not in (None, 0)), failed)
         if failed is None:
@@ -121,7 +122,7 @@ def launch(command: list[str], processes: int, devices: int, grace_s: float, hea
         code = children[failed].returncode
         running = [i for i, c in enumerate(children) if c.poll() is None]
         _say(f"process {failed} {_how(code)}" + (f"; stopping processes {running}" if running else ""))
-        _end_running(children, running, grace_s, "of grace")
+        _end_running(children, running, grace_s, "--grace")
         return code if code > 0 else 128 - code
     finally:
         for child in children:
