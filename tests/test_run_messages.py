@@ -8,7 +8,7 @@ import pytest
 
 from train.config import load_config
 from train.data import load_splits
-from train.evaluation import eval_windows, format_table, mean_loss, val_text
+from train.evaluation import eval_windows, format_table, mean_loss, unigram_loss, val_text
 from train.loop import run_training
 
 
@@ -66,6 +66,25 @@ def test_training_eval_and_done_lines_say_their_windows(tmp_path, corpus_file):
     assert re.fullmatch(r"\d+ batch(es)? x \d+ windows x 32 tokens", windows)
     evals = [line for line in lines if line.startswith(("eval ", "done:"))]
     assert len(evals) == 2 and all(line.endswith(f"| over {windows}") for line in evals)
+
+
+def test_unigram_loss_is_the_cross_entropy_of_smoothed_training_frequencies():
+    train, val = np.array([0, 0, 0, 1, 2, 2]), np.array([0, 2, 3])
+    p = (np.array([3, 1, 2, 0, 0]) + 1) / 11  # vocab 5, add-one
+    assert unigram_loss(train, val, 5) == pytest.approx(-np.mean(np.log(p[[0, 2, 3]])), rel=1e-12)
+
+
+@pytest.mark.parametrize("learning_rate, says", [(3e-3, False), (30.0, True)])
+def test_a_run_no_better_than_token_frequencies_says_so_once(tmp_path, corpus_file, learning_rate, says):
+    config = load_config("tiny", [f"data.path={corpus_file}", "train.sample_tokens=0", "train.steps=60",
+                                  "train.eval_every=20", "train.log_every=20", "checkpoint.every=60",
+                                  f"train.learning_rate={learning_rate}"])
+    lines = []
+    run_training(config, tmp_path / "run", log=lines.append)
+    notes = [line for line in map(str, lines) if "no better than the training split's token frequencies" in line]
+    assert len(notes) == (1 if says else 0), lines
+    if says:
+        assert notes[0].startswith("note: val loss ") and "try a lower train.learning_rate" in notes[0]
 
 
 def test_a_resume_with_nothing_to_train_says_so_and_a_sample_is_announced(tmp_path, corpus_file):

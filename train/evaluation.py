@@ -42,6 +42,15 @@ def loss_summary(loss: float, chars_per_tok: float | None = 1.0) -> dict:
             "bits_per_char": loss / math.log(2) / chars_per_tok if chars_per_tok else None}
 
 
+def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of `val_tokens` under the training split's token frequencies (add-one smoothed over
+    `vocab_size` ids): the loss of a model that learned nothing but how often each token occurs. A language model's
+    validation loss at or above it has learned no context (or collapsed to frequencies, or to uniform)."""
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return float(-log_p[np.asarray(val_tokens)].mean())
+
+
 def format_bits_per_char(bits: float | None) -> str:
     """The log line's bits/char part; "n/a" when the run has no text (pre-tokenized ids, no tokenizer)."""
     return f"bits/char {bits:.3f}" if bits is not None else "bits/char n/a (pre-tokenized ids, no tokenizer)"

@@ -24,7 +24,7 @@ from slm_jax.errors import UserError
 from slm_jax.sampling import generate
 from train.config import Config, save_yaml
 from train.data import batch_starts, check_splits, load_splits, windows
-from train.evaluation import eval_windows, format_bits_per_char, loss_summary, mean_loss
+from train.evaluation import eval_windows, format_bits_per_char, loss_summary, mean_loss, unigram_loss
 from train.metrics import MetricsLog, Throughput, format_duration
 from train.observe import StepProfiler, TensorBoardLog
 from train.optim import learning_rate_schedule
@@ -186,6 +186,18 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
         log(f"saved step {step} on the interrupt: the {step - (saved or 0)} step(s) trained since {since}")
         return step
 
+    unigram = unigram_loss(splits.train, splits.val, config.model.vocab_size)
+    noted = []
+
+    def note_no_learning(val_loss: float, step: int) -> None:
+        """Say once, from half the run on (earlier, a model learning well may still be behind them), that the
+        validation loss is no better than token frequencies alone."""
+        if not noted and step >= max(cfg.warmup_steps, cfg.steps / 2) and val_loss >= unigram:
+            noted.append(step)
+            log(f"note: val loss {val_loss:.4f} at step {step} is no better than the training split's token "
+                f"frequencies alone (unigram model: {unigram:.4f}): the model has learned no context or has collapsed; "
+                f"try a lower train.learning_rate or more steps")
+
     speed = Throughput(cfg.batch_size * cfg.grad_accum * seq_len, cfg.steps)
     wall_start = time.perf_counter()
     last_good = store.latest_step()
@@ -230,6 +242,7 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
                 metrics_log.write(step=done, val_loss=val["loss"], val_perplexity=val["perplexity"])
                 log(f"eval   {done:>6} | val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
                     f"over {val_windows}")
+                note_no_learning(val["loss"], done)
             if done % config.checkpoint.every == 0 or done == cfg.steps:
                 with signals_held():  # an interrupt never cuts a save short while it is being started
                     save(done)
@@ -264,6 +277,7 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     resumed = f" (steps {start + 1}-{cfg.steps} in this session)" if start else ""
     log(f"done: {cfg.steps} steps{resumed} in {format_duration(wall)}"
         + (f" | {rates['tokens_per_s']:,.0f} tok/s" if rates else "") + f" | {val_line}")
+    note_no_learning(val["loss"], cfg.steps)
     if cfg.sample_tokens and tokenizer.kind == "none":
         log("no sample: the run reads pre-tokenized ids without a tokenizer (set data.tokenizer to have text)")
     elif cfg.sample_tokens:
