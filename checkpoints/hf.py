@@ -348,6 +348,18 @@ def write_safetensors(file: Path, params: dict, cfg: ModelConfig, dtype: str = "
         array = param(path)
         tensors[name] = np.ascontiguousarray((array.T if transposed else array).astype(EXPORT_DTYPES[dtype]))
     safetensors.numpy.save_file(tensors, str(file), metadata={"format": "pt"})
-    umask = os.umask(0)  # safetensors writes owner-only (0600); give the file the mode any other file gets
-    os.umask(umask)
-    os.chmod(file, 0o666 & ~umask)
+    os.chmod(file, 0o666 & ~current_umask())  # safetensors writes owner-only (0600): the mode any other file gets
+
+
+def current_umask() -> int:
+    """This process's file mode creation mask, read without changing it where Linux shows it (/proc/self/status),
+    so threads creating files meanwhile keep the real mask; elsewhere by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask

@@ -2,6 +2,7 @@
 `python -m checkpoints.make_hf_fixtures`, tests/fixtures/hf): import parity, refusals, export, round trips."""
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -174,3 +175,15 @@ def test_qat_fine_tuning_starts_from_an_imported_model_without_repeating_its_sha
     before, after = flat(imported.variables["params"]), flat(qat.variables["params"])
     assert before.keys() == after.keys() and all(before[k].shape == after[k].shape for k in before)
     assert any(not np.array_equal(before[k], after[k]) for k in before)  # it trained
+
+
+def test_current_umask_reads_the_mask_without_changing_it():
+    from checkpoints.hf import current_umask
+    before = os.umask(0o022)
+    try:
+        for mask in (0o022, 0o027, 0o002, 0o077):
+            os.umask(mask)
+            assert current_umask() == mask
+            assert os.umask(mask) == mask  # still in place after the read
+    finally:
+        os.umask(before)
