@@ -66,7 +66,8 @@ def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int, k
     over the split, at most as many as it holds; 0: not measured). A serving run has no float weights left: its
     stored integers and scales, whichever method wrote them, are measured against the float run it was converted
     from, at the step it was converted from (see `quant.layer_report.layer_report`).
-    UserError for a LoRA run, a serving run with no recorded source or given a scheme."""
+    UserError for a LoRA run, a serving run with no recorded source or given a scheme, or a scheme that quantizes
+    no layer (an all-float conversion)."""
     run = load_run(workdir, refuse={"lora": "report on the float or QAT run its base was converted from, or merge "
                                             "it first (python -m quant.merge) and report on the merged run"})
     kind, source, stored, fold, fold_out = run.metadata.get("kind"), workdir, None, None, None
@@ -88,6 +89,10 @@ def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int, k
     tokens, _ = next(eval_batches(splits.val, batch_size, seq_len, 1))
     kl_tokens = next(eval_batches(splits.val, kl_windows, seq_len, 1))[0] if kl_windows else None
     rows = layer_report(run.config.model, quant, run.variables["params"], tokens, stored, fold, kl_tokens, fold_out)
+    if not rows:
+        raise UserError(f"{workdir}: its scheme quantizes no layer (weights, activations and the embedding table all "
+                        f"float), so there is nothing to report; report on a quantized run, or on a float run with "
+                        f"--bits N")
     kl = f"; per-layer KL on {kl_tokens.shape[0]}x{seq_len} validation windows" if kl_windows else ""
     return (f"{workdir} (weights of {source}, step {run.step}) on {tokens.shape[0]}x{seq_len} "
             f"validation tokens{kl}\n{format_report(rows)}")

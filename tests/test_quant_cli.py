@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from checkpoints.manager import CheckpointStore
+from quant.config import QuantConfig
 from quant.convert import main as convert_main
 from quant.report import main as report_main
 from quant.serving import quantized_weights
@@ -15,6 +16,7 @@ from slm_jax.errors import UserError
 from train.cli import add_scheme_args, scheme_from_args
 from train.config import load_config
 from train.evaluation import evaluate_workdir
+from train.ptq import convert_workdir
 from train.run import load_run, served_run
 
 TINY = ("train.steps=12", "train.sample_tokens=0", "train.eval_every=1000", "checkpoint.every=12", "model.n_layers=1")
@@ -118,6 +120,18 @@ def test_report_lists_every_quantized_layer_with_scales_clipping_and_error(runs,
     int4 = table_rows(capsys.readouterr().out)
     assert all(cells[1] == "int4" and cells[3] == "per_group(32)" for cells in int4.values())
     assert np.mean([float(c[7]) for c in int4.values()]) < np.mean([float(c[7]) for c in rows.values()]) - 10
+
+
+def test_report_of_an_all_float_conversion_is_one_line_not_an_empty_table(runs, tmp_path, capsys):
+    convert_workdir(runs / "float", tmp_path / "float_params", QuantConfig(mode="serve", weight_bits=None, act_bits=None, embed_bits=None),
+                    log=lambda *_: None)
+    with pytest.raises(SystemExit) as exit_info:
+        report_main(["--workdir", str(tmp_path / "float_params")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert err[0] == (f"error: {tmp_path / 'float_params'}: its scheme quantizes no layer (weights, activations and "
+                      f"the embedding table all float), so there is nothing to report; report on a quantized run, or "
+                      f"on a float run with --bits N")
 
 
 @pytest.mark.parametrize("args, message", [
