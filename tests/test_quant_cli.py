@@ -123,8 +123,8 @@ def test_report_lists_every_quantized_layer_with_scales_clipping_and_error(runs,
 
 
 def test_report_of_an_all_float_conversion_is_one_line_not_an_empty_table(runs, tmp_path, capsys):
-    convert_workdir(runs / "float", tmp_path / "float_params", QuantConfig(mode="serve", weight_bits=None, act_bits=None, embed_bits=None),
-                    log=lambda *_: None)
+    all_float = QuantConfig(mode="serve", weight_bits=None, act_bits=None, embed_bits=None)
+    convert_workdir(runs / "float", tmp_path / "float_params", all_float, log=lambda *_: None)
     with pytest.raises(SystemExit) as exit_info:
         report_main(["--workdir", str(tmp_path / "float_params")])
     err = capsys.readouterr().err.strip().splitlines()
