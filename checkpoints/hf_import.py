@@ -2,7 +2,8 @@
 (config.json, model.safetensors or a sharded index, tokenizer.json) as an ordinary slm-jax run.
 
 The run holds float32 params only (kind "imported", step 0), the full config and a copy of tokenizer.json (its
-`data.tokenizer`); every command that reads runs takes it. It is written under a temporary name and renamed when complete.
+`data.tokenizer`); every command that reads runs takes it. It is written under a temporary name and renamed when
+complete.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def import_folder(folder: Path, out: Path, seq_len: int | None = None, log=print
         finally:
             store.close()
         save_yaml(config, tmp / "config.yaml")
-    log(f"imported {folder} -> {out}: {param_count(params):,} params, {config.model.n_layers} layers, vocab {config.model.vocab_size}, "
+    log(f"imported {folder} -> {out}: {param_count(params):,} params, {config.model.n_layers} layers, "
+        f"vocab {config.model.vocab_size}, "
         f"context {config.model.context} (training window {config.model.seq_len})")
     return out
 
@@ -59,7 +61,8 @@ def main(argv=None):
     parser = ArgumentParser(prog="python -m checkpoints.hf_import", description=__doc__.split("\n\n")[0])
     parser.add_argument("hf_dir", type=Path, help="a local Hugging Face model folder of the Llama architecture")
     parser.add_argument("--out", type=Path, required=True, help="the new run's folder, e.g. runs/smollm2")
-    parser.add_argument("--seq-len", type=positive_int, help="training window (default: min(max_position_embeddings, 512))")
+    parser.add_argument("--seq-len", type=positive_int,
+                        help="training window (default: min(max_position_embeddings, 512))")
     args = parser.parse_args(argv)
     require_one_process("python -m checkpoints.hf_import")
     if args.seq_len is not None and args.seq_len <= 0:

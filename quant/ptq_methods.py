@@ -89,7 +89,8 @@ def quantize_with_method(model_cfg: ModelConfig, quant_cfg: QuantConfig, params:
     from the serving model whose earlier layers already hold their GPTQ integers. The token embedding table, when
     quantized, is always rounded to nearest (its one-hot inputs make GPTQ and AWQ no-ops there). `log` (a
     callable taking one line, or None) gets a progress line after each layer group of AWQ's search and GPTQ, and
-    GPTQ's note on too few calibration tokens (`gptq_rank_note`, also the record's "note"). Raises UserError for inapplicable input (see `check_method`) before any work.
+    GPTQ's note on too few calibration tokens (`gptq_rank_note`, also the record's "note"). Raises UserError for
+    inapplicable input (see `check_method`) before any work.
     """
     check_method(model_cfg, quant_cfg, method, calib_tokens, settings)
     start = time.perf_counter()
