@@ -2,6 +2,7 @@
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,8 @@ def test_tiny_training_lowers_the_loss(tmp_path, corpus_file):
 
 
 INT8_QAT = ("quant.mode=qat", "quant.weight_bits=8", "quant.act_bits=8", "quant.embed_bits=8", "model.n_layers=1")
-INT4_QAT = ("quant.mode=qat", "quant.weight_bits=4", "model.n_layers=1", "quant.granularity=per_group", "quant.group_size=16",
-            "quant.scale_dtype=bfloat16")
+INT4_QAT = ("quant.mode=qat", "quant.weight_bits=4", "model.n_layers=1", "quant.granularity=per_group",
+            "quant.group_size=16", "quant.scale_dtype=bfloat16")
 
 
 @pytest.mark.parametrize("precision, quant", [("fp32", ()), ("bf16", ()), ("fp16", ()), ("fp32", INT8_QAT),
@@ -53,9 +54,12 @@ def test_resume_continues_the_uninterrupted_loss_trajectory(tmp_path, corpus_fil
     assert [resumed[s] for s in range(11, 21)] == [uninterrupted[s] for s in range(11, 21)]
 
 
-def test_an_interrupt_saves_the_steps_since_the_last_checkpoint_and_the_run_resumes_exactly(tmp_path, corpus_file):
-    """Ctrl-C (or SIGTERM, which train.main raises the same way) at step 13 of a run that checkpoints every 10: step
-    13 is saved on the way out, and the same command resumes there on the uninterrupted trajectory."""
+@pytest.mark.parametrize("signals", [1, 2], ids=["one-signal", "two-signals"])
+def test_an_interrupt_saves_the_steps_since_the_last_checkpoint_and_the_run_resumes_exactly(tmp_path, corpus_file,
+                                                                                           capsys, signals):
+    """SIGINT (SIGTERM is handled alike) during step 13 of a run that checkpoints every 10: the first signal is
+    recorded and the run stops at the next step boundary, a second raises at once (here after step 13's record);
+    either way step 13 is saved on the way out and the same command resumes there on the uninterrupted trajectory."""
     config = tiny(corpus_file, "train.steps=20", "train.log_every=1", "checkpoint.every=10", "checkpoint.keep=5",
                   "model.dropout=0.1", "train.sample_tokens=0")
     run_training(config, tmp_path / "whole", log=lambda *_: None)
@@ -65,18 +69,38 @@ def test_an_interrupt_saves_the_steps_since_the_last_checkpoint_and_the_run_resu
     def interrupt_at_13(line):
         lines.append(str(line))
         if str(line).startswith("step     13/"):
-            raise KeyboardInterrupt
+            for _ in range(signals):
+                signal.raise_signal(signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
         run_training(config, tmp_path / "cut", log=interrupt_at_13)
     assert sorted(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir()) == [10, 13]
+    assert not any(line.startswith("step     14/") for line in lines)
     assert "saved step 13 on the interrupt: the 3 step(s) trained since the last checkpoint" in lines
     assert lines[-1].startswith("interrupted after step 13: the latest checkpoint is step 13 in ")
+    assert "SIGINT: stopping after the current step, with a checkpoint of it" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is gone again
     lines.clear()
     run_training(config, tmp_path / "cut", log=lines.append)
     assert any(str(line).startswith("resuming from step 13 ") for line in lines), lines
     resumed = train_losses(tmp_path / "cut")
     assert [resumed[s] for s in range(1, 21)] == [uninterrupted[s] for s in range(1, 21)]
+
+
+def test_a_signal_during_the_final_validation_lets_the_run_finish_its_summary(tmp_path, corpus_file):
+    config = tiny(corpus_file, "train.steps=4", "train.log_every=1", "checkpoint.every=2", "train.sample_tokens=3")
+    lines = []
+
+    def interrupt_at_the_end(line):
+        lines.append(str(line))
+        if str(line).startswith("step      4/"):
+            signal.raise_signal(signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):  # Terminated, which train.main turns into exit 143
+        run_training(config, tmp_path, log=interrupt_at_the_end)
+    assert any(r.get("final") for r in read_metrics(tmp_path / "metrics.jsonl"))
+    assert lines[-1] == "interrupted after the final validation: the run is complete at step 4"
+    assert not any(line.startswith("sample") for line in lines)
 
 
 def test_resuming_with_another_model_shape_is_refused(tmp_path, corpus_file):

@@ -5,11 +5,8 @@ uninterrupted run's loss trajectory exactly.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from slm_jax.sampling import generate
 from train.config import Config, save_yaml
 from train.data import batch_starts, check_splits, load_splits, windows
 from train.evaluation import eval_windows, format_bits_per_char, loss_summary, mean_loss, unigram_loss
+from train.interrupts import StopRequests, signals_held
 from train.metrics import MetricsLog, Throughput, format_duration
 from train.observe import StepProfiler, TensorBoardLog
 from train.optim import learning_rate_schedule
@@ -169,22 +167,29 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
         store.save(step, *recipe.checkpoint(state, meta))
 
     def save_on_interrupt(saved: int | None, done: int) -> int:
-        """Save the steps trained since the last checkpoint (`saved`, None for none) before an interrupt stops the
-        run, so a preempted or stopped job loses none of them; returns the step the state stands at. Not in a
-        multi-process run (its processes may stand at different steps when the signal reaches each), nor when the
-        state is gone (an interrupt between a step's dispatch and its result leaves the donated state deleted) or
-        not finite."""
-        if jax.process_count() > 1 or any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)
-                                          if isinstance(leaf, jax.Array)):
+        """Save the steps trained since the last checkpoint (`saved`, None for none) before a stop, so a preempted or
+        stopped job loses none of them; returns the step the checkpoints now reach. A first signal stops at a step
+        boundary (`StopRequests`), where the state is step `done` and its records are written. Not in a
+        multi-process run (its processes may stand at different steps when the signal reaches each), nor after a
+        second signal that landed mid-step (the state then may be a step ahead of its records, or deleted by
+        donation), nor for a non-finite state: each is said in one line."""
+        reason = None
+        if jax.process_count() > 1:
+            reason = "a multi-process run keeps its last checkpoint"
+        elif any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state) if isinstance(leaf, jax.Array)) \
+                or int(state.step) != done:
+            reason = f"a second signal stopped step {done + 1} midway"
+        elif done == (saved if saved is not None else start):
             return done
-        step = int(state.step)
-        if step == (saved if saved is not None else start) or not bool(state_finite(state)):
-            return step
-        with signals_held():  # a second Ctrl-C or SIGTERM waits until this save has started
-            save(step)
+        elif not bool(state_finite(state)):
+            reason = "the state is not finite"
+        if reason:
+            log(f"not saving the steps since the last checkpoint: {reason}")
+            return done
+        save(done)
         since = "the last checkpoint" if saved is not None else "the start"
-        log(f"saved step {step} on the interrupt: the {step - (saved or 0)} step(s) trained since {since}")
-        return step
+        log(f"saved step {done} on the interrupt: the {done - (saved or 0)} step(s) trained since {since}")
+        return done
 
     unigram = unigram_loss(splits.train, splits.val, config.model.vocab_size)
     noted = []
@@ -203,55 +208,59 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     last_good = store.latest_step()
     profiler = StepProfiler(workdir / "profile", profile_steps, start + 1, log) if profile_steps and primary else None
     done, skipped = start, 0
+    stop = StopRequests()
     try:
-        for step in range(start, cfg.steps):
-            batch = train_batch(splits.train, config, step, place)
-            if profiler:
-                profiler.before(step)
-            tic = time.perf_counter()
-            state, metrics = train_step(state, batch)
-            loss = float(metrics["loss"])
-            if profiler:
-                profiler.after(step, state)
-            if step > start:  # the first step of a process includes compilation
-                speed.add(time.perf_counter() - tic)
-            first = start if step == start else None  # a NaN here may come from the input, not the learning rate
-            if not math.isfinite(loss):
-                raise diverged(f"loss became {loss}", step + 1, last_good, store, cfg.precision, first)
-            if not bool(metrics["grads_finite"]):
-                if not fp16:  # fp16 skips such a step and lowers its loss scale
-                    raise diverged(f"gradient norm became {float(metrics['grad_norm'])}", step + 1, last_good,
-                                   store, cfg.precision, first)
-                skipped += 1
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                rates = speed.rates(done)
-                # fp16: the loss scale this step ran with, and the steps dropped for overflowing grads since the
-                # last record (their updates were not applied)
-                scaling = {"loss_scale": float(metrics["loss_scale"]), "skipped_steps": skipped} if fp16 else {}
-                record = {"step": done, "loss": loss, "lr": float(metrics["lr"]),
-                          "grad_norm": float(metrics["grad_norm"]), **scaling, **rates}
-                metrics_log.write(**record)
-                log(f"step {done:>6}/{cfg.steps} | loss {loss:.4f} | lr {record['lr']:.2e}"
-                    + (f" | loss scale {scaling['loss_scale']:g}, {skipped} skipped" if fp16 else "")
-                    + (f" | {rates['tokens_per_s']:,.0f} tok/s | {rates['ms_per_step']:.1f} ms/step | "
-                       f"ETA {format_duration(rates['eta_s'])}" if rates else ""))
-                skipped = 0
-            if done % cfg.eval_every == 0 and done != cfg.steps:
-                val = validate()
-                metrics_log.write(step=done, val_loss=val["loss"], val_perplexity=val["perplexity"])
-                log(f"eval   {done:>6} | val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
-                    f"over {val_windows}")
-                note_no_learning(val["loss"], done)
-            if done % config.checkpoint.every == 0 or done == cfg.steps:
-                with signals_held():  # an interrupt never cuts a save short while it is being started
-                    save(done)
-                    last_good = done
-        val = validate()
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where train.main turns it into one: keep the save in flight
+        with stop.installed():  # a first Ctrl-C or SIGTERM stops at the next step boundary, a second at once
+            for step in range(start, cfg.steps):
+                stop.check()
+                batch = train_batch(splits.train, config, step, place)
+                if profiler:
+                    profiler.before(step)
+                tic = time.perf_counter()
+                state, metrics = train_step(state, batch)
+                loss = float(metrics["loss"])
+                if profiler:
+                    profiler.after(step, state)
+                if step > start:  # the first step of a process includes compilation
+                    speed.add(time.perf_counter() - tic)
+                first = start if step == start else None  # a NaN here may come from the input, not the learning rate
+                if not math.isfinite(loss):
+                    raise diverged(f"loss became {loss}", step + 1, last_good, store, cfg.precision, first)
+                if not bool(metrics["grads_finite"]):
+                    if not fp16:  # fp16 skips such a step and lowers its loss scale
+                        raise diverged(f"gradient norm became {float(metrics['grad_norm'])}", step + 1, last_good,
+                                       store, cfg.precision, first)
+                    skipped += 1
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    rates = speed.rates(done)
+                    # fp16: the loss scale this step ran with, and the steps dropped for overflowing grads since the
+                    # last record (their updates were not applied)
+                    scaling = {"loss_scale": float(metrics["loss_scale"]), "skipped_steps": skipped} if fp16 else {}
+                    record = {"step": done, "loss": loss, "lr": float(metrics["lr"]),
+                              "grad_norm": float(metrics["grad_norm"]), **scaling, **rates}
+                    metrics_log.write(**record)
+                    log(f"step {done:>6}/{cfg.steps} | loss {loss:.4f} | lr {record['lr']:.2e}"
+                        + (f" | loss scale {scaling['loss_scale']:g}, {skipped} skipped" if fp16 else "")
+                        + (f" | {rates['tokens_per_s']:,.0f} tok/s | {rates['ms_per_step']:.1f} ms/step | "
+                           f"ETA {format_duration(rates['eta_s'])}" if rates else ""))
+                    skipped = 0
+                if done % cfg.eval_every == 0 and done != cfg.steps:
+                    val = validate()
+                    metrics_log.write(step=done, val_loss=val["loss"], val_perplexity=val["perplexity"])
+                    log(f"eval   {done:>6} | val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
+                        f"over {val_windows}")
+                    note_no_learning(val["loss"], done)
+                if done % config.checkpoint.every == 0 or done == cfg.steps:
+                    with signals_held():  # an interrupt never cuts a save short while it is being started
+                        save(done)
+                        last_good = done
+            val = validate()  # a stop asked for meanwhile waits for the summary (stop.check below)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated): keep the save in flight, add the steps since
         metrics_log.close()
-        done = save_on_interrupt(last_good, done)
-        keep_latest_checkpoint(store, done, log)
+        with signals_held(deliver=False):  # already stopping: more signals change nothing now
+            done = save_on_interrupt(last_good, done)
+            keep_latest_checkpoint(store, done, log)
         raise
     except BaseException:
         metrics_log.close()  # the curves up to the failure stay readable
@@ -269,6 +278,9 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     if start < cfg.steps:  # a re-run of a finished run trained nothing: its record is already there
         metrics_log.write(**summary)
     metrics_log.close()
+    if stop.signals:  # asked for during the final validation: the run is complete and its summary written
+        log(f"interrupted after the final validation: the run is complete at step {cfg.steps}")
+        stop.check()
     val_line = (f"val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
                 + format_bits_per_char(val["bits_per_char"]) + f" | over {val_windows}")
     if start >= cfg.steps:  # a resume of a finished run: no training, no sample
@@ -287,27 +299,6 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
         log(f"sample:\n{cfg.sample_prompt}{text}")
         summary["sample"] = text
     return summary
-
-
-INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def signals_held():
-    """Hold SIGINT and SIGTERM while the block runs and deliver them, to the handlers in place before, once it is
-    done (in the main thread only: elsewhere the block runs as it is)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = {sig: signal.signal(sig, lambda number, frame: caught.append(number)) for sig in INTERRUPTS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for sig in dict.fromkeys(caught):
-            signal.raise_signal(sig)
 
 
 def keep_latest_checkpoint(store: CheckpointStore, done: int, log) -> None:

@@ -17,6 +17,7 @@ from train.cli import ArgumentParser, main_guard, positive_int, require_one_proc
 from train.config import load_config, read_yaml, resolve_path
 from train.cpu_devices import MAX_AUTO_DEVICES, gains_from_split, split_cpu_host, step_flops, usable_cores
 from train.evaluation import evaluate_workdir, format_table
+from train.interrupts import Terminated
 from train.loop import run_training
 from train.ptq import convert_workdir
 from train.run import open_store
@@ -25,7 +26,8 @@ from train.sharding import maybe_initialize_distributed
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m train.main", description=__doc__)
-    parser.add_argument("--config", required=True, help="a name in configs/ (tiny, baseline, int8_qat, ...) or a YAML path")
+    parser.add_argument("--config", required=True,
+                        help="a name in configs/ (tiny, baseline, int8_qat, ...) or a YAML path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field (repeatable), e.g. --set train.steps=200")
     parser.add_argument("--workdir", type=Path, help="output folder (default runs/<config name>/)")
@@ -33,11 +35,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="write a jax.profiler trace of N training steps, after the first compiled one, to "
                              "<workdir>/profile (view with TensorBoard's profile plugin or XProf)")
     return parser.parse_args(argv)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's or `kill`'s stop request), raised like Ctrl-C's KeyboardInterrupt so training stops the
-    same way: the checkpoint being written is finished and named (train.loop.keep_latest_checkpoint)."""
 
 
 def _terminate(number, frame):
