@@ -78,7 +78,7 @@ def test_an_interrupt_saves_the_steps_since_the_last_checkpoint_and_the_run_resu
     assert not any(line.startswith("step     14/") for line in lines)
     assert "saved step 13 on the interrupt: the 3 step(s) trained since the last checkpoint" in lines
     assert lines[-1].startswith("interrupted after step 13: the latest checkpoint is step 13 in ")
-    assert "SIGINT: stopping after the current step, with a checkpoint of it" in capsys.readouterr().err
+    assert "SIGINT: stopping after the current step (send it again to stop at once)" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is gone again
     lines.clear()
     run_training(config, tmp_path / "cut", log=lines.append)

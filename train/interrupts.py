@@ -39,8 +39,7 @@ class StopRequests:
         if self.signals:
             raise stop_exception(signum)
         self.signals.append(signum)
-        self.say(f"{signal.Signals(signum).name}: stopping after the current step, with a checkpoint of it "
-                 f"(send it again to stop at once)")
+        self.say(f"{signal.Signals(signum).name}: stopping after the current step (send it again to stop at once)")
 
     @contextlib.contextmanager
     def installed(self):
