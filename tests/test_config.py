@@ -2,7 +2,7 @@
 import pytest
 
 from slm_jax.errors import UserError
-from train.config import Config, load_config, parse_override
+from train.config import Config, load_config, parse_override, read_yaml
 
 
 def test_named_config_inherits_and_overrides(tmp_path):
@@ -51,6 +51,17 @@ def test_bad_values_are_rejected_naming_the_key(override, message):
 def test_unknown_config_name_lists_the_known_ones():
     with pytest.raises(UserError, match="unknown config 'nope'.*tiny"):
         load_config("nope")
+
+
+def test_a_config_that_is_a_folder_or_not_utf8_is_one_user_error(tmp_path):
+    with pytest.raises(UserError, match=f"^config file {tmp_path} is a folder, not a YAML file$"):
+        load_config(str(tmp_path))
+    bad = tmp_path / "r.yaml"
+    bad.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UserError, match=r"^config .*r\.yaml is not UTF-8 text \(byte 0xff at offset 0\)"):
+        load_config(str(bad))
+    with pytest.raises(UserError, match=r"^rules file .*r\.yaml is not UTF-8 text"):
+        read_yaml(bad, "rules file")
 
 
 def test_exponent_floats_without_a_dot_are_floats():

@@ -153,12 +153,15 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 
 def read_yaml(path: Path, what: str = "config"):
-    """A YAML file's values; an unreadable file, invalid YAML or a repeated key in a mapping is a one-line
-    UserError naming `what` it is."""
+    """A YAML file's values; an unreadable file, bytes that are not UTF-8, invalid YAML or a repeated key in a
+    mapping is a one-line UserError naming `what` it is."""
     try:
         return yaml.load(Path(path).read_text(), Loader=UniqueKeyLoader)
     except OSError as err:
         raise UserError(f"cannot read {what} {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                        f"YAML files are read as UTF-8") from None
     except yaml.YAMLError as err:
         raise UserError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
 
@@ -178,7 +181,8 @@ def resolve_path(name: str) -> Path:
     path = Path(name)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
+            raise UserError(f"config file {path} " + ("is a folder, not a YAML file" if path.is_dir() else
+                                                      "does not exist"))
         return path
     path = CONFIG_DIR / f"{name}.yaml"
     if not path.is_file():
