@@ -8,7 +8,7 @@ import pytest
 
 from train.config import load_config
 from train.data import load_splits
-from train.evaluation import eval_windows, format_table, mean_loss, unigram_loss, val_text
+from train.evaluation import eval_windows, format_table, mean_loss, unigram_loss, val_text, val_text_key
 from train.loop import run_training
 
 
@@ -55,6 +55,26 @@ def test_the_loss_table_notes_runs_validated_on_different_text():
     mixed = format_table([described("a", hamlet), described("b", other)])
     assert mixed.splitlines()[-1] == ("note: these runs' validation text differs, so their losses measure different "
                                       f"text: a: {hamlet}; b: /data/mine.txt, 99 chars")
+
+
+def test_the_same_validation_text_at_another_path_or_tokenizer_is_the_same_text(tmp_path, corpus_file):
+    """The table compares what the runs read, not where it came from: a copy of the corpus elsewhere, or the same
+    text tokenized by BPE instead of bytes, gets no note; other text does."""
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(corpus_file.read_bytes())
+    other = tmp_path / "other.txt"
+    other.write_text(corpus_file.read_text().replace("fox", "cat"))
+    keys = {}
+    for name, path, tokenizer in (("a", corpus_file, ["data.tokenizer=byte"]), ("b", copy, ["data.tokenizer=byte"]),
+                                  ("c", copy, ["data.tokenizer=bpe", "data.vocab_size=300"]),
+                                  ("d", other, ["data.tokenizer=byte"])):
+        config = load_config("tiny", [f"data.path={path}", *tokenizer])
+        splits = load_splits(config.data)
+        keys[name] = {**row(name, "1 batch x 3 windows x 8 tokens"), "val_text": val_text(splits.description),
+                      "val_text_key": val_text_key(splits.val, splits.tokenizer)}
+    assert keys["a"]["val_text"] != keys["b"]["val_text"]  # the paths differ
+    assert "differs" not in format_table([keys["a"], keys["b"], keys["c"]])
+    assert "validation text differs" in format_table([keys["a"], keys["d"]])
 
 
 def test_training_eval_and_done_lines_say_their_windows(tmp_path, corpus_file):

@@ -3,6 +3,7 @@ for a serving run, how far its next-token distribution is from the parent it was
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 
 import jax
@@ -60,7 +61,8 @@ def evaluate_workdir(workdir: Path, batches: int, batch_size: int, data: DataCon
                      base: Path | None = None, step: int | None = None) -> dict:
     """Validation loss of any run in `workdir` on its own validation split, or on `data`'s (e.g. a fine-tuning
     target), tokenized by the run's own tokenizer: {'workdir', 'step', 'quant', 'loss', 'perplexity',
-    'bits_per_char' (None without text), 'param_bytes', 'val_windows' (`eval_windows`), 'val_text' (`val_text`)},
+    'bits_per_char' (None without text), 'param_bytes', 'val_windows' (`eval_windows`), 'val_text' (`val_text`),
+    'val_text_key' (`val_text_key`)},
     plus for a serving run that
     names the run it was converted from, `parent_comparison`'s 'kl_mean', 'kl_p99', 'top1' or 'kl_absent'. UserError
     if the loss is not finite (a NaN is never a result). `base`: where a LoRA run's base is now (`load_run`);
@@ -76,7 +78,7 @@ def evaluate_workdir(workdir: Path, batches: int, batch_size: int, data: DataCon
             **loss_summary(loss, splits.chars_per_token),
             "param_bytes": tree_bytes(run.variables)["total"],
             "val_windows": eval_windows(splits.val, batch_size, run.config.model.seq_len, batches),
-            "val_text": val_text(splits.description),
+            "val_text": val_text(splits.description), "val_text_key": val_text_key(splits.val, run.tokenizer),
             **parent_comparison(run, splits.val, batch_size, batches)}
 
 
@@ -126,11 +128,19 @@ def val_text(description: dict) -> str:
     return f"{description.get('source')}" + (f", plays {','.join(plays)}" if plays else "") + f", {size}"
 
 
+def val_text_key(val_tokens: np.ndarray, tokenizer) -> int:
+    """CRC-32 of a validation split's text, decoded by `tokenizer` (so the same text at another path, or under
+    another tokenizer, has the same key), or of its token ids when there is no text (pre-tokenized ids)."""
+    if tokenizer.kind == "none":
+        return zlib.crc32(np.ascontiguousarray(val_tokens).tobytes())
+    return zlib.crc32(tokenizer.decode(val_tokens).encode("utf-8", errors="surrogatepass"))
+
+
 def format_table(rows: list[dict]) -> str:
     """`evaluate_workdir` rows as an aligned text table, one line per run; KL mean / p99 and top-1 columns (vs the
     parent run) when any row has them; then the validation windows the losses average (one line when all runs used
     the same, else one per run), a note for each serving run whose parent was absent, and one when the runs'
-    validation text differs (`val_text`)."""
+    validation text differs (by `val_text_key` where rows have it, else `val_text`)."""
     kl = any("kl_mean" in r for r in rows)
     width = max(28, *(len(str(r["workdir"])) for r in rows))  # the longest workdir sets the first column
     header = (f"{'workdir':<{width}} {'step':>6} {'quant':>6} {'val loss':>9} {'ppl':>8} {'bits/char':>9} "
@@ -150,7 +160,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"val loss over {rows[0]['val_windows']} of each run's validation split")
     else:
         lines += [f"val loss of {r['workdir']} over {r['val_windows']}" for r in rows]
-    if len({r.get("val_text") for r in rows}) > 1:  # losses over different text: not a comparison
+    if len({r.get("val_text_key", r.get("val_text")) for r in rows}) > 1:  # different text: not a comparison
         notes.append("note: these runs' validation text differs, so their losses measure different text: "
                      + "; ".join(f"{r['workdir']}: {r.get('val_text') or 'unknown'}" for r in rows))
     if kl:
