@@ -102,7 +102,7 @@ def array_lines(arrays: list[ArrayInfo]) -> list[str]:
 
 def provenance_lines(metadata: dict) -> list[str]:
     """Where a serving run came from (`converted_from`, `converted_from_step`) and how it was quantized (`ptq`:
-    method, calibration, settings, seconds), when recorded."""
+    method, calibration, settings, seconds, and its note when it made one), when recorded."""
     lines = []
     if metadata.get("converted_from"):
         step = metadata.get("converted_from_step")
@@ -115,6 +115,8 @@ def provenance_lines(metadata: dict) -> list[str]:
         settings = "; ".join(f"{name} {values}" for name, values in (ptq.get("settings") or {}).items())
         took = f", {ptq['seconds']} s" if "seconds" in ptq else ""
         lines.append(f"ptq         method {ptq.get('method')}{used}{took}" + (f"; {settings}" if settings else ""))
+        if ptq.get("note"):  # e.g. GPTQ's rank-deficient calibration (quant.ptq_methods.gptq_rank_note)
+            lines.append(f"ptq note    {ptq['note'].removeprefix('note: ')}")
     return lines
 
 

@@ -135,9 +135,11 @@ def gptq_rank_note(model_cfg: ModelConfig, quant_cfg: QuantConfig, calib_tokens:
     if tokens >= width:
         return None
     layer = next(name for w, name in widths if w == width)  # the first in model order
-    return (f"note: GPTQ calibrates on {tokens:,} tokens, fewer than the {width:,} inputs of {layer}: its Hessian "
-            f"has rank at most {tokens:,} and the damping ({damp:g} of its mean diagonal) decides the rest; use more "
-            f"calibration tokens (--calib-batches, --calib-seq-len)")
+    rest = (f"the damping ({damp:g} of its mean diagonal) decides the rest" if damp > 0 else
+            "with no damping (--damp 0) it cannot be inverted")
+    return (f"note: GPTQ calibrates on {tokens:,} token{'s' if tokens != 1 else ''}, fewer than the {width:,} inputs "
+            f"of {layer}: its Hessian has rank at most {tokens:,} and {rest}; use more calibration tokens "
+            f"(--calib-batches, --calib-seq-len)")
 
 
 def apply_gptq(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, variables: dict,

@@ -68,6 +68,8 @@ def test_gptq_conversion_uses_seeded_training_windows_and_records_method_calibra
     shown = capsys.readouterr().out
     assert f"converted   from {float_run.resolve()} (step 12)" in shown
     assert "ptq         method gptq, calibrated on 4 x 16 train tokens (seed 3)" in shown
+    assert ptq["note"].startswith("note: GPTQ calibrates on 64 tokens, fewer than the ")  # tiny's MLP is wider
+    assert f"ptq note    {ptq['note'].removeprefix('note: ')}" in shown
 
 
 def test_rtn_stays_the_default_and_records_its_method(float_run, tmp_path):
