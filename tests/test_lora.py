@@ -185,6 +185,11 @@ def test_a_moved_base_is_found_with_base_and_checked_by_its_fingerprint(runs, tm
     with pytest.raises(SystemExit):  # another run at --base is refused by its fingerprint
         evaluate_main(["--workdir", str(lora), "--base", str(runs.root / "merged")])
     assert "use the base they were trained on" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a mistyped --base is refused, not silently unused
+        evaluate_main(["--workdir", str(lora), "--base", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert f"argument --base: {tmp_path / 'nowhere'} does not exist" in err[0]
 
 
 def test_merged_int4_model_stays_close_to_base_plus_adapters(runs):

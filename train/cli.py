@@ -105,9 +105,18 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(USER_ERROR_EXIT)
 
 
+def existing_folder(text: str) -> Path:
+    """argparse type: a path that is an existing folder (a mistyped one is refused, never silently unused)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} " + ("is not a folder" if path.exists() else "does not exist"))
+    return path
+
+
 def add_base_argument(parser: argparse.ArgumentParser) -> None:
-    """`--base DIR` (args.base, a Path or None) for commands that read LoRA runs: where a run's base is now."""
-    parser.add_argument("--base", type=Path, help="LoRA runs: the folder their base serving run is in now, if it "
+    """`--base DIR` (args.base, a Path or None) for commands that read LoRA runs: where a run's base is now. DIR
+    must exist, for any run (other runs do not read it)."""
+    parser.add_argument("--base", type=existing_folder, help="LoRA runs: the folder their base serving run is in now, if it "
                                                    "moved (its fingerprint must be the one the adapters recorded)")
 
 
