@@ -68,7 +68,8 @@ def runs(tmp_path_factory):
 
     save_serving_base(root / "base", tiny(target), INT4)
     lora_config = tiny(target, "finetune.method=lora", f"finetune.base={root / 'base'}", "finetune.lora_rank=4",
-                       "finetune.lora_targets=attn/(q|v)|mlp|lm_head", "train.steps=30", "train.learning_rate=1e-2", "checkpoint.every=30")
+                       "finetune.lora_targets=attn/(q|v)|mlp|lm_head", "train.steps=30", "train.learning_rate=1e-2",
+                       "checkpoint.every=30")
     summary = run_training(lora_config, root / "lora", **quiet)
     merged = merge_workdir(root / "lora", root / "merged", batches=2, batch_size=8, **quiet)
     return dataclasses.make_dataclass("Runs", ["root", "base", "lora", "config", "summary", "merged"])(

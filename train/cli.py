@@ -116,8 +116,9 @@ def existing_folder(text: str) -> Path:
 def add_base_argument(parser: argparse.ArgumentParser) -> None:
     """`--base DIR` (args.base, a Path or None) for commands that read LoRA runs: where a run's base is now. DIR
     must exist, for any run (other runs do not read it)."""
-    parser.add_argument("--base", type=existing_folder, help="LoRA runs: the folder their base serving run is in now, if it "
-                                                   "moved (its fingerprint must be the one the adapters recorded)")
+    parser.add_argument("--base", type=existing_folder,
+                        help="LoRA runs: the folder their base serving run is in now, if it moved (its fingerprint "
+                             "must be the one the adapters recorded)")
 
 
 def main_guard(fn):
