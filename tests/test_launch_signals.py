@@ -100,3 +100,14 @@ def test_a_process_left_running_is_killed_and_the_line_names_the_option(capsys, 
         child.kill()
         child.wait()
     assert capsys.readouterr().err.strip() == f"launch: {said}"
+
+
+def test_an_error_line_every_process_prints_alike_is_shown_once(capsys):
+    import io
+    import threading
+    from train.launch import _forward
+    lock, shown = threading.Lock(), set()
+    _forward(0, io.StringIO("loading\nerror: --set train.steps: must be positive\n"), lock, shown)
+    _forward(1, io.StringIO("loading\nerror: --set train.steps: must be positive\nerror: only here\n"), lock, shown)
+    assert capsys.readouterr().out.splitlines() == [
+        "[p0] loading", "[p0] error: --set train.steps: must be positive", "[p1] loading", "[p1] error: only here"]

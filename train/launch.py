@@ -46,10 +46,16 @@ def process_env(index: int, processes: int, devices: int, port: int, heartbeat_s
     return env
 
 
-def _forward(index: int, stream, lock: threading.Lock) -> None:
-    """Copy a child's output to ours line by line, each line prefixed with `[p<index>] `."""
+def _forward(index: int, stream, lock: threading.Lock, errors_shown: set[str] | None = None) -> None:
+    """Copy a child's output to ours line by line, each line prefixed with `[p<index>] `. An `error: ` line that
+    another process already printed word for word (`errors_shown`, shared by the forwarders) is not repeated: every
+    process refuses the same bad argument alike, and one line says it."""
     for line in iter(stream.readline, ""):
         with lock:
+            if errors_shown is not None and line.startswith("error: "):
+                if line in errors_shown:
+                    continue
+                errors_shown.add(line)
             sys.stdout.write(f"[p{index}] {line}")
             sys.stdout.flush()
     stream.close()
@@ -86,7 +92,7 @@ def launch(command: list[str], processes: int, devices: int, grace_s: float, hea
     get `grace_s` seconds to end on their own (JAX's heartbeat timeout ends them), then SIGKILL. SIGINT or SIGTERM
     to the launcher (from the main thread) is sent on to every running process, which get `stop_s` seconds to save
     and exit before SIGKILL; the launcher then returns 128 + that signal's number."""
-    port, lock = free_port(), threading.Lock()
+    port, lock, errors_shown = free_port(), threading.Lock(), set()
     children, threads, stop = [], [], []
     in_main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in STOP_SIGNALS} \
@@ -102,7 +108,8 @@ def launch(command: list[str], processes: int, devices: int, grace_s: float, hea
             children.append(child)
             _say(f"process {index} of {processes}: pid {child.pid}, {devices} CPU devices, coordinator "
                  f"127.0.0.1:{port}")
-            threads.append(threading.Thread(target=_forward, args=(index, child.stdout, lock), daemon=True))
+            threads.append(threading.Thread(target=_forward, args=(index, child.stdout, lock, errors_shown),
+                                            daemon=True))
             threads[-1].start()
         failed = None
         while any(c.poll() is None for c in children) and failed is None and not stop:
