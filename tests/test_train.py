@@ -78,13 +78,36 @@ def test_an_interrupt_saves_the_steps_since_the_last_checkpoint_and_the_run_resu
     assert not any(line.startswith("step     14/") for line in lines)
     assert "saved step 13 on the interrupt: the 3 step(s) trained since the last checkpoint" in lines
     assert lines[-1].startswith("interrupted after step 13: the latest checkpoint is step 13 in ")
-    assert "SIGINT: stopping after the current step (send it again to stop at once)" in capsys.readouterr().err
+    assert "SIGINT: stopping at the end of the current step (send it again to stop at once)" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is gone again
     lines.clear()
     run_training(config, tmp_path / "cut", log=lines.append)
     assert any(str(line).startswith("resuming from step 13 ") for line in lines), lines
     resumed = train_losses(tmp_path / "cut")
     assert [resumed[s] for s in range(1, 21)] == [uninterrupted[s] for s in range(1, 21)]
+
+
+def test_a_stop_that_cuts_an_evaluation_short_saves_no_step_it_would_skip(tmp_path, corpus_file, monkeypatch):
+    """A second signal raising inside the evaluation at step 10: saving step 10 would make the resume skip that
+    evaluation for good, so the run keeps its last checkpoint (none yet) and says why."""
+    import train.loop
+    real = train.loop.mean_loss
+    calls = []
+
+    def cut_short(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train.loop, "mean_loss", cut_short)
+    lines = []
+    config = tiny(corpus_file, "train.steps=20", "train.eval_every=10", "checkpoint.every=100", "train.sample_tokens=0")
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config, tmp_path, log=lines.append)
+    assert "not saving the steps since the last checkpoint: a second signal stopped the records or evaluation of " \
+           "step 10 midway" in lines
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
 
 
 def test_a_signal_during_the_final_validation_lets_the_run_finish_its_summary(tmp_path, corpus_file):

@@ -29,7 +29,8 @@ def stop_exception(signum: int) -> KeyboardInterrupt:
 class StopRequests:
     """While `installed()` (in the main thread; elsewhere nothing changes), SIGINT and SIGTERM are recorded, not
     raised: `check()` raises the first one's exception at a point of the caller's choosing. A second signal raises
-    at once."""
+    at once. One instance, STOP, serves the process: `python -m train.main` installs it before its imports load, so
+    a signal during start-up is recorded too, and the training loop's own `installed()` then keeps what it holds."""
 
     def __init__(self, say=None):
         self.signals: list[int] = []
@@ -39,13 +40,28 @@ class StopRequests:
         if self.signals:
             raise stop_exception(signum)
         self.signals.append(signum)
-        self.say(f"{signal.Signals(signum).name}: stopping after the current step (send it again to stop at once)")
+        self.say(f"{signal.Signals(signum).name}: stopping at the end of the current step (send it again to stop "
+                 f"at once)")
+
+    def active(self) -> bool:
+        """Whether this instance's handler is the one in place for SIGINT."""
+        return signal.getsignal(signal.SIGINT) == self._handle
+
+    def install(self) -> None:
+        """Install the handlers for good (a command's main thread, as early as it can)."""
+        if threading.current_thread() is threading.main_thread():
+            self.signals.clear()
+            for sig in INTERRUPTS:
+                signal.signal(sig, self._handle)
 
     @contextlib.contextmanager
     def installed(self):
-        if threading.current_thread() is not threading.main_thread():
+        """The handlers for the block, then the previous ones again; nested in an active install (`active`), the
+        block changes nothing and keeps the signals recorded before it."""
+        if threading.current_thread() is not threading.main_thread() or self.active():
             yield self
             return
+        self.signals.clear()
         previous = {sig: signal.signal(sig, self._handle) for sig in INTERRUPTS}
         try:
             yield self
@@ -57,6 +73,9 @@ class StopRequests:
         """Raise the first recorded signal's exception (`stop_exception`), if any."""
         if self.signals:
             raise stop_exception(self.signals[0])
+
+
+STOP = StopRequests()
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from slm_jax.sampling import generate
 from train.config import Config, save_yaml
 from train.data import batch_starts, check_splits, load_splits, windows
 from train.evaluation import eval_windows, format_bits_per_char, loss_summary, mean_loss, unigram_loss
-from train.interrupts import StopRequests, signals_held
+from train.interrupts import STOP, signals_held
 from train.metrics import MetricsLog, Throughput, format_duration
 from train.observe import StepProfiler, TensorBoardLog
 from train.optim import learning_rate_schedule
@@ -172,7 +172,8 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
         boundary (`StopRequests`), where the state is step `done` and its records are written. Not in a
         multi-process run (its processes may stand at different steps when the signal reaches each), nor after a
         second signal that landed mid-step (the state then may be a step ahead of its records, or deleted by
-        donation), nor for a non-finite state: each is said in one line."""
+        donation) or cut its training record or evaluation short (a resume from it would skip them), nor for a
+        non-finite state: each is said in one line."""
         reason = None
         if jax.process_count() > 1:
             reason = "a multi-process run keeps its last checkpoint"
@@ -181,6 +182,9 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
             reason = f"a second signal stopped step {done + 1} midway"
         elif done == (saved if saved is not None else start):
             return done
+        elif evaluating or (written != done and (done % cfg.log_every == 0 or done == cfg.steps)):
+            reason = f"a second signal stopped the records or evaluation of step {done} midway"  # a resume would
+            # skip them
         elif not bool(state_finite(state)):
             reason = "the state is not finite"
         if reason:
@@ -208,7 +212,7 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     last_good = store.latest_step()
     profiler = StepProfiler(workdir / "profile", profile_steps, start + 1, log) if profile_steps and primary else None
     done, skipped = start, 0
-    stop = StopRequests()
+    stop, written, evaluating = STOP, start, False  # written: the last step whose training record was written
     try:
         with stop.installed():  # a first Ctrl-C or SIGTERM stops at the next step boundary, a second at once
             for step in range(start, cfg.steps):
@@ -240,14 +244,17 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
                     record = {"step": done, "loss": loss, "lr": float(metrics["lr"]),
                               "grad_norm": float(metrics["grad_norm"]), **scaling, **rates}
                     metrics_log.write(**record)
+                    written = done
                     log(f"step {done:>6}/{cfg.steps} | loss {loss:.4f} | lr {record['lr']:.2e}"
                         + (f" | loss scale {scaling['loss_scale']:g}, {skipped} skipped" if fp16 else "")
                         + (f" | {rates['tokens_per_s']:,.0f} tok/s | {rates['ms_per_step']:.1f} ms/step | "
                            f"ETA {format_duration(rates['eta_s'])}" if rates else ""))
                     skipped = 0
                 if done % cfg.eval_every == 0 and done != cfg.steps:
+                    evaluating = True
                     val = validate()
                     metrics_log.write(step=done, val_loss=val["loss"], val_perplexity=val["perplexity"])
+                    evaluating = False
                     log(f"eval   {done:>6} | val loss {val['loss']:.4f} | perplexity {val['perplexity']:.2f} | "
                         f"over {val_windows}")
                     note_no_learning(val["loss"], done)

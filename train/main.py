@@ -1,12 +1,15 @@
 """`python -m train.main --config NAME [--set section.key=value ...] [--workdir DIR]`: train (or resume) a model."""
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below load JAX: a Ctrl-C meanwhile is recorded, never lost in a
+    from train.interrupts import STOP  # callback (see train.interrupts)
+    STOP.install()
+
 import argparse
 import contextlib
 import shutil
 import signal
 import sys
-import threading
 from pathlib import Path
 
 import jax
@@ -17,7 +20,7 @@ from train.cli import ArgumentParser, main_guard, positive_int, require_one_proc
 from train.config import load_config, read_yaml, resolve_path
 from train.cpu_devices import MAX_AUTO_DEVICES, gains_from_split, split_cpu_host, step_flops, usable_cores
 from train.evaluation import evaluate_workdir, format_table
-from train.interrupts import Terminated
+from train.interrupts import STOP, Terminated
 from train.loop import run_training
 from train.ptq import convert_workdir
 from train.run import open_store
@@ -37,22 +40,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _terminate(number, frame):
-    raise Terminated()
-
-
 @main_guard
 def main(argv=None):
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
+    """A first Ctrl-C or SIGTERM is recorded (train.interrupts.STOP) and acted on at a step boundary of training, or
+    when the command's work is done; a second stops at once. Exit 130 for Ctrl-C, 143 for SIGTERM."""
     try:
-        train(argv)
+        with STOP.installed():
+            train(argv)
+            STOP.check()  # a stop asked for during work that has no step boundary (a conversion, start-up)
     except Terminated:
         print("terminated", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
-    finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def train(argv=None):
