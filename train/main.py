@@ -1,9 +1,10 @@
 """`python -m train.main --config NAME [--set section.key=value ...] [--workdir DIR]`: train (or resume) a model."""
 from __future__ import annotations
 
+from train.interrupts import STOP, Terminated  # standard library only
+
 if __name__ == "__main__":  # before the imports below load JAX: a Ctrl-C meanwhile is recorded, never lost in a
-    from train.interrupts import STOP  # callback (see train.interrupts)
-    STOP.install()
+    STOP.install()  # callback (see train.interrupts)
 
 import argparse
 import contextlib
@@ -20,7 +21,6 @@ from train.cli import ArgumentParser, main_guard, positive_int, require_one_proc
 from train.config import load_config, read_yaml, resolve_path
 from train.cpu_devices import MAX_AUTO_DEVICES, gains_from_split, split_cpu_host, step_flops, usable_cores
 from train.evaluation import evaluate_workdir, format_table
-from train.interrupts import STOP, Terminated
 from train.loop import run_training
 from train.ptq import convert_workdir
 from train.run import open_store
