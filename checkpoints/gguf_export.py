@@ -12,7 +12,7 @@ from pathlib import Path
 from checkpoints.gguf import check_exportable, check_kind, export_type, gguf_tensors, write_gguf
 from checkpoints.gguf_vocab import Vocab, bpe_vocab, byte_vocab, pad_vocab
 from slm_jax.errors import UserError
-from train.cli import ArgumentParser, main_guard, require_one_process
+from train.cli import ArgumentParser, main_guard, require_one_process, path_arg
 from train.run import check_out_parent, imported_token_ids, load_run, open_store, tokenizer_of
 
 
@@ -69,8 +69,8 @@ def main(argv=None) -> None:
         description="Write a run as a GGUF file for llama.cpp. Float, imported and QAT runs: f32/f16/bf16, or "
                     "q8_0/q4_0 quantized by gguf's own quantizer (layers a QAT run keeps float stay F16). Serving "
                     "runs in a ggml scheme: their stored Q8_0/Q4_0 blocks, unchanged.")
-    parser.add_argument("--workdir", type=Path, required=True, help="the run to export")
-    parser.add_argument("--out", type=Path, required=True, help="the .gguf file to write")
+    parser.add_argument("--workdir", type=path_arg, required=True, help="the run to export")
+    parser.add_argument("--out", type=path_arg, required=True, help="the .gguf file to write")
     parser.add_argument("--type", dest="type", help="f32 | f16 | bf16 | q8_0 | q4_0 (default: the run's ggml scheme, "
                                                     "else f16)")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ import numpy as np
 
 from slm_jax.errors import UserError
 from train.bench.serving import decode_speed
-from train.cli import ArgumentParser, main_guard
+from train.cli import ArgumentParser, main_guard, path_arg
 from train.data import eval_batches, load_splits
 from train.run import load_run
 
@@ -45,8 +45,8 @@ def reference(workdir: Path, windows: int, new_tokens: int) -> dict[str, np.ndar
 @main_guard
 def main(argv=None) -> None:
     parser = ArgumentParser(prog="python -m checkpoints.gguf_reference", description=__doc__)
-    parser.add_argument("--workdir", type=Path, required=True, help="the run the GGUF files were exported from")
-    parser.add_argument("--out", type=Path, required=True, help="the .npz file to write")
+    parser.add_argument("--workdir", type=path_arg, required=True, help="the run the GGUF files were exported from")
+    parser.add_argument("--out", type=path_arg, required=True, help="the .npz file to write")
     parser.add_argument("--windows", type=int, default=64, help="validation windows of seq_len tokens")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded when timing slm-jax")
     args = parser.parse_args(argv)

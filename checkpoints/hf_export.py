@@ -16,7 +16,7 @@ from pathlib import Path
 from checkpoints.hf import EXPORT_DTYPES, hf_config, write_safetensors
 from quant.lora_merge import merged_float_params
 from slm_jax.errors import UserError
-from train.cli import ArgumentParser, add_base_argument, main_guard, require_one_process
+from train.cli import ArgumentParser, add_base_argument, main_guard, require_one_process, path_arg
 from train.run import check_output_folder, imported_token_ids, load_run
 from train.tokenizer import save_tokenizer
 
@@ -67,8 +67,8 @@ def export_run(workdir: Path, out: Path, dtype: str = "bf16", log=print, base: P
 @main_guard
 def main(argv=None):
     parser = ArgumentParser(prog="python -m checkpoints.hf_export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, required=True, help="a float, QAT, serving, LoRA or imported run")
-    parser.add_argument("--out", type=Path, required=True, help="the new Hugging Face folder")
+    parser.add_argument("--workdir", type=path_arg, required=True, help="a float, QAT, serving, LoRA or imported run")
+    parser.add_argument("--out", type=path_arg, required=True, help="the new Hugging Face folder")
     parser.add_argument("--dtype", default="bf16", choices=tuple(EXPORT_DTYPES), help="dtype of the weights")
     add_base_argument(parser)
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ from pathlib import Path
 from checkpoints.hf import TOKEN_IDS, model_config, read_config, read_params
 from checkpoints.manager import CheckpointStore, build_metadata, param_count
 from slm_jax.errors import UserError
-from train.cli import ArgumentParser, main_guard, positive_int, require_one_process
+from train.cli import ArgumentParser, main_guard, positive_int, require_one_process, path_arg
 from train.config import Config, check_consistency, save_yaml
 from train.data import DataConfig
 from train.run import check_output_folder, new_run_folder
@@ -59,8 +59,8 @@ def import_folder(folder: Path, out: Path, seq_len: int | None = None, log=print
 @main_guard
 def main(argv=None):
     parser = ArgumentParser(prog="python -m checkpoints.hf_import", description=__doc__.split("\n\n")[0])
-    parser.add_argument("hf_dir", type=Path, help="a local Hugging Face model folder of the Llama architecture")
-    parser.add_argument("--out", type=Path, required=True, help="the new run's folder, e.g. runs/smollm2")
+    parser.add_argument("hf_dir", type=path_arg, help="a local Hugging Face model folder of the Llama architecture")
+    parser.add_argument("--out", type=path_arg, required=True, help="the new run's folder, e.g. runs/smollm2")
     parser.add_argument("--seq-len", type=positive_int,
                         help="training window (default: min(max_position_embeddings, 512))")
     args = parser.parse_args(argv)

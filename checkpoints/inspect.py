@@ -12,7 +12,7 @@ from pathlib import Path
 
 from checkpoints.manager import ArrayInfo, CheckpointStore
 from slm_jax.errors import UserError
-from train.cli import ArgumentParser, main_guard, non_negative_int
+from train.cli import ArgumentParser, main_guard, non_negative_int, path_arg
 
 # The config keys worth a line each; a section not listed here is summarised in full.
 SUMMARY_KEYS = {
@@ -24,7 +24,7 @@ SUMMARY_KEYS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m checkpoints.inspect", description=__doc__)
-    parser.add_argument("dir", type=Path, help="a workdir, its checkpoints/ folder, or one step folder in it")
+    parser.add_argument("dir", type=path_arg, help="a workdir, its checkpoints/ folder, or one step folder in it")
     parser.add_argument("--step", type=non_negative_int, help="which step (default: the latest)")
     parser.add_argument("--verify", action="store_true",
                         help="read every array and check it against the CRC-32 recorded at save")

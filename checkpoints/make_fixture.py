@@ -13,7 +13,7 @@ from checkpoints.manager import CheckpointStore
 from checkpoints.versioning import FORMAT_VERSION
 from slm_jax.errors import UserError
 from train.build import abstract_state, build_model
-from train.cli import ArgumentParser, main_guard
+from train.cli import ArgumentParser, main_guard, path_arg
 from train.config import load_config
 from train.loop import run_training
 
@@ -70,7 +70,7 @@ def make_fixture(version: int, out: Path, log=print) -> None:
 def main(argv=None):
     parser = ArgumentParser(prog="python -m checkpoints.make_fixture", description=__doc__)
     parser.add_argument("--version", type=int, default=FORMAT_VERSION, help="checkpoint format to write")
-    parser.add_argument("--out", type=Path, required=True, help="a new folder, e.g. tests/fixtures/v2_tiny")
+    parser.add_argument("--out", type=path_arg, required=True, help="a new folder, e.g. tests/fixtures/v2_tiny")
     args = parser.parse_args(argv)
     make_fixture(args.version, args.out)
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
 from quant.awq import AWQSettings
 from quant.gptq import GPTQSettings
 from quant.ptq_methods import METHODS, PTQSettings
 from slm_jax.errors import UserError
-from train.cli import (ArgumentParser, add_scheme_args, main_guard, non_negative_float, non_negative_int, positive_int,
-                       require_one_process, scheme_from_args)
+from train.cli import (ArgumentParser, add_scheme_args, main_guard, non_negative_float, non_negative_int, path_arg,
+                       positive_int, require_one_process, scheme_from_args)
 from train.evaluation import evaluate_workdir, format_table
 from train.ptq import Calibration, convert_workdir
 
@@ -61,8 +60,8 @@ def main(argv=None) -> None:
         prog="python -m quant.convert",
         description="Post-training quantization: convert a float or QAT run into a serving run whose weights "
                     "are stored only as int8/int4 values and scales.")
-    parser.add_argument("--workdir", type=Path, required=True, help="the float or QAT run to convert")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the serving run")
+    parser.add_argument("--workdir", type=path_arg, required=True, help="the float or QAT run to convert")
+    parser.add_argument("--out", type=path_arg, required=True, help="folder for the serving run")
     add_scheme_args(parser)
     add_method_args(parser)
     args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ from checkpoints.manager import tree_bytes
 from quant.lora import split_adapters
 from quant.lora_merge import format_rows, logits_error, merge_adapters
 from train.build import build_model
-from train.cli import ArgumentParser, add_base_argument, main_guard, positive_int, require_one_process
+from train.cli import ArgumentParser, add_base_argument, main_guard, positive_int, require_one_process, path_arg
 from train.config import FinetuneConfig
 from train.data import eval_batches, load_splits
 from train.evaluation import eval_windows, mean_loss
@@ -70,8 +70,8 @@ def _merge(workdir: Path, out: Path, folder: Path, batches: int, batch_size: int
 @main_guard
 def main(argv=None):
     parser = ArgumentParser(prog="python -m quant.merge", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, required=True, help="a LoRA run (finetune.method=lora)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the merged serving run")
+    parser.add_argument("--workdir", type=path_arg, required=True, help="a LoRA run (finetune.method=lora)")
+    parser.add_argument("--out", type=path_arg, required=True, help="folder for the merged serving run")
     parser.add_argument("--batches", type=positive_int, default=20, help="validation batches for the loss comparison")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     add_base_argument(parser)

@@ -17,7 +17,7 @@ from quant.plan import path_str
 from quant.serving import quantized_weights
 from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
-from train.cli import (ArgumentParser, add_scheme_args, int_in, main_guard, positive_int, require_one_process,
+from train.cli import (ArgumentParser, add_scheme_args, int_in, main_guard, positive_int, require_one_process, path_arg,
                        scheme_from_args)
 from train.data import eval_batches, load_splits
 from train.ptq import serving_quant_config
@@ -105,7 +105,7 @@ def main(argv=None) -> None:
         description="Per quantized layer: bits, granularity, weight scale range, clipped share, the quantization "
                     "error of its weights and of its output on a batch of validation text, and the KL divergence "
                     "of the model with only that layer quantized from the float model.")
-    parser.add_argument("--workdir", type=Path, required=True,
+    parser.add_argument("--workdir", type=path_arg, required=True,
                         help="a QAT run, a float run (with --bits), or a serving run converted from one")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="sequences of validation text to measure on")
     parser.add_argument("--kl-windows", type=int_in(0), default=4,

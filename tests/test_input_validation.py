@@ -144,3 +144,23 @@ def test_inspect_refuses_a_negative_step_at_parse_time(tmp_path, capsys):
     assert exited.value.code == 2
     assert capsys.readouterr().err.splitlines() == ["error: python -m checkpoints.inspect: argument --step: must be an "
                                                     "integer >= 0, got -1 (--help shows the usage)"]
+
+
+@pytest.mark.parametrize("main, argv", [
+    ("train.main", ["--config", "tiny", "--workdir", ""]),
+    ("quant.convert", ["--workdir", "runs/x", "--out", ""]),
+    ("quant.merge", ["--workdir", "runs/x", "--out", " "]),
+    ("checkpoints.hf_export", ["--workdir", "runs/x", "--out", ""]),
+    ("checkpoints.gguf_export", ["--workdir", "runs/x", "--out", ""]),
+    ("checkpoints.hf_import", ["hf/x", "--out", ""]),
+    ("train.generate", ["--workdir", ""]),
+    ("train.evaluate", ["--workdir", ""]),
+    ("checkpoints.inspect", [""]),
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(main, argv, capsys):
+    import importlib
+    module = importlib.import_module(main)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "expected a path, got " in err[0], err

@@ -105,9 +105,17 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(USER_ERROR_EXIT)
 
 
+def path_arg(text: str) -> Path:
+    """argparse type: a file or folder path; an empty one is refused (Path("") would silently mean the current
+    folder, e.g. `--out ''` writing into it)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return Path(text)
+
+
 def existing_folder(text: str) -> Path:
     """argparse type: a path that is an existing folder (a mistyped one is refused, never silently unused)."""
-    path = Path(text)
+    path = path_arg(text)
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} " + ("is not a folder" if path.exists() else "does not exist"))
     return path
@@ -193,7 +201,7 @@ def add_scheme_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scale-dtype", choices=SCALE_DTYPES,
                        help="dtype of the stored weight scales (default: bfloat16 for 4 bits or fewer, as ptq_int4 "
                             "and int4_qat; float32 otherwise, as ptq_int8; float16 with a ggml --scheme)")
-    group.add_argument("--rules", type=Path, help="YAML file with a list of per-layer rules (or a `rules:` key), "
+    group.add_argument("--rules", type=path_arg, help="YAML file with a list of per-layer rules (or a `rules:` key), "
                                                   "e.g. [{match: lm_head, weight_bits: null}]")
 
 

@@ -4,15 +4,15 @@ perplexity and bits per character; several workdirs give a side-by-side table.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from train.cli import ArgumentParser, add_base_argument, main_guard, non_negative_int, positive_int, require_one_process
+from train.cli import (ArgumentParser, add_base_argument, main_guard, non_negative_int, path_arg, positive_int,
+                       require_one_process)
 from train.evaluation import evaluate_workdir, format_table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m train.evaluate", description=__doc__)
-    parser.add_argument("--workdir", type=Path, action="append", required=True, help="repeat to compare runs")
+    parser.add_argument("--workdir", type=path_arg, action="append", required=True, help="repeat to compare runs")
     parser.add_argument("--batches", type=positive_int, default=50, help="validation batches per run")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="windows per validation batch")
     parser.add_argument("--step", type=non_negative_int,

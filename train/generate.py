@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 from slm_jax.attention import KVCache
 from slm_jax.errors import UserError
 from slm_jax.sampling import cache_size
-from train.cli import (ArgumentParser, add_base_argument, main_guard, non_negative_float, non_negative_int,
+from train.cli import (ArgumentParser, add_base_argument, main_guard, non_negative_float, non_negative_int, path_arg,
                        positive_int, require_one_process)
 from train.config import PRECISIONS
 from train.loop import sample_text
@@ -27,7 +26,7 @@ from train.run import load_run, run_kind, served_run
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m train.generate", description=__doc__)
-    parser.add_argument("--workdir", type=Path, required=True, help="the run to sample from (any kind)")
+    parser.add_argument("--workdir", type=path_arg, required=True, help="the run to sample from (any kind)")
     parser.add_argument("--prompt", default="ROMEO:", help="text to continue (its tokenizer's special tokens added)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to sample after the prompt")
     parser.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy")

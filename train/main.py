@@ -17,7 +17,7 @@ import jax
 
 from checkpoints.lock import LOCK_NAME, lock_workdir
 from slm_jax.errors import UserError
-from train.cli import ArgumentParser, main_guard, positive_int, require_one_process
+from train.cli import ArgumentParser, main_guard, positive_int, require_one_process, path_arg
 from train.config import load_config, read_yaml, resolve_path
 from train.cpu_devices import MAX_AUTO_DEVICES, gains_from_split, split_cpu_host, step_flops, usable_cores
 from train.evaluation import evaluate_workdir, format_table
@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a name in configs/ (tiny, baseline, int8_qat, ...) or a YAML path")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field (repeatable), e.g. --set train.steps=200")
-    parser.add_argument("--workdir", type=Path, help="output folder (default runs/<config name>/)")
+    parser.add_argument("--workdir", type=path_arg, help="output folder (default runs/<config name>/)")
     parser.add_argument("--profile", type=positive_int, metavar="N",
                         help="write a jax.profiler trace of N training steps, after the first compiled one, to "
                              "<workdir>/profile (view with TensorBoard's profile plugin or XProf)")

@@ -19,7 +19,7 @@ from train.bench import finetune, ptq, quality, report, serving, speed, torch_re
 from train.bench.common import Progress, describe_machine, device_name, git_revision
 from train.bench.profiles import PROFILES, Profile
 from train.bench.trust import SectionLoad, busy_reasons, busy_warning
-from train.cli import ArgumentParser, main_guard
+from train.cli import ArgumentParser, main_guard, path_arg
 from train.cpu_devices import MAX_AUTO_DEVICES, split_cpu_host, usable_cores
 from train.sharding import MeshConfig
 
@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a smaller run: about 6 minutes on a 2-core CPU")
     size.add_argument("--micro", action="store_true", help="about a minute: every section once on a tiny model, for tests")
-    parser.add_argument("--out", type=Path, help="output folder (default runs/bench/<device>[-quick|-micro])")
+    parser.add_argument("--out", type=path_arg, help="output folder (default runs/bench/<device>[-quick|-micro])")
     return parser.parse_args(argv)
 
 
