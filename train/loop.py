@@ -195,17 +195,20 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
         log(f"saved step {done} on the interrupt: the {done - (saved or 0)} step(s) trained since {since}")
         return done
 
-    unigram = unigram_loss(splits.train, splits.val, config.model.vocab_size)
-    noted = []
+    noted, unigram = [], []  # the unigram loss is a pass over the training split: made once, when first needed
 
     def note_no_learning(val_loss: float, step: int) -> None:
         """Say once, from half the run on (earlier, a model learning well may still be behind them), that the
         validation loss is no better than token frequencies alone."""
-        if not noted and step >= max(cfg.warmup_steps, cfg.steps / 2) and val_loss >= unigram:
+        if noted or step < max(cfg.warmup_steps, cfg.steps / 2):
+            return
+        if not unigram:
+            unigram.append(unigram_loss(splits.train, splits.val, config.model.vocab_size))
+        if val_loss >= unigram[0]:
             noted.append(step)
             log(f"note: val loss {val_loss:.4f} at step {step} is no better than the training split's token "
-                f"frequencies alone (unigram model: {unigram:.4f}): the model has learned no context or has collapsed; "
-                f"try a lower train.learning_rate or more steps")
+                f"frequencies alone (unigram model: {unigram[0]:.4f}): the model has learned no context or has "
+                f"collapsed; try a lower train.learning_rate or more steps")
 
     speed = Throughput(cfg.batch_size * cfg.grad_accum * seq_len, cfg.steps)
     wall_start = time.perf_counter()
