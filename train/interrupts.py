@@ -21,6 +21,16 @@ class Terminated(KeyboardInterrupt):
     same way (train.main turns it into exit code 143)."""
 
 
+def _swap_handlers(handler) -> dict:
+    """Put `handler` in place for SIGINT and SIGTERM; returns the handlers it replaced (for `_restore_handlers`)."""
+    return {sig: signal.signal(sig, handler) for sig in INTERRUPTS}
+
+
+def _restore_handlers(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 def stop_exception(signum: int) -> KeyboardInterrupt:
     """The exception a stop by signal `signum` raises: Terminated for SIGTERM, else KeyboardInterrupt."""
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
@@ -51,8 +61,7 @@ class StopRequests:
         """Install the handlers for good (a command's main thread, as early as it can)."""
         if threading.current_thread() is threading.main_thread():
             self.signals.clear()
-            for sig in INTERRUPTS:
-                signal.signal(sig, self._handle)
+            _swap_handlers(self._handle)
 
     @contextlib.contextmanager
     def installed(self):
@@ -62,12 +71,11 @@ class StopRequests:
             yield self
             return
         self.signals.clear()
-        previous = {sig: signal.signal(sig, self._handle) for sig in INTERRUPTS}
+        previous = _swap_handlers(self._handle)
         try:
             yield self
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            _restore_handlers(previous)
 
     def check(self) -> None:
         """Raise the first recorded signal's exception (`stop_exception`), if any."""
@@ -87,11 +95,10 @@ def signals_held(deliver: bool = True):
         yield
         return
     caught = []
-    previous = {sig: signal.signal(sig, lambda number, frame: caught.append(number)) for sig in INTERRUPTS}
+    previous = _swap_handlers(lambda number, frame: caught.append(number))
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        _restore_handlers(previous)
         for sig in dict.fromkeys(caught) if deliver else ():
             signal.raise_signal(sig)
