@@ -8,6 +8,7 @@ The folder is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -56,6 +57,8 @@ def export_run(workdir: Path, out: Path, dtype: str = "bf16", log=print, base: P
         try:
             tmp.rename(final)  # replaces an empty folder: rename(2) refuses one that gained files meanwhile
         except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise  # any other failure is main_guard's one line naming the path
             raise UserError(f"--out {out} is no longer empty: {err.strerror}; the export was not written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
