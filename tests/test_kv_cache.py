@@ -18,7 +18,7 @@ CFG = ModelConfig(vocab_size=256, seq_len=16, n_layers=2, n_heads=4, n_kv_heads=
 
 def test_int8_cache_layout_and_bytes():
     cache = KVCache.init(CFG, 3, jnp.bfloat16, bits=8)
-    values, scales = (3, 16, 2, 16), (3, 16, 2, 1)
+    values, scales = (3, 2, 16, 16), (3, 2, 16, 1)  # [batch, kv_heads, slots, head_dim]
     chex.assert_shape(cache.k + cache.v, values)
     chex.assert_shape(cache.k_scale + cache.v_scale, scales)
     chex.assert_type(cache.k + cache.v, jnp.int8)

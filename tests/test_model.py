@@ -77,7 +77,7 @@ def test_kv_cache_decoding_equals_full_forward(prefill):
     x = tokens()
     full, _ = model.apply(params, x)
     cache = KVCache.init(CFG, 2)
-    chex.assert_shape(cache.k[0], (2, 16, 2, 8))
+    chex.assert_shape(cache.k[0], (2, 2, 16, 8))
     out, cache = model.apply(params, x[:, :prefill], cache=cache)
     outs = [out]
     for t in range(prefill, 16):

@@ -32,7 +32,7 @@ def test_head_size_sets_the_attention_width_apart_from_d_model():
     chex.assert_shape(attn["q"]["kernel"], (32, 48))
     chex.assert_shape(attn["k"]["kernel"], (32, 24))
     chex.assert_shape(attn["o"]["kernel"], (48, 32))
-    chex.assert_shape(KVCache.init(cfg, 2).k[0], (2, 8, 2, 12))
+    chex.assert_shape(KVCache.init(cfg, 2).k[0], (2, 2, 8, 12))
     logits, _ = jax.jit(model.apply)(variables, jnp.zeros((2, 8), jnp.int32))
     chex.assert_shape(logits, (2, 8, 256))
     assert ModelConfig(d_model=30, n_heads=4, head_size=8).head_dim == 8  # n_heads need not divide d_model

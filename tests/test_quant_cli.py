@@ -12,6 +12,7 @@ from quant.config import QuantConfig
 from quant.convert import main as convert_main
 from quant.report import main as report_main
 from quant.serving import quantized_weights
+from slm_jax.attention import serving_cache_dtype
 from slm_jax.errors import UserError
 from train.cli import add_scheme_args, scheme_from_args
 from train.config import load_config
@@ -176,10 +177,13 @@ def test_generate_and_evaluate_read_qat_serving_and_float_runs(runs, capsys, tmp
         cache_lines[flags] = capsys.readouterr().out.splitlines()[0]
     served = load_run(tmp_path / "served").config.model
     slots = min(served.context, len("SPEAKER1:") + 24)  # the cache holds at most the context
-    float_bytes = 2 * served.n_layers * slots * served.kv_heads * served.head_dim * 2  # k, v in bfloat16
-    int8_bytes = 2 * served.n_layers * slots * served.kv_heads * (served.head_dim + 2)  # int8 + a bfloat16 scale
-    assert cache_lines[()] == f"[KV cache: bfloat16, {slots} slots x 1 sample(s), {float_bytes:,} bytes]"
-    assert cache_lines[("--kv-bits", "8")] == f"[KV cache: int8, {slots} slots x 1 sample(s), {int8_bytes:,} bytes]"
+    held = jnp.dtype(serving_cache_dtype(jnp.bfloat16))  # float32 on CPU, where XLA has no bfloat16 arithmetic
+    float_bytes = 2 * served.n_layers * slots * served.kv_heads * served.head_dim * held.itemsize  # k, v
+    int8_bytes = 2 * served.n_layers * slots * served.kv_heads * (served.head_dim + held.itemsize)  # int8 + a scale
+    assert cache_lines[()] == (f"[KV cache: {held.name} (compute bfloat16), {slots} slots x 1 sample(s), "
+                               f"{float_bytes:,} bytes]")
+    assert cache_lines[("--kv-bits", "8")] == (f"[KV cache: int8 with {held.name} scales (compute bfloat16), {slots} "
+                                               f"slots x 1 sample(s), {int8_bytes:,} bytes]")
     evaluate_main(["--workdir", str(runs / "float"), "--workdir", str(runs / "qat"), "--workdir",
                    str(tmp_path / "served"), "--batches", "2", "--batch-size", "4"])
     table = capsys.readouterr().out.splitlines()
@@ -243,7 +247,7 @@ def test_serving_numerics_are_chosen_when_serving_not_by_converting_again(runs, 
     np.testing.assert_allclose(np.asarray(bf16.model.apply(bf16.variables, tokens)[0], np.float32), logits["fake"],
                                atol=0.05 * spread)
     generate_main(["--workdir", str(tmp_path / "int4"), "--max-new-tokens", "8", "--precision", "bf16", "--verbose"])
-    assert "[KV cache: bfloat16," in capsys.readouterr().out
+    assert "(compute bfloat16)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as stop:
         generate_main(["--workdir", str(tmp_path / "int4"), "--max-new-tokens", "8", "--numerics", "fake",
                        "--per-channel-int8"])

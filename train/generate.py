@@ -14,7 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from slm_jax.attention import KVCache
+from slm_jax.attention import KVCache, serving_cache_dtype
 from slm_jax.errors import UserError
 from slm_jax.sampling import cache_size
 from train.cli import (ArgumentParser, add_base_argument, main_guard, non_negative_float, non_negative_int, path_arg,
@@ -73,8 +73,10 @@ def main(argv=None):
         print(f"[prompt: {prompt_len} tokens; the model sees its last {seq_len} (its context)]")
     if args.verbose:
         size = cache_size(run.model, min(prompt_len or 1, seq_len), args.max_new_tokens)
-        cache = jax.eval_shape(lambda: KVCache.init(run.config.model, args.num_samples, run.model.dtype, size, kv_bits))
-        print(f"[KV cache: {'int8' if kv_bits else jnp.dtype(run.model.dtype).name}, {size} slots x "
+        dtype = serving_cache_dtype(run.model.dtype)
+        cache = jax.eval_shape(lambda: KVCache.init(run.config.model, args.num_samples, dtype, size, kv_bits))
+        held = f"int8 with {jnp.dtype(dtype).name} scales" if kv_bits else jnp.dtype(dtype).name
+        print(f"[KV cache: {held} (compute {jnp.dtype(run.model.dtype).name}), {size} slots x "
               f"{args.num_samples} sample(s), {cache.nbytes():,} bytes]")
     start = time.perf_counter()
     texts = sample_text(run.model, run.variables, run.tokenizer, args.prompt, args.max_new_tokens,

@@ -17,7 +17,7 @@ import numpy as np
 
 from checkpoints.manager import tree_bytes
 from quant.serving import check_serving_variables, int8_containers, served_layout
-from slm_jax.attention import KVCache
+from slm_jax.attention import KVCache, serving_cache_dtype
 from slm_jax.sampling import cache_size, generate
 from train.bench.common import peak_rss, timed
 from train.bench.profiles import LARGER, SMOLLM2_135M
@@ -65,7 +65,8 @@ def decode_speed(run, batch: int, new_tokens: int, reps: int, kv_bits: int | Non
     model, variables, cfg = run.model, run.variables, run.config.model
     prompt_len = max(1, cfg.seq_len // 2)
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
-    prefill = jax.jit(lambda v, p: model.apply(v, p, cache=KVCache.init(cfg, p.shape[0], model.dtype, bits=kv_bits)))
+    dtype = serving_cache_dtype(model.dtype)  # as generate holds it
+    prefill = jax.jit(lambda v, p: model.apply(v, p, cache=KVCache.init(cfg, p.shape[0], dtype, bits=kv_bits)))
     rng = jax.random.PRNGKey(0)
     run_prefill = lambda: prefill(variables, prompt)
     run_generate = lambda n: lambda: generate(model, variables, prompt, rng, n, 0.8, 40, kv_bits)
@@ -79,8 +80,7 @@ def decode_speed(run, batch: int, new_tokens: int, reps: int, kv_bits: int | Non
     decode_s = generate_s - baselines["median"]
     decode_s = decode_s if decode_s > 0 else None
     steps = new_tokens - baseline_tokens
-    cache = jax.eval_shape(lambda: KVCache.init(cfg, batch, model.dtype, cache_size(model, prompt_len, new_tokens),
-                                                kv_bits))
+    cache = jax.eval_shape(lambda: KVCache.init(cfg, batch, dtype, cache_size(model, prompt_len, new_tokens), kv_bits))
     return {"batch": batch, "kv_bits": kv_bits, "kv_cache_bytes": cache.nbytes(), "prompt_len": prompt_len,
             "new_tokens": new_tokens, "decode_steps": steps, "baseline_generate_s": baselines["median"],
             "first_prefill_s": first_prefill, "first_generate_s": first_generate,
