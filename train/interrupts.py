@@ -77,6 +77,14 @@ class StopRequests:
         finally:
             _restore_handlers(previous)
 
+    def reclaim(self) -> None:
+        """Put this instance's handlers back beneath Python when native code replaced them: jax.distributed's
+        preemption notifier installs its own SIGTERM handler in C++, which hides the signal from Python (it only
+        records it for JAX's preemption sync point), so a multi-process run would train on. Keeps the signals
+        recorded so far; does nothing unless this instance is the active one (`active`), in the main thread."""
+        if threading.current_thread() is threading.main_thread() and self.active():
+            _swap_handlers(self._handle)
+
     def check(self) -> None:
         """Raise the first recorded signal's exception (`stop_exception`), if any."""
         if self.signals:

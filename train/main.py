@@ -82,7 +82,9 @@ def train(argv=None):
                 for w in (Path(config.train.init_from), workdir)]
         print(format_table(rows))
         return
-    if not maybe_initialize_distributed():
+    if maybe_initialize_distributed():
+        STOP.reclaim()  # SIGTERM back from jax.distributed's preemption notifier: all processes stop at one step
+    else:
         flops = step_flops(config.model, config.train.batch_size * config.model.seq_len)
         note = cpu_split_note(config, split_cpu_host(config.mesh, config.train.batch_size, flops=flops), flops)
         if note:
