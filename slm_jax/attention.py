@@ -108,14 +108,6 @@ def write_layer_cache(layer_cache: tuple[jax.Array, ...], slots: jax.Array, k: j
     return tuple(c.at[:, :, slots].set(x) for c, x in zip(layer_cache, (k_int, v_int, k_scale, v_scale)))
 
 
-def read_layer_cache(layer_cache: tuple[jax.Array, ...], dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """The cached (k, v) [batch, kv_heads, size, head_dim] in `dtype`; an int8 cache is dequantized in `dtype`."""
-    if len(layer_cache) == 2:
-        return layer_cache[0].astype(dtype), layer_cache[1].astype(dtype)
-    k, v, k_scale, v_scale = layer_cache
-    return k.astype(dtype) * k_scale.astype(dtype), v.astype(dtype) * v_scale.astype(dtype)
-
-
 class Attention(nn.Module):
     cfg: ModelConfig
     dtype: Any = jnp.float32
@@ -149,14 +141,15 @@ class Attention(nn.Module):
         k = apply_rope(k.reshape(batch, seq, cfg.kv_heads, cfg.head_dim), positions[None], **rope)
         v = v.reshape(batch, seq, cfg.kv_heads, cfg.head_dim)
 
+        key_scale = value_scale = None  # an int8 cache's per-key scales, [batch, kv_heads, 1, 1, keys]
         if layer_cache is None:
             new_cache, key_pos = None, positions
         else:
             new_cache, key_pos = write_layer_cache(layer_cache, slots, k, v), key_positions
-            # attention over a cache runs in its float dtype (see serving_cache_dtype)
-            math = new_cache[-1].dtype
-            k, v = read_layer_cache(new_cache, math)
-            q = q.astype(math)
+            math = new_cache[-1].dtype  # attention over a cache runs in its float dtype (see serving_cache_dtype)
+            q, k, v = q.astype(math), new_cache[0].astype(math), new_cache[1].astype(math)
+            if len(new_cache) == 4:  # int8: the scales multiply the scores and the probabilities, not the cache
+                key_scale, value_scale = (scale[..., 0][:, :, None, None, :] for scale in new_cache[2:])
         window = cfg.context
         visible = (key_pos[None, :] >= 0) & (key_pos[None, :] <= positions[:, None]) & (
             key_pos[None, :] > positions[:, None] - window)  # [seq, keys]
@@ -165,9 +158,13 @@ class Attention(nn.Module):
         q = q.reshape(batch, seq, cfg.kv_heads, group, cfg.head_dim)
         kv_axes = "bkhd" if layer_cache is None else "bhkd"
         scores = self._einsum("qk")(f"bqhgd,{kv_axes}->bhgqk", q, k.astype(q.dtype)).astype(jnp.float32)
+        if key_scale is not None:
+            scores = scores * key_scale.astype(jnp.float32)
         scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        if value_scale is not None:
+            probs = probs * value_scale
         out = self._einsum("pv")(f"bhgqk,{kv_axes}->bqhgd", probs, v.astype(q.dtype)).astype(self.dtype)
         out = out.reshape(batch, seq, cfg.n_heads * cfg.head_dim)
         y = Linear(cfg.d_model, ("heads", "embed"), name="o", **dense)(out)
