@@ -3,7 +3,9 @@
 A query attends to at most `cfg.context` keys (the model's maximum context, by default its training window). The
 cache keeps the last `size` keys/values with their absolute positions; because RoPE makes scores depend only on the
 distance between positions, decoding past the context just keeps a sliding window of it. The cache holds keys and
-values in the compute dtype, or as int8 with one scale per token and KV head (`bits=8`), the model's own format.
+values in a float dtype (`serving_cache_dtype`: float32 on CPU), or as int8 with one scale per token and KV head
+(`bits=8`), the model's own format; attention over it runs in that float dtype, an int8 cache's scales applied to the
+scores and probabilities.
 """
 from __future__ import annotations
 
