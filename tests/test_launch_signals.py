@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from train.launch import main as launch_main
+from train.cpu_devices import usable_cores
+from train.launch import main as launch_main, most_processes
 
 CHILD = """
 import os, signal, sys, time
@@ -111,3 +112,16 @@ def test_an_error_line_every_process_prints_alike_is_shown_once(capsys):
     _forward(1, io.StringIO("loading\nerror: --set train.steps: must be positive\nerror: only here\n"), lock, shown)
     assert capsys.readouterr().out.splitlines() == [
         "[p0] loading", "[p0] error: --set train.steps: must be positive", "[p1] loading", "[p1] error: only here"]
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--processes", "100000"], "--processes 100000: the launcher starts every process on this machine, each a JAX "
+                                "runtime of a few hundred MB; at most {most} here (8, or 2 per core)"),
+    (["--processes", "2", "--devices-per-process", "65"], "--devices-per-process 65: at most 64 simulated CPU "
+                                                          "devices per process")])
+def test_process_and_device_counts_past_what_one_machine_runs_are_one_line(capsys, flags, said):
+    with pytest.raises(SystemExit) as exited:
+        launch_main([*flags, "--", "--config", "tiny"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == f"error: {said.format(most=most_processes(usable_cores()))}\n"
+    assert most_processes(2) == 8 and most_processes(16) == 32

@@ -16,11 +16,29 @@ import threading
 import time
 
 from slm_jax.errors import UserError
-from train.cpu_devices import with_device_count
+from train.cpu_devices import usable_cores, with_device_count
 from train.cli import ArgumentParser, main_guard, non_negative_float, positive_int
 
 POLL_S = 0.1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # passed on to every process (they run in sessions of their own)
+MAX_DEVICES_PER_PROCESS = 64
+
+
+def most_processes(cores: int) -> int:
+    """The most processes the launcher starts on a machine of `cores` cores: 8, or 2 per core on larger machines.
+    Every process is a JAX runtime of a few hundred MB on this one machine; asked for 100,000, the launcher used to
+    start them until the machine stalled (load average 300 on 2 cores)."""
+    return max(8, 2 * cores)
+
+
+def check_counts(processes: int, devices: int, cores: int) -> None:
+    """UserError for more processes than `most_processes(cores)` or more than MAX_DEVICES_PER_PROCESS devices each."""
+    if processes > most_processes(cores):
+        raise UserError(f"--processes {processes}: the launcher starts every process on this machine, each a JAX "
+                        f"runtime of a few hundred MB; at most {most_processes(cores)} here (8, or 2 per core)")
+    if devices > MAX_DEVICES_PER_PROCESS:
+        raise UserError(f"--devices-per-process {devices}: at most {MAX_DEVICES_PER_PROCESS} simulated CPU devices "
+                        f"per process")
 
 
 def free_port() -> int:
@@ -176,6 +194,7 @@ def check_module(name: str) -> None:
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
+    check_counts(args.processes, args.devices_per_process, usable_cores())
     check_module(args.module)
     try:
         code = launch(["-m", args.module, *args.args], args.processes, args.devices_per_process, args.grace,
