@@ -5,6 +5,11 @@ The run is read through `train.run` (so this entry module sits above the `checkp
 """
 from __future__ import annotations
 
+from train.interrupts import exit_while_loading  # standard library only
+
+if __name__ == "__main__":  # a Ctrl-C while the imports below load JAX ends at once, in one line, exit 130
+    exit_while_loading()
+
 import json
 import time
 from pathlib import Path
@@ -31,15 +36,14 @@ def run_vocab(workdir: Path) -> Vocab:
 
 def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, log=print) -> Path:
     """Export the latest checkpoint of `workdir` to the GGUF file `out` (see the module docstring), which must not
-    exist; a run imported from Hugging Face, or derived from one, keeps its bos/eos/pad token ids."""
+    exist (missing folders above it are made); a run imported from Hugging Face, or derived from one, keeps its
+    bos/eos/pad token ids."""
     workdir, out = Path(workdir), Path(out)
     if out.suffix != ".gguf":
         raise UserError(f"--out must name a .gguf file, got {out}")
     if out.exists() or out.is_symlink():
         raise UserError(f"--out {out} already exists; an export writes a new file")
-    check_out_parent(out)
-    if not out.parent.is_dir():
-        raise UserError(f"--out: folder {out.parent} does not exist")
+    check_out_parent(out)  # missing folders above it are made, as the other exports make theirs
     store = open_store(workdir)
     try:
         metadata = store.metadata()
@@ -55,6 +59,7 @@ def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, 
     check_exportable(config.model, config.quant, out_type)
     tensors = gguf_tensors(config.model, config.quant, run.variables, kind, out_type)
     vocab = pad_vocab(vocab, config.model.vocab_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_gguf(out, config.model, tensors, vocab, out_type, name=workdir.resolve().name,
                token_ids=imported_token_ids(workdir, run.metadata))
     log(f"wrote {out} ({out_type}, {out.stat().st_size:,} bytes, {len(tensors)} tensors) from {workdir} "

@@ -8,6 +8,11 @@ The folder is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
+from train.interrupts import exit_while_loading  # standard library only
+
+if __name__ == "__main__":  # a Ctrl-C while the imports below load JAX ends at once, in one line, exit 130
+    exit_while_loading()
+
 import errno
 import json
 import os
@@ -18,7 +23,7 @@ from checkpoints.hf import EXPORT_DTYPES, hf_config, write_safetensors
 from quant.lora_merge import merged_float_params
 from slm_jax.errors import UserError
 from train.cli import ArgumentParser, add_base_argument, main_guard, require_one_process, path_arg
-from train.run import check_output_folder, imported_token_ids, load_run
+from train.run import check_base_used, check_output_folder, imported_token_ids, load_run
 from train.tokenizer import save_tokenizer
 
 
@@ -76,6 +81,7 @@ def main(argv=None):
     add_base_argument(parser)
     args = parser.parse_args(argv)
     require_one_process("python -m checkpoints.hf_export")
+    check_base_used(args.base, [args.workdir])
     export_run(args.workdir, args.out, args.dtype, base=args.base)
 
 

@@ -7,6 +7,11 @@ complete.
 """
 from __future__ import annotations
 
+from train.interrupts import exit_while_loading  # standard library only
+
+if __name__ == "__main__":  # a Ctrl-C while the imports below load JAX ends at once, in one line, exit 130
+    exit_while_loading()
+
 from pathlib import Path
 
 from checkpoints.hf import TOKEN_IDS, model_config, read_config, read_params

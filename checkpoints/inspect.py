@@ -7,6 +7,11 @@ cannot be read).
 """
 from __future__ import annotations
 
+from train.interrupts import exit_while_loading  # standard library only
+
+if __name__ == "__main__":  # a Ctrl-C while the imports below load JAX ends at once, in one line, exit 130
+    exit_while_loading()
+
 import argparse
 from pathlib import Path
 

@@ -5,6 +5,11 @@ The conversion itself is `train.ptq.convert_workdir`.
 """
 from __future__ import annotations
 
+from train.interrupts import exit_while_loading  # standard library only
+
+if __name__ == "__main__":  # a Ctrl-C while the imports below load JAX ends at once, in one line, exit 130
+    exit_while_loading()
+
 import argparse
 import dataclasses
 

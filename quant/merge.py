@@ -4,6 +4,11 @@ as `quant.convert`, so generate/evaluate read it like any other, and print what 
 """
 from __future__ import annotations
 
+from train.interrupts import exit_while_loading  # standard library only
+
+if __name__ == "__main__":  # a Ctrl-C while the imports below load JAX ends at once, in one line, exit 130
+    exit_while_loading()
+
 import dataclasses
 from pathlib import Path
 

@@ -4,6 +4,11 @@ float or serving run (a serving run's own stored integers, whichever method made
 """
 from __future__ import annotations
 
+from train.interrupts import exit_while_loading  # standard library only
+
+if __name__ == "__main__":  # a Ctrl-C while the imports below load JAX ends at once, in one line, exit 130
+    exit_while_loading()
+
 import dataclasses
 from pathlib import Path
 

@@ -36,10 +36,12 @@ def radix_select(logits: jax.Array, k: int) -> jax.Array:
     bits = jax.lax.bitcast_convert_type(logits.astype(jnp.float32), jnp.uint32)
     sign = jnp.uint32(0x80000000)
     keys = jnp.where(bits >= sign, ~bits, bits | sign)  # the floats' order as unsigned integers
-    prefix = jnp.zeros(logits.shape[:-1] + (1,), jnp.uint32)
-    for bit in range(31, -1, -1):
-        candidate = prefix | jnp.uint32(1 << bit)
-        prefix = jnp.where(jnp.sum(keys >= candidate, axis=-1, keepdims=True) >= k, candidate, prefix)
+
+    def keep_bit(i, prefix):  # bit 31 - i, from the top
+        candidate = prefix | jnp.left_shift(jnp.uint32(1), jnp.uint32(31 - i))
+        return jnp.where(jnp.sum(keys >= candidate, axis=-1, keepdims=True) >= k, candidate, prefix)
+
+    prefix = jax.lax.fori_loop(0, 32, keep_bit, jnp.zeros(logits.shape[:-1] + (1,), jnp.uint32))
     bits = jnp.where(prefix >= sign, prefix & ~sign, ~prefix)
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 

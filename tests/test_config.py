@@ -56,6 +56,9 @@ def test_unknown_config_name_lists_the_known_ones():
 def test_a_config_that_is_a_folder_or_not_utf8_is_one_user_error(tmp_path):
     with pytest.raises(UserError, match=f"^config file {tmp_path} is a folder, not a YAML file$"):
         load_config(str(tmp_path))
+    for empty in ("", " "):  # Path('') is the current folder
+        with pytest.raises(UserError, match="^--config is empty: give a config name"):
+            load_config(empty)
     bad = tmp_path / "r.yaml"
     bad.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(UserError, match=r"^config .*r\.yaml is not UTF-8 text \(byte 0xff at offset 0\)"):

@@ -77,8 +77,8 @@ def test_serving_run_file_holds_the_served_weights_bit_for_bit(runs, tmp_path, s
 
 
 def test_metadata_round_trips(runs, tmp_path):
-    export(runs / "float", tmp_path / "model.gguf", "--type", "f32")
-    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    export(runs / "float", tmp_path / "new" / "folders" / "model.gguf", "--type", "f32")  # made, as hf_export does
+    reader = gguf.GGUFReader(tmp_path / "new" / "folders" / "model.gguf")
     value = lambda key: reader.fields[key].contents()
     cfg = load_run(runs / "float").config.model
     assert value("general.architecture") == "llama"

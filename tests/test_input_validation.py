@@ -16,6 +16,7 @@ from train import main as train_main
 from train.cli import (finite_float, int_in, non_negative_float, non_negative_int, positive_float, positive_int,
                        probability)
 from train.config import Config, load_config
+from train.run import open_lora_base
 
 
 def fields_of_type(cls, wanted: type, prefix: str = "") -> list[str]:
@@ -164,3 +165,26 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(main, argv, cap
         module.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "expected a path, got " in err[0], err
+
+
+def test_base_is_refused_where_no_run_reads_it(tiny_run, tmp_path, capsys):
+    run = tiny_run(tmp_path / "run", "train.steps=2")
+    other = tiny_run(tmp_path / "other", "train.steps=2")
+    for main, argv, runs in [
+            (generate_cli.main, ["--workdir", str(run.workdir)], f"{run.workdir} is a float run"),
+            (evaluate_cli.main, ["--workdir", str(run.workdir), "--workdir", str(other.workdir)],
+             f"none of {run.workdir} (float), {other.workdir} (float) is one")]:
+        with pytest.raises(SystemExit) as exited:
+            main([*argv, "--base", str(tmp_path)])
+        assert exited.value.code == 2
+        assert capsys.readouterr().err == f"error: --base {tmp_path}: only LoRA runs read a base, and {runs}\n"
+
+
+def test_a_lora_base_that_is_there_but_unreadable_gets_no_make_it_first_hint(tmp_path):
+    (tmp_path / "damaged" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(UserError) as damaged:
+        open_lora_base(tmp_path / "damaged")
+    assert str(damaged.value).startswith(f"finetune.base: cannot open the base model {tmp_path / 'damaged'} (")
+    assert "make it first" not in str(damaged.value)
+    with pytest.raises(UserError, match="make it first, e.g. with the commands atop"):
+        open_lora_base(tmp_path / "missing")

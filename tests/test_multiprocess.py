@@ -139,7 +139,7 @@ def test_two_processes_match_one_restore_both_ways_and_survive_a_kill(tmp_path, 
     assert f"resuming from step {last.step}" in out and f"step {last.step + 1:>6}/{last.step + 1}" in out
 
     # SIGTERM to the launcher, which passes it on: both processes stop at the same step boundary and save that step
-    # together (checkpoint.every is far away), exit 143, and the same command resumes from it.
+    # together (checkpoint.every is far away) and exit 143; the saved step is the latest, its records written.
     begun = last.step + 1
     run = ("train.steps=100000", "train.extend=true", "checkpoint.every=1000")
     proc = launch(killed, corpus_file, *run)
@@ -154,10 +154,7 @@ def test_two_processes_match_one_restore_both_ways_and_survive_a_kill(tmp_path, 
     saved = re.search(r"\[p0\] saved step (\d+) on the interrupt: the (\d+) step\(s\) trained since", rest)
     assert saved and int(saved[1]) >= begun + 3 and int(saved[2]) == int(saved[1]) - begun, "".join(lines) + rest
     assert rest.count("exited with code 143 on its own") == 2 and "): killed" not in rest, rest[-3000:]
-    assert load_run(killed).step == int(saved[1]) and max(losses(killed)) == int(saved[1])
-    proc = launch(killed, corpus_file, *run[:2], f"train.steps={int(saved[1]) + 1}")
-    out, _ = proc.communicate(timeout=TIMEOUT_S)
-    assert proc.returncode == 0 and f"resuming from step {saved[1]}" in out, out[-3000:]
+    assert load_run(killed).step == int(saved[1]) and max(losses(killed)) == int(saved[1])  # records and state agree
 
 
 INT4_QAT = ("model.n_layers=1", "quant.mode=qat", "quant.weight_bits=4", "quant.granularity=per_group",

@@ -75,6 +75,23 @@ def test_convert_flags_the_readme_gives_make_the_ptq_configs_scheme(flags, confi
            [getattr(expected, f) for f in fields]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--bits", "8", "--group-size", "16"], "--group-size sets per-group scales; --bits 8 quantizes per_channel here "
+                                            "(give --granularity per_group with it)"),
+    (["--bits", "4", "--granularity", "per_channel", "--group-size", "16"],
+     "--group-size sets per-group scales; --bits 4 quantizes per_channel here (give --granularity per_group with it)"),
+    (["--group-size", "16"], "--act-bits, --granularity, --group-size, --rules, --embed-bits and --scale-dtype "
+                             "refine a scheme: give --bits too")])
+def test_a_group_size_that_would_be_ignored_is_refused(flags, message):
+    parser = argparse.ArgumentParser()
+    add_scheme_args(parser)
+    with pytest.raises(UserError) as refused:
+        scheme_from_args(parser.parse_args(flags))
+    assert str(refused.value) == message
+    assert scheme_from_args(parser.parse_args(["--bits", "4", "--group-size", "16"])).group_size == 16
+    assert scheme_from_args(parser.parse_args(["--bits", "4"])).group_size == 32
+
+
 def test_convert_defaults_and_the_scheme_line_for_8_bits_weight_only(runs, capsys, tmp_path):
     convert_main(["--workdir", str(runs / "float"), "--out", str(tmp_path / "int8"), "--bits", "8"])
     assert capsys.readouterr().out.splitlines()[0] == ("scheme: w8 per_channel float32 scales, activations float, "

@@ -19,9 +19,11 @@ from quant.config import SCALE_DTYPES, SCHEMES, QuantConfig
 from slm_jax.errors import UserError
 from train.config import read_yaml
 from train.config_loader import build
+from train.interrupts import exit_now, in_command, interrupted_unseen, restore_after_loading
 
 USER_ERROR_EXIT = 2
 INT_LIMIT = 2**31 - 1  # counts, sizes, steps and seeds end up in int32 arrays
+DEFAULT_GROUP_SIZE = 32  # --group-size
 
 
 def _int(text: str) -> int:
@@ -132,11 +134,17 @@ def add_base_argument(parser: argparse.ArgumentParser) -> None:
 def main_guard(fn):
     """Run a CLI main; a UserError prints `error: <one line>` to stderr and exits with code 2, and so does an
     OSError the user's environment causes (a read-only folder, a file where a folder belongs, a missing parent, no
-    permission, a full disk), naming the path."""
+    permission, a full disk), naming the path. Ctrl-C (KeyboardInterrupt) prints `interrupted` and exits 130, in a
+    command's own process at once (`train.interrupts.exit_now`)."""
     @functools.wraps(fn)
     def wrapper(argv=None):
+        restore_after_loading()
         try:
-            return fn(argv)
+            result = fn(argv)
+            if interrupted_unseen():  # a Ctrl-C Python dropped: the work is done, the exit code still says so
+                print("interrupted: the work was complete when the command could stop", file=sys.stderr)
+                sys.exit(130)
+            return result
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(USER_ERROR_EXIT)
@@ -144,6 +152,8 @@ def main_guard(fn):
             print(f"error: {os_error_line(err)}", file=sys.stderr)
             sys.exit(USER_ERROR_EXIT)
         except KeyboardInterrupt:
+            if in_command():  # a command's own process: end it before XLA's teardown can crash it
+                exit_now(130, "interrupted")
             print("interrupted", file=sys.stderr)
             sys.exit(130)
     return wrapper
@@ -195,7 +205,7 @@ def add_scheme_args(parser: argparse.ArgumentParser) -> None:
                        help="also quantize activations to this many bits (default: float)")
     group.add_argument("--granularity", choices=("per_channel", "per_group"),
                        help="default: per_group for 4 bits or fewer, else per_channel")
-    group.add_argument("--group-size", type=positive_int, default=32, help="input features per scale with per_group")
+    group.add_argument("--group-size", type=positive_int, help="input features per scale with per_group (default 32)")
     group.add_argument("--embed-bits", type=int_in(2, 8),
                        help="also quantize the token embedding table (default: float)")
     group.add_argument("--scale-dtype", choices=SCALE_DTYPES,
@@ -211,22 +221,28 @@ def scheme_from_args(args: argparse.Namespace) -> QuantConfig | None:
     per-channel float32 scales, as the ptq_int4 and ptq_int8 configs. UserError for a refinement without --bits,
     --scheme aqt without --bits (which would otherwise mean "the QAT run's own scheme") or an invalid value."""
     if args.scheme not in (None, "aqt"):
-        if (args.bits, args.act_bits, args.granularity, args.embed_bits, args.scale_dtype) != (None,) * 5:
+        if (args.bits, args.act_bits, args.granularity, args.group_size, args.embed_bits,
+                args.scale_dtype) != (None,) * 6:
             raise UserError(f"--scheme {args.scheme} fixes bits, blocks and scales: give only --rules with it")
         values = {"mode": "serve", "scheme": args.scheme, "rules": read_rules(args.rules) if args.rules else []}
         return build(QuantConfig, values, prefix="quant.")
     if args.bits is None:
-        if (args.act_bits, args.granularity, args.rules, args.embed_bits, args.scale_dtype) != (None,) * 5:
-            raise UserError("--act-bits, --granularity, --rules, --embed-bits and --scale-dtype refine a scheme: "
-                            "give --bits too")
+        if (args.act_bits, args.granularity, args.group_size, args.rules, args.embed_bits,
+                args.scale_dtype) != (None,) * 6:
+            raise UserError("--act-bits, --granularity, --group-size, --rules, --embed-bits and --scale-dtype refine "
+                            "a scheme: give --bits too")
         if args.scheme == "aqt":  # asked for by name: never silently replaced by a QAT run's own (ggml) scheme
             raise UserError("--scheme aqt needs --bits (e.g. --scheme aqt --bits 4); without --scheme, a QAT run "
                             "converts with the scheme it trained with")
         return None
     granularity = args.granularity or ("per_group" if args.bits <= 4 else "per_channel")
+    if args.group_size is not None and granularity != "per_group":
+        raise UserError(f"--group-size sets per-group scales; --bits {args.bits} quantizes {granularity} here "
+                        f"(give --granularity per_group with it)")
     scale_dtype = args.scale_dtype or ("bfloat16" if args.bits <= 4 else "float32")
     values = {"mode": "serve", "weight_bits": args.bits, "act_bits": args.act_bits, "granularity": granularity,
-              "group_size": args.group_size, "embed_bits": args.embed_bits, "scale_dtype": scale_dtype,
+              "group_size": args.group_size or DEFAULT_GROUP_SIZE, "embed_bits": args.embed_bits,
+              "scale_dtype": scale_dtype,
               "rules": read_rules(args.rules) if args.rules else []}
     return build(QuantConfig, values, prefix="quant.")
 

@@ -177,7 +177,10 @@ def _read_yaml(path: Path) -> dict:
 
 
 def resolve_path(name: str) -> Path:
-    """A config name (`int8_qat`) or a path to a YAML file."""
+    """A config name (`int8_qat`) or a path to a YAML file. UserError for an empty name (Path('') is the current
+    folder), a folder, a missing file or an unknown name."""
+    if not str(name).strip():
+        raise UserError("--config is empty: give a config name (e.g. baseline) or a path to a .yaml file")
     path = Path(name)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():

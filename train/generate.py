@@ -8,6 +8,11 @@ and `--per-channel-int8` with it re-quantizes weight-only per-group layers to in
 """
 from __future__ import annotations
 
+from train.interrupts import exit_while_loading  # standard library only
+
+if __name__ == "__main__":  # a Ctrl-C while the imports below load JAX ends at once, in one line, exit 130
+    exit_while_loading()
+
 import argparse
 import time
 
@@ -21,7 +26,8 @@ from train.cli import (ArgumentParser, add_base_argument, main_guard, non_negati
                        positive_int, require_one_process)
 from train.config import PRECISIONS
 from train.loop import sample_text
-from train.run import load_run, run_kind, served_run
+from train.memory_check import check_fits, generation_bytes
+from train.run import article, check_base_used, load_run, run_kind, served_run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,15 +60,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     require_one_process("python -m train.generate")
+    check_base_used(args.base, [args.workdir])
     run = load_run(args.workdir, args.step, base=args.base)
     kind = run_kind(run.metadata)
-    article = "an" if kind[0] in "aeiou" else "a"
+    an = article(kind)
     if args.per_channel_int8 and "aqt" not in run.variables:
         raise UserError(f"--per-channel-int8 re-quantizes the integer (INT4) layers a serving run stores; "
-                        f"{args.workdir} is {article} {kind} run, which has no integer layers (convert it first: "
+                        f"{args.workdir} is {an} {kind} run, which has no integer layers (convert it first: "
                         f"python -m quant.convert)")
     if args.numerics and run.config.quant.mode == "none":
-        raise UserError(f"--numerics chooses how quantized layers compute; {args.workdir} is {article} {kind} run "
+        raise UserError(f"--numerics chooses how quantized layers compute; {args.workdir} is {an} {kind} run "
                         f"with no quantized layer (convert it first: python -m quant.convert)")
     run = served_run(run, args.precision, numerics=args.numerics,
                      serve_per_channel_int8=args.per_channel_int8 or None)
@@ -71,10 +78,13 @@ def main(argv=None):
     prompt_len = len(run.tokenizer.encode(args.prompt, add_special_tokens=True, source="--prompt"))
     if prompt_len > seq_len:
         print(f"[prompt: {prompt_len} tokens; the model sees its last {seq_len} (its context)]")
+    size = cache_size(run.model, min(prompt_len or 1, seq_len), args.max_new_tokens)
+    dtype = serving_cache_dtype(run.model.dtype)
+    cache = jax.eval_shape(lambda: KVCache.init(run.config.model, args.num_samples, dtype, size, kv_bits))
+    check_fits(generation_bytes(run.config.model, args.num_samples, cache.nbytes(), min(prompt_len or 1, seq_len),
+                                args.max_new_tokens),
+               f"generating {args.num_samples} sample(s) of {args.max_new_tokens} tokens")
     if args.verbose:
-        size = cache_size(run.model, min(prompt_len or 1, seq_len), args.max_new_tokens)
-        dtype = serving_cache_dtype(run.model.dtype)
-        cache = jax.eval_shape(lambda: KVCache.init(run.config.model, args.num_samples, dtype, size, kv_bits))
         held = f"int8 with {jnp.dtype(dtype).name} scales" if kv_bits else jnp.dtype(dtype).name
         print(f"[KV cache: {held} (compute {jnp.dtype(run.model.dtype).name}), {size} slots x "
               f"{args.num_samples} sample(s), {cache.nbytes():,} bytes]")

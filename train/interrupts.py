@@ -9,11 +9,13 @@ and acting on it between steps avoids all three; the second keeps an impatient u
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+_COMMAND: list[bool] = []  # set when a command-line module run as __main__ took the signals (see in_command)
 
 
 class Terminated(KeyboardInterrupt):
@@ -62,6 +64,7 @@ class StopRequests:
         if threading.current_thread() is threading.main_thread():
             self.signals.clear()
             _swap_handlers(self._handle)
+            _COMMAND[:] = [True]
 
     @contextlib.contextmanager
     def installed(self):
@@ -110,3 +113,60 @@ def signals_held(deliver: bool = True):
         _restore_handlers(previous)
         for sig in dict.fromkeys(caught) if deliver else ():
             signal.raise_signal(sig)
+
+
+def exit_now(code: int, line: str) -> None:
+    """Print `line` to stderr and end the process with `code` at once, without Python's shutdown: a command stopped
+    by Ctrl-C while XLA's threads still ran used to print its line and then die of a segmentation fault (exit 139)
+    in the interpreter's teardown. Open files are flushed first; what the command cleans up in `finally` blocks has
+    run by the time its exception reaches the caller."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    print(line, file=sys.stderr, flush=True)
+    os._exit(code)
+
+
+def _exit_while_loading(signum, frame) -> None:
+    exit_now(128 + signum, "interrupted" if signum == signal.SIGINT else "terminated")
+
+
+def exit_while_loading() -> None:
+    """For a command-line module run as `__main__`, before its imports load JAX: a Ctrl-C or SIGTERM while they load
+    ends the process at once with 130 or 143 and one line, instead of a KeyboardInterrupt traceback from inside
+    whichever library was importing (nothing is written before the command starts). `train.cli.main_guard` puts
+    Python's own handlers back when the command starts (`restore_after_loading`)."""
+    if threading.current_thread() is threading.main_thread():
+        _swap_handlers(_exit_while_loading)
+        _COMMAND[:] = [True]
+
+
+def in_command() -> bool:
+    """Whether this process is a command started from the shell (its module called `exit_while_loading` or
+    `StopRequests.install`), not a test or a notebook calling a command's main(), which must not end the process."""
+    return bool(_COMMAND)
+
+
+_INTERRUPTED: list[int] = []  # SIGINTs delivered through _interrupt
+
+
+def _interrupt(signum, frame) -> None:
+    """Python's KeyboardInterrupt, remembered: raised inside a garbage-collection callback, Python only prints it
+    ("Exception ignored in: <function _xla_gc_callback ...>") and the command carries on (`interrupted_unseen`)."""
+    _INTERRUPTED.append(signum)
+    raise KeyboardInterrupt
+
+
+def restore_after_loading() -> None:
+    """KeyboardInterrupt on SIGINT (remembered, see `_interrupt`) and Python's default SIGTERM (end the process)
+    again, where `exit_while_loading` installed its own; any other handler (train.main's STOP) stays."""
+    _INTERRUPTED.clear()
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is _exit_while_loading:
+        _restore_handlers({signal.SIGINT: _interrupt, signal.SIGTERM: signal.SIG_DFL})
+
+
+def interrupted_unseen() -> bool:
+    """Whether a Ctrl-C arrived since `restore_after_loading` although the command went on to finish: Python
+    dropped its KeyboardInterrupt (a garbage-collection callback)."""
+    return bool(_INTERRUPTED)

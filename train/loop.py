@@ -29,7 +29,7 @@ from train.observe import StepProfiler, TensorBoardLog
 from train.optim import learning_rate_schedule
 from train.precision import all_finite
 from train.recipe import make_recipe
-from train.run import check_schedule, config_from_metadata
+from train.run import check_resumable, check_schedule, config_from_metadata
 from train.sharding import (batch_sharding, check_batch_rows, load_sharded, make_mesh, rows_sharding,
                             shard_train_step)
 from train.steps import make_eval_step, make_train_step, merge_variables, steps_compiler_options
@@ -112,6 +112,12 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     tensorboard = TensorBoardLog(workdir / "tensorboard") if primary and cfg.tensorboard else None
     store = CheckpointStore(workdir / "checkpoints", keep=config.checkpoint.keep,
                             async_save=config.checkpoint.async_save)
+    try:  # a resume of another model is refused before the model is laid out (minutes for a very deep one)
+        if store.latest_step() is not None:
+            check_resumable(store.metadata(store.latest_step()), config, store.directory)
+    except BaseException:
+        store.close()
+        raise
     mesh = make_mesh(config.mesh)
     shardings = recipe.shardings(mesh)
     place = batch_sharding(mesh)

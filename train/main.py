@@ -22,6 +22,7 @@ from train.config import load_config, read_yaml, resolve_path
 from train.cpu_devices import MAX_AUTO_DEVICES, gains_from_split, split_cpu_host, step_flops, usable_cores
 from train.evaluation import evaluate_workdir, format_table
 from train.loop import run_training
+from train.memory_check import check_fits, training_bytes
 from train.ptq import convert_workdir
 from train.run import open_store
 from train.sharding import maybe_initialize_distributed
@@ -89,6 +90,9 @@ def train(argv=None):
         note = cpu_split_note(config, split_cpu_host(config.mesh, config.train.batch_size, flops=flops), flops)
         if note:
             print(note)
+    check_fits(training_bytes(config.model, config.train.batch_size, config.finetune.method != "lora"),
+               f"training this model (model.d_model {config.model.d_model}, model.n_layers {config.model.n_layers}) "
+               f"at train.batch_size {config.train.batch_size}")
     # One writer per run: a second train.main on it is refused in one line. In a multi-process run the processes of
     # one run share it, so only process 0 holds the lock.
     created = not workdir.exists()

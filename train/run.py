@@ -148,6 +148,11 @@ MOVED_BASE_HINT = ("if it moved, give its new folder with --base (the fingerprin
                    "checked)")
 
 
+def article(word: str) -> str:
+    """The indefinite article before `word`: "an" before a vowel, else "a"."""
+    return "an" if word[:1] in tuple("aeiou") else "a"
+
+
 def load_run(workdir: Path, step: int | None = None, base: Path | None = None,
              refuse: dict[str, str] | None = None) -> LoadedRun:
     """Float, QAT, serving and LoRA runs alike, onto this process's first device whatever mesh wrote them: the
@@ -191,6 +196,24 @@ def load_run(workdir: Path, step: int | None = None, base: Path | None = None,
         store.close()
     return LoadedRun(config, model, variables, metadata, metadata["step"],
                      run_tokenizer(workdir, metadata.get("tokenizer")))
+
+
+def check_base_used(base: Path | None, workdirs: list[Path]) -> None:
+    """UserError when `--base` is given but none of `workdirs` is a LoRA run, the only kind that reads it: the
+    option would be dropped without a word (a mistyped command meant for another run)."""
+    if base is None:
+        return
+    kinds = []
+    for workdir in workdirs:
+        store = open_store(workdir)
+        try:
+            kinds.append(run_kind(store.metadata()))
+        finally:
+            store.close()
+    if "lora" not in kinds:
+        runs = (f"{workdirs[0]} is {article(kinds[0])} {kinds[0]} run" if len(kinds) == 1 else
+                "none of " + ", ".join(f"{w} ({k})" for w, k in zip(workdirs, kinds)) + " is one")
+        raise UserError(f"--base {base}: only LoRA runs read a base, and {runs}")
 
 
 LINEAGE_HOPS = 32  # a run derives from at most this many ancestors (a guard against a loop of paths)
@@ -244,11 +267,13 @@ def tokenizer_of(workdir: Path):
 
 def open_lora_base(path: str | Path, key: str = "finetune.base", hint: str | None = None) -> LoraBase:
     """The serving run at `path` that LoRA adapters train over; UserError naming `key` if it cannot be read or is
-    not a serving run, ending with `hint` (default: how to make a base)."""
+    not a serving run, ending with `hint` (default: how to make a base) unless a run is there (damaged, say)."""
     try:
         run = load_run(Path(path), refuse={"lora": "LoRA trains over a serving run: merge it first with "
                                                    f"python -m quant.merge and set {key} to the merged run"})
     except UserError as err:
+        if Path(path, "checkpoints").is_dir():  # a run is there but cannot be read: the error says why
+            raise UserError(f"{key}: cannot open the base model {path} ({err})") from None
         hint = hint or ("make it first, e.g. with the commands atop configs/finetune_int4_lora.yaml (python -m "
                         "train.main --config finetune_base, then --config finetune_base_int4)")
         raise UserError(f"{key}: cannot open the base model {path} ({err}); {hint}") from None
