@@ -93,6 +93,12 @@ class ModelConfig:
         return self.max_context or self.seq_len
 
     @property
+    def layer_matmul_params(self) -> int:
+        """Weights of one layer's matmuls: q, k, v, o and SwiGLU's gate, up and down."""
+        d, heads, kv = self.d_model, self.n_heads * self.head_dim, self.kv_heads * self.head_dim
+        return 2 * d * heads + 2 * d * kv + 3 * d * self.hidden
+
+    @property
     def hidden(self) -> int:
         if self.mlp_hidden is not None:
             return self.mlp_hidden

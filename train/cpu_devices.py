@@ -43,9 +43,7 @@ def usable_cores() -> int:
 def step_flops(model: ModelConfig, tokens: int) -> float:
     """Model FLOPs of a training step over `tokens` tokens: 6 x tokens x the matmul weights (q, k, v, o, gate, up,
     down per layer, and the LM head), forward and backward; attention scores are left out."""
-    d, heads, kv = model.d_model, model.n_heads * model.head_dim, model.kv_heads * model.head_dim
-    layer = 2 * d * heads + 2 * d * kv + 3 * d * model.hidden
-    return 6.0 * tokens * (model.n_layers * layer + model.vocab_size * d)
+    return 6.0 * tokens * (model.n_layers * model.layer_matmul_params + model.vocab_size * model.d_model)
 
 
 def gains_from_split(flops: float | None) -> bool:

@@ -78,11 +78,11 @@ def main(argv=None):
     prompt_len = len(run.tokenizer.encode(args.prompt, add_special_tokens=True, source="--prompt"))
     if prompt_len > seq_len:
         print(f"[prompt: {prompt_len} tokens; the model sees its last {seq_len} (its context)]")
-    size = cache_size(run.model, min(prompt_len or 1, seq_len), args.max_new_tokens)
+    seen = min(prompt_len or 1, seq_len)  # prompt tokens the model reads
+    size = cache_size(run.model, seen, args.max_new_tokens)
     dtype = serving_cache_dtype(run.model.dtype)
     cache = jax.eval_shape(lambda: KVCache.init(run.config.model, args.num_samples, dtype, size, kv_bits))
-    check_fits(generation_bytes(run.config.model, args.num_samples, cache.nbytes(), min(prompt_len or 1, seq_len),
-                                args.max_new_tokens),
+    check_fits(generation_bytes(run.config.model, args.num_samples, cache.nbytes(), seen, args.max_new_tokens),
                f"generating {args.num_samples} sample(s) of {args.max_new_tokens} tokens")
     if args.verbose:
         held = f"int8 with {jnp.dtype(dtype).name} scales" if kv_bits else jnp.dtype(dtype).name

@@ -39,10 +39,9 @@ def check_fits(nbytes: int, what: str) -> None:
 def model_params(model: ModelConfig) -> int:
     """Parameters of `model`: embedding, per layer q, k, v, o, gate, up, down and two norm scales, the final norm
     and an untied LM head."""
-    d, heads, kv = model.d_model, model.n_heads * model.head_dim, model.kv_heads * model.head_dim
-    layer = 2 * d * heads + 2 * d * kv + 3 * d * model.hidden + 2 * d
+    d = model.d_model
     head = 0 if model.tie_embeddings else model.vocab_size * d
-    return model.vocab_size * d + model.n_layers * layer + d + head
+    return model.vocab_size * d + model.n_layers * (model.layer_matmul_params + 2 * d) + d + head
 
 
 def training_bytes(model: ModelConfig, batch_size: int, trains_params: bool = True) -> int:

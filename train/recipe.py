@@ -15,7 +15,7 @@ from train.build import build_model, build_optimizer, state_initializer
 from train.config import Config
 from train.data import check_inherited_tokenizer
 from train.lora_run import LoraBase, lora_initializer
-from train.run import check_resumable, load_params, open_lora_base, tokenizer_of, with_model_of
+from train.run import load_params, open_lora_base, tokenizer_of, with_model_of
 from train.sharding import (abstract_with_shardings, create_sharded_state, logical_axes, put_replicated_copy,
                             state_shardings, tree_shardings)
 from train.steps import TrainState
@@ -38,10 +38,10 @@ class FullRecipe:
 
     def initial_state(self, store: CheckpointStore, log, shardings) -> TrainState:
         """Restored from `store`'s latest step (resharded onto this run's mesh), or fresh, created directly in
-        `shardings`, with params from `train.init_from` when set. UserError if the store holds another model."""
+        `shardings`, with params from `train.init_from` when set. The caller (train.loop) has already refused a
+        store of another model (train.run.check_resumable)."""
         latest = store.latest_step()
         if latest is not None:
-            check_resumable(store.metadata(latest), self.config, store.directory)
             log(f"resuming from step {latest} in {store.directory}")
             return store.restore(abstract_with_shardings(jax.eval_shape(self.initializer), shardings), latest)
         state = create_sharded_state(self.initializer, shardings)
@@ -93,9 +93,7 @@ class LoraRecipe(FullRecipe):
         if latest is None:
             state = create_sharded_state(self.initializer, own)
         else:
-            metadata = store.metadata(latest)
-            check_resumable(metadata, self.config, store.directory)
-            self.base.check(metadata.get("base"), store.directory)
+            self.base.check(store.metadata(latest).get("base"), store.directory)
             log(f"resuming adapters from step {latest} in {store.directory}")
             state = store.restore(abstract_with_shardings(jax.eval_shape(self.initializer), own), latest)
         log(f"LoRA over {self.base.path} (step {self.base.step}): {param_count(state.params):,} adapter params on "
