@@ -229,10 +229,11 @@ def test_int8_served_in_float16_keeps_its_integer_sums_finite():
 def test_interleaved_speed_reports_an_unresolved_decode_rate_as_missing(monkeypatch):
     """A round whose decode difference was not positive gives no rate (decode_speed's None): the row's median is
     None and printed as n/a with the count of such rounds, never a rate of 0; ratios use the resolved rounds only."""
-    calls = {"n": 0}
+    calls = {"n": 0, "reps": set()}
 
     def fake_speed(run, batch, new_tokens, reps, kv_bits=None):
         calls["n"] += 1
+        calls["reps"].add(reps)
         unresolved = run.config == "int8" or (run.config == "float" and calls["n"] > 3)
         return {"prefill_tokens_per_s": 100.0, "decode_tokens_per_s": None if unresolved else 50.0}
 
@@ -241,7 +242,9 @@ def test_interleaved_speed_reports_an_unresolved_decode_rate_as_missing(monkeypa
     monkeypatch.setattr(serve_speed, "decode_speed", fake_speed)
     monkeypatch.setattr(serve_speed, "generate_memory", lambda *args: {"temp": 1})
     said = []
-    rows = {row["name"]: row for row in interleaved_speed(["int8"], (), (1,), 4, 2, said.append)["rows"]}
+    found = interleaved_speed(["int8"], (), (1,), 4, 2, said.append, reps=3)
+    assert calls["reps"] == {3} and found["reps"] == 3  # each round's figures are medians of `reps` timings
+    rows = {row["name"]: row for row in found["rows"]}
     assert rows["int8"]["decode_tokens_per_s_median"] is None and rows["int8"]["decode_tokens_per_s_rounds"] == 0
     assert rows["int8"]["decode_tokens_per_s_x_float_median"] is None
     assert rows["float"]["decode_tokens_per_s_median"] == 50.0 and rows["float"]["decode_tokens_per_s_rounds"] == 1

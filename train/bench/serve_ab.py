@@ -44,6 +44,8 @@ def main(argv=None):
     parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8])
     parser.add_argument("--new-tokens", type=positive_int, default=32)
     parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--reps", type=positive_int, default=3,
+                        help="timings of each variant per round (their median is the round's figure; default 3)")
     parser.add_argument("--rss", action="store_true", help="also the peak RSS of each variant, in a child each")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--rss-child", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
@@ -61,7 +63,7 @@ def main(argv=None):
     say(f"size {args.size} ({' '.join(SIZES[args.size]) or 'baseline config'}), load average {load_text()}")
     section_load = SectionLoad().start()
     results = {"size": args.size, "speed": interleaved_speed(args.variants, SIZES[args.size], args.batches,
-                                                             args.new_tokens, args.rounds, say)}
+                                                             args.new_tokens, args.rounds, say, args.reps)}
     variants = [row["name"] for row in results["speed"]["rows"] if row["batch"] == args.batches[0]]
     if args.rss:
         results["rss"] = variants_rss(variants, SIZES[args.size], args.new_tokens)

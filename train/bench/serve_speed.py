@@ -141,8 +141,9 @@ def random_served(variant: str, size_overrides=(), seed: int = 0) -> Served:
 FLOATS = {"float": "bf16", "float_f32": "f32"}
 
 
-def interleaved_speed(variants, size_overrides, batches, new_tokens: int, rounds: int, say) -> dict:
-    """Prefill and decode tokens/s of each variant at each batch, variants timed in turn round after round, and each
+def interleaved_speed(variants, size_overrides, batches, new_tokens: int, rounds: int, say, reps: int = 1) -> dict:
+    """Prefill and decode tokens/s of each variant at each batch, variants timed in turn round after round (each
+    variant's figures in a round: decode_speed's medians of `reps` timings), and each
     round's ratio to each float of FLOATS among `variants` (both are added when missing, bf16 first). Rows carry
     min/median over rounds of the ratios: `{key}_x_float_{min,median}` against bf16 and `{key}_x_float_f32_...`
     against f32 compute, and `generate_temp_bytes` (see generate_memory: a run-time float copy of the weights shows
@@ -153,7 +154,7 @@ def interleaved_speed(variants, size_overrides, batches, new_tokens: int, rounds
     memory = {(name, b): generate_memory(runs[name], b, new_tokens, VARIANTS[name][2]) for name, b in per_round}
     for r in range(rounds):
         for name, b in per_round:
-            per_round[name, b].append(decode_speed(runs[name], b, new_tokens, 1, VARIANTS[name][2]))
+            per_round[name, b].append(decode_speed(runs[name], b, new_tokens, reps, VARIANTS[name][2]))
         say(f"round {r + 1}/{rounds} done, load average {load_text()}")
     rows = []
     for (name, b), speeds in per_round.items():
@@ -177,7 +178,7 @@ def interleaved_speed(variants, size_overrides, batches, new_tokens: int, rounds
         say(f"{name} b={b}: {', '.join(text)}, param bytes {row['param_bytes']:,}, generate's temp bytes "
             f"{row['generate_temp_bytes']:,}")
         rows.append(row)
-    return {"overrides": list(size_overrides), "rounds": rounds, "new_tokens": new_tokens, "rows": rows}
+    return {"overrides": list(size_overrides), "rounds": rounds, "reps": reps, "new_tokens": new_tokens, "rows": rows}
 
 
 def variants_rss(variants, size_overrides, new_tokens: int) -> dict[str, dict]:
