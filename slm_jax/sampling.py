@@ -1,14 +1,17 @@
 """Autoregressive sampling with the KV cache: one prefill pass over the prompt, then one token per step.
 
-The whole loop is one `jax.lax.scan` under `jit`, so decoding never re-runs the full sequence.
+`generate` is one XLA program (prefill, then a scan of decode steps), so decoding never re-runs the full sequence;
+`generate_chunks` runs the same steps a chunk of them per compiled call, so a command can stop or report between.
 """
 from __future__ import annotations
 
 import functools
+from typing import Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from slm_jax.attention import KVCache, serving_cache_dtype
 from slm_jax.layers import weights_loop_invariant
@@ -72,25 +75,81 @@ def cache_size(model: nn.Module, prompt_len: int, max_new_tokens: int) -> int:
     return min(model.cfg.context, prompt_len + max_new_tokens)
 
 
+def prefill(model: nn.Module, variables, prompt: jax.Array, rng: jax.Array, size: int, temperature: float,
+            top_k: int | None, kv_bits: int | None) -> tuple[jax.Array, KVCache]:
+    """The prompt's pass: prompt [batch, prompt_len] int32 -> (the first new token [batch] int32, drawn with
+    fold_in(rng, 0); the KV cache of `size` slots holding the prompt)."""
+    cache = KVCache.init(model.cfg, prompt.shape[0], serving_cache_dtype(model.dtype), size, kv_bits)
+    logits, cache = model.apply(variables, prompt, cache=cache)
+    return sample_logits(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_k), cache
+
+
+def decode_step(model: nn.Module, variables, rng: jax.Array, temperature: float, top_k: int | None,
+                token: jax.Array, cache: KVCache, i: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Decode step i (from 1): token [batch] int32 through the model with the cache -> (the next token, drawn with
+    fold_in(rng, i); the cache holding `token`)."""
+    with weights_loop_invariant():  # dequantized weights, if any, may be made once before the loop
+        logits, cache = model.apply(variables, token[:, None], cache=cache)
+    return sample_logits(logits[:, -1], jax.random.fold_in(rng, i), temperature, top_k), cache
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "kv_bits"))
 def generate(model: nn.Module, variables, prompt: jax.Array, rng: jax.Array, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, kv_bits: int | None = None) -> jax.Array:
     """prompt: [batch, prompt_len] int32 (at most the model's context) -> new tokens [batch, max_new_tokens].
 
-    The KV cache holds `cache_size` slots, a sliding window of the last `context` tokens once they do not fit;
-    kv_bits 8 stores it as int8 with a scale per token and KV head (see KVCache.init).
+    One XLA program: the prompt's prefill, then a scan of decode steps. The KV cache holds `cache_size` slots, a
+    sliding window of the last `context` tokens once they do not fit; kv_bits 8 stores it as int8 with a scale per
+    token and KV head (see KVCache.init). `generate_chunks` yields the same tokens a chunk at a time.
     """
     size = cache_size(model, prompt.shape[1], max_new_tokens)
-    cache = KVCache.init(model.cfg, prompt.shape[0], serving_cache_dtype(model.dtype), size, kv_bits)
-    logits, cache = model.apply(variables, prompt, cache=cache)
-    first = sample_logits(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_k)
+    first, cache = prefill(model, variables, prompt, rng, size, temperature, top_k, kv_bits)
 
     def step(carry, i):
         token, cache = carry
-        with weights_loop_invariant():  # dequantized weights, if any, may be made once before the loop
-            logits, cache = model.apply(variables, token[:, None], cache=cache)
-        nxt = sample_logits(logits[:, -1], jax.random.fold_in(rng, i), temperature, top_k)
-        return (nxt, cache), token
+        return decode_step(model, variables, rng, temperature, top_k, token, cache, i), token
 
     _, tokens = jax.lax.scan(step, (first, cache), jnp.arange(1, max_new_tokens + 1))
     return tokens.T  # [batch, max_new_tokens]
+
+
+# Decode steps per compiled call of generate_chunks: control returns to Python (where a Ctrl-C is seen and progress
+# reported) at least this often.
+DECODE_CHUNK = 64
+
+
+jitted_prefill = jax.jit(prefill, static_argnames=("model", "size", "temperature", "top_k", "kv_bits"))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "chunk", "temperature", "top_k"), donate_argnames=("cache",))
+def decode_chunk(model: nn.Module, variables, token: jax.Array, cache: KVCache, rng: jax.Array, start: jax.Array,
+                 steps: jax.Array, chunk: int, temperature: float, top_k: int | None):
+    """Decode steps start .. start + steps - 1 (steps <= chunk, a traced count: one compilation serves every chunk
+    length) from `token` [batch] -> (the token after them, the cache, [batch, chunk] int32 whose first `steps`
+    columns are the tokens fed to those steps, as generate emits them). The cache is donated."""
+    def body(j, carry):
+        token, cache, out = carry
+        nxt, cache = decode_step(model, variables, rng, temperature, top_k, token, cache, start + j)
+        return nxt, cache, jax.lax.dynamic_update_index_in_dim(out, token, j, axis=1)
+
+    out = jnp.zeros((token.shape[0], chunk), jnp.int32)
+    return jax.lax.fori_loop(0, steps, body, (token, cache, out))
+
+
+def generate_chunks(model: nn.Module, variables, prompt: jax.Array, rng: jax.Array, max_new_tokens: int,
+                    temperature: float = 1.0, top_k: int | None = None, kv_bits: int | None = None,
+                    chunk: int = DECODE_CHUNK) -> Iterator[np.ndarray]:
+    """generate's tokens as numpy int32 arrays [batch, n] of at most `chunk` columns each, max_new_tokens in all: the
+    same steps, random draws and cache, one compiled call per chunk, so the caller regains control between chunks
+    (Ctrl-C, progress). Raises ValueError for chunk < 1."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    size = cache_size(model, prompt.shape[1], max_new_tokens)
+    token, cache = jitted_prefill(model, variables, prompt, rng, size, temperature, top_k, kv_bits)
+    done = 0
+    while done < max_new_tokens:
+        steps = min(chunk, max_new_tokens - done)
+        token, cache, out = decode_chunk(model, variables, token, cache, rng, jnp.int32(done + 1), jnp.int32(steps),
+                                         chunk, temperature, top_k)
+        yield np.asarray(out)[:, :steps]
+        done += steps

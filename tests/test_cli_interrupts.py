@@ -1,6 +1,7 @@
 """Ctrl-C in the commands other than training: during their imports it ends them at once in one line (exit 130),
 never a KeyboardInterrupt traceback from inside a library; a Ctrl-C that Python dropped (raised in a garbage
-collection callback) still gives exit 130 once the work is done."""
+collection callback) still gives exit 130 once the work is done; a long generation stops within a chunk of decode
+steps, and reports its progress meanwhile."""
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from train import interrupts
+from train import generate, interrupts
 from train.cli import main_guard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +46,26 @@ def test_a_dropped_ctrl_c_still_exits_130_after_the_work(monkeypatch, capsys):
     assert exited.value.code == 130 and done == [True]
     assert capsys.readouterr().err == "interrupted: the work was complete when the command could stop\n"
     interrupts._INTERRUPTED.clear()
+
+
+def test_ctrl_c_stops_a_long_generation_between_chunks(tiny_run, tmp_path):
+    run = tiny_run(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-m", "train.generate", "--workdir", str(run.workdir),
+                             "--max-new-tokens", "100000000"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    progress = proc.stderr.readline()  # the first progress line: decoding, past its compilation
+    assert progress.startswith("[generated ") and "/100,000,000 tokens per sample" in progress, progress
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)  # one XLA call of 10^8 steps would not return for hours
+    assert (proc.returncode, err, out) == (130, "interrupted\n", "")
+
+
+def test_generation_progress_lines(monkeypatch, capsys):
+    clock = iter([100.0, 101.0, 106.0, 107.0, 112.0])
+    monkeypatch.setattr(generate.time, "perf_counter", lambda: next(clock))
+    progress = generate.Progress(1000, 2)  # starts at 100 s
+    progress(64)  # 1 s in: too soon for a line
+    progress(320)  # 6 s in: 320 tokens per sample, 2 samples -> 106.7 tok/s, 680 left at 53.3 per s: 12.75 s
+    progress(384)  # 1 s after the last line: none
+    progress(1000)  # done: none
+    assert capsys.readouterr().err == "[generated 320/1,000 tokens per sample, 107 tok/s, about 0:12 left]\n"

@@ -1,13 +1,16 @@
-"""Sampling: the radix select behind top-k against jax.lax.top_k, and the inverse-transform draw against the softmax
-probabilities it must follow."""
+"""Sampling: the radix select behind top-k against jax.lax.top_k, the inverse-transform draw against the softmax
+probabilities it must follow, and chunked generation against generate."""
 from __future__ import annotations
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slm_jax.sampling import radix_select, sample_logits, top_k_threshold
+from slm_jax import ModelConfig, Transformer
+from slm_jax.sampling import decode_chunk, generate, generate_chunks, radix_select, sample_logits, top_k_threshold
 
 
 def awkward_rows(rng: np.random.Generator, shape) -> np.ndarray:
@@ -67,3 +70,29 @@ def test_a_uniform_at_the_top_never_draws_a_token_without_probability(monkeypatc
     monkeypatch.setattr(jax.random, "uniform", almost_one)
     np.testing.assert_array_equal(sample_logits(logits, jax.random.PRNGKey(0), 1.0, None), [2, 4])
     np.testing.assert_array_equal(sample_logits(logits, jax.random.PRNGKey(0), 1.0, 1), [1, 4])  # ties all kept
+
+
+@pytest.mark.parametrize("new,chunk,temperature,kv_bits", [(40, 16, 0.8, None), (40, 64, 0.0, None),
+                                                           (37, 5, 1.0, 8), (3, 1, 0.8, None)])
+def test_generate_chunks_yields_generates_tokens(new, chunk, temperature, kv_bits):
+    """The chunks, joined, are generate's tokens exactly (same steps, draws and cache), past the 16-slot context's
+    ring buffer; a chunk count that does not divide the tokens ends with a shorter chunk, with one compilation."""
+    cfg = ModelConfig(vocab_size=256, seq_len=16, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64)
+    model = Transformer(cfg)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.seq_len), jnp.int32)))
+    prompt = jax.random.randint(jax.random.PRNGKey(1), (2, 6), 0, 256)
+    rng = jax.random.PRNGKey(3)
+    expected = np.asarray(generate(model, params, prompt, rng, new, temperature, 40, kv_bits))
+    compiled = decode_chunk._cache_size()
+    chunks = list(generate_chunks(model, params, prompt, rng, new, temperature, 40, kv_bits, chunk=chunk))
+    assert [c.shape for c in chunks] == [(2, min(chunk, new - i)) for i in range(0, new, chunk)]
+    assert all(c.dtype == np.int32 for c in chunks)
+    np.testing.assert_array_equal(np.concatenate(chunks, axis=1), expected)
+    assert decode_chunk._cache_size() == compiled + 1  # every chunk length ran the same compiled program
+    chex.assert_shape(expected, (2, new))
+
+
+def test_generate_chunks_refuses_an_empty_chunk():
+    cfg = ModelConfig(vocab_size=256, seq_len=16, n_layers=1, n_heads=2, d_model=32)
+    with pytest.raises(ValueError, match="chunk must be at least 1"):
+        next(generate_chunks(Transformer(cfg), {}, jnp.zeros((1, 2), jnp.int32), jax.random.PRNGKey(0), 4, chunk=0))

@@ -9,6 +9,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from checkpoints.manager import CheckpointStore, build_metadata, param_count
 from quant.plan import format_plan, make_plan, plan_to_json
 from slm_jax.errors import UserError
-from slm_jax.sampling import generate
+from slm_jax.sampling import generate_chunks
 from train.config import Config, save_yaml
 from train.data import batch_starts, check_splits, load_splits, windows
 from train.evaluation import eval_windows, format_bits_per_char, loss_summary, mean_loss, unigram_loss
@@ -407,18 +408,24 @@ def check_same_tokenizer(store: CheckpointStore, tokenizer) -> None:
 
 def sample_text(model, variables, tokenizer, prompt: str, max_new_tokens: int, seq_len: int, seed: int = 0,
                 temperature: float = 0.8, top_k: int | None = 40, batch: int = 1,
-                source: str = "--prompt", kv_bits: int | None = None) -> str | list[str]:
+                source: str = "--prompt", kv_bits: int | None = None,
+                progress: Callable[[int], None] | None = None) -> str | list[str]:
     """`batch` continuations of `prompt` (encoded by the run's `tokenizer` with its special tokens, e.g. a BOS;
     the last `seq_len` ids kept; a newline when empty), decoded without the prompt, sampled with a KV cache of
-    `kv_bits` (None: the compute dtype; 8: int8). Raises UserError naming `source` when the tokenizer cannot encode
-    the prompt."""
+    `kv_bits` (None: the compute dtype; 8: int8) a chunk of decode steps at a time (slm_jax.sampling.generate_chunks:
+    a Ctrl-C stops it between chunks); `progress(tokens so far per sequence)` after each chunk. Raises UserError
+    naming `source` when the tokenizer cannot encode the prompt."""
     ids = tokenizer.encode(prompt, add_special_tokens=True, source=source)[-seq_len:]
     if len(ids) == 0:
         ids = tokenizer.encode("\n", source=source)
     if len(ids) == 0:
         raise UserError(f"{source}: {prompt!r} encodes to no tokens; give a prompt with text")
     prompt_ids = jnp.asarray(np.tile(ids.astype(np.int32), (batch, 1)))
-    out = generate(model, variables, prompt_ids, jax.random.PRNGKey(seed), max_new_tokens, temperature, top_k,
-                   kv_bits)
-    texts = [tokenizer.decode(np.asarray(row)) for row in out]
+    chunks = []
+    for chunk in generate_chunks(model, variables, prompt_ids, jax.random.PRNGKey(seed), max_new_tokens, temperature,
+                                 top_k, kv_bits):
+        chunks.append(chunk)
+        if progress is not None:
+            progress(sum(c.shape[1] for c in chunks))
+    texts = [tokenizer.decode(row) for row in np.concatenate(chunks, axis=1)]
     return texts[0] if batch == 1 else texts
