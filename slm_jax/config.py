@@ -11,6 +11,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 ROPE_SCALING_TYPES = ("llama3",)
 
 
+def bounded(default, low: int, high: int | None = None):
+    """A dataclass field for an integer config value from `low` to `high` (None: up to int32's limit). The bounds
+    are metadata the YAML loader words when a value is beyond int32 (train.config_loader); `__post_init__` still
+    checks the value itself."""
+    return dataclasses.field(default=default, metadata={"min": low, "max": high})
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama 3.1's rotary frequency scaling (field names as in Hugging Face's `rope_scaling`): wavelengths longer
@@ -21,7 +28,7 @@ class RopeScaling:
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    original_max_position_embeddings: int = bounded(8192, 1)
 
     def __post_init__(self):
         if self.type not in ROPE_SCALING_TYPES:
@@ -36,19 +43,21 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 256
-    seq_len: int = 128  # the training window: sequences the model is trained and evaluated on
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None  # None: as many as n_heads; fewer gives grouped-query attention
-    d_model: int = 128
-    head_size: int | None = None  # width of one attention head; None: d_model // n_heads (see `head_dim`)
-    mlp_hidden: int | None = None  # None: the Llama choice, about 8/3 * d_model rounded up to a multiple of 32
+    vocab_size: int = bounded(256, 1)
+    seq_len: int = bounded(128, 1)  # the training window: sequences the model is trained and evaluated on
+    n_layers: int = bounded(4, 1)
+    n_heads: int = bounded(4, 1)
+    n_kv_heads: int | None = bounded(None, 1)  # None: as many as n_heads; fewer gives grouped-query attention
+    d_model: int = bounded(128, 1)
+    head_size: int | None = bounded(None, 2)  # width of one attention head; None: d_model // n_heads (see `head_dim`)
+    # None: the Llama choice, about 8/3 * d_model rounded up to a multiple of 32
+    mlp_hidden: int | None = bounded(None, 1)
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-5
-    max_context: int | None = None  # keys a query attends to, and the KV cache's default size; None: seq_len
+    # keys a query attends to, and the KV cache's default size; None: seq_len
+    max_context: int | None = bounded(None, 1)
     dropout: float = 0.0
     quantize_attention: bool = False  # also route QK^T and attention x V through the injected dot_general
 
