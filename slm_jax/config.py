@@ -11,6 +11,14 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 ROPE_SCALING_TYPES = ("llama3",)
 
 
+def check_positive(section, keys: tuple[str, ...], prefix: str) -> None:
+    """UserError naming each of `keys` whose value in `section` is not positive, with its value, and no other."""
+    bad = {key: getattr(section, key) for key in keys if not getattr(section, key) > 0}
+    if bad:
+        raise UserError(f"{' and '.join(prefix + key for key in bad)} must be positive, got "
+                        f"{' and '.join(str(value) for value in bad.values())}")
+
+
 def bounded(default, low: int, high: int | None = None):
     """A dataclass field for an integer config value from `low` to `high` (None: up to int32's limit). The bounds
     are metadata the YAML loader words when a value is beyond int32 (train.config_loader); `__post_init__` still
@@ -34,8 +42,7 @@ class RopeScaling:
         if self.type not in ROPE_SCALING_TYPES:
             raise UserError(f"model.rope_scaling.type must be one of {', '.join(ROPE_SCALING_TYPES)}, "
                             f"got {self.type!r}")
-        if self.factor <= 0 or self.original_max_position_embeddings <= 0:
-            raise UserError("model.rope_scaling.factor and .original_max_position_embeddings must be positive")
+        check_positive(self, ("factor", "original_max_position_embeddings"), "model.rope_scaling.")
         if not 0 < self.low_freq_factor < self.high_freq_factor:
             raise UserError(f"model.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
                             f"{self.low_freq_factor} and {self.high_freq_factor}")
@@ -85,8 +92,7 @@ class ModelConfig:
                             f"({self.seq_len})")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise UserError("model.rope_theta and model.norm_eps must be positive")
+        check_positive(self, ("rope_theta", "norm_eps"), "model.")
 
     @property
     def head_dim(self) -> int:

@@ -110,7 +110,7 @@ def test_wrong_typed_config_json_values_are_refused_naming_the_key(tmp_path, cap
     ({"num_key_value_heads": 3}, ("config.json num_key_value_heads (3)", "config.json num_attention_heads (4)")),
     ({"num_key_value_heads": 0}, ("config.json num_key_value_heads",)),
     ({"max_position_embeddings": 64}, ("config.json max_position_embeddings (64)", "--seq-len (128)")),
-    ({"rms_norm_eps": 0}, ("config.json rope_theta and config.json rms_norm_eps must be positive",)),
+    ({"rms_norm_eps": 0}, ("config.json rms_norm_eps must be positive, got 0",)),
     ({"head_dim": 7}, ("config.json head_dim must be a positive even integer",)),
 ])
 def test_model_validation_of_imported_values_names_config_json_keys(tmp_path, capsys, config, fragments):
@@ -121,6 +121,24 @@ def test_model_validation_of_imported_values_names_config_json_keys(tmp_path, ca
 
 
 LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"rms_norm_eps": 0}, "config.json rms_norm_eps must be positive, got 0"),
+    ({"rms_norm_eps": -1e-5}, "config.json rms_norm_eps must be positive, got -1e-05"),
+    ({"rope_parameters": None, "rope_theta": -1.0}, "config.json rope_theta must be positive, got -1.0"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 0.0}},
+     "config.json rope_parameters.rope_theta must be positive, got 0.0"),
+    ({"rope_parameters": None, "rope_theta": 0, "rms_norm_eps": -1e-5},
+     "config.json rope_theta and config.json rms_norm_eps must be positive, got 0.0 and -1e-05"),
+    ({"rope_parameters": None, "rope_scaling": {"rope_type": "llama3", **LLAMA3, "factor": -8.0}},
+     "config.json rope_scaling.factor must be positive, got -8.0"),
+    ({"rope_parameters": {"rope_type": "llama3", **LLAMA3, "original_max_position_embeddings": 0}},
+     "config.json rope_parameters.original_max_position_embeddings must be positive, got 0"),
+])
+def test_a_non_positive_rope_or_norm_value_is_refused_naming_only_that_key(tmp_path, capsys, config, message):
+    err = refuse_import(copy_fixture(tmp_path, config=config), tmp_path, capsys)
+    assert err == f"error: {message}\n"
 
 
 @pytest.mark.parametrize("config", [
