@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Iterator
 
@@ -249,6 +250,19 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                                                                       jnp.zeros((1, 1), jnp.int32))))
     leaves = jax.tree_util.tree_flatten_with_path(abstract["params"])[0]
     return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def is_model_folder(folder: Path) -> bool:
+    """Whether `folder` holds a Hugging Face model: config.json and model.safetensors or its shard index."""
+    folder = Path(folder)
+    return (folder / "config.json").is_file() and any(
+        (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def import_first(folder: Path) -> UserError:
+    """The one-line refusal for a command that reads runs, pointed at a Hugging Face model folder."""
+    return UserError(f"{folder} is a Hugging Face model folder, not an slm-jax run; import it first: "
+                     f"python -m checkpoints.hf_import {shlex.quote(str(folder))} --out runs/NAME")
 
 
 def shard_files(folder: Path) -> dict[str, Path]:
