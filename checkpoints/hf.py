@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Iterator
 
@@ -193,12 +194,12 @@ def model_config(hf: dict, seq_len: int | None = None) -> ModelConfig:
         if token_id is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
             raise UserError(f"config.json {key} must be a token id (an integer >= 0), a list of them or null, "
                             f"got {token_id!r}")
-    values["rope_theta"], values["rope_scaling"] = rope_settings(hf)
     if values["head_size"] == hf["hidden_size"] // hf["num_attention_heads"] and \
             hf["hidden_size"] % hf["num_attention_heads"] == 0:
         values["head_size"] = None  # the default width: no need to record it
     context = values["max_context"]
     try:
+        values["rope_theta"], values["rope_scaling"] = rope_settings(hf)  # RopeScaling validates itself
         return ModelConfig(**values, seq_len=seq_len or min(context, 512))
     except UserError as err:  # name config.json's keys, not the model section's it maps them to
         raise UserError(config_json_names(str(err), hf)) from None
@@ -206,10 +207,15 @@ def model_config(hf: dict, seq_len: int | None = None) -> ModelConfig:
 
 def config_json_names(message: str, hf: dict) -> str:
     """A ModelConfig validation message with each `model.FIELD` read from config.json named by its config.json key
-    (and model.seq_len as --seq-len, model.rope_scaling as the rope key config.json used)."""
+    (and model.seq_len as --seq-len, model.rope_scaling as the rope key config.json used, model.rope_theta as that
+    key's rope_theta when only it gives one)."""
     names = {field: f"config.json {key}" for key, field in CONFIG_FIELDS.items()}
     names["seq_len"] = "--seq-len"
-    names["rope_scaling"] = "config.json " + ("rope_parameters" if hf.get("rope_parameters") else "rope_scaling")
+    rope_key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    names["rope_scaling"] = f"config.json {rope_key}"
+    rope = hf.get(rope_key)
+    if hf.get("rope_theta") is None and isinstance(rope, dict) and rope.get("rope_theta") is not None:
+        names["rope_theta"] = f"config.json {rope_key}.rope_theta"
     return re.sub(r"\bmodel\.([a-z_]+)", lambda m: names.get(m.group(1), m.group(0)), message)
 
 
@@ -244,6 +250,19 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                                                                       jnp.zeros((1, 1), jnp.int32))))
     leaves = jax.tree_util.tree_flatten_with_path(abstract["params"])[0]
     return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def is_model_folder(folder: Path) -> bool:
+    """Whether `folder` holds a Hugging Face model: config.json and model.safetensors or its shard index."""
+    folder = Path(folder)
+    return (folder / "config.json").is_file() and any(
+        (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def import_first(folder: Path) -> UserError:
+    """The one-line refusal for a command that reads runs, pointed at a Hugging Face model folder."""
+    return UserError(f"{folder} is a Hugging Face model folder, not an slm-jax run; import it first: "
+                     f"python -m checkpoints.hf_import {shlex.quote(str(folder))} --out runs/NAME")
 
 
 def shard_files(folder: Path) -> dict[str, Path]:

@@ -15,6 +15,7 @@ if __name__ == "__main__":  # a Ctrl-C while the imports below load JAX ends at 
 import argparse
 from pathlib import Path
 
+from checkpoints.hf import import_first, is_model_folder
 from checkpoints.manager import ArrayInfo, CheckpointStore
 from slm_jax.errors import UserError
 from train.cli import ArgumentParser, main_guard, non_negative_int, path_arg
@@ -46,6 +47,8 @@ def locate(path: Path) -> tuple[Path, int | None]:
         return path.parent, int(path.name)
     if any(child.name.isdigit() and child.is_dir() for child in path.iterdir()):
         return path, None
+    if is_model_folder(path):
+        raise import_first(path)
     raise UserError(f"{path} is not a run directory or a checkpoints folder (no checkpoints/ or step folders in it)")
 
 

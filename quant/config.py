@@ -9,6 +9,7 @@ import dataclasses
 import re
 
 from quant import ggml
+from slm_jax.config import bounded
 from slm_jax.errors import UserError
 
 MODES = ("none", "qat", "serve")
@@ -71,15 +72,16 @@ class QuantRule:
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     mode: str = "none"  # none | qat (quantization-aware training) | serve (weights stored as integers)
-    weight_bits: int | None = 8
-    act_bits: int | None = None  # null: weight-only quantization
-    embed_bits: int | None = None  # the token embedding table (per-column scales); null: float
+    weight_bits: int | None = bounded(8, 2, 8)
+    act_bits: int | None = bounded(None, 2, 8)  # null: weight-only quantization
+    embed_bits: int | None = bounded(None, 2, 8)  # the token embedding table (per-column scales); null: float
     granularity: str = "per_channel"  # per_channel | per_group (sub-channel scales along the contracting axis)
-    group_size: int = 32
-    bwd_bits: int | None = None  # null: float gradients; 8: AQT's quantized backward pass
+    group_size: int = bounded(32, 1)
+    bwd_bits: int | None = bounded(None, 2, 8)  # null: float gradients; 8: AQT's quantized backward pass
     numerics: str = "auto"  # int (integer matmul) | fake (dequantize, then float matmul) | auto (fake on CPU)
     scale_dtype: str = "float32"  # dtype of the weight scales, as trained and as stored: float32 | bfloat16
-    kv_bits: int | None = None  # KV cache when generating: null (compute dtype) | 8 (int8, scale per token and head)
+    # KV cache when generating: null (compute dtype) | 8 (int8, scale per token and head)
+    kv_bits: int | None = dataclasses.field(default=None, metadata={"range": "null or 8"})
     # CPU serving with int numerics: re-quantize weight-only per-group (INT4) layers at load to int8 per channel
     # (faster decode, approximate weights: quant.serving.per_channel_int8); false serves the exact codes
     serve_per_channel_int8: bool = False

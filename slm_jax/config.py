@@ -11,6 +11,21 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 ROPE_SCALING_TYPES = ("llama3",)
 
 
+def check_positive(section, keys: tuple[str, ...], prefix: str) -> None:
+    """UserError naming each of `keys` whose value in `section` is not positive, with its value, and no other."""
+    bad = {key: getattr(section, key) for key in keys if not getattr(section, key) > 0}
+    if bad:
+        raise UserError(f"{' and '.join(prefix + key for key in bad)} must be positive, got "
+                        f"{' and '.join(str(value) for value in bad.values())}")
+
+
+def bounded(default, low: int, high: int | None = None):
+    """A dataclass field for an integer config value from `low` to `high` (None: up to int32's limit). The bounds
+    are metadata the YAML loader words when a value is beyond int32 (train.config_loader); `__post_init__` still
+    checks the value itself."""
+    return dataclasses.field(default=default, metadata={"min": low, "max": high})
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama 3.1's rotary frequency scaling (field names as in Hugging Face's `rope_scaling`): wavelengths longer
@@ -21,14 +36,13 @@ class RopeScaling:
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    original_max_position_embeddings: int = bounded(8192, 1)
 
     def __post_init__(self):
         if self.type not in ROPE_SCALING_TYPES:
             raise UserError(f"model.rope_scaling.type must be one of {', '.join(ROPE_SCALING_TYPES)}, "
                             f"got {self.type!r}")
-        if self.factor <= 0 or self.original_max_position_embeddings <= 0:
-            raise UserError("model.rope_scaling.factor and .original_max_position_embeddings must be positive")
+        check_positive(self, ("factor", "original_max_position_embeddings"), "model.rope_scaling.")
         if not 0 < self.low_freq_factor < self.high_freq_factor:
             raise UserError(f"model.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
                             f"{self.low_freq_factor} and {self.high_freq_factor}")
@@ -36,19 +50,21 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 256
-    seq_len: int = 128  # the training window: sequences the model is trained and evaluated on
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None  # None: as many as n_heads; fewer gives grouped-query attention
-    d_model: int = 128
-    head_size: int | None = None  # width of one attention head; None: d_model // n_heads (see `head_dim`)
-    mlp_hidden: int | None = None  # None: the Llama choice, about 8/3 * d_model rounded up to a multiple of 32
+    vocab_size: int = bounded(256, 1)
+    seq_len: int = bounded(128, 1)  # the training window: sequences the model is trained and evaluated on
+    n_layers: int = bounded(4, 1)
+    n_heads: int = bounded(4, 1)
+    n_kv_heads: int | None = bounded(None, 1)  # None: as many as n_heads; fewer gives grouped-query attention
+    d_model: int = bounded(128, 1)
+    head_size: int | None = bounded(None, 2)  # width of one attention head; None: d_model // n_heads (see `head_dim`)
+    # None: the Llama choice, about 8/3 * d_model rounded up to a multiple of 32
+    mlp_hidden: int | None = bounded(None, 1)
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-5
-    max_context: int | None = None  # keys a query attends to, and the KV cache's default size; None: seq_len
+    # keys a query attends to, and the KV cache's default size; None: seq_len
+    max_context: int | None = bounded(None, 1)
     dropout: float = 0.0
     quantize_attention: bool = False  # also route QK^T and attention x V through the injected dot_general
 
@@ -76,8 +92,7 @@ class ModelConfig:
                             f"({self.seq_len})")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise UserError("model.rope_theta and model.norm_eps must be positive")
+        check_positive(self, ("rope_theta", "norm_eps"), "model.")
 
     @property
     def head_dim(self) -> int:

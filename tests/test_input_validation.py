@@ -2,6 +2,7 @@
 type, with one line naming it (exit code 2 from the command lines)."""
 import argparse
 import dataclasses
+import re
 import typing
 
 import pytest
@@ -49,11 +50,53 @@ def test_every_float_field_refuses_non_finite_values(key, text, shown):
     assert str(refused.value) == f"{key} must be a finite number, got {shown}"
 
 
+def field_of(key: str) -> dataclasses.Field:
+    """The dataclass field of a dotted config key such as `train.steps`."""
+    cls, (*sections, name) = Config, key.split(".")
+    for section in sections:
+        cls = typing.get_type_hints(cls)[section]
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
 @pytest.mark.parametrize("key", INT_KEYS)
-def test_every_int_field_refuses_values_beyond_int32(key):
+def test_every_int_field_refuses_values_beyond_int32_naming_its_own_range(key):
+    for value in (2**31, -2**31):
+        with pytest.raises(UserError) as refused:
+            load_config("tiny", [f"{key}={value}"])
+        message = str(refused.value)
+        assert message.startswith(f"{key} must be ") and message.endswith(f", got {value}")
+        assert "-2147483647" not in message  # no int field takes a large negative value
+
+
+@pytest.mark.parametrize("key", INT_KEYS)
+def test_every_int_field_declares_the_lower_bound_its_validation_enforces(key):
+    meta = field_of(key).metadata
+    assert "min" in meta or "range" in meta
+    if "min" in meta:
+        with pytest.raises(UserError, match=rf"{re.escape(key)}\b"):
+            load_config("tiny", [f"{key}={meta['min'] - 1}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=1000000000000", "train.batch_size must be between 1 and 2147483647, got 1000000000000"),
+    ("model.d_model=2147483648", "model.d_model must be between 1 and 2147483647, got 2147483648"),
+    ("train.steps=-3000000000", "train.steps must be between 1 and 2147483647, got -3000000000"),
+    ("train.seed=2147483648", "train.seed must be between 0 and 2147483647, got 2147483648"),
+    ("model.n_kv_heads=2147483648", "model.n_kv_heads must be between 1 and 2147483647 or null, got 2147483648"),
+    ("quant.weight_bits=2147483648", "quant.weight_bits must be between 2 and 8 or null, got 2147483648"),
+    ("quant.kv_bits=2147483648", "quant.kv_bits must be null or 8, got 2147483648"),
+    ("mesh.data=2147483648", "mesh.data must be -1 (all remaining devices) or between 1 and 2147483647, got "
+                             "2147483648"),
+    ("model.rope_scaling={original_max_position_embeddings: 2147483648}",
+     "model.rope_scaling.original_max_position_embeddings must be between 1 and 2147483647, got 2147483648"),
+    ("quant.rules=[{match: lm_head, weight_bits: 2147483648}]",
+     "quant.rules[0].weight_bits must be an integer from 2 to 8, null (keep the layer float) or left out (the "
+     "section's value), got 2147483648"),
+])
+def test_an_int_beyond_int32_is_refused_with_the_range_of_its_field(override, message):
     with pytest.raises(UserError) as refused:
-        load_config("tiny", [f"{key}={2**31}"])
-    assert str(refused.value) == f"{key} must be between -2147483647 and 2147483647, got 2147483648"
+        load_config("tiny", [override])
+    assert str(refused.value) == message
 
 
 @pytest.mark.parametrize("override, message", [
@@ -67,7 +110,9 @@ def test_every_int_field_refuses_values_beyond_int32(key):
     ("train.beta2=1", "train.beta1 and train.beta2 must be in [0, 1)"),
     ("train.grad_accum=0", "train.grad_accum must be a positive integer, got 0"),
     ("checkpoint.keep=0", "checkpoint.every and checkpoint.keep must be positive integers"),
-    ("model.norm_eps=0", "model.rope_theta and model.norm_eps must be positive"),
+    ("model.norm_eps=0", "model.norm_eps must be positive, got 0.0"),
+    ("model.rope_theta=-1", "model.rope_theta must be positive, got -1.0"),
+    ("model.rope_scaling={factor: 0}", "model.rope_scaling.factor must be positive, got 0.0"),
     ("model.dropout=1", "model.dropout must be in [0, 1), got 1.0"),
     ("data.val_fraction=0", "data.val_fraction must be in (0, 1), got 0.0"),
     ("finetune.lora_alpha=-1", "finetune.lora_alpha must be positive, got -1.0"),

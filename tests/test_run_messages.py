@@ -2,14 +2,18 @@
 evaluate/convert table and training's eval and done lines print it; a resume with nothing to train says so; the sample
 after training is announced."""
 import re
+import zlib
 
 import numpy as np
 import pytest
 
+from train import evaluation
 from train.config import load_config
 from train.data import load_splits
-from train.evaluation import eval_windows, format_table, mean_loss, unigram_loss, val_text, val_text_key
+from train.evaluation import (eval_windows, evaluate_workdir, format_table, mean_loss, unigram_loss, val_text,
+                              val_text_key)
 from train.loop import run_training
+from train.tokenizer import ByteTokenizer, HFTokenizer
 
 
 @pytest.mark.parametrize("length, batch_size, seq_len, max_batches, expected", [
@@ -75,6 +79,49 @@ def test_the_same_validation_text_at_another_path_or_tokenizer_is_the_same_text(
     assert keys["a"]["val_text"] != keys["b"]["val_text"]  # the paths differ
     assert "differs" not in format_table([keys["a"], keys["b"], keys["c"]])
     assert "validation text differs" in format_table([keys["a"], keys["d"]])
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """{tokenizer kind: how many times its decode ran}, with no `val_text_key` remembered from earlier tests."""
+    counts = {"byte": 0, "bpe": 0}
+    monkeypatch.setattr(evaluation, "_TEXT_KEYS", {})
+    for cls, kind in ((ByteTokenizer, "byte"), (HFTokenizer, "bpe")):
+        def counted(self, ids, _decode=cls.decode, _kind=kind):
+            counts[_kind] += 1
+            return _decode(self, ids)
+        monkeypatch.setattr(cls, "decode", counted)
+    return counts
+
+
+def test_the_validation_text_key_decodes_each_split_once_per_tokenizer(tmp_path, corpus_file, decodes):
+    other = tmp_path / "other.txt"
+    other.write_text(corpus_file.read_text().replace("fox", "cat"))
+
+    def key(path, *tokenizer):
+        splits = load_splits(load_config("tiny", [f"data.path={path}", *tokenizer]).data)  # new arrays each time
+        return splits, val_text_key(splits.val, splits.tokenizer)
+
+    splits, first = key(corpus_file)
+    assert decodes == {"byte": 1, "bpe": 0}
+    assert first == zlib.crc32(splits.tokenizer.decode(splits.val).encode())  # what it decoded (counts one more)
+    assert [key(corpus_file)[1] for _ in range(3)] == [first] * 3 and decodes["byte"] == 2
+    _, elsewhere = key(other)  # another split under the same tokenizer is decoded, not looked up
+    assert elsewhere != first and decodes["byte"] == 3
+    changed = np.array(splits.val)
+    changed[-1] = ord("?")
+    assert val_text_key(changed, splits.tokenizer) != first and decodes["byte"] == 4
+    bpe = ["data.tokenizer=bpe", "data.vocab_size=300"]
+    assert key(corpus_file, *bpe)[1] == first and decodes == {"byte": 4, "bpe": 1}  # the same text, another tokenizer
+    assert key(corpus_file, *bpe)[1] == first and decodes == {"byte": 4, "bpe": 1}
+
+
+def test_repeated_evaluations_decode_the_validation_text_once(tmp_path, tiny_run, decodes):
+    workdir = tiny_run(tmp_path / "run").workdir
+    decodes.update(byte=0, bpe=0)  # training (its sample) decodes too, when the session trains the run here
+    rows = [evaluate_workdir(workdir, 2, 4) for _ in range(3)]
+    assert decodes == {"byte": 1, "bpe": 0}
+    assert rows[0] == rows[1] == rows[2] and isinstance(rows[0]["val_text_key"], int)
 
 
 def test_training_eval_and_done_lines_say_their_windows(tmp_path, corpus_file):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from checkpoints import gguf as gguf_lib
 from checkpoints import gguf_export, hf_export, hf_import
+from checkpoints import inspect as inspect_cli
 from checkpoints.hf import model_config
 from checkpoints.hf_export import export_run
 from checkpoints.hf_import import import_folder
@@ -26,6 +28,7 @@ from quant.layer_report import layer_report
 from slm_jax.errors import UserError
 from train.cli import add_scheme_args, scheme_from_args
 from train.config import load_config
+from train.evaluate import main as evaluate_main
 from train.generate import main as generate_main
 from train.ptq import convert_workdir
 from train.run import imported_token_ids, load_run
@@ -110,7 +113,7 @@ def test_wrong_typed_config_json_values_are_refused_naming_the_key(tmp_path, cap
     ({"num_key_value_heads": 3}, ("config.json num_key_value_heads (3)", "config.json num_attention_heads (4)")),
     ({"num_key_value_heads": 0}, ("config.json num_key_value_heads",)),
     ({"max_position_embeddings": 64}, ("config.json max_position_embeddings (64)", "--seq-len (128)")),
-    ({"rms_norm_eps": 0}, ("config.json rope_theta and config.json rms_norm_eps must be positive",)),
+    ({"rms_norm_eps": 0}, ("config.json rms_norm_eps must be positive, got 0",)),
     ({"head_dim": 7}, ("config.json head_dim must be a positive even integer",)),
 ])
 def test_model_validation_of_imported_values_names_config_json_keys(tmp_path, capsys, config, fragments):
@@ -120,7 +123,53 @@ def test_model_validation_of_imported_values_names_config_json_keys(tmp_path, ca
     assert "model." not in err
 
 
+READERS = {"evaluate": (evaluate_main, ["--workdir"]), "generate": (generate_main, ["--workdir"]),
+           "inspect": (inspect_cli.main, [])}
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("name", ["gqa_tied", "bf16_sharded"])
+def test_commands_that_read_runs_send_a_hugging_face_folder_to_the_import(tmp_path, capsys, reader, name):
+    main, flag = READERS[reader]
+    folder = tmp_path / "my model"
+    shutil.copytree(FIXTURES / name, folder)
+    err = one_line_refusal(main, [*flag, str(folder)], capsys)
+    assert err == (f"error: {folder} is a Hugging Face model folder, not an slm-jax run; import it first: "
+                   f"python -m checkpoints.hf_import '{folder}' --out runs/NAME\n")
+    suggested = shlex.split(err.partition("import it first: ")[2])
+    assert suggested[:3] == ["python", "-m", "checkpoints.hf_import"]
+    hf_import.main([arg.replace("runs/NAME", str(tmp_path / "run")) for arg in suggested[3:]])
+    main([*flag, str(tmp_path / "run")] + (["--max-new-tokens", "2"] if reader == "generate" else []))
+    assert capsys.readouterr().err.count("error:") == 0
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors"])
+def test_a_folder_without_a_whole_hugging_face_model_is_only_not_a_run(tmp_path, capsys, missing):
+    folder = copy_fixture(tmp_path)
+    (folder / missing).unlink()
+    err = one_line_refusal(evaluate_main, ["--workdir", str(folder)], capsys, "is not a run directory")
+    assert "Hugging Face" not in err
+
+
 LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"rms_norm_eps": 0}, "config.json rms_norm_eps must be positive, got 0"),
+    ({"rms_norm_eps": -1e-5}, "config.json rms_norm_eps must be positive, got -1e-05"),
+    ({"rope_parameters": None, "rope_theta": -1.0}, "config.json rope_theta must be positive, got -1.0"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 0.0}},
+     "config.json rope_parameters.rope_theta must be positive, got 0.0"),
+    ({"rope_parameters": None, "rope_theta": 0, "rms_norm_eps": -1e-5},
+     "config.json rope_theta and config.json rms_norm_eps must be positive, got 0.0 and -1e-05"),
+    ({"rope_parameters": None, "rope_scaling": {"rope_type": "llama3", **LLAMA3, "factor": -8.0}},
+     "config.json rope_scaling.factor must be positive, got -8.0"),
+    ({"rope_parameters": {"rope_type": "llama3", **LLAMA3, "original_max_position_embeddings": 0}},
+     "config.json rope_parameters.original_max_position_embeddings must be positive, got 0"),
+])
+def test_a_non_positive_rope_or_norm_value_is_refused_naming_only_that_key(tmp_path, capsys, config, message):
+    err = refuse_import(copy_fixture(tmp_path, config=config), tmp_path, capsys)
+    assert err == f"error: {message}\n"
 
 
 @pytest.mark.parametrize("config", [

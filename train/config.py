@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from quant.config import QuantConfig
-from slm_jax.config import ModelConfig
+from slm_jax.config import ModelConfig, bounded
 from slm_jax.errors import UserError
 from train.config_loader import build, to_dict
 from train.data import DataConfig, tokenizer_vocab_size
@@ -25,25 +25,26 @@ METHODS = ("none", "qat", "lora")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    seed: int = 0
-    steps: int = 1000
-    batch_size: int = 16
-    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = bounded(0, 0)
+    steps: int = bounded(1000, 1)
+    batch_size: int = bounded(16, 1)
+    grad_accum: int = bounded(1, 1)  # micro-batches per optimizer step
     learning_rate: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
-    warmup_steps: int = 100
+    warmup_steps: int = bounded(100, 0)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     precision: str = "fp32"  # fp32 | bf16 (f32 master params, bf16 compute) | fp16 (plus dynamic loss scaling)
-    log_every: int = 50
-    eval_every: int = 250
-    eval_batches: int = 20  # of the effective batch (batch_size x grad_accum windows), so the windows a validation
-    # loss averages depend on the effective batch only, not on how it is split into micro-batches
+    log_every: int = bounded(50, 1)
+    eval_every: int = bounded(250, 1)
+    # of the effective batch (batch_size x grad_accum windows), so the windows a validation loss averages depend on
+    # the effective batch only, not on how it is split into micro-batches
+    eval_batches: int = bounded(20, 1)
     init_from: str | None = None  # a workdir whose latest params start this run (e.g. QAT from a float model)
     sample_prompt: str = "ROMEO:"
-    sample_tokens: int = 200
+    sample_tokens: int = bounded(200, 0)
     tensorboard: bool = False  # also write metrics.jsonl's scalars as TensorBoard events to <workdir>/tensorboard
     extend: bool = False  # resume with another learning-rate schedule (train.steps, learning_rate, ...) on purpose
 
@@ -68,8 +69,8 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 500  # steps between saves (the last step is always saved)
-    keep: int = 3  # how many recent checkpoints to keep
+    every: int = bounded(500, 1)  # steps between saves (the last step is always saved)
+    keep: int = bounded(3, 1)  # how many recent checkpoints to keep
     async_save: bool = True  # Orbax writes in the background while training goes on
 
     def __post_init__(self):
@@ -83,7 +84,7 @@ class FinetuneConfig:
 
     base: str | None = None  # lora: the serving (integer) workdir whose frozen weights the adapters train on
     method: str = "none"  # none (full fine-tuning from train.init_from) | qat (continued QAT) | lora
-    lora_rank: int = 8
+    lora_rank: int = bounded(8, 1)
     lora_alpha: float = 16.0  # the adapter's output is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # on the adapter's input only
     lora_targets: str = "attn/(q|v)|mlp/(gate|up|down)"  # regex searched in layer paths such as layer_0/attn/q

@@ -2,7 +2,8 @@
 
 Errors name the dotted key and what is allowed, so a typo fails before any work starts. Every float field must be
 finite and every integer field must fit in int32 (steps, sizes and seeds end up in int32 arrays); ranges beyond
-that are each section's `__post_init__`.
+that are each section's `__post_init__`. An integer beyond int32 is refused with the field's own range, as its
+metadata declares it (`slm_jax.config.bounded`): "min" and "max", or "range" in words.
 """
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ INT_LIMIT = 2**31 - 1
 
 class _WrongType(UserError):
     """The value is not of the annotated type (a union tries its next option); other UserErrors are final."""
+
+
+class _BeyondInt32(UserError):
+    """An integer beyond +-INT_LIMIT; `build` words the field's own range when its metadata declares one."""
 
 
 @functools.cache
@@ -60,7 +65,7 @@ def convert(value: Any, tp: Any, key: str) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             if abs(value) > INT_LIMIT:
-                raise UserError(f"{key} must be between -{INT_LIMIT} and {INT_LIMIT}, got {value}")
+                raise _BeyondInt32(f"{key} must be between -{INT_LIMIT} and {INT_LIMIT}, got {value}")
             return value
     elif tp is float:
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
@@ -91,10 +96,22 @@ def convert(value: Any, tp: Any, key: str) -> Any:
     raise _WrongType(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
+def _int_range(field: dataclasses.Field, optional: bool) -> str | None:
+    """The integers `field` takes, in words, from its metadata: "range" as written, or "min" to "max" (at most
+    INT_LIMIT); else its "allowed" description. None when it declares none of them."""
+    meta = field.metadata
+    if "range" in meta:
+        return meta["range"]
+    if "min" in meta:
+        high = INT_LIMIT if meta.get("max") is None else meta["max"]
+        return f"between {meta['min']} and {high}" + (" or null" if optional else "")
+    return meta.get("allowed")
+
+
 def build(cls, values: dict, prefix: str = ""):
     """Instantiate dataclass `cls` from `values`, rejecting unknown keys and missing required ones; nested dataclasses
     are built too. A field's metadata "allowed" (e.g. "an integer from 2 to 8 or null") words what it takes in the
-    message for a missing or wrong-typed value."""
+    message for a missing or wrong-typed value, and (as do "min", "max" or "range") for an integer beyond int32."""
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - fields)
     if unknown:
@@ -115,6 +132,12 @@ def build(cls, values: dict, prefix: str = ""):
             if not described[name]:
                 raise
             raise UserError(f"{prefix}{name} must be {described[name]}, got {v!r}") from None
+        except _BeyondInt32:
+            field = next(f for f in dataclasses.fields(cls) if f.name == name)
+            allowed = _int_range(field, type(None) in typing.get_args(hints[name]))
+            if allowed is None or not isinstance(v, int):
+                raise
+            raise UserError(f"{prefix}{name} must be {allowed}, got {v}") from None
     return cls(**kwargs)
 
 

@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 import tokenizers
 
+from slm_jax.config import bounded
 from slm_jax.errors import UserError
 from train.corpus import (GENRES, bundled_key, bundled_plays, bundled_source, files_key, read_bytes, text_files,
                           user_text)
@@ -38,7 +39,8 @@ class DataConfig:
     cache_dir: str | None = None  # None: $SLM_JAX_CACHE or ~/.cache/slm_jax
     tokenizer: str | None = "byte"  # byte | bpe (trained on the training split) | PATH to a tokenizer.json |
     #                                 null (pre-tokenized ids without a tokenizer: no text, no bits/char)
-    vocab_size: int | None = None  # bpe: the vocabulary to train; pre-tokenized ids without a tokenizer: theirs
+    # bpe: the vocabulary to train; pre-tokenized ids without a tokenizer: theirs
+    vocab_size: int | None = bounded(None, 1)
 
     def __post_init__(self):
         if not 0.0 < self.val_fraction < 1.0:

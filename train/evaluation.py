@@ -2,6 +2,8 @@
 for a serving run, how far its next-token distribution is from the parent it was converted from (KL, top-1)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import zlib
 from pathlib import Path
@@ -12,7 +14,7 @@ import numpy as np
 from checkpoints.manager import tree_bytes
 from quant.kl import kl_summary, token_kl
 from slm_jax.errors import UserError
-from train.data import DataConfig, eval_batches, eval_starts, load_splits, windows
+from train.data import DataConfig, crc32, eval_batches, eval_starts, load_splits, windows
 from train.run import LoadedRun, load_run
 from train.steps import make_eval_step, split_variables
 
@@ -128,12 +130,28 @@ def val_text(description: dict) -> str:
     return f"{description.get('source')}" + (f", plays {','.join(plays)}" if plays else "") + f", {size}"
 
 
+_TEXT_KEYS: dict[tuple[str, str, str], int] = {}  # `val_text_key`s decoded in this process, by `_split_identity`
+
+
+def _split_identity(val_tokens: np.ndarray, tokenizer) -> tuple[str, str, str]:
+    """What a split's decoded text depends on: a digest of its ids (read in place, no copy of a memmapped file),
+    their dtype, and the tokenizer's description (a tokenizer.json's sha256; the byte tokenizer has one)."""
+    ids = np.ascontiguousarray(val_tokens)
+    return (hashlib.blake2b(memoryview(ids).cast("B"), digest_size=16).hexdigest(), ids.dtype.str,
+            json.dumps(tokenizer.describe(), sort_keys=True))
+
+
 def val_text_key(val_tokens: np.ndarray, tokenizer) -> int:
     """CRC-32 of a validation split's text, decoded by `tokenizer` (so the same text at another path, or under
-    another tokenizer, has the same key), or of its token ids when there is no text (pre-tokenized ids)."""
+    another tokenizer, has the same key), or of its token ids when there is no text (pre-tokenized ids). The whole
+    split is decoded once per process for each split and tokenizer (`_split_identity`), however many runs
+    `evaluate_workdir` reads."""
     if tokenizer.kind == "none":
-        return zlib.crc32(np.ascontiguousarray(val_tokens).tobytes())
-    return zlib.crc32(tokenizer.decode(val_tokens).encode("utf-8", errors="surrogatepass"))
+        return crc32(val_tokens)
+    identity = _split_identity(val_tokens, tokenizer)
+    if identity not in _TEXT_KEYS:
+        _TEXT_KEYS[identity] = zlib.crc32(tokenizer.decode(val_tokens).encode("utf-8", errors="surrogatepass"))
+    return _TEXT_KEYS[identity]
 
 
 def format_table(rows: list[dict]) -> str:

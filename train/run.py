@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jax
 
-from checkpoints.hf import TOKEN_IDS
+from checkpoints.hf import TOKEN_IDS, import_first, is_model_folder
 from checkpoints.lock import LOCK_NAME, lock_workdir
 from checkpoints.manager import CheckpointStore, build_metadata
 from quant.plan import make_plan, plan_to_json
@@ -68,7 +68,8 @@ RESUME_NOTED = ("weight_decay", "beta1", "beta2", "grad_clip", "precision")
 
 
 def open_store(workdir: Path) -> CheckpointStore:
-    """The checkpoint store of an existing run, for reading; UserError if `workdir` is not a run."""
+    """The checkpoint store of an existing run, for reading; UserError if `workdir` is not a run (one saying how to
+    import it when it is a Hugging Face model folder)."""
     workdir = Path(workdir)
     if workdir.is_file():
         raise UserError(f"workdir {workdir} is a file, not a run folder")
@@ -76,6 +77,8 @@ def open_store(workdir: Path) -> CheckpointStore:
         raise UserError(f"workdir {workdir} does not exist")
     directory = workdir / "checkpoints"
     if not directory.is_dir():
+        if is_model_folder(workdir):
+            raise import_first(workdir)
         raise UserError(f"{workdir} is not a run directory (no checkpoints/ folder in it)")
     return CheckpointStore(directory, create=False)
 

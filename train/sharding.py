@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from checkpoints.manager import array_bytes
+from slm_jax.config import bounded
 from slm_jax.errors import UserError
 
 AXES = ("data", "fsdp", "tensor")
@@ -41,11 +42,13 @@ Axes = tuple[tuple[str | None, int], ...]  # per dimension of a variable: (logic
 class MeshConfig:
     """The `mesh` config section: how many ways each mesh axis splits the devices (the product is all of them)."""
 
-    data: int = -1  # data-parallel replicas; -1: all the devices that fsdp and tensor leave
-    fsdp: int = 1  # params, grads and optimizer state sharded over this many devices (the batch too)
-    tensor: int = 1  # tensor parallelism: heads, MLP hidden units and vocabulary split this many ways
+    # data-parallel replicas; -1: all the devices that fsdp and tensor leave
+    data: int = dataclasses.field(default=-1, metadata={"range": "-1 (all remaining devices) or between 1 and "
+                                                                 "2147483647"})
+    fsdp: int = bounded(1, 1)  # params, grads and optimizer state sharded over this many devices (the batch too)
+    tensor: int = bounded(1, 1)  # tensor parallelism: heads, MLP hidden units and vocabulary split this many ways
     # CPU backend: XLA devices one process splits its host into; 0: one per core (module train.cpu_devices)
-    cpu_devices: int = 0
+    cpu_devices: int = bounded(0, 0)
 
     def __post_init__(self):
         if self.data != -1 and self.data <= 0:
