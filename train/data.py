@@ -22,7 +22,7 @@ from slm_jax.config import bounded
 from slm_jax.errors import UserError
 from train.corpus import (GENRES, bundled_key, bundled_plays, bundled_source, files_key, read_bytes, text_files,
                           user_text)
-from train.tokenizer import (KINDS, ByteTokenizer, NoTokenizer, read_tokenizer_file, token_dtype,
+from train.tokenizer import (KINDS, ByteTokenizer, NoTokenizer, read_tokenizer_file,
                              train_bpe)
 
 PRETOKENIZED = ("train.bin", "val.bin")  # nanoGPT's layout: uint16 ids, no header
