@@ -59,10 +59,13 @@ class TrainConfig:
             raise UserError(f"train.learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.weight_decay < 0 or self.grad_clip <= 0:
-            raise UserError("train.weight_decay must be >= 0 and train.grad_clip > 0")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise UserError("train.beta1 and train.beta2 must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise UserError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip <= 0:
+            raise UserError(f"train.grad_clip must be positive, got {self.grad_clip}")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise UserError(f"train.{key} must be in [0, 1), got {getattr(self, key)}")
         if self.precision not in PRECISIONS:
             raise UserError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
@@ -74,8 +77,9 @@ class CheckpointConfig:
     async_save: bool = True  # Orbax writes in the background while training goes on
 
     def __post_init__(self):
-        if self.every <= 0 or self.keep <= 0:
-            raise UserError("checkpoint.every and checkpoint.keep must be positive integers")
+        for key in ("every", "keep"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"checkpoint.{key} must be a positive integer, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass(frozen=True)
