@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from quant.config import QuantConfig
-from slm_jax.config import ModelConfig, bounded
+from slm_jax.config import ModelConfig, bounded, check_positive
 from slm_jax.errors import UserError
 from train.config_loader import build, to_dict
 from train.data import DataConfig, tokenizer_vocab_size
@@ -55,14 +55,12 @@ class TrainConfig:
         for key in ("seed", "warmup_steps", "sample_tokens"):
             if getattr(self, key) < 0:
                 raise UserError(f"train.{key} must be >= 0, got {getattr(self, key)}")
-        if self.learning_rate <= 0:
-            raise UserError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        check_positive(self, ("learning_rate",), "train.")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.weight_decay < 0:
             raise UserError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.grad_clip <= 0:
-            raise UserError(f"train.grad_clip must be positive, got {self.grad_clip}")
+        check_positive(self, ("grad_clip",), "train.")
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
                 raise UserError(f"train.{key} must be in [0, 1), got {getattr(self, key)}")
@@ -99,8 +97,7 @@ class FinetuneConfig:
             raise UserError(f"finetune.method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank <= 0:
             raise UserError(f"finetune.lora_rank must be a positive integer, got {self.lora_rank!r}")
-        if self.lora_alpha <= 0:
-            raise UserError(f"finetune.lora_alpha must be positive, got {self.lora_alpha}")
+        check_positive(self, ("lora_alpha",), "finetune.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UserError(f"finetune.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for key in ("lora_targets", "freeze"):

@@ -421,11 +421,12 @@ def sample_text(model, variables, tokenizer, prompt: str, max_new_tokens: int, s
     if len(ids) == 0:
         raise UserError(f"{source}: {prompt!r} encodes to no tokens; give a prompt with text")
     prompt_ids = jnp.asarray(np.tile(ids.astype(np.int32), (batch, 1)))
-    chunks = []
+    chunks, done = [], 0
     for chunk in generate_chunks(model, variables, prompt_ids, jax.random.PRNGKey(seed), max_new_tokens, temperature,
                                  top_k, kv_bits):
         chunks.append(chunk)
+        done += chunk.shape[1]
         if progress is not None:
-            progress(sum(c.shape[1] for c in chunks))
+            progress(done)
     texts = [tokenizer.decode(row) for row in np.concatenate(chunks, axis=1)]
     return texts[0] if batch == 1 else texts
