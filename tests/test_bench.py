@@ -3,6 +3,8 @@ import importlib.util
 import json
 import math
 
+import pytest
+
 from train.bench.common import device_name
 from train.bench.main import main as bench_main
 from train.bench.report import write_report
@@ -63,6 +65,13 @@ def test_micro_bench_writes_results_tables_and_plots(tmp_path, monkeypatch):
         assert row["ms_per_step_min"] <= row["ms_per_step"] <= row["ms_per_step_max"]
     assert {"micro fp32 step", "matmul float32"} <= set(results["throughput"]["spreads"]) | set(
         results["matmul"]["spreads"])
+    (floor,) = results["throughput"]["floors"]  # the step's matmuls alone, for the profile's one speed size
+    fp32 = next(r for r in results["throughput"]["rows"] if r["size"] == "micro" and r["variant"] == "fp32")
+    assert floor["size"] == "micro" and floor["model_flops"] == fp32["flops_per_token"] * 4 * 16
+    assert floor["mfu_ceiling"] * results["throughput"]["peak_gflops"] * 1e9 * floor["median_s"] == pytest.approx(
+        floor["model_flops"])
+    assert floor["share"]["fp32"] == pytest.approx(1000 * floor["median_s"] / fp32["ms_per_step"])
+    assert "micro matmul floor" in results["throughput"]["spreads"]
     real = {row["variant"]: row for row in results["throughput"]["rows"] if row["size"] == "micro tied"}
     assert list(real) == ["fp32", "int4_w4", "int4_lora"]  # the profile's real-sized slot, timed after its sizes
     assert real["int4_lora"]["frozen_params"] > 0 and real["fp32"]["frozen_params"] == 0
@@ -87,6 +96,8 @@ def test_micro_bench_writes_results_tables_and_plots(tmp_path, monkeypatch):
         row = tuned[name]
         assert row["ms_per_step_min"] <= row["ms_per_step"] <= row["ms_per_step_max"]
         assert results["finetune"]["spreads"][f"finetune {name} step"]["median"] == row["ms_per_step"] / 1000
+    assert "Matmul floor: every matmul of one step's forward and backward pass" in report
+    assert f"| micro | {floor['matmuls']} |" in report
     for heading in ("## 1. Matmul peak", "## 2. Training throughput", "## 3. Quality", "## 4. Serving",
                     "## 5. Fine-tuning"):
         assert heading in report

@@ -67,7 +67,26 @@ def throughput_markdown(section: dict, device: str) -> str:
             f"overrides come first, then the variant's ({overrides}).\n\n"
             + table(["size", "variant", "config", "overrides", ">devices", ">first call s", ">ms/step (median)",
                      ">ms/step min..max", ">tokens/s", ">MFU %",
-                     ">x bf16 time", ">x fp32 time"], rows))
+                     ">x bf16 time", ">x fp32 time"], rows) + floor_markdown(section))
+
+
+def floor_markdown(section: dict) -> str:
+    """The matmul floor of each size (train.bench.matmul_floor), or nothing for results without one."""
+    floors = section.get("floors")
+    if not floors:
+        return ""
+    rows = [[f["size"], fmt(f["matmuls"], "d"), fmt(f["flops"] / 1e9, ".2f"), fmt(1000 * f["median_s"], ".1f"),
+             span(1000 * f["min_s"], 1000 * f["max_s"], ".1f"), fmt(f["gflops"], ".0f"),
+             timing_ratio(section, f["mfu_ceiling"], ".1f", 100),
+             ", ".join(f"{name} {timing_ratio(section, share, '.0f', 100)}%" for name, share in f["share"].items())]
+            for f in floors]
+    return ("\n\nMatmul floor: every matmul of one step's forward and backward pass at its own shape (weights x 3 over "
+            "the batch's tokens, attention x 6 per layer), float32, alone in one jit on one device with the whole "
+            "batch (`train.bench.matmul_floor`), timed as often as a variant's steps. MFU ceiling = model FLOPs / "
+            "that time / peak: the MFU a step would reach if everything but its matmuls were free; share = that "
+            "time / the variant's step time.\n\n"
+            + table(["size", ">matmuls", ">GFLOP", ">ms (median)", ">min..max ms", ">GFLOP/s", ">MFU ceiling %",
+                     "share of each variant's step"], rows))
 
 
 def torch_markdown(section: dict, device: str) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 
 from quant.serving import convert
 from train.bench.common import fixed_batch, placed_step, timed, timed_steps
+from train.bench.matmul_floor import measure_floor
 from train.bench.profiles import LORA_VARIANTS, ONE_DEVICE_VARIANTS, VARIANTS
 from train.bench.trust import spread
 from train.build import build_model, state_initializer
@@ -71,7 +72,8 @@ def lora_state(config, model, float_params):
     return jax.jit(lora_initializer(config, model))().replace(frozen=frozen)
 
 
-def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, peak_flops: float, say) -> dict:
+def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, peak_flops: float, say,
+                       floor: bool = False) -> dict:
     """sizes: [(label, overrides)]; variants: [(name, label, config name, overrides)] -> one row per pair.
 
     Each variant is `load_config` + `build_model` + its step as `train.main` runs it (`placed_step`: on a CPU split
@@ -80,8 +82,10 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
     of the same model, so every variant starts from the same parameters; a LoRA variant (finetune.method=lora)
     trains adapters over those parameters converted to its serving scheme.
     Rows hold `params` (trained) and `frozen_params`; FLOPs count the model's matmul weights either way.
+    With `floor`, each size's matmuls are also timed alone (train.bench.matmul_floor, after its steps, with the first
+    variant's model): `floors` gives their time, the MFU ceiling it sets and its share of each variant's step.
     """
-    rows, spreads = [], {}
+    rows, spreads, floors = [], {}, []
     for size_label, size_overrides in sizes:
         built, init = [], None
         for name, label, config_name, extra in variants:
@@ -121,6 +125,12 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
             for item in built:
                 item["state"], seconds = timed_steps(item["step"], item["state"], item["batch"], steps)
                 item["times"] += seconds
+        floor_of = built[0]["row"]
+        if floor:
+            floors.append({"size": size_label, **measure_floor(load_config(floor_of["config"],
+                                                                           floor_of["overrides"]).model,
+                                                                floor_of["batch_size"], rounds * steps)})
+            spreads[f"{size_label} matmul floor"] = floors[-1].pop("spread")
         for item in built:
             row, times = item["row"], item["times"]
             step_s = statistics.median(times)
@@ -140,10 +150,19 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
         for row in (r for r in rows if r["size"] == size_label):
             say(f"{size_label} {row['variant']}: {row['ms_per_step']:.1f} ms/step ({row['ms_per_step_min']:.1f}.."
                 f"{row['ms_per_step_max']:.1f}), {row['tokens_per_s']:,.0f} tok/s, MFU {100 * row['mfu']:.1f}%")
+        if floor:
+            fl = floors[-1]
+            step_flops = floor_of["flops_per_token"] * floor_of["batch_size"] * floor_of["seq_len"]
+            fl.update(model_flops=step_flops, mfu_ceiling=step_flops / fl["median_s"] / peak_flops,
+                      share={r["variant"]: fl["median_s"] * 1000 / r["ms_per_step"] for r in rows
+                             if r["size"] == size_label})
+            say(f"{size_label}: the step's {fl['matmuls']} matmuls alone {1000 * fl['median_s']:.1f} ms "
+                f"({fl['gflops']:.0f} GFLOP/s): MFU ceiling {100 * fl['mfu_ceiling']:.0f}%")
         del built
     return {"how": f"median of {rounds} x {steps} timed steps per variant (variants in turn each round) after "
                    f"{warmup} untimed step(s); fixed random batch; MFU = model FLOP/s / float32 matmul peak",
-            "flops_formula": FLOPS_FORMULA, "peak_gflops": peak_flops / 1e9, "rows": rows, "spreads": spreads}
+            "flops_formula": FLOPS_FORMULA, "peak_gflops": peak_flops / 1e9, "rows": rows, "spreads": spreads,
+            "floors": floors}
 
 
 def measure_training_speed(profile, peak_flops: float, say) -> dict:
@@ -156,7 +175,7 @@ def measure_training_speed(profile, peak_flops: float, say) -> dict:
     names = (*profile.speed_variants, *(v for v in ONE_DEVICE_VARIANTS if split and v.split("_")[0] in
                                          profile.speed_variants))
     result = measure_throughput(profile.speed_sizes, variants(names), profile.speed_warmup,
-                                profile.speed_rounds, profile.speed_steps, peak_flops, say)
+                                profile.speed_rounds, profile.speed_steps, peak_flops, say, floor=True)
     real = profile.speed_real
     if real is not None:
         extra = measure_throughput([(real.label, real.overrides)], variants(real.variants), real.warmup,
