@@ -177,6 +177,22 @@ def test_qat_fine_tuning_starts_from_an_imported_model_without_repeating_its_sha
     assert any(not np.array_equal(before[k], after[k]) for k in before)  # it trained
 
 
+def test_lora_fine_tuning_over_an_imported_model_keeps_its_tokenizer_without_naming_it(tmp_path):
+    from train.config import load_config
+    from train.loop import run_training
+    import_folder(FIXTURES / "gqa_tied", tmp_path / "run", log=lambda _: None)
+    quant = QuantConfig(mode="serve", weight_bits=4, granularity="per_group", group_size=16, numerics="fake")
+    convert_workdir(tmp_path / "run", tmp_path / "int4", quant, log=lambda _: None)
+    # as the README's SmolLM2 pipeline types it: data.tokenizer left at the default byte tokenizer
+    config = load_config("tiny", ["finetune.method=lora", f"finetune.base={tmp_path / 'int4'}", "train.steps=2",
+                                  "train.eval_batches=1", "train.sample_tokens=0", "checkpoint.every=2"])
+    assert config.data.tokenizer == "byte"
+    run_training(config, tmp_path / "lora", log=lambda _: None)
+    lora = load_run(tmp_path / "lora")
+    assert lora.metadata["kind"] == "lora" and lora.step == 2
+    assert lora.tokenizer.sha256 == load_run(tmp_path / "run").tokenizer.sha256
+
+
 def test_current_umask_reads_the_mask_without_changing_it():
     from checkpoints.hf import current_umask
     before = os.umask(0o022)
