@@ -88,6 +88,8 @@ def bad_folder(tmp_path, config=None, drop=None, rename=None) -> Path:
     (dict(rename=("model.norm.weight", "model.layers.0.self_attn.q_proj.bias")), "q_proj.bias has no place"),
     (dict(config={"intermediate_size": 48}), r"gate_proj.weight has shape \[64, 32\], config.json implies \[48, 32\]"),
     (dict(config={"num_key_value_heads": 4}), r"k_proj.weight has shape \[16, 32\], config.json implies \[32, 32\]"),
+    (dict(config={"num_attention_heads": 0}), "config.json num_attention_heads must be a positive integer, got 0"),
+    (dict(config={"max_position_embeddings": 0}), "config.json max_position_embeddings must be a positive integer"),
 ])
 def test_import_refuses_what_the_model_cannot_represent_before_writing(tmp_path, capsys, change, message):
     folder = bad_folder(tmp_path, **change)
