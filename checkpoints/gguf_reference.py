@@ -10,6 +10,7 @@ from train.interrupts import exit_while_loading  # standard library only
 if __name__ == "__main__":  # a Ctrl-C while the imports below load JAX ends at once, in one line, exit 130
     exit_while_loading()
 
+import os
 from pathlib import Path
 
 import jax
@@ -19,7 +20,7 @@ from slm_jax.errors import UserError
 from train.bench.serving import decode_speed
 from train.cli import ArgumentParser, main_guard, path_arg
 from train.data import eval_batches, load_splits
-from train.run import load_run
+from train.run import check_out_parent, load_run
 
 BATCH = 16  # windows per forward pass
 
@@ -47,6 +48,30 @@ def reference(workdir: Path, windows: int, new_tokens: int) -> dict[str, np.ndar
             "decode_tokens_per_s": np.float64(speed["decode_tokens_per_s"])}
 
 
+def check_out_file(out: Path) -> None:
+    """UserError unless `out` names a new .npz file (numpy would add the suffix, or write `<folder>.npz` for a
+    folder) that can be made; an existing file is never overwritten."""
+    if out.suffix != ".npz":
+        raise UserError(f"--out must name a .npz file, got {out}")
+    if out.exists() or out.is_symlink():
+        raise UserError(f"--out {out} already exists; the reference is written to a new file")
+    check_out_parent(out)
+
+
+def write_npz(out: Path, arrays: dict[str, np.ndarray]) -> None:
+    """`arrays` as the .npz file `out`, written under a temporary name beside it and renamed when complete, so an
+    interrupted or failed write leaves no partial file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.stem}.{os.getpid()}.partial.npz")
+    try:
+        np.savez(temporary, **arrays)
+        if out.exists():  # made while this command ran: never overwritten
+            raise UserError(f"--out {out} already exists; the reference is written to a new file")
+        os.replace(temporary, out)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 @main_guard
 def main(argv=None) -> None:
     parser = ArgumentParser(prog="python -m checkpoints.gguf_reference", description=__doc__)
@@ -58,8 +83,9 @@ def main(argv=None) -> None:
     if args.windows <= 0 or args.new_tokens < 2:
         raise UserError("--windows must be positive and --new-tokens at least 2 (decode is timed between two "
                         "generate lengths)")
+    check_out_file(args.out)
     arrays = reference(args.workdir, args.windows, args.new_tokens)
-    np.savez(args.out, **arrays)
+    write_npz(args.out, arrays)
     print(f"wrote {args.out}: {len(arrays['inputs'])} windows of {int(arrays['seq_len'])} tokens; slm-jax decode "
           f"{float(arrays['decode_tokens_per_s']):,.0f} tokens/s at batch 1")
 

@@ -194,10 +194,12 @@ def model_config(hf: dict, seq_len: int | None = None) -> ModelConfig:
         if token_id is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
             raise UserError(f"config.json {key} must be a token id (an integer >= 0), a list of them or null, "
                             f"got {token_id!r}")
-    if values["head_size"] == hf["hidden_size"] // hf["num_attention_heads"] and \
-            hf["hidden_size"] % hf["num_attention_heads"] == 0:
+    if hf["num_attention_heads"] > 0 and values["head_size"] == hf["hidden_size"] // hf["num_attention_heads"] \
+            and hf["hidden_size"] % hf["num_attention_heads"] == 0:  # (ModelConfig refuses 0 heads, in one line)
         values["head_size"] = None  # the default width: no need to record it
     context = values["max_context"]
+    if context < 1:  # else refused below as the default --seq-len min(context, 512), which the user never gave
+        raise UserError(f"config.json max_position_embeddings must be a positive integer or null, got {context}")
     try:
         values["rope_theta"], values["rope_scaling"] = rope_settings(hf)  # RopeScaling validates itself
         return ModelConfig(**values, seq_len=seq_len or min(context, 512))

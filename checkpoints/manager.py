@@ -309,12 +309,21 @@ class CheckpointStore:
     def arrays(self, step: int | None = None) -> list[ArrayInfo]:
         """Path, shape and dtype of every array in the state of `step`, read from Orbax's metadata only."""
         step = self._resolve(step)
-        try:
-            with _orbax_quiet():
+        # A missing or damaged OCDBT manifest fails in TensorStore's threads, which print tracebacks meanwhile
+        # ("Event loop is closed"): kept back, as in `restore`, so the error stays one line.
+        with _orbax_quiet(), _stderr_captured() as captured:
+            try:
                 found = arrays_of(self._manager.item_metadata(step)["state"])
-        except Exception as err:
-            raise UserError(f"checkpoint {self._where(step)} has no readable array metadata ({_describe(err)})") \
-                from None
+            except Exception as err:
+                failure = (f"checkpoint {self._where(step)} has no readable array metadata ({_describe(err)})"
+                           f"{self._fallback(step)}")
+            else:
+                captured.show()
+                failure = None
+            if failure:
+                _wait_for_failed_reads(captured.size)
+        if failure:
+            raise UserError(failure)
         if not found:  # Orbax reads a state folder without its _METADATA file as an empty tree; no state is empty
             raise UserError(f"checkpoint {self._where(step)} is damaged: its state lists no arrays (state/_METADATA "
                             f"missing or emptied){self._fallback(step)}")

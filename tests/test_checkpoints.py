@@ -222,7 +222,10 @@ def resume(run_dir, *overrides):
     (lambda d: (d / "checkpoints" / "9").mkdir(), evaluate,
      "checkpoints/9 is incomplete or not an slm-jax checkpoint"),
     (lambda d: None, lambda d: resume(d, "model.d_model=32"), "holds a run with a different model config"),
-], ids=["truncated-array-file", "missing-metadata", "newer-format", "empty-step-folder", "other-model-shape"])
+    (lambda d: (d / "checkpoints" / "4" / "state" / "manifest.ocdbt").unlink(), evaluate,
+     "checkpoints/4 has no readable array metadata"),
+], ids=["truncated-array-file", "missing-metadata", "newer-format", "empty-step-folder", "other-model-shape",
+        "missing-ocdbt-manifest"])
 def test_bad_checkpoints_fail_in_one_line_with_exit_code_2_and_change_nothing(tmp_path, damage, command, message):
     run_dir = copy_fixture(FORMAT_VERSION, tmp_path / "run")
     damage(run_dir)

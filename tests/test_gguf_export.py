@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType as GGMLType
 
 from checkpoints import gguf as gguf_export_lib
 from checkpoints.gguf_export import main as export_main
+from checkpoints.gguf_reference import main as reference_main
 from checkpoints.gguf_vocab import bpe_vocab, byte_symbols
 from quant.config import QuantConfig
 from quant.serving import dequantize, quantized_weights
@@ -179,6 +180,32 @@ def test_failed_write_leaves_no_partial_file(runs, tmp_path, monkeypatch, capsys
     assert exited.value.code == 2 and list(out.iterdir()) == []  # one line (main_guard's OSError), no partial file
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0]
+
+
+def test_reference_is_written_to_a_new_npz_file_and_never_overwrites_one(runs, tmp_path, capsys):
+    out = tmp_path / "ref.npz"
+    args = ["--workdir", str(runs / "float"), "--out", str(out), "--windows", "2", "--new-tokens", "2"]
+    reference_main(args)
+    assert [p.name for p in tmp_path.iterdir()] == ["ref.npz"]  # no temporary file left beside it
+    with np.load(out) as ref:
+        assert ref["logits"].shape[0] == 2 and np.isfinite(ref["logits"]).all()
+    before = out.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        reference_main(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "already exists" in err and err.count("\n") == 1
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["ref.txt", "folder"])
+def test_reference_out_that_is_not_an_npz_file_is_refused_before_any_work(runs, tmp_path, capsys, name):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(SystemExit) as exited:  # numpy would write ref.txt.npz, or folder.npz beside the folder
+        reference_main(["--workdir", str(runs / "float"), "--out", str(tmp_path / name), "--windows", "2"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "--out must name a .npz file" in err and err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"] and not any((tmp_path / "folder").iterdir())
 
 
 @pytest.mark.parametrize("run", ["float", "bpe"])

@@ -88,6 +88,8 @@ def bad_folder(tmp_path, config=None, drop=None, rename=None) -> Path:
     (dict(rename=("model.norm.weight", "model.layers.0.self_attn.q_proj.bias")), "q_proj.bias has no place"),
     (dict(config={"intermediate_size": 48}), r"gate_proj.weight has shape \[64, 32\], config.json implies \[48, 32\]"),
     (dict(config={"num_key_value_heads": 4}), r"k_proj.weight has shape \[16, 32\], config.json implies \[32, 32\]"),
+    (dict(config={"num_attention_heads": 0}), "config.json num_attention_heads must be a positive integer, got 0"),
+    (dict(config={"max_position_embeddings": 0}), "config.json max_position_embeddings must be a positive integer"),
 ])
 def test_import_refuses_what_the_model_cannot_represent_before_writing(tmp_path, capsys, change, message):
     folder = bad_folder(tmp_path, **change)
@@ -175,6 +177,22 @@ def test_qat_fine_tuning_starts_from_an_imported_model_without_repeating_its_sha
     before, after = flat(imported.variables["params"]), flat(qat.variables["params"])
     assert before.keys() == after.keys() and all(before[k].shape == after[k].shape for k in before)
     assert any(not np.array_equal(before[k], after[k]) for k in before)  # it trained
+
+
+def test_lora_fine_tuning_over_an_imported_model_keeps_its_tokenizer_without_naming_it(tmp_path):
+    from train.config import load_config
+    from train.loop import run_training
+    import_folder(FIXTURES / "gqa_tied", tmp_path / "run", log=lambda _: None)
+    quant = QuantConfig(mode="serve", weight_bits=4, granularity="per_group", group_size=16, numerics="fake")
+    convert_workdir(tmp_path / "run", tmp_path / "int4", quant, log=lambda _: None)
+    # as the README's SmolLM2 pipeline types it: data.tokenizer left at the default byte tokenizer
+    config = load_config("tiny", ["finetune.method=lora", f"finetune.base={tmp_path / 'int4'}", "train.steps=2",
+                                  "train.eval_batches=1", "train.sample_tokens=0", "checkpoint.every=2"])
+    assert config.data.tokenizer == "byte"
+    run_training(config, tmp_path / "lora", log=lambda _: None)
+    lora = load_run(tmp_path / "lora")
+    assert lora.metadata["kind"] == "lora" and lora.step == 2
+    assert lora.tokenizer.sha256 == load_run(tmp_path / "run").tokenizer.sha256
 
 
 def test_current_umask_reads_the_mask_without_changing_it():

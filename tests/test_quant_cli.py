@@ -210,6 +210,19 @@ def test_generate_and_evaluate_read_qat_serving_and_float_runs(runs, capsys, tmp
     assert param_mb[2] < 0.4 * param_mb[1] and param_mb[0] == param_mb[1]
 
 
+def test_converting_into_a_workdir_that_holds_a_float_run_names_it_a_float_run(runs, capsys, tmp_path):
+    from train.main import main as train_main
+    shutil.copytree(runs / "float", tmp_path / "float")
+    with pytest.raises(SystemExit) as stop:  # e.g. --config ptq_int4 --workdir runs/baseline
+        train_main(["--config", "ptq_int4", "--set", f"train.init_from={runs / 'float'}",
+                    "--workdir", str(tmp_path / "float")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'float'} already holds a float run, not a serving run: convert into a new " \
+                  f"--workdir"
+    assert load_run(tmp_path / "float").metadata["kind"] == "train"
+
+
 def test_serving_numerics_are_chosen_when_serving_not_by_converting_again(runs, capsys, tmp_path):
     """A ptq_int4 run serves its exact codes with `int` numerics too (bit for bit the fake-served logits up to the
     hi/lo split), or re-quantized per channel when asked; train.generate chooses both, and converting again into

@@ -24,7 +24,7 @@ from train.evaluation import evaluate_workdir, format_table
 from train.loop import run_training
 from train.memory_check import check_fits, training_bytes
 from train.ptq import convert_workdir
-from train.run import open_store
+from train.run import open_store, run_kind
 from train.sharding import maybe_initialize_distributed
 
 
@@ -133,9 +133,13 @@ def check_same_conversion(workdir: Path, config, precision: str | None = None) -
     source or other settings would otherwise be dropped without a word."""
     store = open_store(workdir)
     try:
-        source = store.metadata().get("converted_from")
+        metadata = store.metadata()
     finally:
         store.close()
+    if run_kind(metadata) != "serving":
+        raise UserError(f"{workdir} already holds a {run_kind(metadata)} run, not a serving run: convert into a new "
+                        f"--workdir")
+    source = metadata.get("converted_from")
     if source is not None and Path(source) != Path(config.train.init_from).resolve():
         raise UserError(f"{workdir} already holds a serving run converted from {source}, not from "
                         f"train.init_from={config.train.init_from}: convert into a new --workdir")

@@ -15,7 +15,7 @@ from train.build import build_model, build_optimizer, state_initializer
 from train.config import Config
 from train.data import check_inherited_tokenizer
 from train.lora_run import LoraBase, lora_initializer
-from train.run import load_params, open_lora_base, tokenizer_of, with_model_of
+from train.run import load_params, open_lora_base, tokenizer_of, with_model_of, with_tokenizer_of
 from train.sharding import (abstract_with_shardings, create_sharded_state, logical_axes, put_replicated_copy,
                             state_shardings, tree_shardings)
 from train.steps import TrainState
@@ -72,7 +72,7 @@ class LoraRecipe(FullRecipe):
 
     def __init__(self, config: Config, base: LoraBase):
         self.base = base
-        super().__init__(base.run_config(config))
+        super().__init__(with_tokenizer_of(base.path, base.run_config(config)))
         self.initializer = lora_initializer(self.config, self.model)
 
     def shardings(self, mesh):

@@ -303,7 +303,14 @@ def with_model_of(workdir: Path, config: Config) -> Config:
     source = config_from_metadata(metadata, workdir).model
     own = {name: getattr(config.model, name) for name in TRAINING_FIELDS}
     config = dataclasses.replace(config, model=dataclasses.replace(source, **own))
-    tokenizer = run_tokenizer(workdir, metadata.get("tokenizer"))
+    return with_tokenizer_of(workdir, config, run_tokenizer(workdir, metadata.get("tokenizer")))
+
+
+def with_tokenizer_of(workdir: Path, config: Config, tokenizer=None) -> Config:
+    """`config` with the tokenizer of the run in `workdir` (`tokenizer`, else read from it) where `config` keeps
+    the default byte tokenizer: a run started from another (`train.init_from`, a LoRA `finetune.base`) keeps its
+    tokenizer without naming it by hand. UserError if `workdir` is not a run."""
+    tokenizer = tokenizer if tokenizer is not None else tokenizer_of(workdir)
     if config.data.tokenizer == "byte" and tokenizer.kind != "byte":
         asked = tokenizer.kind if tokenizer.kind in KINDS else str(Path(workdir) / TOKENIZER_FILE)
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=asked))
