@@ -2,6 +2,7 @@
 never a KeyboardInterrupt traceback from inside a library; a Ctrl-C that Python dropped (raised in a garbage
 collection callback) still gives exit 130 once the work is done; a long generation stops within a chunk of decode
 steps, and reports its progress meanwhile."""
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from slm_jax.sampling import DECODE_CHUNK
 from train import generate, interrupts
 from train.cli import main_guard
 
@@ -57,7 +59,12 @@ def test_ctrl_c_stops_a_long_generation_between_chunks(tiny_run, tmp_path):
     assert progress.startswith("[generated ") and "/100,000,000 tokens per sample" in progress, progress
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)  # one XLA call of 10^8 steps would not return for hours
-    assert (proc.returncode, err, out) == (130, "interrupted\n", "")
+    assert (proc.returncode, err) == (130, "interrupted\n")
+    # the text generated so far is printed (after its prompt), then how far it got: whole chunks of decode steps
+    *text, last = out.splitlines()
+    done = re.fullmatch(r"\[stopped after ([\d,]+) of 100,000,000 tokens per sample\]", last)
+    assert done and int(done[1].replace(",", "")) % DECODE_CHUNK == 0 and int(done[1].replace(",", "")) > 0, last
+    assert "\n".join(text).startswith("ROMEO:") and len("\n".join(text)) > len("ROMEO:")  # the default prompt
 
 
 def test_generation_progress_lines(monkeypatch, capsys):

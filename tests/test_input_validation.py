@@ -50,6 +50,16 @@ def test_every_float_field_refuses_non_finite_values(key, text, shown):
     assert str(refused.value) == f"{key} must be a finite number, got {shown}"
 
 
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("text, shown", [("1.0e+300", "1e+300"), ("-3.5e+38", "-3.5e+38"), ("1e300", "'1e300'"),
+                                         ("'1e39'", "'1e39'")])
+def test_every_float_field_refuses_values_beyond_float32(key, text, shown):
+    # a learning rate of 1e300 became inf in float32: numpy overflow warnings, then a NaN loss at step 2
+    with pytest.raises(UserError) as refused:
+        load_config("tiny", [f"{key}={text}"])
+    assert str(refused.value) == f"{key} must be at most 3.40282e+38 in size (float32's largest), got {shown}"
+
+
 def field_of(key: str) -> dataclasses.Field:
     """The dataclass field of a dotted config key such as `train.steps`."""
     cls, (*sections, name) = Config, key.split(".")

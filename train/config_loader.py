@@ -1,7 +1,7 @@
 """Build frozen config dataclasses from YAML-shaped dicts, checking every key and type on the way in.
 
 Errors name the dotted key and what is allowed, so a typo fails before any work starts. Every float field must be
-finite and every integer field must fit in int32 (steps, sizes and seeds end up in int32 arrays); ranges beyond
+finite and within float32's range, and every integer field must fit in int32 (steps, sizes and seeds end up in int32 arrays); ranges beyond
 that are each section's `__post_init__`. An integer beyond int32 is refused with the field's own range, as its
 metadata declares it (`slm_jax.config.bounded`): "min" and "max", or "range" in words.
 """
@@ -18,6 +18,7 @@ from slm_jax.errors import UserError
 
 
 INT_LIMIT = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # rates, scales and factors end up in float32 arrays: beyond it they are inf
 
 
 class _WrongType(UserError):
@@ -48,7 +49,8 @@ def _type_name(tp) -> str:
 
 def convert(value: Any, tp: Any, key: str) -> Any:
     """Return `value` as type `tp` (a field annotation) or raise UserError naming `key`: a value of another type,
-    a NaN or infinite float (`.nan`, `.inf` in YAML), or an integer beyond +-(2**31 - 1)."""
+    a NaN or infinite float (`.nan`, `.inf` in YAML), a float beyond float32's range, or an integer beyond
+    +-(2**31 - 1)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
@@ -78,6 +80,9 @@ def convert(value: Any, tp: Any, key: str) -> Any:
             if number is not None:
                 if not math.isfinite(number):
                     raise UserError(f"{key} must be a finite number, got {value!r}")
+                if abs(number) > FLOAT32_MAX:
+                    raise UserError(f"{key} must be at most {FLOAT32_MAX:.6g} in size (float32's largest), got "
+                                    f"{value!r}")
                 return number
     elif tp is str:
         if isinstance(value, str):

@@ -19,6 +19,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from slm_jax.attention import KVCache, serving_cache_dtype
 from slm_jax.errors import UserError
@@ -110,18 +111,30 @@ def main(argv=None):
         held = f"int8 with {jnp.dtype(dtype).name} scales" if kv_bits else jnp.dtype(dtype).name
         print(f"[KV cache: {held} (compute {jnp.dtype(run.model.dtype).name}), {size} slots x "
               f"{args.num_samples} sample(s), {cache.nbytes():,} bytes]")
-    start = time.perf_counter()
-    texts = sample_text(run.model, run.variables, run.tokenizer, args.prompt, args.max_new_tokens,
-                        seq_len, seed=args.seed, temperature=args.temperature, top_k=args.top_k or None,
-                        batch=args.num_samples, kv_bits=kv_bits, progress=Progress(args.max_new_tokens,
-                                                                                   args.num_samples))
+    start, chunks = time.perf_counter(), []
+    try:
+        texts = sample_text(run.model, run.variables, run.tokenizer, args.prompt, args.max_new_tokens,
+                            seq_len, seed=args.seed, temperature=args.temperature, top_k=args.top_k or None,
+                            batch=args.num_samples, kv_bits=kv_bits, chunks=chunks,
+                            progress=Progress(args.max_new_tokens, args.num_samples))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the text so far is still the user's, then exit 130 / 143
+        done = sum(chunk.shape[1] for chunk in chunks)
+        if done:
+            print_samples(args.prompt, [run.tokenizer.decode(row) for row in np.concatenate(chunks, axis=1)])
+            print(f"[stopped after {done:,} of {args.max_new_tokens:,} tokens per sample]", flush=True)
+        raise
     seconds = time.perf_counter() - start
-    for i, text in enumerate([texts] if isinstance(texts, str) else texts):
-        if i:
-            print("-" * 40)
-        print(args.prompt + text)
+    print_samples(args.prompt, [texts] if isinstance(texts, str) else texts)
     print(f"[{args.num_samples * args.max_new_tokens} tokens in {seconds:.2f}s including compilation, "
           f"step {run.step} of {args.workdir}]")
+
+
+def print_samples(prompt: str, texts: list[str]) -> None:
+    """Each sample after its prompt, samples parted by a line of dashes."""
+    for i, text in enumerate(texts):
+        if i:
+            print("-" * 40)
+        print(prompt + text)
 
 
 if __name__ == "__main__":

@@ -409,19 +409,20 @@ def check_same_tokenizer(store: CheckpointStore, tokenizer) -> None:
 def sample_text(model, variables, tokenizer, prompt: str, max_new_tokens: int, seq_len: int, seed: int = 0,
                 temperature: float = 0.8, top_k: int | None = 40, batch: int = 1,
                 source: str = "--prompt", kv_bits: int | None = None,
-                progress: Callable[[int], None] | None = None) -> str | list[str]:
+                progress: Callable[[int], None] | None = None, chunks: list | None = None) -> str | list[str]:
     """`batch` continuations of `prompt` (encoded by the run's `tokenizer` with its special tokens, e.g. a BOS;
     the last `seq_len` ids kept; a newline when empty), decoded without the prompt, sampled with a KV cache of
     `kv_bits` (None: the compute dtype; 8: int8) a chunk of decode steps at a time (slm_jax.sampling.generate_chunks:
-    a Ctrl-C stops it between chunks); `progress(tokens so far per sequence)` after each chunk. Raises UserError
-    naming `source` when the tokenizer cannot encode the prompt."""
+    a Ctrl-C stops it between chunks); `progress(tokens so far per sequence)` after each chunk; each chunk's ids
+    ([batch, n] int32) are appended to `chunks` when given, so a caller stopped by Ctrl-C still has them. Raises
+    UserError naming `source` when the tokenizer cannot encode the prompt."""
     ids = tokenizer.encode(prompt, add_special_tokens=True, source=source)[-seq_len:]
     if len(ids) == 0:
         ids = tokenizer.encode("\n", source=source)
     if len(ids) == 0:
         raise UserError(f"{source}: {prompt!r} encodes to no tokens; give a prompt with text")
     prompt_ids = jnp.asarray(np.tile(ids.astype(np.int32), (batch, 1)))
-    chunks, done = [], 0
+    chunks, done = [] if chunks is None else chunks, 0
     for chunk in generate_chunks(model, variables, prompt_ids, jax.random.PRNGKey(seed), max_new_tokens, temperature,
                                  top_k, kv_bits):
         chunks.append(chunk)
