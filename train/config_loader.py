@@ -2,8 +2,9 @@
 
 Errors name the dotted key and what is allowed, so a typo fails before any work starts. Every float field must be
 finite and within float32's range, and every integer field must fit in int32 (rates end up in float32 arrays,
-steps, sizes and seeds in int32 ones); ranges beyond that are each section's `__post_init__`. An integer beyond int32 is refused with the field's own range, as its
-metadata declares it (`slm_jax.config.bounded`): "min" and "max", or "range" in words.
+steps, sizes and seeds in int32 ones); ranges beyond that are each section's `__post_init__`. An integer beyond
+int32 is refused with the field's own range, as its metadata declares it (`slm_jax.config.bounded`): "min" and
+"max", or "range" in words.
 """
 from __future__ import annotations
 
