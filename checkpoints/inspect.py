@@ -166,7 +166,8 @@ def main(argv=None):
         if args.verify:
             checked = store.verify(step)
             print(f"verified    every array read; {checked} match the CRC-32 recorded at save" if checked else
-                  "verified    every array read; no checksums recorded (saved before slm-jax recorded them)")
+                  "verified    every array read; no checksums recorded (saved before slm-jax recorded them, or by "
+                  "several processes, none of which held every array)")
     finally:
         store.close()
 

@@ -109,6 +109,16 @@ def test_inspect_verify_reads_every_array_and_reports_a_changed_one(tmp_path, ca
     assert len(err) == 1 and "checkpoints/1 is damaged: the bytes of params/" in err[0]
 
 
+def test_inspect_verify_of_a_step_saved_without_checksums_names_both_reasons(tmp_path, capsys, monkeypatch):
+    from checkpoints import inspect as inspect_cli
+    from checkpoints import manager
+    monkeypatch.setattr(manager, "array_checksums", lambda tree: None)  # as a multi-process save: no process has all
+    saved_store(tmp_path, steps=(1,))
+    inspect_cli.main([str(tmp_path / "checkpoints"), "--verify"])
+    assert ("verified    every array read; no checksums recorded (saved before slm-jax recorded them, or by several "
+            "processes, none of which held every array)") in capsys.readouterr().out
+
+
 def test_checksums_are_checked_whatever_the_metadata_holds(tmp_path):
     # a store used below the run layer (sharding checks, the bench) saves metadata without slm-jax's format keys
     store = CheckpointStore(tmp_path / "checkpoints", keep=5, async_save=False)

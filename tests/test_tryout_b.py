@@ -75,6 +75,30 @@ def test_a_resume_over_edited_text_at_the_same_path_is_refused_and_cadence_keys_
     assert checkpoint_steps(tmp_path / "run") == [4, 6]
 
 
+def test_a_resume_over_text_or_ids_edited_at_the_same_length_is_refused(tmp_path, corpus_file):
+    text_config = lambda *more: load_config("tiny", [f"data.path={corpus_file}", *TINY, *more])
+    run_training(text_config(), tmp_path / "text", **quiet)
+    text = corpus_file.read_text()
+    corpus_file.write_text(text[:100] + ("x" if text[100] != "x" else "y") + text[101:])  # same size, other text
+    with pytest.raises(UserError, match=r"other data or batches \(train.bin CRC-32 \d+ -> \d+\); "):
+        run_training(text_config("train.steps=8", "train.extend=true"), tmp_path / "text", **quiet)
+    assert checkpoint_steps(tmp_path / "text") == [4]
+    folder = tmp_path / "bins"
+    folder.mkdir()
+    ids = np.frombuffer(text.encode(), dtype=np.uint8).astype(np.uint16)
+    ids[:-500].tofile(folder / "train.bin")
+    ids[-500:].tofile(folder / "val.bin")
+    bin_config = lambda *more: load_config("tiny", [f"data.path={folder}", "data.tokenizer=null",
+                                                    "data.vocab_size=256", *TINY, *more])
+    run_training(bin_config(), tmp_path / "ids", **quiet)
+    edited = np.memmap(folder / "val.bin", dtype=np.uint16, mode="r+")
+    edited[7] = (int(edited[7]) + 1) % 256
+    edited.flush()
+    with pytest.raises(UserError, match=r"other data or batches \(val.bin CRC-32 \d+ -> \d+\); "):
+        run_training(bin_config("train.steps=8", "train.extend=true"), tmp_path / "ids", **quiet)
+    assert checkpoint_steps(tmp_path / "ids") == [4]
+
+
 def test_a_resume_naming_the_same_corpus_another_way_is_accepted(tmp_path, corpus_file):
     config = lambda path, *more: load_config("tiny", [f"data.path={path}", *TINY, *more])
     run_training(config(corpus_file), tmp_path / "run", **quiet)

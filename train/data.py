@@ -294,13 +294,15 @@ def _pretokenized(cfg: DataConfig, folder: Path, tokenizer) -> Splits:
     if tokenizer.vocab_size > 1 << 16:
         raise UserError(f"data.path: {folder} holds uint16 ids, but the tokenizer has {tokenizer.vocab_size} ids")
     train, val = (np.memmap(folder / name, dtype=np.uint16, mode="r") for name in PRETOKENIZED)
+    checksums = {}
     for name, ids in (("val.bin", val), ("train.bin", train)):
-        problem = _ids_problem(ids, tokenizer.vocab_size)
+        problem, checksums[name] = _scan(ids, tokenizer.vocab_size)
         if problem:
             raise UserError(f"data.path: {folder / name} holds {problem} (data.vocab_size or data.tokenizer is "
                             f"wrong)")
     description = {"source": str(folder), "pretokenized": True, "train_tokens": len(train), "val_tokens": len(val),
-                   "dtype": "uint16", "tokenizer": tokenizer.describe()}
+                   "dtype": "uint16", "tokenizer": tokenizer.describe(),
+                   "crc32": {name: checksums[name] for name in PRETOKENIZED}}
     if tokenizer.kind != "none":
         description["val_chars"] = len(tokenizer.decode(val))
     return Splits(train=train, val=val, description=description, tokenizer=tokenizer)

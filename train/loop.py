@@ -362,7 +362,7 @@ RESUME_FIXED = ("data.path", "data.val_plays", "data.genres", "data.val_fraction
 
 def same_file(key: str, saved, now) -> bool:
     """True when `key` is data.path and both values name the same existing file or folder, however written
-    (relative or absolute, through a link); the text in it is compared by its split sizes."""
+    (relative or absolute, through a link); the text in it is compared by its split sizes and CRC-32s."""
     if key != "data.path" or not isinstance(saved, str) or not isinstance(now, str):
         return False
     try:
@@ -373,7 +373,7 @@ def same_file(key: str, saved, now) -> bool:
 
 def check_same_data(store: CheckpointStore, config: Config, splits) -> None:
     """A run resumes only with the data split and batches its checkpoints were trained with: UserError naming each
-    changed `RESUME_FIXED` key (old -> new), or the split sizes when the text at the same data.path changed."""
+    changed `RESUME_FIXED` key (old -> new), or the split sizes or CRC-32s when the text at the same data.path changed."""
     latest = store.latest_step()
     if latest is None:
         return
@@ -387,6 +387,11 @@ def check_same_data(store: CheckpointStore, config: Config, splits) -> None:
     if not changes:
         changes = [f"{key} {recorded[key]} -> {splits.description.get(key)}" for key in ("train_tokens", "val_tokens")
                    if key in recorded and recorded[key] != splits.description.get(key)]
+    now_crc = splits.description.get("crc32") or {}
+    if not changes:  # the same split sizes: an edit that kept the length shows in the token files' CRC-32
+        changes = [f"{name} CRC-32 {recorded['crc32'][name]} -> {now_crc[name]}" for name in ("train.bin", "val.bin")
+                   if name in (recorded.get("crc32") or {}) and name in now_crc
+                   and int(recorded["crc32"][name]) != int(now_crc[name])]
     if changes:
         raise UserError(f"{store.directory} was trained to step {latest} with other data or batches "
                         f"({'; '.join(changes)}); resuming would change which text trains or which windows each step "
