@@ -373,7 +373,8 @@ def same_file(key: str, saved, now) -> bool:
 
 def check_same_data(store: CheckpointStore, config: Config, splits) -> None:
     """A run resumes only with the data split and batches its checkpoints were trained with: UserError naming each
-    changed `RESUME_FIXED` key (old -> new), or the split sizes or CRC-32s when the text at the same data.path changed."""
+    changed `RESUME_FIXED` key (old -> new), or the split sizes or CRC-32s when the text at the same data.path
+    changed."""
     latest = store.latest_step()
     if latest is None:
         return
