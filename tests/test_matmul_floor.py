@@ -1,10 +1,12 @@
-"""The bench's matmul floor (train.bench.matmul_floor): the step's matmuls, their FLOPs against the bench's model-FLOPs
-formula on a real model's parameters, and the timing of them all in one jit."""
+"""The bench's matmul floor (train.bench.floor, and its command train.bench.matmul_floor): the step's matmuls,
+their FLOPs against the bench's model-FLOPs formula on a real model's parameters, and the timing of them all in one
+jit."""
 import jax
 import numpy as np
 import pytest
 
-from train.bench.matmul_floor import main, matmul_flops, measure_floor, step_matmuls
+from train.bench.floor import matmul_flops, measure_floor, step_matmuls
+from train.bench.matmul_floor import main
 from train.bench.speed import flops_per_token, matmul_params
 from train.build import build_model, state_initializer
 from train.config import load_config

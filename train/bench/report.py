@@ -71,7 +71,7 @@ def throughput_markdown(section: dict, device: str) -> str:
 
 
 def floor_markdown(section: dict) -> str:
-    """The matmul floor of each size (train.bench.matmul_floor), or nothing for results without one."""
+    """The matmul floor of each size (train.bench.floor), or nothing for results without one."""
     floors = section.get("floors")
     if not floors:
         return ""
@@ -82,7 +82,7 @@ def floor_markdown(section: dict) -> str:
             for f in floors]
     return ("\n\nMatmul floor: every matmul of one step's forward and backward pass at its own shape (weights x 3 over "
             "the batch's tokens, attention x 6 per layer), float32, alone in one jit on one device with the whole "
-            "batch (`train.bench.matmul_floor`), timed as often as a variant's steps. MFU ceiling = model FLOPs / "
+            "batch (`train.bench.floor`), timed as often as a variant's steps. MFU ceiling = model FLOPs / "
             "that time / peak: the MFU a step would reach if everything but its matmuls were free; share = that "
             "time / the variant's step time.\n\n"
             + table(["size", ">matmuls", ">GFLOP", ">ms (median)", ">min..max ms", ">GFLOP/s", ">MFU ceiling %",

@@ -16,7 +16,7 @@ import numpy as np
 
 from quant.serving import convert
 from train.bench.common import fixed_batch, placed_step, timed, timed_steps
-from train.bench.matmul_floor import measure_floor
+from train.bench.floor import measure_floor
 from train.bench.profiles import LORA_VARIANTS, ONE_DEVICE_VARIANTS, VARIANTS
 from train.bench.trust import spread
 from train.build import build_model, state_initializer
@@ -82,7 +82,7 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
     of the same model, so every variant starts from the same parameters; a LoRA variant (finetune.method=lora)
     trains adapters over those parameters converted to its serving scheme.
     Rows hold `params` (trained) and `frozen_params`; FLOPs count the model's matmul weights either way.
-    With `floor`, each size's matmuls are also timed alone (train.bench.matmul_floor, after its steps, with the first
+    With `floor`, each size's matmuls are also timed alone (train.bench.floor, after its steps, with the first
     variant's model): `floors` gives their time, the MFU ceiling it sets and its share of each variant's step.
     """
     rows, spreads, floors = [], {}, []
