@@ -19,7 +19,9 @@ import numpy as np
 from slm_jax.errors import UserError
 from train.bench.serving import decode_speed
 from train.cli import ArgumentParser, main_guard, path_arg
-from train.data import eval_batches, load_splits
+from train.data import eval_starts, load_splits
+from train.data import windows as data_windows
+from train.memory_check import check_fits
 from train.run import check_out_parent, load_run
 
 BATCH = 16  # windows per forward pass
@@ -28,14 +30,23 @@ BATCH = 16  # windows per forward pass
 def reference(workdir: Path, windows: int, new_tokens: int) -> dict[str, np.ndarray]:
     """{"inputs", "targets": int32 [windows, seq_len]; "logits": float32 [windows, seq_len, vocab]; "text": uint8
     UTF-8 bytes of a validation sample; "text_ids": its ids under the run's own tokenizer; "seq_len";
-    "decode_tokens_per_s" (batch 1)}."""
+    "decode_tokens_per_s" (batch 1)}. Fewer windows when the validation split holds fewer (said in one line);
+    UserError when their logits would not fit in memory (train.memory_check)."""
     run = load_run(workdir)
     cfg = run.config.model
     tokenizer = run.tokenizer  # the run's own (bytes, or its tokenizer.json), as the GGUF file's vocabulary
     splits = load_splits(run.config.data, tokenizer)
+    starts = eval_starts(splits.val, min(BATCH, windows), cfg.seq_len, -(-windows // BATCH))
+    found = min(windows, sum(len(batch) for batch in starts))
+    if found < windows:
+        print(f"[--windows {windows}: the validation split holds {found} windows of {cfg.seq_len} tokens; all are "
+              f"used]", flush=True)
+    # the float32 logits, held as batches and once more joined: the bulk of what this command holds at once
+    check_fits(2 * 4 * found * cfg.seq_len * cfg.vocab_size,
+               f"the reference logits of {found} windows x {cfg.seq_len} tokens x {cfg.vocab_size} ids")
     forward = jax.jit(lambda v, x: run.model.apply(v, x)[0])
     inputs, targets, logits = [], [], []
-    for x, y in eval_batches(splits.val, min(BATCH, windows), cfg.seq_len, -(-windows // BATCH)):
+    for x, y in (data_windows(splits.val, batch, cfg.seq_len) for batch in starts):
         inputs.append(x)
         targets.append(y)
         logits.append(np.asarray(forward(run.variables, x), np.float32))

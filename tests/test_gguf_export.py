@@ -19,6 +19,7 @@ from quant.config import QuantConfig
 from quant.serving import dequantize, quantized_weights
 from slm_jax.layers import apply_rope
 from train.config import load_config
+from train import memory_check
 from train.loop import run_training
 from train.ptq import convert_workdir
 from train.run import load_run
@@ -196,6 +197,24 @@ def test_reference_is_written_to_a_new_npz_file_and_never_overwrites_one(runs, t
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "already exists" in err and err.count("\n") == 1
     assert out.read_bytes() == before
+
+
+def test_reference_says_when_the_split_holds_fewer_windows_and_refuses_logits_beyond_memory(runs, tmp_path, capsys,
+                                                                                          monkeypatch):
+    out = tmp_path / "ref.npz"
+    reference_main(["--workdir", str(runs / "float"), "--out", str(out), "--windows", "100000", "--new-tokens", "2"])
+    with np.load(out) as ref:
+        found, seq_len = ref["inputs"].shape
+    said = capsys.readouterr().out
+    assert 0 < found < 100000 and (f"[--windows 100000: the validation split holds {found} windows of {seq_len} "
+                                   f"tokens; all are used]") in said
+    monkeypatch.setattr(memory_check, "physical_memory", lambda: 1000)  # bytes: no reference logits fit
+    with pytest.raises(SystemExit) as exited:
+        reference_main(["--workdir", str(runs / "float"), "--out", str(tmp_path / "big.npz"), "--windows", "3"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: the reference logits of 3 windows x {seq_len} tokens x ") and "GB of memory" in err
+    assert not (tmp_path / "big.npz").exists()
 
 
 @pytest.mark.parametrize("name", ["ref.txt", "folder"])
