@@ -23,7 +23,7 @@ import time
 import types
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -220,6 +220,22 @@ def _wait_for_failed_reads(captured_size, quiet_for: float = 0.5, limit: float =
             size, quiet_since = captured_size(), time.monotonic()
 
 
+def _read_quietly(read: Callable[[], Any], failure: Callable[[Exception], str]) -> Any:
+    """read() (an Orbax read) with what Orbax and TensorStore's reader threads print kept back, so a command reports a
+    failed read in one line: its result (and the kept output shown after all), or UserError(failure(err)) once the
+    failed reads have finished printing."""
+    with _orbax_quiet(), _stderr_captured() as captured:
+        try:
+            result = read()
+        except Exception as err:
+            message = failure(err)
+        else:
+            captured.show()
+            return result
+        _wait_for_failed_reads(captured.size)  # outside `except`, so the failed reads can be collected
+    raise UserError(message)
+
+
 def _with_sharding(leaf: Any) -> Any:
     """An abstract array as a restore target that names its devices (Orbax refuses to guess when the checkpoint was
     written on another topology): its own sharding, else this process's first device."""
@@ -309,21 +325,9 @@ class CheckpointStore:
     def arrays(self, step: int | None = None) -> list[ArrayInfo]:
         """Path, shape and dtype of every array in the state of `step`, read from Orbax's metadata only."""
         step = self._resolve(step)
-        # A missing or damaged OCDBT manifest fails in TensorStore's threads, which print tracebacks meanwhile
-        # ("Event loop is closed"): kept back, as in `restore`, so the error stays one line.
-        with _orbax_quiet(), _stderr_captured() as captured:
-            try:
-                found = arrays_of(self._manager.item_metadata(step)["state"])
-            except Exception as err:
-                failure = (f"checkpoint {self._where(step)} has no readable array metadata ({_describe(err)})"
-                           f"{self._fallback(step)}")
-            else:
-                captured.show()
-                failure = None
-            if failure:
-                _wait_for_failed_reads(captured.size)
-        if failure:
-            raise UserError(failure)
+        # a missing or damaged OCDBT manifest fails in TensorStore's threads, which print tracebacks meanwhile
+        found = _read_quietly(lambda: arrays_of(self._manager.item_metadata(step)["state"]), lambda err: (
+            f"checkpoint {self._where(step)} has no readable array metadata ({_describe(err)}){self._fallback(step)}"))
         if not found:  # Orbax reads a state folder without its _METADATA file as an empty tree; no state is empty
             raise UserError(f"checkpoint {self._where(step)} is damaged: its state lists no arrays (state/_METADATA "
                             f"missing or emptied){self._fallback(step)}")
@@ -339,19 +343,10 @@ class CheckpointStore:
         process holds the restored arrays whole)."""
         step = self._resolve(step)
         target = jax.tree_util.tree_map(_with_sharding, target)
-        # A CLI reports a failed restore in one line: what Orbax's reader threads print meanwhile is kept back.
-        with _orbax_quiet(), _stderr_captured() as captured:
-            try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target)))
-            except Exception as err:
-                failure = self._restore_failure(step, target, err)
-            else:
-                captured.show()
-                self._check_integrity(step, restored["state"])
-                return restored["state"]
-            _wait_for_failed_reads(captured.size)  # outside `except`, so the failed reads can be collected
-        raise UserError(failure)
+        restored = _read_quietly(lambda: self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target))), lambda err: self._restore_failure(step, target, err))
+        self._check_integrity(step, restored["state"])
+        return restored["state"]
 
     def verify(self, step: int | None = None) -> int | None:
         """Read every array of `step` (default latest) as saved and compare it with the CRC-32 recorded at save ->
