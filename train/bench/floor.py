@@ -59,10 +59,16 @@ def measure_floor(model: ModelConfig, batch: int, reps: int) -> dict:
             "max_s": max(seconds), "gflops": flops / statistics.median(seconds) / 1e9, "spread": spread(seconds)}
 
 
-def peak_gflops(n: int, reps: int) -> float:
-    """GFLOP/s of a float32 [n, n] @ [n, n] product in one jit (median of `reps` after one untimed call), as section
-    1 of the bench measures its peak."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+def square_matmul_seconds(n: int, dtype, reps: int) -> tuple[float, list[float]]:
+    """Seconds of a jitted [n, n] @ [n, n] product of two random arrays of `dtype` (2 * n^3 FLOPs): (the first call,
+    compilation included; each of `reps` timed calls after it). Section 1's peak and this module's command use it."""
+    a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n), dtype) for i in (0, 1))
     product = jax.jit(jnp.matmul)
-    timed(lambda: product(a, a))
-    return 2 * n ** 3 / statistics.median(timed(lambda: product(a, a)) for _ in range(reps)) / 1e9
+    first = timed(lambda: product(a, b))
+    return first, [timed(lambda: product(a, b)) for _ in range(reps)]
+
+
+def peak_gflops(n: int, reps: int) -> float:
+    """GFLOP/s of a float32 [n, n] @ [n, n] product (median of `reps` after one untimed call), as section 1 of the
+    bench measures its peak."""
+    return 2 * n ** 3 / statistics.median(square_matmul_seconds(n, jnp.float32, reps)[1]) / 1e9

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from quant.serving import convert
-from train.bench.common import fixed_batch, placed_step, timed, timed_steps
-from train.bench.floor import measure_floor
+from train.bench.common import fixed_batch, placed_step, timed_steps
+from train.bench.floor import measure_floor, square_matmul_seconds
 from train.bench.profiles import LORA_VARIANTS, ONE_DEVICE_VARIANTS, VARIANTS
 from train.bench.trust import spread
 from train.build import build_model, state_initializer
@@ -34,10 +34,7 @@ def measure_matmul(n: int, reps: int, say) -> dict:
     """GFLOP/s of a jitted [n, n] @ [n, n] matmul in float32 and bfloat16 (median and best of `reps`)."""
     rows, spreads = [], {}
     for dtype in (jnp.float32, jnp.bfloat16):
-        a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n), dtype) for i in (0, 1))
-        matmul = jax.jit(jnp.matmul)
-        first = timed(lambda: matmul(a, b))
-        seconds = [timed(lambda: matmul(a, b)) for _ in range(reps)]
+        first, seconds = square_matmul_seconds(n, dtype, reps)
         flops = 2 * n ** 3
         row = {"dtype": jnp.dtype(dtype).name, "n": n, "reps": reps, "first_call_s": first,
                "median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds),
@@ -113,7 +110,7 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
                 state, metrics = step(state, batch)
             jax.block_until_ready(state)
             say(f"{size_label} {name}: first call (trace + compile + 1 step) {first:.1f} s")
-            built.append({"state": state, "step": step, "batch": batch, "times": [], "row": {
+            built.append({"state": state, "step": step, "batch": batch, "times": [], "model": config.model, "row": {
                 "size": size_label, "variant": name, "label": label, "config": config_name,
                 "overrides": overrides, "size_overrides": list(size_overrides), "variant_overrides": list(extra),
                 "batch_size": config.train.batch_size, "seq_len": config.model.seq_len, "devices": devices,
@@ -127,9 +124,8 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
                 item["times"] += seconds
         floor_of = built[0]["row"]
         if floor:
-            floors.append({"size": size_label, **measure_floor(load_config(floor_of["config"],
-                                                                           floor_of["overrides"]).model,
-                                                                floor_of["batch_size"], rounds * steps)})
+            floors.append({"size": size_label, **measure_floor(built[0]["model"], floor_of["batch_size"],
+                                                                rounds * steps)})
             spreads[f"{size_label} matmul floor"] = floors[-1].pop("spread")
         for item in built:
             row, times = item["row"], item["times"]
