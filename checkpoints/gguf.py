@@ -6,8 +6,10 @@ permuted from slm-jax's split-half rotary layout to the adjacent pairs llama.cpp
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import gguf
 import numpy as np
@@ -174,6 +176,21 @@ def check_exportable(model_cfg: ModelConfig, quant_cfg: QuantConfig, out_type: s
                             f"model.{narrow[0]} is not")
 
 
+@contextlib.contextmanager
+def new_file(out: Path, what: str) -> Iterator[Path]:
+    """A temporary path beside `out` (same suffix, so writers that add one keep its name) for the block to write;
+    renamed to `out` when the block ends, removed when it fails, so a failure never leaves a partial file. UserError
+    "--out {out} already exists; {what}" if `out` appeared meanwhile: it is never overwritten."""
+    temporary = out.with_name(f".{out.stem}.{os.getpid()}.partial{out.suffix}")
+    try:
+        yield temporary
+        if out.exists():  # made while this command ran
+            raise UserError(f"--out {out} already exists; {what}")
+        os.replace(temporary, out)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_gguf(out: Path, model_cfg: ModelConfig, tensors, vocab: Vocab, out_type: str, name: str,
                token_ids: dict | None = None) -> Path:
     """Write the GGUF file: llama hyperparameters, the vocabulary, `token_ids` ({"bos_token_id": 1, ...} as a
@@ -184,47 +201,41 @@ def write_gguf(out: Path, model_cfg: ModelConfig, tensors, vocab: Vocab, out_typ
     if len(vocab.tokens) != model_cfg.vocab_size:
         raise UserError(f"the tokenizer has {len(vocab.tokens)} tokens but model.vocab_size is "
                         f"{model_cfg.vocab_size}")
-    temporary = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    writer = gguf.GGUFWriter(temporary, gguf.MODEL_ARCH_NAMES[ARCH])
-    try:
-        writer.add_name(name)
-        writer.add_file_type(FILE_TYPES[out_type])
-        if out_type in ("q8_0", "q4_0"):
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        writer.add_context_length(model_cfg.context)
-        writer.add_embedding_length(model_cfg.d_model)
-        writer.add_block_count(model_cfg.n_layers)
-        writer.add_feed_forward_length(model_cfg.hidden)
-        writer.add_head_count(model_cfg.n_heads)
-        writer.add_head_count_kv(model_cfg.kv_heads)
-        writer.add_layer_norm_rms_eps(model_cfg.norm_eps)
-        writer.add_rope_freq_base(model_cfg.rope_theta)
-        writer.add_rope_dimension_count(model_cfg.head_dim)
-        if model_cfg.head_dim * model_cfg.n_heads != model_cfg.d_model:  # llama.cpp assumes d_model / n_heads
-            writer.add_key_length(model_cfg.head_dim)
-            writer.add_value_length(model_cfg.head_dim)
-        writer.add_vocab_size(model_cfg.vocab_size)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(vocab.pre)
-        writer.add_token_list(vocab.tokens)
-        writer.add_token_types(vocab.types)
-        writer.add_token_merges(vocab.merges)
-        writer.add_add_bos_token(False)
-        for key, token_id in (token_ids or {}).items():
-            token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
-            if isinstance(token_id, int) and key in TOKEN_ID_WRITERS:
-                getattr(writer, TOKEN_ID_WRITERS[key])(token_id)
-        for tensor_name_, data, dtype in tensors:
-            writer.add_tensor(tensor_name_, data, raw_dtype=dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        if out.exists():  # made while this export ran: never overwritten
-            raise UserError(f"--out {out} already exists; an export writes a new file")
-        os.replace(temporary, out)
-    except BaseException:
-        writer.close()
-        temporary.unlink(missing_ok=True)
-        raise
+    with new_file(out, "an export writes a new file") as temporary:
+        writer = gguf.GGUFWriter(temporary, gguf.MODEL_ARCH_NAMES[ARCH])
+        try:
+            writer.add_name(name)
+            writer.add_file_type(FILE_TYPES[out_type])
+            if out_type in ("q8_0", "q4_0"):
+                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            writer.add_context_length(model_cfg.context)
+            writer.add_embedding_length(model_cfg.d_model)
+            writer.add_block_count(model_cfg.n_layers)
+            writer.add_feed_forward_length(model_cfg.hidden)
+            writer.add_head_count(model_cfg.n_heads)
+            writer.add_head_count_kv(model_cfg.kv_heads)
+            writer.add_layer_norm_rms_eps(model_cfg.norm_eps)
+            writer.add_rope_freq_base(model_cfg.rope_theta)
+            writer.add_rope_dimension_count(model_cfg.head_dim)
+            if model_cfg.head_dim * model_cfg.n_heads != model_cfg.d_model:  # llama.cpp assumes d_model / n_heads
+                writer.add_key_length(model_cfg.head_dim)
+                writer.add_value_length(model_cfg.head_dim)
+            writer.add_vocab_size(model_cfg.vocab_size)
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre(vocab.pre)
+            writer.add_token_list(vocab.tokens)
+            writer.add_token_types(vocab.types)
+            writer.add_token_merges(vocab.merges)
+            writer.add_add_bos_token(False)
+            for key, token_id in (token_ids or {}).items():
+                token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
+                if isinstance(token_id, int) and key in TOKEN_ID_WRITERS:
+                    getattr(writer, TOKEN_ID_WRITERS[key])(token_id)
+            for tensor_name_, data, dtype in tensors:
+                writer.add_tensor(tensor_name_, data, raw_dtype=dtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return out

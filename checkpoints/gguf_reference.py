@@ -10,12 +10,12 @@ from train.interrupts import exit_while_loading  # standard library only
 if __name__ == "__main__":  # a Ctrl-C while the imports below load JAX ends at once, in one line, exit 130
     exit_while_loading()
 
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from checkpoints.gguf import new_file
 from slm_jax.errors import UserError
 from train.bench.serving import decode_speed
 from train.cli import ArgumentParser, main_guard, path_arg
@@ -25,6 +25,7 @@ from train.memory_check import check_fits
 from train.run import check_out_parent, load_run
 
 BATCH = 16  # windows per forward pass
+EXISTS = "the reference is written to a new file"  # after "--out X already exists; "
 
 
 def reference(workdir: Path, windows: int, new_tokens: int) -> dict[str, np.ndarray]:
@@ -65,22 +66,16 @@ def check_out_file(out: Path) -> None:
     if out.suffix != ".npz":
         raise UserError(f"--out must name a .npz file, got {out}")
     if out.exists() or out.is_symlink():
-        raise UserError(f"--out {out} already exists; the reference is written to a new file")
+        raise UserError(f"--out {out} already exists; {EXISTS}")
     check_out_parent(out)
 
 
 def write_npz(out: Path, arrays: dict[str, np.ndarray]) -> None:
-    """`arrays` as the .npz file `out`, written under a temporary name beside it and renamed when complete, so an
-    interrupted or failed write leaves no partial file."""
+    """`arrays` as the new .npz file `out`, written under a temporary name beside it and renamed when complete
+    (checkpoints.gguf.new_file), so an interrupted or failed write leaves no partial file."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.stem}.{os.getpid()}.partial.npz")
-    try:
+    with new_file(out, EXISTS) as temporary:
         np.savez(temporary, **arrays)
-        if out.exists():  # made while this command ran: never overwritten
-            raise UserError(f"--out {out} already exists; the reference is written to a new file")
-        os.replace(temporary, out)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 @main_guard
