@@ -16,6 +16,7 @@ from slm_jax.errors import UserError
 from train import main as train_main
 from train.build import abstract_state, build_model
 from train.config import load_config
+from train.files import replace_file
 
 # The error TensorStore raised in Orbax's writer thread when a 2 MiB tmpfs filled up (orbax 0.12.8).
 TENSORSTORE_ENOSPC = ('RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file "/mnt/checkpoints/4.'
@@ -96,3 +97,20 @@ def test_train_main_on_a_full_disk_exits_2_with_one_line(tmp_path, monkeypatch, 
     assert "checkpoint 2 is intact" in err[0]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
     assert CheckpointStore(workdir / "checkpoints", create=False).metadata()["step"] == 2
+
+
+def test_a_file_replaced_when_the_disk_fills_keeps_its_old_bytes_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    replace_file(path, "old\n")
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)  # the bytes never reach the disk
+    with pytest.raises(OSError, match="No space left"):
+        replace_file(path, b"new, longer contents\n")
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == [path.name]
+    monkeypatch.undo()
+    replace_file(path, "new\n")
+    assert path.read_bytes() == b"new\n" and [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -34,7 +34,7 @@ def test_a_resume_drops_the_records_past_the_restored_step(tmp_path):
     with log.path.open("a") as f:
         f.write('{"step": 31, "loss": 1.')  # a record cut short by the crash
     assert log.rewind(20) == 3
-    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left beside it
     for step in (30, 40):  # the resumed run logs again from step 21
         log.write(step=step, loss=1.0, time=100.0 + step)
     records = strict_records(log.path)

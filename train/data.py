@@ -22,6 +22,7 @@ from slm_jax.config import bounded
 from slm_jax.errors import UserError
 from train.corpus import (GENRES, bundled_key, bundled_plays, bundled_source, files_key, read_bytes, text_files,
                           user_text)
+from train.files import replace_file
 from train.tokenizer import (KINDS, ByteTokenizer, NoTokenizer, read_tokenizer_file,
                              train_bpe)
 
@@ -116,12 +117,6 @@ def _cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _is_pretokenized(path: str | None) -> bool:
     return path is not None and any((Path(path).expanduser() / name).is_file() for name in PRETOKENIZED)
 
@@ -131,7 +126,7 @@ def _bpe(cfg: DataConfig, cache_root: Path, key: dict, train_text) -> object:
     folder = cache_root / f"bpe-{_cache_key({**key, 'bpe': cfg.vocab_size, 'tokenizers': tokenizers.__version__})}"
     if not (folder / "tokenizer.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(folder / "tokenizer.json", train_bpe(train_text(), cfg.vocab_size).to_json().encode("utf-8"))
+        replace_file(folder / "tokenizer.json", train_bpe(train_text(), cfg.vocab_size).to_json().encode("utf-8"))
     return read_tokenizer_file(folder / "tokenizer.json", kind="bpe")
 
 
@@ -184,12 +179,12 @@ def load_splits(cfg: DataConfig, tokenizer=None) -> Splits:
             raise UserError(f"data.path: {cfg.path} is too small to split into train and validation text "
                             f"({len(train)} and {len(val)} tokens with data.val_fraction={cfg.val_fraction})")
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(folder / "train.bin", train.tobytes())
-        _write_atomic(folder / "val.bin", val.tobytes())
+        replace_file(folder / "train.bin", train.tobytes())
+        replace_file(folder / "val.bin", val.tobytes())
         info |= {"train_chars": len(train_text), "val_chars": len(val_text), "train_tokens": len(train),
                  "val_tokens": len(val), "dtype": train.dtype.name, "tokenizer": tokenizer.describe(),
                  "crc32": {"train.bin": crc32(train), "val.bin": crc32(val)}}
-        _write_atomic(meta_path, json.dumps(info, indent=1).encode())
+        replace_file(meta_path, json.dumps(info, indent=1).encode())
         problem = _cache_problem(folder, tokenizer)
         if problem:
             raise UserError(f"the token cache {folder} {problem} right after it was written from {where}")

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
+
+from train.files import replace_file
 
 
 def format_duration(seconds: float) -> str:
@@ -80,12 +81,7 @@ class MetricsLog:
             else:
                 kept.append(to_json_line(record))
         if "".join(kept) != text:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            with tmp.open("w") as f:
-                f.writelines(kept)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            replace_file(self.path, "".join(kept))
         return dropped
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from slm_jax.errors import UserError
+from train.files import replace_file
 
 TOKENIZER_FILE = "tokenizer.json"  # a run's tokenizer, in its workdir beside checkpoints/
 KINDS = ("byte", "bpe")  # data.tokenizer: one of these, or a path to a tokenizer.json (kind "file")
@@ -163,9 +163,7 @@ def save_tokenizer(tokenizer, workdir: Path) -> None:
     if tokenizer.kind == "none":
         return
     path = Path(workdir) / TOKENIZER_FILE
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(tokenizer.to_json(), encoding="utf-8")
-    os.replace(tmp, path)
+    replace_file(path, tokenizer.to_json())
 
 
 def run_tokenizer(workdir: Path, recorded: dict | None):
