@@ -101,6 +101,12 @@ def quantize_kv(x: jax.Array, scale_dtype: Any) -> tuple[jax.Array, jax.Array]:
     return values, scale
 
 
+def dequantize_kv(values: jax.Array, scale: jax.Array) -> jax.Array:
+    """values [..., head_dim] int8 times scale [..., 1] -> [..., head_dim] in the scale's dtype (quantize_kv's
+    inverse)."""
+    return values.astype(scale.dtype) * scale
+
+
 def write_layer_cache(layer_cache: tuple[jax.Array, ...], slots: jax.Array, k: jax.Array, v: jax.Array):
     """Write k, v: [batch, seq, kv_heads, head_dim] into `slots` ([seq]) of a layer cache (see KVCache.layer)."""
     k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))
@@ -147,14 +153,20 @@ class Attention(nn.Module):
         if layer_cache is None:
             new_cache, key_pos = None, positions
         else:
+            math = layer_cache[-1].dtype  # attention over a cache runs in its float dtype (see serving_cache_dtype)
+            if len(layer_cache) == 4 and seq == 1 and not cfg.quantize_attention:  # an int8 cache, decoding
+                own = tuple(dequantize_kv(*quantize_kv(x, math)) for x in (k, v))
+                old = (layer_cache[0].astype(math), layer_cache[1].astype(math), *layer_cache[2:])
+                visible = visible_keys(positions, key_positions, cfg.context)
+                out = self._one_token_over_old_cache(q.astype(math), *own, old, slots[0], visible)
+                # written after it is read: the write depends on `out` through an exact zero (see the method)
+                after = jnp.isnan(out.reshape(-1)[0]).astype(k.dtype) * 0
+                return self._out(out, dense), write_layer_cache(layer_cache, slots, k + after, v + after)
             new_cache, key_pos = write_layer_cache(layer_cache, slots, k, v), key_positions
-            math = new_cache[-1].dtype  # attention over a cache runs in its float dtype (see serving_cache_dtype)
             q, k, v = q.astype(math), new_cache[0].astype(math), new_cache[1].astype(math)
             if len(new_cache) == 4:  # int8: the scales multiply the scores and the probabilities, not the cache
                 key_scale, value_scale = (scale[..., 0][:, :, None, None, :] for scale in new_cache[2:])
-        window = cfg.context
-        visible = (key_pos[None, :] >= 0) & (key_pos[None, :] <= positions[:, None]) & (
-            key_pos[None, :] > positions[:, None] - window)  # [seq, keys]
+        visible = visible_keys(positions, key_pos, cfg.context)
 
         group = cfg.n_heads // cfg.kv_heads
         q = q.reshape(batch, seq, cfg.kv_heads, group, cfg.head_dim)
@@ -162,12 +174,50 @@ class Attention(nn.Module):
         scores = self._einsum("qk")(f"bqhgd,{kv_axes}->bhgqk", q, k.astype(q.dtype)).astype(jnp.float32)
         if key_scale is not None:
             scores = scores * key_scale.astype(jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
-        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        probs = softmax_visible(scores, visible, cfg.head_dim).astype(q.dtype)
         if value_scale is not None:
             probs = probs * value_scale
         out = self._einsum("pv")(f"bhgqk,{kv_axes}->bqhgd", probs, v.astype(q.dtype)).astype(self.dtype)
-        out = out.reshape(batch, seq, cfg.n_heads * cfg.head_dim)
-        y = Linear(cfg.d_model, ("heads", "embed"), name="o", **dense)(out)
-        return y, new_cache
+        return self._out(out, dense), new_cache
+
+    def _out(self, out: jax.Array, dense: dict) -> jax.Array:
+        """The output projection: the heads' outputs [batch, seq, kv_heads, group, head_dim] -> [batch, seq, embed]."""
+        batch, seq = out.shape[:2]
+        out = out.astype(self.dtype).reshape(batch, seq, self.cfg.n_heads * self.cfg.head_dim)
+        return Linear(self.cfg.d_model, ("heads", "embed"), name="o", **dense)(out)
+
+    def _one_token_over_old_cache(self, q, k, v, old, slot, visible):
+        """One query token's attention over an int8 cache, read as it was before this token's write: the keys and
+        values of `slot` are this token's own (k, v [batch, 1, kv_heads, head_dim], dequantized: what the cache now
+        holds), every other slot's the old cache's (`old`: float values and their scales, KVCache.layer's shapes).
+
+        The same sums as attending over the updated cache. But reading the updated int8 cache led XLA CPU to fuse the
+        in-place slot update into the int8 -> float conversion, so each decode step copied every layer's cache twice
+        (0.5-0.7x a float32 cache's decode speed at batch 8 in the bundled model). Read before the write, and the
+        write tied to this result (isnan(out[0]) * 0 added to the new key and value, an exact zero XLA does not
+        fold), the update stays in place: without the tie XLA cannot tell that the reads come first, and copies."""
+        cfg = self.cfg
+        batch = q.shape[0]
+        q = q.reshape(batch, 1, cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_dim)
+        old_k, old_v, k_scale, v_scale = old
+        is_new = (jnp.arange(old_k.shape[2]) == slot)  # [size]
+        scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, old_k).astype(jnp.float32) * k_scale[..., 0][:, :, None, None, :]
+        own = jnp.einsum("bqhgd,bkhd->bhgqk", q, k).astype(jnp.float32)  # [batch, kv_heads, group, 1, 1]
+        probs = softmax_visible(jnp.where(is_new, own, scores), visible, cfg.head_dim).astype(q.dtype)
+        own_p = jnp.sum(jnp.where(is_new, probs, 0), axis=-1, keepdims=True)
+        old_p = jnp.where(is_new, 0, probs) * v_scale[..., 0][:, :, None, None, :]
+        return jnp.einsum("bhgqk,bhkd->bqhgd", old_p, old_v) + jnp.einsum("bhgqk,bkhd->bqhgd", own_p, v)
+
+
+def visible_keys(positions: jax.Array, key_positions: jax.Array, window: int) -> jax.Array:
+    """[seq, keys] bool: key j is visible to query i when it holds a token (position >= 0) at most i's position
+    and less than `window` positions before it."""
+    keys, queries = key_positions[None, :], positions[:, None]
+    return (keys >= 0) & (keys <= queries) & (keys > queries - window)
+
+
+def softmax_visible(scores: jax.Array, visible: jax.Array, head_dim: int) -> jax.Array:
+    """softmax over the last axis of scores [..., seq, keys] / sqrt(head_dim), keys not `visible` ([seq, keys])
+    left out; float32."""
+    scores = scores.astype(jnp.float32) / jnp.sqrt(jnp.float32(head_dim))
+    return jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1)

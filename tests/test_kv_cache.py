@@ -82,3 +82,52 @@ def test_int8_cache_decoding_tracks_the_float_cache_past_the_ring_buffer():
     error = np.abs(int8 - reference).max() / reference.std(-1).min()
     assert 0 < error < 0.05  # measured 0.015: the int8 cache really quantizes, and only slightly
     assert (int8.argmax(-1) == reference.argmax(-1)).mean() >= 0.95  # measured 0.99 (one near-tie of 112)
+
+
+def test_one_token_over_an_int8_cache_is_attention_over_the_dequantized_updated_cache():
+    """A decode step over a full int8 cache (the ring buffer's slot 5 overwritten, slot 9 still empty) against
+    numpy: softmax(q k^T / sqrt(d)) v over every visible slot of the updated cache, dequantized, with the new key and
+    value quantized as the cache stores them; and the written cache holds exactly quantize_kv of them."""
+    from slm_jax.attention import Attention
+    from slm_jax.layers import apply_rope
+    cfg, size, batch, slot = CFG, 12, 2, 5
+    attn = Attention(cfg)
+    x = jax.random.normal(jax.random.PRNGKey(3), (batch, 1, cfg.d_model))
+    params = nn.unbox(attn.init(jax.random.PRNGKey(4), x, jnp.zeros((1,), jnp.int32)))
+    keys = jax.random.split(jax.random.PRNGKey(5), 2)
+    old = [quantize_kv(jax.random.normal(key, (batch, cfg.kv_heads, size, cfg.head_dim)), jnp.float32)
+           for key in keys]
+    layer_cache = (old[0][0], old[1][0], old[0][1], old[1][1])
+    position = 40
+    key_positions = jnp.arange(28, 28 + size).at[slot].set(position).at[9].set(-1)  # slot 9 never written
+    y, (k_int, v_int, k_scale, v_scale) = attn.apply(params, x, jnp.array([position]), layer_cache,
+                                                     jnp.array([slot]), key_positions)
+    chex.assert_shape(y, (batch, 1, cfg.d_model))
+    chex.assert_shape([k_int, v_int], (batch, cfg.kv_heads, size, cfg.head_dim))
+    chex.assert_shape([k_scale, v_scale], (batch, cfg.kv_heads, size, 1))
+
+    p = jax.tree_util.tree_map(np.asarray, params["params"])
+    xs = np.asarray(x)[:, 0]
+    rope = lambda t, heads: np.asarray(apply_rope(jnp.asarray(t).reshape(batch, 1, heads, cfg.head_dim),
+                                                  jnp.array([[position]]), cfg.rope_theta))[:, 0]
+    q, k = rope(xs @ p["q"]["kernel"], cfg.n_heads), rope(xs @ p["k"]["kernel"], cfg.kv_heads)
+    v = (xs @ p["v"]["kernel"]).reshape(batch, cfg.kv_heads, cfg.head_dim)
+    new = [quantize_kv(jnp.asarray(t), jnp.float32) for t in (k, v)]  # [batch, kv_heads, head_dim]
+    for stored, scale, (values, scales) in ((k_int, k_scale, new[0]), (v_int, v_scale, new[1])):
+        np.testing.assert_array_equal(stored[:, :, slot], values)
+        np.testing.assert_array_equal(scale[:, :, slot], scales)
+        mask = np.arange(size) != slot  # every other slot unchanged
+        np.testing.assert_array_equal(np.asarray(stored)[:, :, mask], np.asarray(
+            layer_cache[0 if stored is k_int else 1])[:, :, mask])
+    dequantized = [np.asarray(values, np.float64) * np.asarray(scales, np.float64)
+                   for values, scales in ((k_int, k_scale), (v_int, v_scale))]
+    group = cfg.n_heads // cfg.kv_heads
+    heads = []
+    for h in range(cfg.n_heads):
+        kh, vh = dequantized[0][:, h // group], dequantized[1][:, h // group]  # [batch, size, head_dim]
+        scores = np.einsum("bd,bkd->bk", q[:, h], kh) / np.sqrt(cfg.head_dim)
+        scores[:, np.asarray(key_positions) < 0] = -np.inf
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        heads.append(np.einsum("bk,bkd->bd", weights / weights.sum(-1, keepdims=True), vh))
+    expected = np.concatenate(heads, axis=-1) @ p["o"]["kernel"]
+    np.testing.assert_allclose(np.asarray(y)[:, 0], expected, rtol=1e-4, atol=1e-5)
