@@ -402,11 +402,12 @@ class CheckpointStore:
 
     def _recorded_checksums(self, step: int) -> tuple[dict | None, dict | None]:
         """The CRC-32s `save` recorded for `step`, read from its metadata as saved (whatever its format): (by array
-        under CHECKSUM_KEY, by shard under SHARD_CHECKSUM_KEY), None for each the metadata lacks."""
+        under CHECKSUM_KEY, by shard under SHARD_CHECKSUM_KEY), None for each the metadata lacks (or holds no JSON
+        object in)."""
         raw = self._raw_metadata(step)
-        if not isinstance(raw, dict):
-            return None, None
-        return raw.get(CHECKSUM_KEY), raw.get(SHARD_CHECKSUM_KEY)
+        found = [raw.get(key) if isinstance(raw, dict) else None for key in (CHECKSUM_KEY, SHARD_CHECKSUM_KEY)]
+        whole, shards = (value if isinstance(value, dict) else None for value in found)
+        return whole, shards
 
     def _check_integrity(self, step: int, restored: Any) -> None:
         """Raise UserError when an array of `restored` (step `step`) differs from its checksums at save time. Read

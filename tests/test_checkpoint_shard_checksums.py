@@ -1,7 +1,7 @@
 """Checkpoint integrity for states no process holds whole (multi-process runs): a save records a CRC-32 per shard,
 keyed by its block of the array, and a restore compares every recorded block it holds, whatever its layout. The
-sharded saves here come from one process of 2 CPU devices (this session has one), with the per-shard path forced
-as it is where arrays are not fully addressable; tests/test_multiprocess.py has a real 2-process case."""
+sharded saves here come from a child process of 2 CPU devices (the test session has one), the per-shard path forced
+as where arrays are not fully addressable; tests/test_multiprocess.py has a real 2-process case."""
 import json
 import os
 import subprocess
@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorstore as ts
 
 from checkpoints import inspect as inspect_cli
 from checkpoints.checksums import allgather_json, key_region, region_key, region_mismatches, region_of, shard_crc32s
@@ -29,18 +28,6 @@ def reference_crc(value: np.ndarray, key: str) -> int:
     """Independent reference: zlib over numpy's bytes of the block `key` names ("0:4,0:16")."""
     block = value[tuple(slice(*map(int, part.split(":"))) for part in key.split(",") if part)]
     return zlib.crc32(np.ascontiguousarray(block).tobytes())
-
-
-def rewrite_on_disk(step_dir: Path, array: str) -> None:
-    """Add 1 to the first value of `array` ("params/w") in a saved step's files, through TensorStore: valid files
-    that Orbax reads without complaint, holding other bytes than were saved (what a bad copy or bit rot that got past
-    the filesystem leaves; a byte flipped in the compressed files is an unreadable array instead)."""
-    spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{step_dir / 'state'}/"},
-            "path": f"{array.replace('/', '.')}/"}
-    stored = ts.open(spec).result()
-    values = np.array(stored.read().result())
-    values.reshape(-1)[0] += 1
-    stored.write(values).result()
 
 
 def test_region_keys_name_each_block_and_reject_what_is_not_one():
@@ -82,8 +69,7 @@ SAVE_SHARDED = textwrap.dedent("""
     from checkpoints import manager
     from checkpoints.manager import CheckpointStore
     from slm_jax.errors import UserError
-    sys.path.insert(0, sys.argv[2])
-    from test_checkpoint_shard_checksums import rewrite_on_disk
+    from tests.disk_damage import rewrite_on_disk
 
     mesh = Mesh(np.array(jax.devices()), ("x",))
     def state(seed):
@@ -122,8 +108,8 @@ def sharded_saves(tmp_path_factory):
     -> (checkpoints folder, what the child found restoring into the saved layout)."""
     folder = tmp_path_factory.mktemp("sharded") / "checkpoints"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": with_device_count(os.environ.get("XLA_FLAGS", ""), 2)}
-    result = subprocess.run([sys.executable, "-c", SAVE_SHARDED, str(folder), str(Path(__file__).parent)], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", SAVE_SHARDED, str(folder)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder, json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -34,7 +34,7 @@ from train.ptq import convert_workdir
 from train.run import load_run
 from train.sharding import coordination_timeouts
 from slm_jax.errors import UserError
-from test_checkpoint_shard_checksums import rewrite_on_disk
+from tests.disk_damage import rewrite_on_disk
 
 ROOT = Path(__file__).resolve().parents[1]
 HEARTBEAT_S = 5  # the killed run's heartbeat timeout: the survivor must be gone well within BOUND_S
