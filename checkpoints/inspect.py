@@ -2,8 +2,8 @@
 
 DIR is a workdir, its checkpoints folder, or one step folder. Prints the metadata, the steps present and every
 array of the saved state (read from Orbax's metadata, not restored), with bytes by dtype. `--verify` also reads
-every array and compares its bytes with the CRC-32 recorded when the step was saved (exit 2 when one differs or
-cannot be read).
+every array whole and compares its bytes with the CRC-32s recorded when the step was saved: the whole array's, or
+each shard's for a save by several processes (exit 2 when one differs or cannot be read).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from checkpoints.hf import import_first, is_model_folder
-from checkpoints.manager import ArrayInfo, CheckpointStore
+from checkpoints.manager import SHARD_CHECKSUM_KEY, ArrayInfo, CheckpointStore
 from slm_jax.errors import UserError
 from train.cli import ArgumentParser, main_guard, non_negative_int, path_arg
 
@@ -150,6 +150,18 @@ def describe(metadata: dict, steps: list[int], arrays: list[ArrayInfo], where: s
     return "\n".join(lines)
 
 
+def verify_summary(checked: int | None, metadata: dict) -> str:
+    """What `--verify` found, after `CheckpointStore.verify` returned `checked` (arrays compared, None: no checksums)
+    for the step whose `metadata` this is."""
+    if not checked:
+        return "no checksums recorded (saved before slm-jax recorded them)"
+    shards = metadata.get(SHARD_CHECKSUM_KEY)
+    if shards:
+        blocks = sum(len(crcs) for crcs in shards.values() if isinstance(crcs, dict))
+        return f"{checked} match the CRC-32s recorded at save for their {blocks} shards (saved by several processes)"
+    return f"{checked} match the CRC-32 recorded at save"
+
+
 @main_guard
 def main(argv=None):
     args = parse_args(argv)
@@ -164,10 +176,7 @@ def main(argv=None):
         where = f"{store.directory}/{step if step is not None else store.latest_step()}"
         print(describe(metadata, store.steps(), arrays, where))
         if args.verify:
-            checked = store.verify(step)
-            print(f"verified    every array read; {checked} match the CRC-32 recorded at save" if checked else
-                  "verified    every array read; no checksums recorded (saved before slm-jax recorded them, or by "
-                  "several processes, none of which held every array)")
+            print(f"verified    every array read; {verify_summary(store.verify(step), metadata)}")
     finally:
         store.close()
 

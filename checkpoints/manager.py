@@ -3,9 +3,10 @@
 Orbax writes each step into a temporary folder and renames it when complete, so a crash mid-save leaves the
 previous checkpoints readable (a writer deletes such leftovers when it opens); saves are asynchronous and awaited
 in `close`, and a full disk is one UserError line (`checkpoints.disk_full`). Each save records a CRC-32 of every
-array's bytes in its metadata (`array_crc32`), and a restore compares them, so bytes changed on disk after the save
-(bit rot, a bad copy) are refused as damage instead of resuming from them. Metadata is versioned: `metadata()`
-returns it in the current format whatever format it was saved in.
+array's bytes in its metadata (`array_crc32`), or of every shard's where no process holds the arrays whole (a
+multi-process run: `shard_crc32`, `checkpoints.checksums`), and a restore compares them, so bytes changed on disk
+after the save (bit rot, a bad copy) are refused as damage instead of resuming from them. Metadata is versioned:
+`metadata()` returns it in the current format whatever format it was saved in.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import sys
 import tempfile
 import time
 import types
-import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from checkpoints.checksums import allgather_json, bytes_crc32, region_mismatches, shard_crc32s
 from checkpoints.disk_full import disk_full_message, is_disk_full, quiet_disk_full_logs
 from checkpoints.versioning import FORMAT_VERSION, upgrade
 from slm_jax.errors import UserError
@@ -133,19 +134,27 @@ def _describe(err: Exception) -> str:
 
 
 CHECKSUM_KEY = "array_crc32"  # metadata: {array path: zlib CRC-32 of its bytes}; absent in checkpoints before it
+# metadata of a save by several processes, instead of CHECKSUM_KEY: {array path: {region key: CRC-32 of that block's
+# bytes}} (`checkpoints.checksums.region_key`, e.g. "0:64,0:128"), each block one shard of the array as saved
+SHARD_CHECKSUM_KEY = "shard_crc32"
+
+
+def named_leaves(tree) -> list[tuple[str, Any]]:
+    """(path, leaf) of every array of `tree`, in the tree's order."""
+    return [(key_path_str(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def array_checksums(tree) -> dict[str, int] | None:
     """{path: CRC-32 (zlib) of the array's bytes in C order} for every array of `tree`, or None when an array is not
-    wholly held by this process (a multi-process sharded state: no process sees all its bytes).
+    wholly held by this process (a multi-process sharded state: no process sees all its bytes; see
+    `shard_checksums`). The same on every process of a run: whether arrays are whole depends on their shardings.
 
     Reads the values to the host once; about 1 s per GB on this project's 2-core CPU."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    leaves = named_leaves(tree)
     if any(not getattr(leaf, "is_fully_addressable", True) for _, leaf in leaves):
         return None
     values = jax.device_get([leaf for _, leaf in leaves])
-    return {key_path_str(path): zlib.crc32(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
-            for (path, _), value in zip(leaves, values)}
+    return {path: bytes_crc32(value) for (path, _), value in zip(leaves, values)}
 
 
 def checksum_mismatches(restored, expected: dict[str, int], saved: list[ArrayInfo]) -> list[str]:
@@ -158,6 +167,32 @@ def checksum_mismatches(restored, expected: dict[str, int], saved: list[ArrayInf
     restored_as = {a.path: (a.shape, a.dtype) for a in arrays_of(restored)}
     return [path for path, crc in actual.items()
             if path in expected and kept.get(path) == restored_as[path] and expected[path] != crc]
+
+
+def shard_checksums(tree) -> dict[str, dict[str, int]]:
+    """{path: {region key: CRC-32}} for every array of `tree`: each shard's CRC-32 (`checkpoints.checksums`), keyed by
+    its block of the whole array, from whichever process owns it (replica 0). A collective: every process of a
+    multi-process run calls it together, and each gets the whole result."""
+    local = {path: shard_crc32s(leaf) for path, leaf in named_leaves(tree)}
+    merged: dict[str, dict[str, int]] = {}
+    for part in allgather_json(local):  # process order: process 0's entry wins should two record one block
+        for path, crcs in part.items():
+            for key, crc in crcs.items():
+                merged.setdefault(path, {}).setdefault(key, crc)
+    return merged
+
+
+def shard_checksum_mismatches(restored, expected: dict[str, dict[str, int]], saved: list[ArrayInfo]) -> list[str]:
+    """Paths of `restored`'s arrays (restored as saved: same shape and dtype) whose bytes differ from a block's CRC-32
+    in `expected` (`shard_checksums` at save), found by any process. Each process compares the recorded blocks that lie
+    within the shards it owns (replica 0; every block where it holds an array whole), then the processes gather their
+    findings (a collective, as `shard_checksums`), so all return the same list, in the tree's order."""
+    kept = {a.path: (a.shape, a.dtype) for a in saved}
+    leaves = named_leaves(restored)
+    local = [path for path, leaf in leaves if isinstance(expected.get(path), dict) and
+             kept.get(path) == (tuple(leaf.shape), np.dtype(leaf.dtype)) and region_mismatches(leaf, expected[path])]
+    anywhere = {path for part in allgather_json(local) for path in part}
+    return [path for path, _ in leaves if path in anywhere]
 
 
 def remove_unfinished_saves(directory: Path) -> None:
@@ -279,7 +314,9 @@ class CheckpointStore:
 
     def save(self, step: int, state: Any, metadata: dict) -> None:
         """Start writing `step` (in the background when async); `metadata` is stored as given, with the CRC-32 of
-        each array of `state` added under CHECKSUM_KEY (where this process holds every array whole).
+        each array of `state` added under CHECKSUM_KEY where this process holds every array whole, else that of each
+        shard under SHARD_CHECKSUM_KEY (gathered from every process: in a multi-process run every process calls
+        `save` together, as Orbax requires anyway).
 
         Raises UserError (one line: the path, the space needed, the step still intact) when the disk is full,
         here or, for an asynchronous save, at the next `save`, `wait` or `close`; the failed step's partial
@@ -289,8 +326,8 @@ class CheckpointStore:
             self._manager.wait_until_finished()  # a failure of the previous save is reported for that step
         self._writing = (step, tree_bytes(state)["total"])
         checksums = array_checksums(state)
-        if checksums is not None:
-            metadata = {**metadata, CHECKSUM_KEY: checksums}
+        metadata = ({**metadata, CHECKSUM_KEY: checksums} if checksums is not None else
+                    {**metadata, SHARD_CHECKSUM_KEY: shard_checksums(state)})
         with self._disk_full_as_user_error():
             self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                              metadata=ocp.args.JsonSave(metadata)), force=True)
@@ -339,8 +376,9 @@ class CheckpointStore:
         whatever devices or processes saved them.
 
         Raises UserError (one line) for another model's state, for unreadable files, and for arrays whose bytes
-        differ from the CRC-32 recorded when the step was saved (checked where the metadata has them and this
-        process holds the restored arrays whole)."""
+        differ from the CRC-32 recorded when the step was saved: the whole arrays' (checked where this process holds
+        the restored arrays whole) or the shards' of a multi-process save (checked wherever they lie within a shard
+        restored here; every process of a multi-process restore refuses when one finds a difference)."""
         step = self._resolve(step)
         target = jax.tree_util.tree_map(_with_sharding, target)
         restored = _read_quietly(lambda: self._manager.restore(step, args=ocp.args.Composite(
@@ -349,29 +387,39 @@ class CheckpointStore:
         return restored["state"]
 
     def verify(self, step: int | None = None) -> int | None:
-        """Read every array of `step` (default latest) as saved and compare it with the CRC-32 recorded at save ->
-        how many arrays were checked, or None when the step has no checksums (saved before they were recorded).
-        Raises UserError as `restore` does for unreadable or changed arrays."""
+        """Read every array of `step` (default latest) whole, as saved, and compare it with the CRC-32s recorded at
+        save (the whole arrays', or every shard's of a multi-process save) -> how many arrays were checked, or None
+        when the step has no checksums (saved before they were recorded). Raises UserError as `restore` does for
+        unreadable or changed arrays."""
         step = self._resolve(step)
         with _orbax_quiet():
             saved = self._manager.item_metadata(step)["state"]
         target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(tuple(a.shape), a.dtype), saved)
         self.restore(target, step)
-        recorded = self._recorded_checksums(step)
+        whole, shards = self._recorded_checksums(step)
+        recorded = whole or shards
         return len(recorded) if recorded else None
 
-    def _recorded_checksums(self, step: int) -> dict[str, int] | None:
-        """The CRC-32s `save` recorded for `step`, read from its metadata as saved (whatever its format), or None."""
+    def _recorded_checksums(self, step: int) -> tuple[dict | None, dict | None]:
+        """The CRC-32s `save` recorded for `step`, read from its metadata as saved (whatever its format): (by array
+        under CHECKSUM_KEY, by shard under SHARD_CHECKSUM_KEY), None for each the metadata lacks (or holds no JSON
+        object in)."""
         raw = self._raw_metadata(step)
-        return raw.get(CHECKSUM_KEY) if isinstance(raw, dict) else None
+        found = [raw.get(key) if isinstance(raw, dict) else None for key in (CHECKSUM_KEY, SHARD_CHECKSUM_KEY)]
+        whole, shards = (value if isinstance(value, dict) else None for value in found)
+        return whole, shards
 
     def _check_integrity(self, step: int, restored: Any) -> None:
-        """Raise UserError when an array of `restored` (step `step`) differs from its checksum at save time. Read
-        from the metadata as saved: whatever its format, the arrays are checked if it has their checksums."""
-        expected = self._recorded_checksums(step)
-        if not expected:
+        """Raise UserError when an array of `restored` (step `step`) differs from its checksums at save time. Read
+        from the metadata as saved: whatever its format, the arrays are checked if it has their checksums. The same
+        on every process of a run (they read the same metadata), which all take part in the shard check."""
+        whole, shards = self._recorded_checksums(step)
+        if whole:
+            bad = checksum_mismatches(restored, whole, self.arrays(step))
+        elif shards:
+            bad = shard_checksum_mismatches(restored, shards, self.arrays(step))
+        else:
             return
-        bad = checksum_mismatches(restored, expected, self.arrays(step))
         if bad:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             raise UserError(f"checkpoint {self._where(step)} is damaged: the bytes of {bad[0]}{more} differ from the "

@@ -34,6 +34,7 @@ from train.ptq import convert_workdir
 from train.run import load_run
 from train.sharding import coordination_timeouts
 from slm_jax.errors import UserError
+from tests.disk_damage import rewrite_on_disk
 
 ROOT = Path(__file__).resolve().parents[1]
 HEARTBEAT_S = 5  # the killed run's heartbeat timeout: the survivor must be gone well within BOUND_S
@@ -155,6 +156,17 @@ def test_two_processes_match_one_restore_both_ways_and_survive_a_kill(tmp_path, 
     assert saved and int(saved[1]) >= begun + 3 and int(saved[2]) == int(saved[1]) - begun, "".join(lines) + rest
     assert rest.count("exited with code 143 on its own") == 2 and "): killed" not in rest, rest[-3000:]
     assert load_run(killed).step == int(saved[1]) and max(losses(killed)) == int(saved[1])  # records and state agree
+
+    # Bytes of that step changed on disk (valid files, which Orbax reads without complaint): both processes of a
+    # resume refuse it alike (the launcher shows their error line once), from the CRC-32s its shards were saved with.
+    rewrite_on_disk(killed / "checkpoints" / saved[1], "params/lm_head/kernel")
+    proc = launch(killed, corpus_file, *run)
+    out, _ = proc.communicate(timeout=TIMEOUT_S)
+    errors = [line for line in out.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert proc.returncode == 2 and len(errors) == 1, out[-3000:]
+    assert re.fullmatch(rf"\[p\d\] error: checkpoint \S+/checkpoints/{saved[1]} is damaged: the bytes of "
+                        r"params/lm_head/kernel differ from the CRC-32 recorded when it was saved; other steps "
+                        r"here: .*", errors[0]), errors
 
 
 INT4_QAT = ("model.n_layers=1", "quant.mode=qat", "quant.weight_bits=4", "quant.granularity=per_group",
