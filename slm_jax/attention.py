@@ -5,7 +5,8 @@ cache keeps the last `size` keys/values with their absolute positions; because R
 distance between positions, decoding past the context just keeps a sliding window of it. The cache holds keys and
 values in a float dtype (`serving_cache_dtype`: float32 on CPU), or as int8 with one scale per token and KV head
 (`bits=8`), the model's own format; attention over it runs in that float dtype, an int8 cache's scales applied to the
-scores and probabilities.
+scores and probabilities. A decoding step reads the cache before it writes its own token's key and value, which
+keeps XLA's update of the cache in place (see Attention._one_token_over_old_cache).
 """
 from __future__ import annotations
 
@@ -108,12 +109,21 @@ def dequantize_kv(values: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def write_layer_cache(layer_cache: tuple[jax.Array, ...], slots: jax.Array, k: jax.Array, v: jax.Array):
-    """Write k, v: [batch, seq, kv_heads, head_dim] into `slots` ([seq]) of a layer cache (see KVCache.layer)."""
+    """Write k, v: [batch, seq, kv_heads, head_dim] into `slots` ([seq]) of a layer cache (see KVCache.layer).
+
+    One token (decoding) is written with a dynamic_update_slice at its slot. The scatter `.at[slots].set` becomes
+    on XLA CPU a select between the new values and the slot's old ones (for out-of-range indices), and reading the
+    old slot before updating in place made XLA copy the whole cache, two to three times per layer and decode step
+    at batch 1 (read off the compiled decode loop)."""
     k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))
     if len(layer_cache) == 2:
-        return tuple(c.at[:, :, slots].set(x.astype(c.dtype)) for c, x in zip(layer_cache, (k, v)))
-    (k_int, k_scale), (v_int, v_scale) = (quantize_kv(x, layer_cache[2].dtype) for x in (k, v))
-    return tuple(c.at[:, :, slots].set(x) for c, x in zip(layer_cache, (k_int, v_int, k_scale, v_scale)))
+        new = (k.astype(layer_cache[0].dtype), v.astype(layer_cache[1].dtype))
+    else:
+        (k_int, k_scale), (v_int, v_scale) = (quantize_kv(x, layer_cache[2].dtype) for x in (k, v))
+        new = (k_int, v_int, k_scale, v_scale)
+    if slots.shape[0] == 1:
+        return tuple(jax.lax.dynamic_update_slice_in_dim(c, x, slots[0], axis=2) for c, x in zip(layer_cache, new))
+    return tuple(c.at[:, :, slots].set(x) for c, x in zip(layer_cache, new))
 
 
 class Attention(nn.Module):
@@ -154,13 +164,12 @@ class Attention(nn.Module):
             new_cache, key_pos = None, positions
         else:
             math = layer_cache[-1].dtype  # attention over a cache runs in its float dtype (see serving_cache_dtype)
-            if len(layer_cache) == 4 and seq == 1 and not cfg.quantize_attention:  # an int8 cache, decoding
-                own = tuple(dequantize_kv(*quantize_kv(x, math)) for x in (k, v))
-                old = (layer_cache[0].astype(math), layer_cache[1].astype(math), *layer_cache[2:])
+            if seq == 1 and not cfg.quantize_attention:  # decoding: read the cache, then write this token's k, v
+                stored = (tuple(dequantize_kv(*quantize_kv(x, math)) for x in (k, v)) if len(layer_cache) == 4
+                          else (k.astype(math), v.astype(math)))  # this token's key and value as the cache holds them
                 visible = visible_keys(positions, key_positions, cfg.context)
-                out = self._one_token_over_old_cache(q.astype(math), *own, old, slots[0], visible)
-                # written after it is read: the write depends on `out` through an exact zero (see the method)
-                after = jnp.isnan(out.reshape(-1)[0]).astype(k.dtype) * 0
+                out = self._one_token_over_old_cache(q.astype(math), *stored, layer_cache, slots[0], visible)
+                after = jnp.isnan(out.reshape(-1)[0]).astype(k.dtype) * 0  # the write comes after the reads
                 return self._out(out, dense), write_layer_cache(layer_cache, slots, k + after, v + after)
             new_cache, key_pos = write_layer_cache(layer_cache, slots, k, v), key_positions
             q, k, v = q.astype(math), new_cache[0].astype(math), new_cache[1].astype(math)
@@ -186,26 +195,33 @@ class Attention(nn.Module):
         out = out.astype(self.dtype).reshape(batch, seq, self.cfg.n_heads * self.cfg.head_dim)
         return Linear(self.cfg.d_model, ("heads", "embed"), name="o", **dense)(out)
 
-    def _one_token_over_old_cache(self, q, k, v, old, slot, visible):
-        """One query token's attention over an int8 cache, read as it was before this token's write: the keys and
-        values of `slot` are this token's own (k, v [batch, 1, kv_heads, head_dim], dequantized: what the cache now
-        holds), every other slot's the old cache's (`old`: float values and their scales, KVCache.layer's shapes).
+    def _one_token_over_old_cache(self, q, k, v, layer_cache, slot, visible):
+        """One query token's attention (q [batch, 1, heads, head_dim]) over a KV cache as it was before this token's
+        write (`layer_cache`, see KVCache.layer), its `slot` holding this token's own key and value instead (k, v
+        [batch, 1, kv_heads, head_dim], as the cache will hold them: an int8 cache's dequantized). -> [batch, 1,
+        kv_heads, group, head_dim] in the cache's float dtype.
 
-        The same sums as attending over the updated cache. But reading the updated int8 cache led XLA CPU to fuse the
-        in-place slot update into the int8 -> float conversion, so each decode step copied every layer's cache twice
-        (0.5-0.7x a float32 cache's decode speed at batch 8 in the bundled model). Read before the write, and the
-        write tied to this result (isnan(out[0]) * 0 added to the new key and value, an exact zero XLA does not
-        fold), the update stays in place: without the tie XLA cannot tell that the reads come first, and copies."""
+        The same sums as attending over the updated cache. But where attention read the updated cache, XLA CPU fused
+        the in-place slot update into each reader (an int8 cache's conversion to float, a float cache's reshape at
+        batch 1), so every decode step copied every layer's K and V two or three times (an int8 cache decoded at
+        0.5-0.7x a float32 cache's speed at batch 8 in the bundled model). Read before the write, and the write tied
+        to the result (isnan(out[0]) * 0 added to the new key and value: an exact zero XLA does not fold, so it can
+        tell that the reads come first), the update stays in place."""
         cfg = self.cfg
+        math = layer_cache[-1].dtype
         batch = q.shape[0]
         q = q.reshape(batch, 1, cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_dim)
-        old_k, old_v, k_scale, v_scale = old
+        old_k, old_v = (c.astype(math) for c in layer_cache[:2])
         is_new = (jnp.arange(old_k.shape[2]) == slot)  # [size]
-        scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, old_k).astype(jnp.float32) * k_scale[..., 0][:, :, None, None, :]
+        scores = jnp.einsum("bqhgd,bhkd->bhgqk", q, old_k).astype(jnp.float32)
+        if len(layer_cache) == 4:  # int8: the scales multiply the scores and the probabilities, not the cache
+            scores = scores * layer_cache[2][..., 0][:, :, None, None, :].astype(jnp.float32)
         own = jnp.einsum("bqhgd,bkhd->bhgqk", q, k).astype(jnp.float32)  # [batch, kv_heads, group, 1, 1]
-        probs = softmax_visible(jnp.where(is_new, own, scores), visible, cfg.head_dim).astype(q.dtype)
+        probs = softmax_visible(jnp.where(is_new, own, scores), visible, cfg.head_dim).astype(math)
         own_p = jnp.sum(jnp.where(is_new, probs, 0), axis=-1, keepdims=True)
-        old_p = jnp.where(is_new, 0, probs) * v_scale[..., 0][:, :, None, None, :]
+        old_p = jnp.where(is_new, 0, probs)
+        if len(layer_cache) == 4:
+            old_p = old_p * layer_cache[3][..., 0][:, :, None, None, :]
         return jnp.einsum("bhgqk,bhkd->bqhgd", old_p, old_v) + jnp.einsum("bhgqk,bkhd->bqhgd", own_p, v)
 
 

@@ -84,27 +84,32 @@ def test_int8_cache_decoding_tracks_the_float_cache_past_the_ring_buffer():
     assert (int8.argmax(-1) == reference.argmax(-1)).mean() >= 0.95  # measured 0.99 (one near-tie of 112)
 
 
-def test_one_token_over_an_int8_cache_is_attention_over_the_dequantized_updated_cache():
-    """A decode step over a full int8 cache (the ring buffer's slot 5 overwritten, slot 9 still empty) against
-    numpy: softmax(q k^T / sqrt(d)) v over every visible slot of the updated cache, dequantized, with the new key and
-    value quantized as the cache stores them; and the written cache holds exactly quantize_kv of them."""
+@pytest.mark.parametrize("bits", [None, 8])
+def test_one_decoded_token_is_attention_over_the_updated_cache(bits):
+    """A decode step over a full cache (the ring buffer's slot 5 overwritten, slot 9 still empty; float32, or int8
+    with scales) against numpy: softmax(q k^T / sqrt(d)) v over every visible slot of the updated cache (dequantized),
+    and the written cache holds exactly the new key and value (quantize_kv of them) at the slot, the rest unchanged.
+    The step reads the cache before writing it (Attention._one_token_over_old_cache)."""
     from slm_jax.attention import Attention
     from slm_jax.layers import apply_rope
     cfg, size, batch, slot = CFG, 12, 2, 5
     attn = Attention(cfg)
     x = jax.random.normal(jax.random.PRNGKey(3), (batch, 1, cfg.d_model))
     params = nn.unbox(attn.init(jax.random.PRNGKey(4), x, jnp.zeros((1,), jnp.int32)))
-    keys = jax.random.split(jax.random.PRNGKey(5), 2)
-    old = [quantize_kv(jax.random.normal(key, (batch, cfg.kv_heads, size, cfg.head_dim)), jnp.float32)
-           for key in keys]
-    layer_cache = (old[0][0], old[1][0], old[0][1], old[1][1])
+    old = [jax.random.normal(key, (batch, cfg.kv_heads, size, cfg.head_dim)) for key in jax.random.split(
+        jax.random.PRNGKey(5), 2)]
+    if bits == 8:
+        (k_values, k_scales), (v_values, v_scales) = (quantize_kv(t, jnp.float32) for t in old)
+        layer_cache = (k_values, v_values, k_scales, v_scales)
+    else:
+        layer_cache = tuple(old)
     position = 40
     key_positions = jnp.arange(28, 28 + size).at[slot].set(position).at[9].set(-1)  # slot 9 never written
-    y, (k_int, v_int, k_scale, v_scale) = attn.apply(params, x, jnp.array([position]), layer_cache,
-                                                     jnp.array([slot]), key_positions)
+    y, written = attn.apply(params, x, jnp.array([position]), layer_cache, jnp.array([slot]), key_positions)
     chex.assert_shape(y, (batch, 1, cfg.d_model))
-    chex.assert_shape([k_int, v_int], (batch, cfg.kv_heads, size, cfg.head_dim))
-    chex.assert_shape([k_scale, v_scale], (batch, cfg.kv_heads, size, 1))
+    chex.assert_shape(written[:2], (batch, cfg.kv_heads, size, cfg.head_dim))
+    chex.assert_shape(written[2:], (batch, cfg.kv_heads, size, 1))
+    chex.assert_trees_all_equal_dtypes(written, layer_cache)
 
     p = jax.tree_util.tree_map(np.asarray, params["params"])
     xs = np.asarray(x)[:, 0]
@@ -112,19 +117,22 @@ def test_one_token_over_an_int8_cache_is_attention_over_the_dequantized_updated_
                                                   jnp.array([[position]]), cfg.rope_theta))[:, 0]
     q, k = rope(xs @ p["q"]["kernel"], cfg.n_heads), rope(xs @ p["k"]["kernel"], cfg.kv_heads)
     v = (xs @ p["v"]["kernel"]).reshape(batch, cfg.kv_heads, cfg.head_dim)
-    new = [quantize_kv(jnp.asarray(t), jnp.float32) for t in (k, v)]  # [batch, kv_heads, head_dim]
-    for stored, scale, (values, scales) in ((k_int, k_scale, new[0]), (v_int, v_scale, new[1])):
-        np.testing.assert_array_equal(stored[:, :, slot], values)
-        np.testing.assert_array_equal(scale[:, :, slot], scales)
-        mask = np.arange(size) != slot  # every other slot unchanged
-        np.testing.assert_array_equal(np.asarray(stored)[:, :, mask], np.asarray(
-            layer_cache[0 if stored is k_int else 1])[:, :, mask])
-    dequantized = [np.asarray(values, np.float64) * np.asarray(scales, np.float64)
-                   for values, scales in ((k_int, k_scale), (v_int, v_scale))]
+    new = [k, v]  # what the slot must hold, [batch, kv_heads, head_dim (or 1)], in layer_cache's order
+    if bits == 8:
+        (k_values, k_scales), (v_values, v_scales) = (quantize_kv(jnp.asarray(t), jnp.float32) for t in new)
+        new = [k_values, v_values, k_scales, v_scales]
+    others = np.arange(size) != slot
+    for stored, before, expected in zip(written, layer_cache, new):
+        np.testing.assert_allclose(np.asarray(stored)[:, :, slot], expected, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(stored)[:, :, others], np.asarray(before)[:, :, others])
+    if bits == 8:
+        np.testing.assert_array_equal(written[0][:, :, slot], new[0])  # the int8 codes bit for bit
+    keys_values = [np.asarray(written[i], np.float64) * (np.asarray(written[i + 2], np.float64) if bits else 1)
+                   for i in (0, 1)]
     group = cfg.n_heads // cfg.kv_heads
     heads = []
     for h in range(cfg.n_heads):
-        kh, vh = dequantized[0][:, h // group], dequantized[1][:, h // group]  # [batch, size, head_dim]
+        kh, vh = keys_values[0][:, h // group], keys_values[1][:, h // group]  # [batch, size, head_dim]
         scores = np.einsum("bd,bkd->bk", q[:, h], kh) / np.sqrt(cfg.head_dim)
         scores[:, np.asarray(key_positions) < 0] = -np.inf
         weights = np.exp(scores - scores.max(-1, keepdims=True))
