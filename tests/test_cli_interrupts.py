@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from checkpoints.lock import lock_workdir
 from slm_jax.sampling import DECODE_CHUNK
 from train import generate, interrupts
 from train.cli import main_guard
@@ -76,3 +77,35 @@ def test_generation_progress_lines(monkeypatch, capsys):
     progress(384)  # 1 s after the last line: none
     progress(1000)  # done: none
     assert capsys.readouterr().err == "[generated 320/1,000 tokens per sample, 107 tok/s, about 0:12 left]\n"
+
+
+@pytest.mark.parametrize("sig, line", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")])
+def test_a_signal_while_convert_evaluates_is_one_line_and_leaves_no_lock_held(tiny_run, tmp_path, sig, line):
+    """Ctrl-C landing inside Orbax's restore of a run (here the evaluation's) used to leave a bare "Traceback (most
+    recent call last):" line (Orbax's event-loop thread failing, cut short by the exit); SIGTERM ended the command
+    without a word. Both now wait for the checkpoint to close, then print one line."""
+    run = tiny_run(tmp_path / "run")
+    out = tmp_path / "int8"
+    proc = subprocess.Popen([sys.executable, "-m", "quant.convert", "--workdir", str(run.workdir), "--out", str(out),
+                             "--bits", "8"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for said in proc.stdout:
+        if said.startswith("evaluating both runs"):
+            break
+    time.sleep(0.03)  # inside the first load_run of the evaluation
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (128 + sig, f"{line}\n")
+    for folder in (out, run.workdir):  # nobody holds a lock: both can be locked again at once
+        with lock_workdir(folder):
+            pass
+    assert not (tmp_path / ".int8.partial").exists()
+
+
+def test_sigterm_in_a_command_is_one_line_and_exit_143(capsys):
+    @main_guard
+    def command(argv=None):
+        raise interrupts.Terminated()
+
+    with pytest.raises(SystemExit) as exited:
+        command([])
+    assert exited.value.code == 143 and capsys.readouterr().err == "terminated\n"

@@ -114,6 +114,27 @@ def test_an_error_line_every_process_prints_alike_is_shown_once(capsys):
         "[p0] loading", "[p0] error: --set train.steps: must be positive", "[p1] loading", "[p1] error: only here"]
 
 
+def test_once_a_process_failed_the_others_output_is_one_launcher_line(capsys):
+    import io
+    import threading
+    from train.launch import _forward
+    failed = []
+    out = io.StringIO("step 6\n")
+    _forward(0, out, threading.Lock(), set(), lambda: failed[0] if failed else None)
+    failed.append(1)  # process 1 was SIGKILLed: process 0's collectives fail, natively or in Python
+    crash = ("E1203 10:08:34.308637 7384 coordination_service.cc:1549] ... stopped sending heartbeats):\n1\n"
+             "F1203 10:08:34.310241 7395 client.h:80] Terminating process because ...\n"
+             "*** Check failure stack trace: ***\n    @     0x7f52e3640634  absl::LogMessage::SendToLog()\n"
+             "Traceback (most recent call last):\n  File ...\n"
+             "process 0: lost contact with another process during a collective (it exited or was killed); ...\n")
+    _forward(0, io.StringIO(crash), threading.Lock(), set(), lambda: failed[0] if failed else None)
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["[p0] step 6", "[p0] process 0: lost contact with another process during a "
+                                         "collective (it exited or was killed); ..."]
+    assert captured.err == ("launch: process 0: not showing the rest of its output (its collectives fail without "
+                            "process 1)\n")
+
+
 @pytest.mark.parametrize("flags, said", [
     (["--processes", "100000"], "--processes 100000: the launcher starts every process on this machine, each a JAX "
                                 "runtime of a few hundred MB; at most {most} here (8, or 2 per core)"),

@@ -132,6 +132,9 @@ def test_two_processes_match_one_restore_both_ways_and_survive_a_kill(tmp_path, 
     assert "process 1 was killed by SIGKILL" in rest, rest[-3000:]
     assert re.search(r"process 0 (exited with code|was killed by SIG\w+) .*on its own", rest), rest[-3000:]
     assert proc.returncode == 128 + signal.SIGKILL
+    # the survivor's failing collectives (a JaxRuntimeError, or JAX's native crash report at the heartbeat timeout)
+    # are one line, its own or the launcher's, never a traceback
+    assert "Traceback" not in rest and "Check failure" not in rest and len(rest.splitlines()) <= 6, rest[-3000:]
 
     # The last complete checkpoint is readable, and a rerun (here in one process: 2 -> 1 again) resumes from it.
     last = load_run(killed)
@@ -167,6 +170,32 @@ def test_two_processes_match_one_restore_both_ways_and_survive_a_kill(tmp_path, 
     assert re.fullmatch(rf"\[p\d\] error: checkpoint \S+/checkpoints/{saved[1]} is damaged: the bytes of "
                         r"params/lm_head/kernel differ from the CRC-32 recorded when it was saved; other steps "
                         r"here: .*", errors[0]), errors
+
+
+GLOO_LOST_PEER = ("UNKNOWN: Gloo all-reduce failed: [external/gloo/gloo/transport/tcp/pair.cc:547] Connection "
+                  "closed by peer [127.0.0.1]:44236")  # what a collective raised when its peer was SIGKILLed
+
+
+@pytest.mark.parametrize("error, lost", [(jax.errors.JaxRuntimeError(GLOO_LOST_PEER), True),
+                                         (ValueError(GLOO_LOST_PEER.replace("closed", "reset")), True),
+                                         (jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory"), False),
+                                         (RuntimeError(GLOO_LOST_PEER), False)])
+def test_a_collective_that_lost_its_peer_is_one_line_and_exit_1(error, lost, monkeypatch, capsys):
+    import train.main
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+
+    def train_that_fails(argv):
+        raise error
+    monkeypatch.setattr(train.main, "train", train_that_fails)
+    if not lost:  # any other error is not this one: it propagates as it was
+        with pytest.raises(type(error)):
+            train_main([])
+        return
+    with pytest.raises(SystemExit) as exited:
+        train_main([])
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == ("process 0: lost contact with another process during a collective (it exited "
+                                       "or was killed); the last checkpoint is intact, resume with the same command\n")
 
 
 INT4_QAT = ("model.n_layers=1", "quant.mode=qat", "quant.weight_bits=4", "quant.granularity=per_group",

@@ -11,6 +11,7 @@ import argparse
 import functools
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,7 @@ from quant.config import SCALE_DTYPES, SCHEMES, QuantConfig
 from slm_jax.errors import UserError
 from train.config import read_yaml
 from train.config_loader import build
-from train.interrupts import exit_now, in_command, interrupted_unseen, restore_after_loading
+from train.interrupts import Terminated, exit_now, in_command, interrupted_unseen, restore_after_loading
 
 USER_ERROR_EXIT = 2
 INT_LIMIT = 2**31 - 1  # counts, sizes, steps and seeds end up in int32 arrays
@@ -134,16 +135,19 @@ def add_base_argument(parser: argparse.ArgumentParser) -> None:
 def main_guard(fn):
     """Run a CLI main; a UserError prints `error: <one line>` to stderr and exits with code 2, and so does an
     OSError the user's environment causes (a read-only folder, a file where a folder belongs, a missing parent, no
-    permission, a full disk), naming the path. Ctrl-C (KeyboardInterrupt) prints `interrupted` and exits 130, in a
-    command's own process at once (`train.interrupts.exit_now`)."""
+    permission, a full disk), naming the path. Ctrl-C (KeyboardInterrupt) prints `interrupted` and exits 130, SIGTERM
+    (Terminated) `terminated` and 143, in a command's own process at once (`train.interrupts.exit_now`), after the
+    command's `finally` blocks ran."""
     @functools.wraps(fn)
     def wrapper(argv=None):
         restore_after_loading()
         try:
             result = fn(argv)
-            if interrupted_unseen():  # a Ctrl-C Python dropped: the work is done, the exit code still says so
-                print("interrupted: the work was complete when the command could stop", file=sys.stderr)
-                sys.exit(130)
+            unseen = interrupted_unseen()
+            if unseen:  # a Ctrl-C (SIGTERM) Python dropped: the work is done, the exit code still says so
+                print(f"{_STOPPED[unseen == signal.SIGTERM]}: the work was complete when the command could stop",
+                      file=sys.stderr)
+                sys.exit(128 + unseen)
             return result
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
@@ -151,12 +155,16 @@ def main_guard(fn):
         except OSError as err:
             print(f"error: {os_error_line(err)}", file=sys.stderr)
             sys.exit(USER_ERROR_EXIT)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
+            code, line = (143, _STOPPED[True]) if isinstance(err, Terminated) else (130, _STOPPED[False])
             if in_command():  # a command's own process: end it before XLA's teardown can crash it
-                exit_now(130, "interrupted")
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
+                exit_now(code, line)
+            print(line, file=sys.stderr)
+            sys.exit(code)
     return wrapper
+
+
+_STOPPED = {False: "interrupted", True: "terminated"}  # main_guard's line for Ctrl-C (False) and SIGTERM (True)
 
 
 def os_error_line(err: OSError) -> str:

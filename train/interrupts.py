@@ -147,26 +147,38 @@ def in_command() -> bool:
     return bool(_COMMAND)
 
 
-_INTERRUPTED: list[int] = []  # SIGINTs delivered through _interrupt
+_INTERRUPTED: list[int] = []  # SIGINTs and SIGTERMs delivered through _interrupt
 
 
 def _interrupt(signum, frame) -> None:
-    """Python's KeyboardInterrupt, remembered: raised inside a garbage-collection callback, Python only prints it
-    ("Exception ignored in: <function _xla_gc_callback ...>") and the command carries on (`interrupted_unseen`)."""
+    """KeyboardInterrupt for SIGINT, Terminated for SIGTERM (`stop_exception`), remembered: raised inside a
+    garbage-collection callback, Python only prints it ("Exception ignored in: <function _xla_gc_callback ...>") and
+    the command carries on (`interrupted_unseen`)."""
     _INTERRUPTED.append(signum)
-    raise KeyboardInterrupt
+    raise stop_exception(signum)
 
 
 def restore_after_loading() -> None:
-    """KeyboardInterrupt on SIGINT (remembered, see `_interrupt`) and Python's default SIGTERM (end the process)
-    again, where `exit_while_loading` installed its own; any other handler (train.main's STOP) stays."""
+    """An exception on SIGINT and SIGTERM (remembered, see `_interrupt`) where `exit_while_loading` installed its
+    own handler, so a command's `finally` blocks run (its lock released, a half-made run removed) before it prints
+    one line (`train.cli.main_guard`); SIGTERM used to end it silently. Any other handler (train.main's STOP)
+    stays."""
     _INTERRUPTED.clear()
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGINT) is _exit_while_loading:
-        _restore_handlers({signal.SIGINT: _interrupt, signal.SIGTERM: signal.SIG_DFL})
+        _restore_handlers({sig: _interrupt for sig in INTERRUPTS})
+        sys.unraisablehook = _quiet_when_dropped
 
 
-def interrupted_unseen() -> bool:
-    """Whether a Ctrl-C arrived since `restore_after_loading` although the command went on to finish: Python
-    dropped its KeyboardInterrupt (a garbage-collection callback)."""
-    return bool(_INTERRUPTED)
+def _quiet_when_dropped(unraisable) -> None:
+    """sys.unraisablehook of a command: a stop exception raised inside a callback Python cannot raise from (a
+    weakref or garbage-collection callback) is not printed as "Exception ignored in: ... Traceback ...": it is
+    remembered (`interrupted_unseen`) and said in one line when the command ends. Anything else as Python does."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+
+
+def interrupted_unseen() -> int:
+    """The signal number of a Ctrl-C or SIGTERM that arrived since `restore_after_loading` although the command went
+    on to finish (Python dropped its exception in a garbage-collection callback), else 0."""
+    return _INTERRUPTED[0] if _INTERRUPTED else 0

@@ -1,7 +1,8 @@
 """`python -m train.launch --processes 2 --devices-per-process 4 -- --config tiny ...`: one machine playing several
 hosts. Starts N processes of `python -m train.main` (or `--module`) joined by `jax.distributed` over a free local
 port, each with its own CPU devices and JAX's CPU collectives (gloo), prefixes their output with the process id,
-and stops the others, saying which one died, when one fails.
+and stops the others, saying which one died, when one fails (their own output from then on, their collectives
+failing without it, is one line each).
 """
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ if __name__ == "__main__":  # a Ctrl-C while the imports below load JAX ends at 
     exit_while_loading()
 
 import argparse
+import functools
 import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 from slm_jax.errors import UserError
 from train.cpu_devices import usable_cores, with_device_count
@@ -27,6 +31,7 @@ from train.cli import ArgumentParser, main_guard, non_negative_float, positive_i
 POLL_S = 0.1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # passed on to every process (they run in sessions of their own)
 MAX_DEVICES_PER_PROCESS = 64
+_ONE_LINE_REPORT = re.compile(r"(error: |process \d+: )")  # a child's own one-line ending (train.main)
 
 
 def most_processes(cores: int) -> int:
@@ -69,19 +74,36 @@ def process_env(index: int, processes: int, devices: int, port: int, heartbeat_s
     return env
 
 
-def _forward(index: int, stream, lock: threading.Lock, errors_shown: set[str] | None = None) -> None:
+def _forward(index: int, stream, lock: threading.Lock, errors_shown: set[str] | None = None,
+             peer_failed: Callable[[], int | None] = lambda: None) -> None:
     """Copy a child's output to ours line by line, each line prefixed with `[p<index>] `. An `error: ` line that
     another process already printed word for word (`errors_shown`, shared by the forwarders) is not repeated: every
-    process refuses the same bad argument alike, and one line says it."""
+    process refuses the same bad argument alike, and one line says it. Once another process has failed
+    (`peer_failed` returns its index), this one's output is its collectives failing without it: a Python traceback
+    or a native crash report of dozens of lines from JAX's distributed service. One `launch:` line says so instead,
+    and only the child's own one-line reports (`process N: lost contact ...`, `error: ...`) still pass."""
+    hidden = False
     for line in iter(stream.readline, ""):
         with lock:
             if errors_shown is not None and line.startswith("error: "):
                 if line in errors_shown:
                     continue
                 errors_shown.add(line)
+            failed = peer_failed()
+            if failed is not None and not _ONE_LINE_REPORT.match(line):
+                if not hidden:
+                    _say(f"process {index}: not showing the rest of its output (its collectives fail without "
+                         f"process {failed})")
+                hidden = True
+                continue
             sys.stdout.write(f"[p{index}] {line}")
             sys.stdout.flush()
     stream.close()
+
+
+def _first_failed(children: list, index: int) -> int | None:
+    """The index of a process other than `index` that has ended with a non-zero code or by a signal, or None."""
+    return next((i for i, child in enumerate(children) if i != index and child.poll() not in (None, 0)), None)
 
 
 def _how(code: int) -> str:
@@ -112,7 +134,8 @@ def launch(command: list[str], processes: int, devices: int, grace_s: float, hea
            stop_s: float = 30.0) -> int:
     """Run `command` (argv after `python`) as `processes` joined processes; returns the exit code for the launcher:
     0 when all exit 0, else the first failure's code (128 + signal number for a signal). When one fails, the others
-    get `grace_s` seconds to end on their own (JAX's heartbeat timeout ends them), then SIGKILL. SIGINT or SIGTERM
+    get `grace_s` seconds to end on their own (JAX's heartbeat timeout ends them), then SIGKILL; a line says how
+    each ended, and their output after the failure is not shown (`_forward`). SIGINT or SIGTERM
     to the launcher (from the main thread) is sent on to every running process, which get `stop_s` seconds to save
     and exit before SIGKILL; the launcher then returns 128 + that signal's number."""
     port, lock, errors_shown = free_port(), threading.Lock(), set()
@@ -131,7 +154,8 @@ def launch(command: list[str], processes: int, devices: int, grace_s: float, hea
             children.append(child)
             _say(f"process {index} of {processes}: pid {child.pid}, {devices} CPU devices, coordinator "
                  f"127.0.0.1:{port}")
-            threads.append(threading.Thread(target=_forward, args=(index, child.stdout, lock, errors_shown),
+            threads.append(threading.Thread(target=_forward, args=(index, child.stdout, lock, errors_shown,
+                                                                   functools.partial(_first_failed, children, index)),
                                             daemon=True))
             threads[-1].start()
         failed = None
@@ -152,7 +176,7 @@ def launch(command: list[str], processes: int, devices: int, grace_s: float, hea
         code = children[failed].returncode
         running = [i for i, c in enumerate(children) if c.poll() is None]
         _say(f"process {failed} {_how(code)}" + (f"; stopping processes {running}" if running else ""))
-        _end_running(children, running, grace_s, "--grace")
+        _end_running(children, [i for i in range(len(children)) if i != failed], grace_s, "--grace")
         return code if code > 0 else 128 - code
     finally:
         for child in children:

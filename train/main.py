@@ -1,7 +1,7 @@
 """`python -m train.main --config NAME [--set section.key=value ...] [--workdir DIR]`: train (or resume) a model."""
 from __future__ import annotations
 
-from train.interrupts import STOP, Terminated  # standard library only
+from train.interrupts import STOP, Terminated, exit_now, in_command  # standard library only
 
 if __name__ == "__main__":  # before the imports below load JAX: a Ctrl-C meanwhile is recorded, never lost in a
     STOP.install()  # callback (see train.interrupts)
@@ -25,7 +25,10 @@ from train.loop import run_training
 from train.memory_check import check_fits, training_bytes
 from train.ptq import convert_workdir
 from train.run import open_store, run_kind
-from train.sharding import maybe_initialize_distributed
+from train.sharding import lost_peer, maybe_initialize_distributed
+
+
+LOST_PEER_EXIT = 1  # a multi-process run whose collective lost a process (train.sharding.lost_peer)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 @main_guard
 def main(argv=None):
     """A first Ctrl-C or SIGTERM is recorded (train.interrupts.STOP) and acted on at a step boundary of training, or
-    when the command's work is done; a second stops at once. Exit 130 for Ctrl-C, 143 for SIGTERM."""
+    when the command's work is done; a second stops at once. Exit 130 for Ctrl-C, 143 for SIGTERM. In a
+    multi-process run, a collective that fails because another process is gone (`train.sharding.lost_peer`) is one
+    line and exit 1, never the JaxRuntimeError's traceback."""
     try:
         with STOP.installed():
             train(argv)
@@ -52,6 +57,15 @@ def main(argv=None):
     except Terminated:
         print("terminated", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
+    except (jax.errors.JaxRuntimeError, ValueError) as err:
+        if not lost_peer(err):
+            raise
+        line = (f"process {jax.process_index()}: lost contact with another process during a collective (it exited "
+                f"or was killed); the last checkpoint is intact, resume with the same command")
+        if in_command():  # at once: jax.distributed's exit would wait on the gone process's shutdown barrier
+            exit_now(LOST_PEER_EXIT, line)
+        print(line, file=sys.stderr)
+        sys.exit(LOST_PEER_EXIT)
 
 
 def train(argv=None):

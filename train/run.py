@@ -24,6 +24,7 @@ from slm_jax.errors import UserError
 from slm_jax.model import Transformer
 from train.build import abstract_state, build_model
 from train.config import Config, save_yaml
+from train.interrupts import signals_held
 from train.lora_run import LoraBase, fingerprint, lora_initializer
 from train.optim import learning_rate_schedule
 from train.precision import all_finite
@@ -165,7 +166,16 @@ def load_run(workdir: Path, step: int | None = None, base: Path | None = None,
     checked against the recorded sha256).
 
     `refuse` maps run kinds (KIND_NAMES) a command does not take to what to do instead: such a run is refused in
-    one line before any array is read. UserError too when the checkpoint's weights are not finite."""
+    one line before any array is read. UserError too when the checkpoint's weights are not finite.
+
+    A Ctrl-C or SIGTERM meanwhile is held until the checkpoint is closed (`train.interrupts.signals_held`): raised
+    inside Orbax's restore, it left Orbax's event-loop thread failing, whose traceback a command's exit cut short
+    to a bare "Traceback (most recent call last):" line."""
+    with signals_held():
+        return _load_run(workdir, step, base, refuse)
+
+
+def _load_run(workdir: Path, step: int | None, base: Path | None, refuse: dict[str, str] | None) -> LoadedRun:
     store = open_store(workdir)
     try:
         metadata = store.metadata(step)
@@ -393,13 +403,15 @@ def new_run_folder(source: Path, out: Path) -> Iterator[Path]:
 
 def write_serving_run(folder: Path, config: Config, step: int, variables, splits, **extra) -> None:
     """Save serving `variables` as the only checkpoint of `folder` (from `new_run_folder`) with the metadata every
-    run carries, plus `extra` (e.g. where it was converted from), its config.yaml and tokenizer."""
-    store = CheckpointStore(folder / "checkpoints", keep=1, async_save=False)
-    try:
-        store.save(step, variables, build_metadata(
-            config.to_dict(), step, variables, splits.description["tokenizer"], kind="serving",
-            quant_plan=plan_to_json(make_plan(config.model, config.quant)), data=splits.description, **extra))
-    finally:
-        store.close()
+    run carries, plus `extra` (e.g. where it was converted from), its config.yaml and tokenizer. A Ctrl-C or SIGTERM
+    meanwhile waits for the checkpoint to be closed, as in `load_run` (the folder is removed by `new_run_folder`)."""
+    with signals_held():
+        store = CheckpointStore(folder / "checkpoints", keep=1, async_save=False)
+        try:
+            store.save(step, variables, build_metadata(
+                config.to_dict(), step, variables, splits.description["tokenizer"], kind="serving",
+                quant_plan=plan_to_json(make_plan(config.model, config.quant)), data=splits.description, **extra))
+        finally:
+            store.close()
     save_yaml(config, folder / "config.yaml")
     save_tokenizer(splits.tokenizer, folder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -101,6 +102,19 @@ def coordination_timeouts(env=None) -> dict:
             raise UserError(f"{name} must be a whole number of seconds >= 1, got {text!r}")
         out[key] = int(text)
     return out
+
+
+# What gloo says when a collective's peer process is gone (SIGKILLed, crashed): its socket closed or was reset.
+_LOST_PEER = re.compile(r"\bGloo\b.*\b(Connection (closed|reset) by peer|Broken pipe)")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether `err` is a collective of a multi-process run failing because another process is gone: JAX raises it
+    as a JaxRuntimeError (a ValueError from some dispatch paths) whose text is gloo's, e.g. "Gloo all-reduce failed:
+    [...pair.cc:547] Connection closed by peer [127.0.0.1]:44236". Any other error, or any error in a
+    single-process run, is not."""
+    return (isinstance(err, (jax.errors.JaxRuntimeError, ValueError)) and jax.process_count() > 1
+            and _LOST_PEER.search(str(err)) is not None)
 
 
 def maybe_initialize_distributed() -> bool:
