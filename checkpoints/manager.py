@@ -243,10 +243,11 @@ def _stderr_captured():
             os.close(saved)
 
 
-def _wait_for_failed_reads(captured_size, quiet_for: float = 0.5, limit: float = 10.0) -> None:
+def _wait_for_failed_reads(captured_size, quiet_for: float = 1.0, limit: float = 20.0) -> None:
     """After a failed read of damaged files: Orbax raised the first failing read, and the rest end as tracebacks
     printed from TensorStore's threads and "exception ignored" notes when their coroutines are collected. Wait
-    (collecting garbage) until nothing more has been printed for `quiet_for` seconds."""
+    (collecting garbage) until nothing more has been printed for `quiet_for` seconds. (0.5 s let a 199-line
+    traceback through once, on a 2-core machine at load 4.)"""
     size, quiet_since, start = -1, time.monotonic(), time.monotonic()
     while time.monotonic() - quiet_since < quiet_for and time.monotonic() - start < limit:
         time.sleep(0.1)
