@@ -9,8 +9,9 @@ import pytest
 
 from quant.config import QuantConfig
 from slm_jax import KVCache, ModelConfig, Transformer
-from slm_jax.attention import quantize_kv
+from slm_jax.attention import Attention, quantize_kv
 from slm_jax.errors import UserError
+from slm_jax.layers import apply_rope
 from slm_jax.sampling import generate
 
 CFG = ModelConfig(vocab_size=256, seq_len=16, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, tie_embeddings=False)
@@ -90,8 +91,6 @@ def test_one_decoded_token_is_attention_over_the_updated_cache(bits):
     with scales) against numpy: softmax(q k^T / sqrt(d)) v over every visible slot of the updated cache (dequantized),
     and the written cache holds exactly the new key and value (quantize_kv of them) at the slot, the rest unchanged.
     The step reads the cache before writing it (Attention._one_token_over_old_cache)."""
-    from slm_jax.attention import Attention
-    from slm_jax.layers import apply_rope
     cfg, size, batch, slot = CFG, 12, 2, 5
     attn = Attention(cfg)
     x = jax.random.normal(jax.random.PRNGKey(3), (batch, 1, cfg.d_model))
