@@ -18,6 +18,7 @@ from train.cli import (finite_float, int_in, non_negative_float, non_negative_in
                        probability)
 from train.config import Config, load_config
 from train.run import open_lora_base
+from train.tokenizer import ByteTokenizer, HFTokenizer
 
 
 def fields_of_type(cls, wanted: type, prefix: str = "") -> list[str]:
@@ -245,3 +246,14 @@ def test_a_lora_base_that_is_there_but_unreadable_gets_no_make_it_first_hint(tmp
     assert "make it first" not in str(damaged.value)
     with pytest.raises(UserError, match="make it first, e.g. with the commands atop"):
         open_lora_base(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("tokenizer", [ByteTokenizer(), HFTokenizer(ByteTokenizer().to_json())], ids=["byte", "json"])
+@pytest.mark.parametrize("text, what", [("ab\udcff", "character 2: the byte 0xFF, which is not UTF-8"),
+                                        ("\ud800x", "character 0: U+D800, a lone surrogate, which is no character")])
+def test_text_that_is_not_unicode_is_refused_naming_the_character(tokenizer, text, what):
+    # `--prompt $'\xff'` reaches Python as "\udcff": the byte tokenizer's UTF-8 encoding raised UnicodeEncodeError
+    # (a traceback from train.generate), `tokenizers` said only "TextInputSequence must be str"
+    with pytest.raises(UserError) as refused:
+        tokenizer.encode(text, source="--prompt")
+    assert str(refused.value) == f"--prompt: the tokenizer cannot encode {what} (text must be UTF-8)"
