@@ -225,6 +225,21 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(main, argv, cap
     assert exit_info.value.code == 2 and len(err) == 1 and "expected a path, got " in err[0], err
 
 
+@pytest.mark.parametrize("main, flag", [(train_main.main, "--workdir"), (generate_cli.main, "--workdir"),
+                                        (merge_cli.main, "--out")])
+def test_a_path_that_is_not_utf8_is_refused_before_any_work(main, flag, tmp_path, capsys):
+    # a shell's `--workdir $'runs/\xff'`: train.main trained, then every save failed in TensorStore with tracebacks
+    bad = str(tmp_path / "run") + "\udcff"
+    argv = {"--workdir": ["--config", "tiny", "--workdir", bad] if main is train_main.main else ["--workdir", bad],
+            "--out": ["--workdir", str(tmp_path), "--out", bad]}[flag]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.endswith(f"argument {flag}: {bad!r} is not a UTF-8 path (character "
+                                            f"{len(bad) - 1}), which checkpoints cannot be written to or read from: "
+                                            f"rename it (--help shows the usage)\n")
+
+
 def test_base_is_refused_where_no_run_reads_it(tiny_run, tmp_path, capsys):
     run = tiny_run(tmp_path / "run", "train.steps=2")
     other = tiny_run(tmp_path / "other", "train.steps=2")
