@@ -18,6 +18,7 @@ from train.cli import (finite_float, int_in, non_negative_float, non_negative_in
                        probability)
 from train.config import Config, load_config
 from train.run import open_lora_base
+from train.tokenizer import ByteTokenizer, HFTokenizer
 
 
 def fields_of_type(cls, wanted: type, prefix: str = "") -> list[str]:
@@ -224,6 +225,21 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(main, argv, cap
     assert exit_info.value.code == 2 and len(err) == 1 and "expected a path, got " in err[0], err
 
 
+@pytest.mark.parametrize("main, flag", [(train_main.main, "--workdir"), (generate_cli.main, "--workdir"),
+                                        (merge_cli.main, "--out")])
+def test_a_path_that_is_not_utf8_is_refused_before_any_work(main, flag, tmp_path, capsys):
+    # a shell's `--workdir $'runs/\xff'`: train.main trained, then every save failed in TensorStore with tracebacks
+    bad = str(tmp_path / "run") + "\udcff"
+    argv = {"--workdir": ["--config", "tiny", "--workdir", bad] if main is train_main.main else ["--workdir", bad],
+            "--out": ["--workdir", str(tmp_path), "--out", bad]}[flag]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.endswith(f"argument {flag}: {bad!r} is not a UTF-8 path (character "
+                                            f"{len(bad) - 1}), which checkpoints cannot be written to or read from: "
+                                            f"rename it (--help shows the usage)\n")
+
+
 def test_base_is_refused_where_no_run_reads_it(tiny_run, tmp_path, capsys):
     run = tiny_run(tmp_path / "run", "train.steps=2")
     other = tiny_run(tmp_path / "other", "train.steps=2")
@@ -245,3 +261,14 @@ def test_a_lora_base_that_is_there_but_unreadable_gets_no_make_it_first_hint(tmp
     assert "make it first" not in str(damaged.value)
     with pytest.raises(UserError, match="make it first, e.g. with the commands atop"):
         open_lora_base(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("tokenizer", [ByteTokenizer(), HFTokenizer(ByteTokenizer().to_json())], ids=["byte", "json"])
+@pytest.mark.parametrize("text, what", [("ab\udcff", "character 2: the byte 0xFF, which is not UTF-8"),
+                                        ("\ud800x", "character 0: U+D800, a lone surrogate, which is no character")])
+def test_text_that_is_not_unicode_is_refused_naming_the_character(tokenizer, text, what):
+    # `--prompt $'\xff'` reaches Python as "\udcff": the byte tokenizer's UTF-8 encoding raised UnicodeEncodeError
+    # (a traceback from train.generate), `tokenizers` said only "TextInputSequence must be str"
+    with pytest.raises(UserError) as refused:
+        tokenizer.encode(text, source="--prompt")
+    assert str(refused.value) == f"--prompt: the tokenizer cannot encode {what} (text must be UTF-8)"

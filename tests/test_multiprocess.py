@@ -198,6 +198,31 @@ def test_a_collective_that_lost_its_peer_is_one_line_and_exit_1(error, lost, mon
                                        "or was killed); the last checkpoint is intact, resume with the same command\n")
 
 
+@pytest.mark.parametrize("error, line", [(UserError("checkpoint runs/a/checkpoints/30 is damaged: ..."),
+                                          "error: checkpoint runs/a/checkpoints/30 is damaged: ..."),
+                                         (PermissionError(13, "Permission denied", "runs/a/metrics.jsonl"),
+                                          "error: Permission denied: runs/a/metrics.jsonl")])
+def test_a_user_error_in_one_process_of_several_ends_it_at_once_in_one_line(error, line, monkeypatch):
+    # the others, still in a restore or a collective, never reach jax.distributed's shutdown barrier: a normal exit
+    # waited on it, then aborted with a native stack trace (SIGABRT, exit 134) instead of exit 2
+    import train.main
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.main, "in_command", lambda: True)
+    ended = []
+
+    def exit_now(code, text):
+        ended.append((code, text))
+        raise SystemExit(code)
+
+    def train_that_fails(argv):
+        raise error
+    monkeypatch.setattr(train.main, "exit_now", exit_now)
+    monkeypatch.setattr(train.main, "train", train_that_fails)
+    with pytest.raises(SystemExit):
+        train_main([])
+    assert ended == [(2, line)]
+
+
 INT4_QAT = ("model.n_layers=1", "quant.mode=qat", "quant.weight_bits=4", "quant.granularity=per_group",
             "quant.group_size=16", "quant.scale_dtype=bfloat16", "train.steps=4")
 

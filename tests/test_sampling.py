@@ -63,6 +63,23 @@ def test_greedy_and_full_vocabulary_sampling():
     np.testing.assert_array_equal(counts.argmax(-1), np.argmax(logits, -1))
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 5e-324])
+def test_a_temperature_below_float32s_range_is_greedy(temperature):
+    # 1e-300 is 0 in float32 (logits / 0: NaN), 1e-40 subnormal (XLA CPU flushes it to 0)
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(5, 64)), jnp.float32)
+    for top_k in (None, 8):
+        tokens = sample_logits(logits, jax.random.PRNGKey(0), temperature, top_k)
+        np.testing.assert_array_equal(tokens, np.argmax(logits, -1))
+
+
+def test_a_huge_temperature_draws_uniformly_from_the_kept_tokens():
+    logits = jnp.asarray([[2.0, 1.0, 0.5, 3.0, -1.0, 0.0, -jnp.inf, 1.5]], jnp.float32)
+    sample = jax.jit(jax.vmap(lambda key: sample_logits(logits, key, 1e300, 4)[0]))
+    tokens = np.asarray(sample(jax.random.split(jax.random.PRNGKey(3), 4000)))
+    counts = np.bincount(tokens, minlength=8)
+    assert set(np.unique(tokens)) == {0, 1, 3, 7} and counts[[0, 1, 3, 7]].min() > 850  # each about 1,000
+
+
 def test_a_uniform_at_the_top_never_draws_a_token_without_probability(monkeypatch):
     # u * total can round up to the total; the draw must still land on the last token with any probability
     logits = jnp.asarray([[0.3, 5.0, 1.0, -jnp.inf, -jnp.inf], [1.0, 1.0, 1.0, 1.0, 1.0]], jnp.float32)

@@ -110,9 +110,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def path_arg(text: str) -> Path:
     """argparse type: a file or folder path; an empty one is refused (Path("") would silently mean the current
-    folder, e.g. `--out ''` writing into it)."""
+    folder, e.g. `--out ''` writing into it), and so is one that is not UTF-8 (a byte Python holds as a lone
+    surrogate): TensorStore, under Orbax, cannot take it, and train.main failed only at its first save."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a UTF-8 path (character {err.start}), which checkpoints "
+                                         f"cannot be written to or read from: rename it") from None
     return Path(text)
 
 

@@ -17,7 +17,8 @@ import jax
 
 from checkpoints.lock import LOCK_NAME, lock_workdir
 from slm_jax.errors import UserError
-from train.cli import ArgumentParser, main_guard, positive_int, require_one_process, path_arg
+from train.cli import (USER_ERROR_EXIT, ArgumentParser, main_guard, os_error_line, path_arg, positive_int,
+                       require_one_process)
 from train.config import load_config, read_yaml, resolve_path
 from train.cpu_devices import MAX_AUTO_DEVICES, gains_from_split, split_cpu_host, step_flops, usable_cores
 from train.evaluation import evaluate_workdir, format_table
@@ -49,7 +50,8 @@ def main(argv=None):
     """A first Ctrl-C or SIGTERM is recorded (train.interrupts.STOP) and acted on at a step boundary of training, or
     when the command's work is done; a second stops at once. Exit 130 for Ctrl-C, 143 for SIGTERM. In a
     multi-process run, a collective that fails because another process is gone (`train.sharding.lost_peer`) is one
-    line and exit 1, never the JaxRuntimeError's traceback."""
+    line and exit 1, never the JaxRuntimeError's traceback; its UserError (or OSError) ends it at once, in
+    main_guard's one line and exit 2."""
     try:
         with STOP.installed():
             train(argv)
@@ -57,6 +59,13 @@ def main(argv=None):
     except Terminated:
         print("terminated", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
+    except (UserError, OSError) as err:
+        if not (in_command() and jax.distributed.is_initialized()):
+            raise
+        # at once, as main_guard's line: jax.distributed's exit waits on a shutdown barrier that the other processes,
+        # still in a restore or a collective (only this one found its shards damaged), never reach; it aborted with
+        # a native stack trace (SIGABRT) after SLM_JAX_SHUTDOWN_TIMEOUT_S
+        exit_now(USER_ERROR_EXIT, f"error: {err if isinstance(err, UserError) else os_error_line(err)}")
     except (jax.errors.JaxRuntimeError, ValueError) as err:
         if not lost_peer(err):
             raise

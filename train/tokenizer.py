@@ -38,6 +38,15 @@ def _byte_level(model: models.Model) -> Tokenizer:
     return tok
 
 
+def not_unicode(text: str, err: UnicodeEncodeError, source: str) -> UserError:
+    """The UserError for `text` holding a lone surrogate (err: its UTF-8 encoding failing): Python's stand-in for a
+    command-line byte that is not UTF-8 (U+DC80-U+DCFF, surrogateescape), or an escape such as "\\ud800" in YAML."""
+    code = ord(text[err.start])
+    what = (f"the byte 0x{code - 0xDC00:02X}, which is not UTF-8" if 0xDC80 <= code <= 0xDCFF else
+            f"U+{code:04X}, a lone surrogate, which is no character")
+    return UserError(f"{source}: the tokenizer cannot encode character {err.start}: {what} (text must be UTF-8)")
+
+
 class ByteTokenizer:
     """UTF-8 bytes as tokens (id = byte value, 256 ids): no vocabulary file, nothing out of vocabulary."""
 
@@ -45,8 +54,13 @@ class ByteTokenizer:
     vocab_size = 256
 
     def encode(self, text: str, add_special_tokens: bool = False, source: str = "text") -> np.ndarray:
-        """str -> uint16 [n_bytes] (numpy, no `tokenizers` call: this encodes whole corpora fast)."""
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+        """str -> uint16 [n_bytes] (numpy, no `tokenizers` call: this encodes whole corpora fast). Raises UserError
+        naming `source` for text that is not Unicode (`not_unicode`)."""
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise not_unicode(text, err, source) from None
+        return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
 
     def decode(self, ids) -> str:
         """ids [n] -> str; invalid UTF-8 (e.g. a sample cut mid-character) becomes U+FFFD."""
@@ -78,6 +92,10 @@ class HFTokenizer:
         try:
             enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
         except Exception as err:  # e.g. WordLevel without an unknown token: "Missing [UNK] token from the vocabulary"
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as bad:  # `tokenizers` only says "TextInputSequence must be str"
+                raise not_unicode(text, bad, source) from None
             raise UserError(f"{source}: the tokenizer cannot encode it ({str(err).splitlines()[0]})") from None
         ids = np.asarray(enc.ids, dtype=token_dtype(self.vocab_size))
         offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
