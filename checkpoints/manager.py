@@ -223,9 +223,10 @@ def _stderr_captured():
     """Capture what is written to file descriptor 2 (by any thread, C++ included) while the block runs; yields a
     `.show()` to write the capture out after all, and `.size()`."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved, python_stderr = os.dup(2), sys.stderr
     with tempfile.TemporaryFile("w+b") as captured:
         os.dup2(captured.fileno(), 2)
+        sys.stderr = os.fdopen(os.dup(2), "w", buffering=1, closefd=True)  # Python's writes too, whoever replaced it
 
         def show() -> None:
             sys.stderr.flush()
@@ -239,6 +240,8 @@ def _stderr_captured():
             yield types.SimpleNamespace(show=show, size=size)
         finally:
             sys.stderr.flush()
+            sys.stderr.close()
+            sys.stderr = python_stderr
             os.dup2(saved, 2)
             os.close(saved)
 
@@ -291,6 +294,7 @@ class CheckpointStore:
         self.directory = Path(directory).resolve()
         self.keep = keep
         self._writing: tuple[int, int] | None = None  # (step, bytes of its arrays) of the latest save started
+        self._read_failed = False  # a read of damaged files failed (see close)
         if create:
             if jax.process_index() == 0:  # one process of a multi-process run cleans up; Orbax syncs them after
                 remove_unfinished_saves(self.directory)
@@ -364,7 +368,7 @@ class CheckpointStore:
         """Path, shape and dtype of every array in the state of `step`, read from Orbax's metadata only."""
         step = self._resolve(step)
         # a missing or damaged OCDBT manifest fails in TensorStore's threads, which print tracebacks meanwhile
-        found = _read_quietly(lambda: arrays_of(self._manager.item_metadata(step)["state"]), lambda err: (
+        found = self._read_quietly(lambda: arrays_of(self._manager.item_metadata(step)["state"]), lambda err: (
             f"checkpoint {self._where(step)} has no readable array metadata ({_describe(err)}){self._fallback(step)}"))
         if not found:  # Orbax reads a state folder without its _METADATA file as an empty tree; no state is empty
             raise UserError(f"checkpoint {self._where(step)} is damaged: its state lists no arrays (state/_METADATA "
@@ -382,7 +386,7 @@ class CheckpointStore:
         restored here; every process of a multi-process restore refuses when one finds a difference)."""
         step = self._resolve(step)
         target = jax.tree_util.tree_map(_with_sharding, target)
-        restored = _read_quietly(lambda: self._manager.restore(step, args=ocp.args.Composite(
+        restored = self._read_quietly(lambda: self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target))), lambda err: self._restore_failure(step, target, err))
         self._check_integrity(step, restored["state"])
         return restored["state"]
@@ -464,9 +468,24 @@ class CheckpointStore:
         with self._disk_full_as_user_error():
             self._manager.wait_until_finished()
 
+    def _read_quietly(self, read: Callable[[], Any], failure: Callable[[Exception], str]) -> Any:
+        """The module's _read_quietly, remembering a failure for `close`."""
+        try:
+            return _read_quietly(read, failure)
+        except UserError:
+            self._read_failed = True
+            raise
+
     def close(self) -> None:
-        """Wait for any save in progress to finish, then release Orbax's resources (UserError as `wait`)."""
+        """Wait for any save in progress to finish, then release Orbax's resources (UserError as `wait`). After a
+        failed read, what the failed reads' threads print while Orbax closes its event loop under them ("Event loop
+        is closed" tracebacks) is kept back: the read's UserError already said what happened."""
         try:
             self.wait()
         finally:
-            self._manager.close()
+            if self._read_failed:
+                with _stderr_captured() as captured:
+                    self._manager.close()
+                    _wait_for_failed_reads(captured.size, quiet_for=0.5)
+            else:
+                self._manager.close()
