@@ -169,7 +169,9 @@ class Attention(nn.Module):
                           else (k.astype(math), v.astype(math)))  # this token's key and value as the cache holds them
                 visible = visible_keys(positions, key_positions, cfg.context)
                 out = self._one_token_over_old_cache(q.astype(math), *stored, layer_cache, slots[0], visible)
-                after = jnp.isnan(out.reshape(-1)[0]).astype(k.dtype) * 0  # the write comes after the reads
+                # the write comes after the reads. This token's k and v are quantized again for it, from the tied
+                # values: writing the codes made above would leave XLA free to run the write first (and copy).
+                after = jnp.isnan(out.reshape(-1)[0]).astype(k.dtype) * 0
                 return self._out(out, dense), write_layer_cache(layer_cache, slots, k + after, v + after)
             new_cache, key_pos = write_layer_cache(layer_cache, slots, k, v), key_positions
             q, k, v = q.astype(math), new_cache[0].astype(math), new_cache[1].astype(math)
