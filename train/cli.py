@@ -11,6 +11,7 @@ import argparse
 import functools
 import math
 import os
+import select
 import signal
 import sys
 from pathlib import Path
@@ -143,18 +144,35 @@ def main_guard(fn):
     OSError the user's environment causes (a read-only folder, a file where a folder belongs, a missing parent, no
     permission, a full disk), naming the path. Ctrl-C (KeyboardInterrupt) prints `interrupted` and exits 130, SIGTERM
     (Terminated) `terminated` and 143, in a command's own process at once (`train.interrupts.exit_now`), after the
-    command's `finally` blocks ran."""
+    command's `finally` blocks ran.
+
+    A stdout whose reader went away (`... | head -3`) ends the command silently with CLOSED_STDOUT_EXIT, as a Unix
+    tool killed by SIGPIPE: Python ignores SIGPIPE, so the write raised BrokenPipeError ("error: Broken pipe", exit
+    2), or, when the output was still buffered, Python's flush at shutdown printed "Exception ignored ...
+    BrokenPipeError" (exit 120). stdout is flushed before the command returns, and pointed at os.devnull once its
+    reader is gone, so nothing is left for that flush to fail on."""
     @functools.wraps(fn)
     def wrapper(argv=None):
         restore_after_loading()
         try:
-            result = fn(argv)
+            try:
+                result = fn(argv)
+            except SystemExit as exit_:  # argparse's --help, or a command's own sys.exit
+                if exit_.code in (0, None):
+                    sys.stdout.flush()
+                raise
+            sys.stdout.flush()  # a closed stdout is found here, not by Python's own flush at shutdown
             unseen = interrupted_unseen()
             if unseen:  # a Ctrl-C (SIGTERM) Python dropped: the work is done, the exit code still says so
                 print(f"{_STOPPED[unseen == signal.SIGTERM]}: the work was complete when the command could stop",
                       file=sys.stderr)
                 sys.exit(128 + unseen)
             return result
+        except BrokenPipeError as err:
+            if not stdout_reader_gone():  # another pipe (a child process's): an error like any other OSError
+                print(f"error: {os_error_line(err)}", file=sys.stderr)
+                sys.exit(USER_ERROR_EXIT)
+            sys.exit(CLOSED_STDOUT_EXIT)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(USER_ERROR_EXIT)
@@ -167,7 +185,35 @@ def main_guard(fn):
                 exit_now(code, line)
             print(line, file=sys.stderr)
             sys.exit(code)
+        finally:
+            if stdout_reader_gone():  # whatever ended the command: Python's flush at shutdown must find no pipe
+                stdout_to_devnull()
     return wrapper
+
+
+CLOSED_STDOUT_EXIT = 128 + signal.SIGPIPE  # 141: what a shell reports for a tool killed by SIGPIPE
+
+
+def stdout_reader_gone() -> bool:
+    """Whether this process's stdout is a pipe (or socket) whose reader has closed it: poll() reports an error on
+    its write end. False for a terminal or a file, and where stdout has no file descriptor (a test's capture)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def stdout_to_devnull() -> None:
+    """Point file descriptor 1 at os.devnull (Python's recipe for a closed pipe), so what sys.stdout still buffers
+    is flushed there at shutdown instead of failing with "Exception ignored ... BrokenPipeError"."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 _STOPPED = {False: "interrupted", True: "terminated"}  # main_guard's line for Ctrl-C (False) and SIGTERM (True)
