@@ -182,6 +182,7 @@ def test_argument_types_accept_their_range_and_name_what_is_wrong(parse, good, b
     (generate_cli.main, ["--num-samples", "0"], "argument --num-samples: must be an integer >= 1, got 0"),
     (generate_cli.main, ["--seed", "-5"], "argument --seed: must be an integer >= 0, got -5"),
     (generate_cli.main, ["--step", "1e3"], "argument --step: expected an integer, got '1e3'"),
+    (generate_cli.main, ["--kv-bits", "4"], "argument --kv-bits: invalid choice: '4' (choose from '8', 'none')"),
     (merge_cli.main, ["--out", "x", "--batches", "0"], "argument --batches: must be an integer >= 1, got 0"),
     (merge_cli.main, ["--out", "x", "--batch-size", "-2"], "argument --batch-size: must be an integer >= 1, got -2"),
     (evaluate_cli.main, ["--batches", "0"], "argument --batches: must be an integer >= 1, got 0"),

@@ -1,6 +1,7 @@
 """`python -m quant.convert` and `python -m quant.report` on real (tiny) runs: what they write and print, and their
 one-line errors."""
 import argparse
+import json
 import shutil
 
 import jax.numpy as jnp
@@ -208,6 +209,31 @@ def test_generate_and_evaluate_read_qat_serving_and_float_runs(runs, capsys, tmp
     assert table[5] == "val loss over 2 batches x 4 windows x 32 tokens of each run's validation split"
     param_mb = [float(line.split()[6]) for line in table[2:5]]  # then KL columns (vs the served run's parent)
     assert param_mb[2] < 0.4 * param_mb[1] and param_mb[0] == param_mb[1]
+
+
+def set_config_kv_bits(workdir, bits) -> None:
+    """Make the run's saved config say quant.kv_bits: `bits`, as training with `--set quant.kv_bits=8` would have
+    (the KV cache's bits change generation only, not training)."""
+    path = next((workdir / "checkpoints").glob("*/metadata/metadata"))
+    metadata = json.loads(path.read_text())
+    metadata["config"]["quant"]["kv_bits"] = bits
+    path.write_text(json.dumps(metadata))
+
+
+def test_kv_bits_none_generates_a_run_whose_config_sets_an_int8_cache_with_a_float_one(runs, capsys, tmp_path):
+    from train.generate import main as generate_main
+    shutil.copytree(runs / "float", tmp_path / "kv8")
+    set_config_kv_bits(tmp_path / "kv8", 8)
+    greedy = ["--prompt", "SPEAKER1:", "--max-new-tokens", "12", "--temperature", "0", "--verbose"]
+    printed = {}
+    for name, workdir, flags in (("config int8", tmp_path / "kv8", []), ("config float", runs / "float", []),
+                                 ("none", tmp_path / "kv8", ["--kv-bits", "none"])):
+        generate_main(["--workdir", str(workdir), *greedy, *flags])
+        printed[name] = capsys.readouterr().out.splitlines()  # the cache line, the samples, a line of timings
+    assert printed["config int8"][0].startswith("[KV cache: int8 with ")  # the run's config is honoured by default
+    assert printed["config float"][0].startswith("[KV cache: ") and "int8" not in printed["config float"][0]
+    assert printed["none"][0] == printed["config float"][0]  # the compute dtype, the same slots and bytes
+    assert printed["none"][1:-1] == printed["config float"][1:-1] and len(printed["none"]) > 2
 
 
 def test_converting_into_a_workdir_that_holds_a_float_run_names_it_a_float_run(runs, capsys, tmp_path):

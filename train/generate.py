@@ -1,10 +1,11 @@
 """`python -m train.generate --workdir runs/baseline --prompt "ROMEO:"`: sample text with the KV cache.
 
 Works for float, QAT and serving (integer) workdirs alike: the model comes from the checkpoint's own config.
-`--kv-bits 8` (default: the run's quant.kv_bits) keeps the KV cache as int8; `--verbose` prints its bytes. On CPU, int4
-codes are served from int8 containers; `--numerics int` (default: the run's quant.numerics) serves integer matmuls,
-and `--per-channel-int8` with it re-quantizes weight-only per-group layers to int8 per channel at load
-(quant.serving.served_layout); `--precision` picks the compute dtype (fp32 is the faster on CPU).
+`--kv-bits 8` keeps the KV cache as int8 and `--kv-bits none` in the compute dtype (default: the run's
+quant.kv_bits); `--verbose` prints its bytes. On CPU, int4 codes are served from int8 containers; `--numerics int`
+(default: the run's quant.numerics) serves integer matmuls, and `--per-channel-int8` with it re-quantizes weight-only
+per-group layers to int8 per channel at load (quant.serving.served_layout); `--precision` picks the compute dtype
+(fp32 is the faster on CPU).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from train.metrics import format_duration
 from train.run import article, check_base_used, load_run, run_kind, served_run
 
 PROGRESS_EVERY_S = 5.0
+KV_CACHES = {"8": 8, "none": None}  # --kv-bits -> the KV cache's bits (None: the compute dtype)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=positive_int, default=1, help="continuations, sampled as one batch")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed")
     parser.add_argument("--step", type=non_negative_int, help="checkpoint step (default: latest)")
-    parser.add_argument("--kv-bits", type=int, choices=(8,), help="int8 KV cache (default: the run's quant.kv_bits)")
+    parser.add_argument("--kv-bits", type=str.lower, choices=tuple(KV_CACHES),
+                        help="8: an int8 KV cache; none: one in the compute dtype, also for a run whose config sets "
+                             "quant.kv_bits: 8 (default: the run's quant.kv_bits)")
     parser.add_argument("--numerics", choices=("auto", "int", "fake"),
                         help="integer (int) or dequantized (fake) matmuls for a quantized run (default: the run's "
                              "quant.numerics; auto = fake on CPU, int elsewhere)")
@@ -96,7 +100,7 @@ def main(argv=None):
                         f"with no quantized layer (convert it first: python -m quant.convert)")
     run = served_run(run, args.precision, numerics=args.numerics,
                      serve_per_channel_int8=args.per_channel_int8 or None)
-    kv_bits = args.kv_bits or run.config.quant.kv_bits
+    kv_bits = run.config.quant.kv_bits if args.kv_bits is None else KV_CACHES[args.kv_bits]
     seq_len = run.config.model.seq_len
     prompt_len = len(run.tokenizer.encode(args.prompt, add_special_tokens=True, source="--prompt"))
     if prompt_len > seq_len:
