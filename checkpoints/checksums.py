@@ -2,6 +2,7 @@
 each process checksums the shards it owns, keyed by their place in the whole array, and the processes gather what
 they found (`allgather_json`). A restore compares every recorded shard that lies within a shard it holds, whatever
 layout it restores into: all of them where it holds the arrays whole (one process reading a multi-process save).
+The metadata JSON that records them has a CRC-32 of its own (`json_crc32`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,15 @@ def bytes_crc32(value) -> int:
     """zlib CRC-32 of an array's bytes in C order (any dtype, sub-byte ones such as int4 one byte per value, as numpy
     holds them)."""
     return zlib.crc32(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+
+
+def json_crc32(value: Any) -> int:
+    """zlib CRC-32 of `value`'s canonical JSON: as it reads back from a JSON file (tuples as lists, a dict's keys as
+    strings), keys sorted, no spaces, ASCII. The same for the metadata a save wrote and for the metadata a reader
+    loads from that file, whichever process or Python version wrote it; any edit to a value changes it. TypeError or
+    ValueError for what JSON cannot hold (as the save's own JSON writer raises)."""
+    canonical = json.dumps(json.loads(json.dumps(value)), sort_keys=True, separators=(",", ":"))
+    return zlib.crc32(canonical.encode("ascii"))
 
 
 def region_of(index: tuple[slice, ...], shape: tuple[int, ...]) -> Region:

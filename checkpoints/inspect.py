@@ -1,9 +1,10 @@
 """`python -m checkpoints.inspect DIR [--step N] [--verify]`: what a checkpoint holds, without building a model.
 
 DIR is a workdir, its checkpoints folder, or one step folder. Prints the metadata, the steps present and every
-array of the saved state (read from Orbax's metadata, not restored), with bytes by dtype. `--verify` also reads
-every array whole and compares its bytes with the CRC-32s recorded when the step was saved: the whole array's, or
-each shard's for a save by several processes (exit 2 when one differs or cannot be read).
+array of the saved state (read from Orbax's metadata, not restored), with bytes by dtype. `--verify` also checks
+the metadata against the CRC-32 it recorded of itself, reads every array whole and compares its bytes with the
+CRC-32s recorded when the step was saved: the whole array's, or each shard's for a save by several processes (exit 2
+when one differs or cannot be read). Without --verify, metadata edited since the save is shown as it is.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from checkpoints.hf import import_first, is_model_folder
-from checkpoints.manager import SHARD_CHECKSUM_KEY, ArrayInfo, CheckpointStore
+from checkpoints.manager import METADATA_CHECKSUM_KEY, SHARD_CHECKSUM_KEY, ArrayInfo, CheckpointStore
 from slm_jax.errors import UserError
 from train.cli import ArgumentParser, main_guard, non_negative_int, path_arg
 
@@ -33,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("dir", type=path_arg, help="a workdir, its checkpoints/ folder, or one step folder in it")
     parser.add_argument("--step", type=non_negative_int, help="which step (default: the latest)")
     parser.add_argument("--verify", action="store_true",
-                        help="read every array and check it against the CRC-32 recorded at save")
+                        help="check the metadata and every array (read whole) against the CRC-32s recorded at save")
     return parser.parse_args(argv)
 
 
@@ -152,14 +153,18 @@ def describe(metadata: dict, steps: list[int], arrays: list[ArrayInfo], where: s
 
 def verify_summary(checked: int | None, metadata: dict) -> str:
     """What `--verify` found, after `CheckpointStore.verify` returned `checked` (arrays compared, None: no checksums)
-    for the step whose `metadata` this is."""
+    for the step whose `metadata` this is (a verify that returns has found the metadata matching its CRC-32, if it
+    recorded one)."""
     if not checked:
-        return "no checksums recorded (saved before slm-jax recorded them)"
-    shards = metadata.get(SHARD_CHECKSUM_KEY)
-    if shards:
-        blocks = sum(len(crcs) for crcs in shards.values() if isinstance(crcs, dict))
-        return f"{checked} match the CRC-32s recorded at save for their {blocks} shards (saved by several processes)"
-    return f"{checked} match the CRC-32 recorded at save"
+        arrays = "no checksums recorded (saved before slm-jax recorded them)"
+    elif metadata.get(SHARD_CHECKSUM_KEY):
+        blocks = sum(len(crcs) for crcs in metadata[SHARD_CHECKSUM_KEY].values() if isinstance(crcs, dict))
+        arrays = f"{checked} match the CRC-32s recorded at save for their {blocks} shards (saved by several processes)"
+    else:
+        arrays = f"{checked} match the CRC-32 recorded at save"
+    if METADATA_CHECKSUM_KEY in metadata:
+        return f"{arrays}, and the metadata matches its own"
+    return arrays if not checked else f"{arrays}; the metadata is unchecked (saved before slm-jax recorded its CRC-32)"
 
 
 @main_guard
@@ -172,7 +177,7 @@ def main(argv=None):
     step = args.step if args.step is not None else step
     store = CheckpointStore(directory, create=False)
     try:
-        metadata, arrays = store.metadata(step), store.arrays(step)
+        metadata, arrays = store.metadata(step, checked=False), store.arrays(step)
         where = f"{store.directory}/{step if step is not None else store.latest_step()}"
         print(describe(metadata, store.steps(), arrays, where))
         if args.verify:

@@ -5,8 +5,10 @@ previous checkpoints readable (a writer deletes such leftovers when it opens); s
 in `close`, and a full disk is one UserError line (`checkpoints.disk_full`). Each save records a CRC-32 of every
 array's bytes in its metadata (`array_crc32`), or of every shard's where no process holds the arrays whole (a
 multi-process run: `shard_crc32`, `checkpoints.checksums`), and a restore compares them, so bytes changed on disk
-after the save (bit rot, a bad copy) are refused as damage instead of resuming from them. Metadata is versioned:
-`metadata()` returns it in the current format whatever format it was saved in.
+after the save (bit rot, a bad copy) are refused as damage instead of resuming from them. The metadata records a
+CRC-32 of itself too (`metadata_crc32`), checked whenever it is read, so a config edited by hand (a wrong d_model)
+is refused the same way instead of building another model than the one saved. Metadata is versioned: `metadata()`
+returns it in the current format whatever format it was saved in.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from checkpoints.checksums import allgather_json, bytes_crc32, region_mismatches, shard_crc32s
+from checkpoints.checksums import allgather_json, bytes_crc32, json_crc32, region_mismatches, shard_crc32s
 from checkpoints.disk_full import disk_full_message, is_disk_full, quiet_disk_full_logs
 from checkpoints.versioning import FORMAT_VERSION, upgrade
 from slm_jax.errors import UserError
@@ -137,6 +139,15 @@ CHECKSUM_KEY = "array_crc32"  # metadata: {array path: zlib CRC-32 of its bytes}
 # metadata of a save by several processes, instead of CHECKSUM_KEY: {array path: {region key: CRC-32 of that block's
 # bytes}} (`checkpoints.checksums.region_key`, e.g. "0:64,0:128"), each block one shard of the array as saved
 SHARD_CHECKSUM_KEY = "shard_crc32"
+# metadata: `checkpoints.checksums.json_crc32` of the rest of the metadata (the arrays' CRC-32s included), as saved;
+# an optional key, absent in checkpoints saved before it (their metadata reads unchecked, as format 2 still)
+METADATA_CHECKSUM_KEY = "metadata_crc32"
+
+
+def with_metadata_checksum(metadata: dict) -> dict:
+    """`metadata` with its CRC-32 (`json_crc32` of everything but METADATA_CHECKSUM_KEY) under that key."""
+    body = {key: value for key, value in metadata.items() if key != METADATA_CHECKSUM_KEY}
+    return {**body, METADATA_CHECKSUM_KEY: json_crc32(body)}
 
 
 def named_leaves(tree) -> list[tuple[str, Any]]:
@@ -321,7 +332,7 @@ class CheckpointStore:
         """Start writing `step` (in the background when async); `metadata` is stored as given, with the CRC-32 of
         each array of `state` added under CHECKSUM_KEY where this process holds every array whole, else that of each
         shard under SHARD_CHECKSUM_KEY (gathered from every process: in a multi-process run every process calls
-        `save` together, as Orbax requires anyway).
+        `save` together, as Orbax requires anyway), and then the CRC-32 of the whole under METADATA_CHECKSUM_KEY.
 
         Raises UserError (one line: the path, the space needed, the step still intact) when the disk is full,
         here or, for an asynchronous save, at the next `save`, `wait` or `close`; the failed step's partial
@@ -331,8 +342,8 @@ class CheckpointStore:
             self._manager.wait_until_finished()  # a failure of the previous save is reported for that step
         self._writing = (step, tree_bytes(state)["total"])
         checksums = array_checksums(state)
-        metadata = ({**metadata, CHECKSUM_KEY: checksums} if checksums is not None else
-                    {**metadata, SHARD_CHECKSUM_KEY: shard_checksums(state)})
+        metadata = with_metadata_checksum({**metadata, CHECKSUM_KEY: checksums} if checksums is not None else
+                                          {**metadata, SHARD_CHECKSUM_KEY: shard_checksums(state)})
         with self._disk_full_as_user_error():
             self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                              metadata=ocp.args.JsonSave(metadata)), force=True)
@@ -349,10 +360,27 @@ class CheckpointStore:
             raise UserError(disk_full_message(self.directory, step, nbytes, self.keep, self.latest_step())) \
                 from None
 
-    def metadata(self, step: int | None = None) -> dict:
-        """The metadata of `step` (default latest), migrated to the current format."""
+    def metadata(self, step: int | None = None, checked: bool = True) -> dict:
+        """The metadata of `step` (default latest), migrated to the current format. UserError when it differs from
+        the CRC-32 recorded when it was saved (`_check_metadata`), unless not `checked` (`checkpoints.inspect`
+        shows it as it is, and refuses it only with --verify)."""
         step = self._resolve(step)
-        return upgrade(self._raw_metadata(step), self._where(step))
+        raw = self._raw_metadata(step)
+        if checked:
+            self._check_metadata(step, raw)
+        return upgrade(raw, self._where(step))
+
+    def _check_metadata(self, step: int, raw: Any) -> bool:
+        """Whether `raw`, the metadata of `step` as saved, matches the CRC-32 it recorded of itself: True; False when
+        it recorded none (saved before slm-jax did, or not a JSON object: `upgrade` says so). UserError (one line
+        naming the step and the steps to fall back on, as for damaged arrays) when it differs: edited by hand or
+        changed on disk since the save."""
+        if not isinstance(raw, dict) or METADATA_CHECKSUM_KEY not in raw:
+            return False
+        if with_metadata_checksum(raw)[METADATA_CHECKSUM_KEY] != raw[METADATA_CHECKSUM_KEY]:
+            raise UserError(f"checkpoint {self._where(step)} is damaged: its metadata differs from the CRC-32 recorded "
+                            f"when it was saved (edited by hand, or changed on disk){self._fallback(step)}")
+        return True
 
     def _raw_metadata(self, step: int) -> Any:
         """The metadata item of `step` as saved (any JSON value); UserError when it cannot be read."""
@@ -380,22 +408,25 @@ class CheckpointStore:
         that carry a sharding are restored (resharded) into it; the others whole onto this process's first device,
         whatever devices or processes saved them.
 
-        Raises UserError (one line) for another model's state, for unreadable files, and for arrays whose bytes
-        differ from the CRC-32 recorded when the step was saved: the whole arrays' (checked where this process holds
-        the restored arrays whole) or the shards' of a multi-process save (checked wherever they lie within a shard
-        restored here; every process of a multi-process restore refuses when one finds a difference)."""
+        Raises UserError (one line) for another model's state, for unreadable files, for metadata that differs from
+        its own CRC-32 (checked first: its array checksums, and the config the target was built from, are then not
+        to be trusted), and for arrays whose bytes differ from the CRC-32 recorded when the step was saved: the whole
+        arrays' (checked where this process holds the restored arrays whole) or the shards' of a multi-process save
+        (checked wherever they lie within a shard restored here; every process of a multi-process restore refuses
+        when one finds a difference)."""
         step = self._resolve(step)
+        recorded = self._recorded_checksums(step)
         target = jax.tree_util.tree_map(_with_sharding, target)
         restored = self._read_quietly(lambda: self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target))), lambda err: self._restore_failure(step, target, err))
-        self._check_integrity(step, restored["state"])
+        self._check_integrity(step, restored["state"], *recorded)
         return restored["state"]
 
     def verify(self, step: int | None = None) -> int | None:
-        """Read every array of `step` (default latest) whole, as saved, and compare it with the CRC-32s recorded at
-        save (the whole arrays', or every shard's of a multi-process save) -> how many arrays were checked, or None
-        when the step has no checksums (saved before they were recorded). Raises UserError as `restore` does for
-        unreadable or changed arrays."""
+        """Check the metadata of `step` (default latest) against its own CRC-32, read every array whole, as saved,
+        and compare it with the CRC-32s recorded at save (the whole arrays', or every shard's of a multi-process save)
+        -> how many arrays were checked, or None when the step has no checksums (saved before they were recorded).
+        Raises UserError as `restore` does for changed metadata and unreadable or changed arrays."""
         step = self._resolve(step)
         with _orbax_quiet():
             saved = self._manager.item_metadata(step)["state"]
@@ -408,17 +439,18 @@ class CheckpointStore:
     def _recorded_checksums(self, step: int) -> tuple[dict | None, dict | None]:
         """The CRC-32s `save` recorded for `step`, read from its metadata as saved (whatever its format): (by array
         under CHECKSUM_KEY, by shard under SHARD_CHECKSUM_KEY), None for each the metadata lacks (or holds no JSON
-        object in)."""
+        object in). UserError when the metadata differs from its own CRC-32 (`_check_metadata`)."""
         raw = self._raw_metadata(step)
+        self._check_metadata(step, raw)
         found = [raw.get(key) if isinstance(raw, dict) else None for key in (CHECKSUM_KEY, SHARD_CHECKSUM_KEY)]
         whole, shards = (value if isinstance(value, dict) else None for value in found)
         return whole, shards
 
-    def _check_integrity(self, step: int, restored: Any) -> None:
-        """Raise UserError when an array of `restored` (step `step`) differs from its checksums at save time. Read
-        from the metadata as saved: whatever its format, the arrays are checked if it has their checksums. The same
-        on every process of a run (they read the same metadata), which all take part in the shard check."""
-        whole, shards = self._recorded_checksums(step)
+    def _check_integrity(self, step: int, restored: Any, whole: dict | None, shards: dict | None) -> None:
+        """Raise UserError when an array of `restored` (step `step`) differs from its checksums at save time, `whole`
+        and `shards` (`_recorded_checksums`): whatever the metadata's format, the arrays are checked if it has their
+        checksums. The same on every process of a run (they read the same metadata), which all take part in the
+        shard check."""
         if whole:
             bad = checksum_mismatches(restored, whole, self.arrays(step))
         elif shards:

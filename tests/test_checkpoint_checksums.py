@@ -1,5 +1,6 @@
 """Checkpoint integrity: each save records a CRC-32 of every array's bytes, and a restore refuses arrays whose bytes
 changed on disk afterwards (bit rot, a bad copy), where Orbax itself reads them without complaint."""
+import json
 import shutil
 import zlib
 
@@ -10,7 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from checkpoints.manager import CHECKSUM_KEY, CheckpointStore, array_checksums
+from checkpoints.manager import (CHECKSUM_KEY, METADATA_CHECKSUM_KEY, CheckpointStore, array_checksums,
+                                 with_metadata_checksum)
 from slm_jax.errors import UserError
 
 
@@ -74,14 +76,46 @@ def test_bytes_changed_on_disk_after_the_save_are_refused_in_one_line(tmp_path):
     assert int(before["step"]) == 1
 
 
+def metadata_file(tmp_path, step: int):
+    return tmp_path / "checkpoints" / str(step) / "metadata" / "metadata"
+
+
 def test_one_changed_array_is_named(tmp_path):
     store = saved_store(tmp_path, steps=(1,))
-    metadata_file = tmp_path / "checkpoints" / "1" / "metadata" / "metadata"
-    text = metadata_file.read_text()
-    crc = store.metadata(1)[CHECKSUM_KEY]["params/codes4"]
-    metadata_file.write_text(text.replace(str(crc), str(crc ^ 1), 1))  # as if those bytes had changed
+    metadata = json.loads(metadata_file(tmp_path, 1).read_text())
+    metadata[CHECKSUM_KEY]["params/codes4"] ^= 1  # as if those bytes had changed, the metadata itself intact
+    metadata_file(tmp_path, 1).write_text(json.dumps(with_metadata_checksum(metadata)))
+    assert store.metadata(1)[CHECKSUM_KEY]["params/codes4"] == metadata[CHECKSUM_KEY]["params/codes4"]
     with pytest.raises(UserError, match=r"the bytes of params/codes4 differ .*; no other step is kept here"):
         CheckpointStore(tmp_path / "checkpoints", create=False).restore(abstract(state(1)), 1)
+
+
+def test_a_save_records_the_crc32_of_its_metadata_array_checksums_included(tmp_path):
+    saved_store(tmp_path, steps=(1,))
+    raw = json.loads(metadata_file(tmp_path, 1).read_text())
+    body = {key: value for key, value in raw.items() if key != METADATA_CHECKSUM_KEY}
+    assert set(body) == {"format_version", "step", CHECKSUM_KEY}
+    # independent reference: zlib over the JSON as read back from the file, keys sorted, without spaces
+    assert raw[METADATA_CHECKSUM_KEY] == zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+@pytest.mark.parametrize("edit", [lambda m: m.update(step=7), lambda m: m[CHECKSUM_KEY].update(step=1)],
+                         ids=["a-value", "an-array-checksum"])
+def test_metadata_edited_after_the_save_is_refused_in_one_line_naming_the_step(tmp_path, edit):
+    saved_store(tmp_path)
+    raw = json.loads(metadata_file(tmp_path, 2).read_text())
+    edit(raw)
+    metadata_file(tmp_path, 2).write_text(json.dumps(raw, indent=2))  # by hand: its CRC-32 left as saved
+    refused = (r"^checkpoint \S+/checkpoints/2 is damaged: its metadata differs from the CRC-32 recorded when it was "
+               r"saved \(edited by hand, or changed on disk\); other steps here: \[1\] \(move this step's folder "
+               r"away to resume from, or read, the latest of them\)$")
+    reopened = CheckpointStore(tmp_path / "checkpoints", create=False)
+    for read in (lambda: reopened.metadata(2), lambda: reopened.restore(abstract(state(2)), 2),
+                 lambda: reopened.verify(2)):
+        with pytest.raises(UserError, match=refused):
+            read()
+    assert reopened.metadata(2, checked=False)["step"] == raw["step"]  # shown as it is when asked
+    assert int(reopened.restore(abstract(state(1)), 1)["step"]) == 1  # the other step is untouched
 
 
 def test_checkpoints_saved_before_checksums_still_restore(tmp_path):
@@ -118,6 +152,30 @@ def test_inspect_verify_of_a_step_saved_without_checksums_says_so(tmp_path, caps
     inspect_cli.main([str(tmp_path / "checkpoints"), "--verify"])
     assert ("verified    every array read; no checksums recorded (saved before slm-jax recorded them)"
             in capsys.readouterr().out)
+
+
+def test_inspect_verify_refuses_edited_metadata_and_says_when_a_step_recorded_no_crc32_of_it(tmp_path, capsys):
+    from checkpoints import inspect as inspect_cli
+    store = saved_store(tmp_path)
+    store._manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state(3)),  # as slm-jax saved before
+                                                   metadata=ocp.args.JsonSave({"format_version": 2, CHECKSUM_KEY: (
+                                                       array_checksums(state(3)))})))
+    store.wait()
+    inspect_cli.main([str(tmp_path / "checkpoints"), "--step", "3", "--verify"])
+    assert ("verified    every array read; 5 match the CRC-32 recorded at save; the metadata is unchecked (saved "
+            "before slm-jax recorded its CRC-32)") in capsys.readouterr().out
+    inspect_cli.main([str(tmp_path / "checkpoints"), "--step", "2", "--verify"])
+    assert ("verified    every array read; 5 match the CRC-32 recorded at save, and the metadata matches its own"
+            in capsys.readouterr().out)
+    raw = json.loads(metadata_file(tmp_path, 2).read_text())
+    raw["config"] = {"model": {"d_model": 48}}  # a value the save never wrote
+    metadata_file(tmp_path, 2).write_text(json.dumps(raw))
+    inspect_cli.main([str(tmp_path / "checkpoints"), "--step", "2"])  # without --verify: shown as it is
+    assert "model       d_model=48" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        inspect_cli.main([str(tmp_path / "checkpoints"), "--step", "2", "--verify"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "checkpoints/2 is damaged: its metadata differs" in err[0]
 
 
 def test_checksums_are_checked_whatever_the_metadata_holds(tmp_path):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from checkpoints.manager import CheckpointStore
+from checkpoints.manager import CheckpointStore, with_metadata_checksum
 from quant.config import QuantConfig
 from quant.convert import main as convert_main
 from quant.report import main as report_main
@@ -213,11 +213,11 @@ def test_generate_and_evaluate_read_qat_serving_and_float_runs(runs, capsys, tmp
 
 def set_config_kv_bits(workdir, bits) -> None:
     """Make the run's saved config say quant.kv_bits: `bits`, as training with `--set quant.kv_bits=8` would have
-    (the KV cache's bits change generation only, not training)."""
+    (the KV cache's bits change generation only, not training), its metadata's CRC-32 made anew as a save does."""
     path = next((workdir / "checkpoints").glob("*/metadata/metadata"))
     metadata = json.loads(path.read_text())
     metadata["config"]["quant"]["kv_bits"] = bits
-    path.write_text(json.dumps(metadata))
+    path.write_text(json.dumps(with_metadata_checksum(metadata)))
 
 
 def test_kv_bits_none_generates_a_run_whose_config_sets_an_int8_cache_with_a_float_one(runs, capsys, tmp_path):
@@ -234,6 +234,21 @@ def test_kv_bits_none_generates_a_run_whose_config_sets_an_int8_cache_with_a_flo
     assert printed["config float"][0].startswith("[KV cache: ") and "int8" not in printed["config float"][0]
     assert printed["none"][0] == printed["config float"][0]  # the compute dtype, the same slots and bytes
     assert printed["none"][1:-1] == printed["config float"][1:-1] and len(printed["none"]) > 2
+
+
+def test_a_run_whose_metadata_was_edited_by_hand_is_refused_in_one_line_naming_the_step(runs, capsys, tmp_path):
+    from train.generate import main as generate_main
+    shutil.copytree(runs / "float", tmp_path / "edited")
+    path = tmp_path / "edited" / "checkpoints" / "12" / "metadata" / "metadata"
+    metadata = json.loads(path.read_text())
+    metadata["config"]["model"]["d_model"] *= 2  # a model other than the one saved: its arrays would not fit it
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(SystemExit) as exited:
+        generate_main(["--workdir", str(tmp_path / "edited"), "--max-new-tokens", "4"])
+    err = capsys.readouterr().err.splitlines()
+    assert exited.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: checkpoint {(tmp_path / 'edited').resolve()}/checkpoints/12 is damaged: its "
+                             f"metadata differs from the CRC-32 recorded when it was saved"), err
 
 
 def test_converting_into_a_workdir_that_holds_a_float_run_names_it_a_float_run(runs, capsys, tmp_path):
