@@ -1,14 +1,20 @@
 """Found in a new user's tryout (c): `--set` values that training would drop without a word (a model field that
 train.init_from or a LoRA base decides, a LoRA base's quant field, a quantization setting of a float run) are
-refused in one line, and the checks before training (memory, CPU device split) measure the model that trains."""
+refused in one line, and the checks before training (memory, CPU device split) measure the model that trains;
+a ggml QAT run exported to GGUF as another quantized type holds that type."""
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as GGMLType
 
 import train.main as train_main_module
+from checkpoints.gguf_export import export_workdir
 from quant.config import QuantConfig
 from train.main import main as train_main
 from train.ptq import convert_workdir
+from train.run import load_run
 
 TINY = ("model.n_layers=1", "train.sample_tokens=0", "train.eval_every=1000", "train.steps=4", "checkpoint.every=4")
 
@@ -93,3 +99,21 @@ def test_sets_that_a_float_run_or_the_source_run_uses_are_accepted(trained, tmp_
                 "--workdir", str(tmp_path / "new")])
     assert no_training["config"].model.seq_len == 16 and no_training["config"].quant.kv_bits == 8
     assert Path(tmp_path / "new").is_dir()
+
+
+def test_a_ggml_qat_run_exported_as_another_quantized_type_holds_that_type(tiny_run, tmp_path):
+    # A Q4_0 QAT run asked for --type q8_0 wrote Q4_0 blocks under a q8_0 file type (and said q8_0): every quantized
+    # matrix must be the type asked for, gguf's own quantization of the trained weights; the default stays Q4_0.
+    run = tiny_run(tmp_path / "qat", *TINY, "quant.mode=qat", "quant.scheme=ggml_q4_0")
+    params = load_run(run.workdir).variables["params"]
+    files = {kind: export_workdir(run.workdir, tmp_path / f"{kind}.gguf", kind, log=lambda *_: None)
+             for kind in ("q8_0", None)}
+    for kind, want in (("q8_0", GGMLType.Q8_0), (None, GGMLType.Q4_0)):
+        reader = gguf.GGUFReader(files[kind])
+        assert reader.fields["general.file_type"].contents() == {GGMLType.Q8_0: 7, GGMLType.Q4_0: 2}[want]
+        tensors = {t.name: t for t in reader.tensors}
+        for name in ("blk.0.attn_v.weight", "blk.0.ffn_down.weight", "output.weight"):
+            assert tensors[name].tensor_type == want, (kind, name, tensors[name].tensor_type)
+        kernel = np.asarray(params["layer_0"]["attn"]["v"]["kernel"], np.float32).T
+        assert np.array_equal(np.asarray(tensors["blk.0.attn_v.weight"].data).ravel(),
+                              gguf.quants.quantize(kernel, want).ravel())
