@@ -11,6 +11,7 @@ from gguf import GGMLQuantizationType as GGMLType
 
 import train.main as train_main_module
 from checkpoints.gguf_export import export_workdir
+from checkpoints.inspect import main as inspect_main
 from quant.config import QuantConfig
 from train.main import main as train_main
 from train.ptq import convert_workdir
@@ -117,3 +118,15 @@ def test_a_ggml_qat_run_exported_as_another_quantized_type_holds_that_type(tiny_
         kernel = np.asarray(params["layer_0"]["attn"]["v"]["kernel"], np.float32).T
         assert np.array_equal(np.asarray(tensors["blk.0.attn_v.weight"].data).ravel(),
                               gguf.quants.quantize(kernel, want).ravel())
+
+
+def test_inspect_says_a_file_is_a_file_and_a_missing_path_is_missing(tmp_path, capsys):
+    # It said '<file> does not exist or is not a folder' of a .gguf file that exists.
+    exported = tmp_path / "model.gguf"
+    exported.write_bytes(b"GGUF")
+    for path, line in ((exported, f"error: {exported} is a file, not a run folder (give a workdir, its checkpoints/ "
+                                  f"folder or one step folder in it)\n"),
+                       (tmp_path / "missing", f"error: {tmp_path / 'missing'} does not exist\n")):
+        with pytest.raises(SystemExit) as exit_info:
+            inspect_main([str(path)])
+        assert exit_info.value.code == 2 and capsys.readouterr().err == line
