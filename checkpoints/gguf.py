@@ -99,14 +99,18 @@ def export_type(kind: str, quant_cfg: QuantConfig, requested: str | None) -> str
     return requested or own or "f16"
 
 
-def _matrix_type(plan: LayerPlan | None, kind: str, quant_mode: str, out_type: str) -> str:
+def _matrix_type(plan: LayerPlan | None, kind: str, quant_cfg: QuantConfig, out_type: str) -> str:
     """Which type one projection gets: a float run's every projection takes out_type; a QAT or serving run's
-    layers that its plan keeps float stay float (F16, or F32 for an f32 file)."""
+    layers that its plan keeps float stay float (F16, or F32 for an f32 file). A QAT run written in its own ggml
+    scheme's type keeps each layer's own ggml type (rules may switch layers between Q8_0 and Q4_0); written in
+    another quantized type, its quantized layers take that type, by gguf's quantizer, as a float run's would."""
     float_type = "f32" if out_type == "f32" else "f16"
-    if out_type in ("f32", "f16", "bf16") or quant_mode == "none":
+    if out_type in ("f32", "f16", "bf16") or quant_cfg.mode == "none":
         return out_type
     if plan is None:
         return float_type
+    if kind != "serving" and out_type != SCHEME_TYPES.get(quant_cfg.scheme):
+        return out_type
     return SCHEME_TYPES[plan.scheme] if plan.scheme in SCHEME_TYPES else out_type
 
 
@@ -126,7 +130,7 @@ def gguf_tensors(model_cfg: ModelConfig, quant_cfg: QuantConfig, variables: dict
                                                                       embed_type))]
 
     def matrix(path: LayerPath, rows: np.ndarray | None = None) -> tuple[np.ndarray, GGMLType]:
-        layer_type = _matrix_type(plan.get(path), kind, quant_cfg.mode, out_type)
+        layer_type = _matrix_type(plan.get(path), kind, quant_cfg, out_type)
         if path in stored:
             value, scale = (np.asarray(stored[path][key]) for key in ("value", "scale"))
             codes, scales = value.astype(np.int8), scale.reshape(scale.shape[0], -1)

@@ -40,8 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def locate(path: Path) -> tuple[Path, int | None]:
     """(checkpoints folder, step named by the path or None) for a workdir, checkpoints folder or step folder."""
+    if path.is_file():
+        raise UserError(f"{path} is a file, not a run folder (give a workdir, its checkpoints/ folder or one step "
+                        f"folder in it)")
     if not path.is_dir():
-        raise UserError(f"{path} does not exist or is not a folder")
+        raise UserError(f"{path} does not exist")
     if (path / "checkpoints").is_dir():
         return path / "checkpoints", None
     if path.name.isdigit() and (path / "state").is_dir():

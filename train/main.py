@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 
 from checkpoints.lock import LOCK_NAME, lock_workdir
+from quant.config import QuantConfig
 from slm_jax.errors import UserError
 from train.cli import (USER_ERROR_EXIT, ArgumentParser, main_guard, os_error_line, path_arg, positive_int,
                        require_one_process)
@@ -25,7 +26,7 @@ from train.evaluation import evaluate_workdir, format_table
 from train.loop import run_training
 from train.memory_check import check_fits, training_bytes
 from train.ptq import convert_workdir
-from train.run import open_store, run_kind
+from train.run import model_source, open_store, run_kind
 from train.sharding import lost_peer, maybe_initialize_distributed
 
 
@@ -106,16 +107,22 @@ def train(argv=None):
                 for w in (Path(config.train.init_from), workdir)]
         print(format_table(rows))
         return
-    if maybe_initialize_distributed():
+    check_quant_overrides(args.overrides, config)
+    distributed = maybe_initialize_distributed()
+    if distributed:
         STOP.reclaim()  # SIGTERM back from jax.distributed's preemption notifier: all processes stop at one step
-    else:
-        flops = step_flops(config.model, config.train.batch_size * config.model.seq_len)
+    source = model_source(config)  # after jax.distributed: reading a checkpoint's metadata starts JAX's backend
+    check_source_overrides(args.overrides, config, source)
+    # the checks before training measure the model that trains: train.init_from's or a LoRA base's shape
+    trained = source.config if source else config
+    if not distributed:
+        flops = step_flops(trained.model, trained.train.batch_size * trained.model.seq_len)
         note = cpu_split_note(config, split_cpu_host(config.mesh, config.train.batch_size, flops=flops), flops)
         if note:
             print(note)
-    check_fits(training_bytes(config.model, config.train.batch_size, config.finetune.method != "lora"),
-               f"training this model (model.d_model {config.model.d_model}, model.n_layers {config.model.n_layers}) "
-               f"at train.batch_size {config.train.batch_size}")
+    check_fits(training_bytes(trained.model, config.train.batch_size, config.finetune.method != "lora"),
+               f"training this model (model.d_model {trained.model.d_model}, model.n_layers "
+               f"{trained.model.n_layers}) at train.batch_size {config.train.batch_size}")
     # One writer per run: a second train.main on it is refused in one line. In a multi-process run the processes of
     # one run share it, so only process 0 holds the lock.
     created = not workdir.exists()
@@ -126,6 +133,51 @@ def train(argv=None):
         if created and jax.process_index() == 0:
             remove_if_untouched(workdir)  # a refused run leaves no folder behind to block the next command
         raise
+
+
+# quant.* keys that only a quantized run reads: with quant.mode none (a float run) they would change nothing
+QUANT_SCHEME_KEYS = ("weight_bits", "act_bits", "embed_bits", "granularity", "group_size", "bwd_bits", "numerics",
+                     "scale_dtype", "serve_per_channel_int8", "rules", "scheme")
+
+
+def override_keys(overrides) -> list[tuple[str, str]]:
+    """(section, field) of each `--set section.field...=value`, in order."""
+    keys = []
+    for text in overrides:
+        parts = text.split("=", 1)[0].strip().split(".")
+        if len(parts) >= 2:
+            keys.append((parts[0], parts[1]))
+    return keys
+
+
+def check_quant_overrides(overrides, config) -> None:
+    """UserError for a `--set quant.KEY` that a float run (quant.mode none, not LoRA, whose base decides its quant
+    section) would record and never use: the user meant quantization-aware training, which it would not be."""
+    if config.quant.mode != "none" or config.finetune.method == "lora":
+        return
+    defaults = QuantConfig()
+    for section, name in override_keys(overrides):
+        if section == "quant" and name in QUANT_SCHEME_KEYS \
+                and getattr(config.quant, name) != getattr(defaults, name):
+            raise UserError(f"--set quant.{name}: quant.mode is none (float training), which quantizes nothing; add "
+                            f"--set quant.mode=qat for quantization-aware training, or quantize a trained run with "
+                            f"python -m quant.convert")
+
+
+def check_source_overrides(overrides, config, source) -> None:
+    """UserError for a `--set model.KEY` (or, for LoRA, `quant.KEY`) that the run named by train.init_from or
+    finetune.base decides (`train.run.model_source`) and that differs from that run's value: training would use
+    that run's value and drop the one asked for without a word."""
+    if source is None:
+        return
+    for section, name in override_keys(overrides):
+        if name not in source.fields.get(section, ()):
+            continue
+        asked, used = getattr(getattr(config, section), name), getattr(getattr(source.config, section), name)
+        if asked != used:
+            raise UserError(f"--set {section}.{name}={asked}: this run's {section} section comes from {source.key}="
+                            f"{source.path}, which has {section}.{name}={used}; drop the --set (or train a new model "
+                            f"without {source.key})")
 
 
 def cpu_split_note(config, count: int | None, flops: float) -> str | None:

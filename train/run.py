@@ -316,6 +316,44 @@ def with_model_of(workdir: Path, config: Config) -> Config:
     return with_tokenizer_of(workdir, config, run_tokenizer(workdir, metadata.get("tokenizer")))
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a run's model comes from when another run supplies it: `key` (finetune.base or train.init_from) and
+    `path` name that run; `config` is this run's config with the sections taken from it (the model for both, the
+    quant section too for a LoRA base); `fields` maps each section taken to the fields it decides."""
+
+    key: str
+    path: str
+    config: Config
+    fields: dict
+
+
+def model_source(config: Config) -> ModelSource | None:
+    """The run that supplies this run's model (a LoRA run's finetune.base: its model and quant sections whole;
+    train.init_from: its model section but `TRAINING_FIELDS`, as `with_model_of`), read from its metadata without
+    restoring arrays; None for a run of its own shape, or when that run cannot be read (training says why)."""
+    if config.finetune.method == "lora" and config.finetune.base:
+        key, path, sections = "finetune.base", config.finetune.base, ("model", "quant")
+    elif config.train.init_from:
+        key, path, sections = "train.init_from", config.train.init_from, ("model",)
+    else:
+        return None
+    try:
+        store = open_store(Path(path))
+        try:
+            source = config_from_metadata(store.metadata(), path)
+        finally:
+            store.close()
+    except UserError:
+        return None
+    own = () if key == "finetune.base" else TRAINING_FIELDS
+    model = dataclasses.replace(source.model, **{name: getattr(config.model, name) for name in own})
+    taken = dataclasses.replace(config, model=model, **({"quant": source.quant} if "quant" in sections else {}))
+    fields = {section: [f.name for f in dataclasses.fields(getattr(config, section))
+                        if not (section == "model" and f.name in own)] for section in sections}
+    return ModelSource(key, path, taken, fields)
+
+
 def with_tokenizer_of(workdir: Path, config: Config, tokenizer=None) -> Config:
     """`config` with the tokenizer of the run in `workdir` (`tokenizer`, else read from it) where `config` keeps
     the default byte tokenizer: a run started from another (`train.init_from`, a LoRA `finetune.base`) keeps its
