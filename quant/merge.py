@@ -68,8 +68,25 @@ def _merge(workdir: Path, out: Path, folder: Path, batches: int, batch_size: int
             f"top-1 agreement {100 * e['top1_agree']:.1f}%")
     log("validation loss on the fine-tuning data: " + " | ".join(f"{k} {v:.4f}" for k, v in losses.items())
         + f" | over {eval_windows(splits.val, batch_size, seq_len, batches)}")
+    note = merge_note(losses)
+    if note:
+        log(note)
     log(f"merged {workdir} (step {run.step}) -> {out}: {tree_bytes(merged)['total']:,} parameter bytes")
     return {"rows": rows, "logits": errors, "val_loss": losses}
+
+
+def merge_note(losses: dict[str, float]) -> str | None:
+    """A note when the merged run kept less than half of what fine-tuning gained on the target data (validation
+    losses in nats: "base", "base + adapters", "merged"), else None. Re-quantizing base + adapters rounds every
+    update smaller than half a quantization step away, which at INT4 can be most of a small fine-tune's."""
+    gain = losses["base"] - losses["base + adapters"]
+    kept = losses["base"] - losses["merged"]
+    if not gain > 0 or kept >= gain / 2:
+        return None
+    return (f"note: the merged run keeps {100 * max(kept, 0) / gain:.0f}% of the fine-tune's gain ({gain:.4f} nats; "
+            f"merged {losses['merged']:.4f} against base {losses['base']:.4f}): re-quantizing rounded most of the "
+            f"adapters' update away. The LoRA run itself (train.generate and train.evaluate read it) keeps all of "
+            f"it; a base with more bits, or more fine-tuning, keeps more of it after a merge")
 
 
 @main_guard

@@ -15,7 +15,7 @@ from checkpoints.manager import CheckpointStore, build_metadata
 from quant.config import QuantConfig
 from quant.lora import LoraProvider, split_adapters, target_layers
 from quant.lora_merge import merged_float_params
-from quant.merge import merge_workdir
+from quant.merge import merge_note, merge_workdir
 from quant.plan import make_plan, plan_to_json
 from quant.provider import make_matmul
 from quant.serving import convert
@@ -201,6 +201,16 @@ def test_merged_int4_model_stays_close_to_base_plus_adapters(runs):
     assert all(row.weight_rel_err < 0.2 for row in report["rows"])
     run = load_run(runs.root / "merged")
     assert run.metadata["kind"] == "serving" and run.config.finetune.method == "none"
+
+
+def test_merge_note_says_when_the_merged_run_lost_most_of_the_fine_tunes_gain():
+    lost = merge_note({"base": 2.4443, "base + adapters": 2.4341, "merged": 2.4519})  # a tryout's INT4 merge
+    assert lost.startswith("note: the merged run keeps 0% of the fine-tune's gain (0.0102 nats; merged 2.4519 "
+                           "against base 2.4443)")
+    assert "keeps 25% of the fine-tune's gain (0.2000 nats" in merge_note(
+        {"base": 2.0, "base + adapters": 1.8, "merged": 1.95})
+    assert merge_note({"base": 2.0, "base + adapters": 1.8, "merged": 1.9}) is None  # half kept
+    assert merge_note({"base": 2.0, "base + adapters": 2.1, "merged": 2.2}) is None  # nothing gained to lose
 
 
 class FloatKernels:
