@@ -107,11 +107,30 @@ def test_an_error_line_every_process_prints_alike_is_shown_once(capsys):
     import io
     import threading
     from train.launch import _forward
-    lock, shown = threading.Lock(), set()
-    _forward(0, io.StringIO("loading\nerror: --set train.steps: must be positive\n"), lock, shown)
-    _forward(1, io.StringIO("loading\nerror: --set train.steps: must be positive\nerror: only here\n"), lock, shown)
-    assert capsys.readouterr().out.splitlines() == [
-        "[p0] loading", "[p0] error: --set train.steps: must be positive", "[p1] loading", "[p1] error: only here"]
+    lock, shown = threading.Lock(), {}
+    for index in (0, 1):
+        _forward(index, io.StringIO("loading\n"), lock, shown)
+    _forward(0, io.StringIO("error: --set train.steps: must be positive\n"), lock, shown)
+    # process 1 refuses alike; then JAX's distributed service logs that process 0 (its coordinator) is gone, which
+    # can come before process 0 has exited: its error line already says that it is ending
+    _forward(1, io.StringIO("error: --set train.steps: must be positive\nerror: only here\nE1203 14:52:59.190444 "
+                            "23525 coordination_service_agent.cc:289] Polled an error from coordination service\n"),
+             lock, shown)
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [
+        "[p0] loading", "[p1] loading", "[p0] error: --set train.steps: must be positive", "[p1] error: only here"]
+    assert captured.err == ("launch: process 1: not showing the rest of its output (its collectives fail without "
+                            "process 0)\n")
+
+
+def test_a_line_to_stderr_is_one_write_so_a_native_log_cannot_split_it(capfd, monkeypatch):
+    import os
+    from train.interrupts import say_line
+    writes, write = [], os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append((fd, data)) or write(fd, data))
+    say_line("error: checkpoint runs/x/8 is damaged: caf\u00e9")
+    assert writes == [(sys.stderr.fileno(), "error: checkpoint runs/x/8 is damaged: caf\u00e9\n".encode())]
+    assert capfd.readouterr().err == "error: checkpoint runs/x/8 is damaged: caf\u00e9\n"
 
 
 def test_once_a_process_failed_the_others_output_is_one_launcher_line(capsys):
@@ -120,14 +139,14 @@ def test_once_a_process_failed_the_others_output_is_one_launcher_line(capsys):
     from train.launch import _forward
     failed = []
     out = io.StringIO("step 6\n")
-    _forward(0, out, threading.Lock(), set(), lambda: failed[0] if failed else None)
+    _forward(0, out, threading.Lock(), {}, lambda: failed[0] if failed else None)
     failed.append(1)  # process 1 was SIGKILLed: process 0's collectives fail, natively or in Python
     crash = ("E1203 10:08:34.308637 7384 coordination_service.cc:1549] ... stopped sending heartbeats):\n1\n"
              "F1203 10:08:34.310241 7395 client.h:80] Terminating process because ...\n"
              "*** Check failure stack trace: ***\n    @     0x7f52e3640634  absl::LogMessage::SendToLog()\n"
              "Traceback (most recent call last):\n  File ...\n"
              "process 0: lost contact with another process during a collective (it exited or was killed); ...\n")
-    _forward(0, io.StringIO(crash), threading.Lock(), set(), lambda: failed[0] if failed else None)
+    _forward(0, io.StringIO(crash), threading.Lock(), {}, lambda: failed[0] if failed else None)
     captured = capsys.readouterr()
     assert captured.out.splitlines() == ["[p0] step 6", "[p0] process 0: lost contact with another process during a "
                                          "collective (it exited or was killed); ..."]

@@ -21,7 +21,8 @@ from quant.config import SCALE_DTYPES, SCHEMES, QuantConfig
 from slm_jax.errors import UserError
 from train.config import read_yaml
 from train.config_loader import build
-from train.interrupts import Terminated, exit_now, in_command, interrupted_unseen, restore_after_loading
+from train.interrupts import (Terminated, exit_now, in_command, interrupted_unseen, restore_after_loading,
+                              say_line)
 
 USER_ERROR_EXIT = 2
 INT_LIMIT = 2**31 - 1  # counts, sizes, steps and seeds end up in int32 arrays
@@ -105,7 +106,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        print(f"error: {self.prog}: {message} (--help shows the usage)", file=sys.stderr)
+        say_line(f"error: {self.prog}: {message} (--help shows the usage)")
         sys.exit(USER_ERROR_EXIT)
 
 
@@ -164,26 +165,26 @@ def main_guard(fn):
             sys.stdout.flush()  # a closed stdout is found here, not by Python's own flush at shutdown
             unseen = interrupted_unseen()
             if unseen:  # a Ctrl-C (SIGTERM) Python dropped: the work is done, the exit code still says so
-                print(f"{_STOPPED[unseen == signal.SIGTERM]}: the work was complete when the command could stop",
-                      file=sys.stderr)
+                say_line(f"{_STOPPED[unseen == signal.SIGTERM]}: the work was complete when the command could "
+                         f"stop")
                 sys.exit(128 + unseen)
             return result
         except BrokenPipeError as err:
             if not stdout_reader_gone():  # another pipe (a child process's): an error like any other OSError
-                print(f"error: {os_error_line(err)}", file=sys.stderr)
+                say_line(f"error: {os_error_line(err)}")
                 sys.exit(USER_ERROR_EXIT)
             sys.exit(CLOSED_STDOUT_EXIT)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+            say_line(f"error: {err}")
             sys.exit(USER_ERROR_EXIT)
         except OSError as err:
-            print(f"error: {os_error_line(err)}", file=sys.stderr)
+            say_line(f"error: {os_error_line(err)}")
             sys.exit(USER_ERROR_EXIT)
         except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated)
             code, line = (143, _STOPPED[True]) if isinstance(err, Terminated) else (130, _STOPPED[False])
             if in_command():  # a command's own process: end it before XLA's teardown can crash it
                 exit_now(code, line)
-            print(line, file=sys.stderr)
+            say_line(line)
             sys.exit(code)
         finally:
             if stdout_reader_gone():  # whatever ended the command: Python's flush at shutdown must find no pipe

@@ -38,6 +38,23 @@ def stop_exception(signum: int) -> KeyboardInterrupt:
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+def say_line(line: str) -> None:
+    """`line` and its newline to stderr in one write, flushed. print() writes the text and the newline separately,
+    so a native thread's log (JAX's distributed service reporting a peer gone) could land between them, gluing its
+    line onto ours: train.launch then saw two processes' identical error lines as different."""
+    text = line + "\n"
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        data, fd = text.encode(sys.stderr.encoding or "utf-8", "backslashreplace"), sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):  # no file descriptor: a test's capture, an embedding host
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        return
+    while data:
+        data = data[os.write(fd, data):]
+
+
 class StopRequests:
     """While `installed()` (in the main thread; elsewhere nothing changes), SIGINT and SIGTERM are recorded, not
     raised: `check()` raises the first one's exception at a point of the caller's choosing. A second signal raises
@@ -46,7 +63,7 @@ class StopRequests:
 
     def __init__(self, say=None):
         self.signals: list[int] = []
-        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.say = say or say_line
 
     def _handle(self, signum, frame) -> None:
         if self.signals:
@@ -123,7 +140,7 @@ def exit_now(code: int, line: str) -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    print(line, file=sys.stderr, flush=True)
+    say_line(line)
     os._exit(code)
 
 

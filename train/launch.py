@@ -74,22 +74,26 @@ def process_env(index: int, processes: int, devices: int, port: int, heartbeat_s
     return env
 
 
-def _forward(index: int, stream, lock: threading.Lock, errors_shown: set[str] | None = None,
+def _forward(index: int, stream, lock: threading.Lock, errors_shown: dict[str, int] | None = None,
              peer_failed: Callable[[], int | None] = lambda: None) -> None:
     """Copy a child's output to ours line by line, each line prefixed with `[p<index>] `. An `error: ` line that
-    another process already printed word for word (`errors_shown`, shared by the forwarders) is not repeated: every
-    process refuses the same bad argument alike, and one line says it. Once another process has failed
-    (`peer_failed` returns its index), this one's output is its collectives failing without it: a Python traceback
-    or a native crash report of dozens of lines from JAX's distributed service. One `launch:` line says so instead,
-    and only the child's own one-line reports (`process N: lost contact ...`, `error: ...`) still pass."""
+    another process already printed word for word (`errors_shown`, shared by the forwarders: line -> the process
+    that printed it first) is not repeated: every process refuses the same bad argument alike, and one line says it.
+    Once another process has failed (`peer_failed` returns its index) or printed its `error: ` line (it is ending),
+    this one's output is its collectives failing without it: a Python traceback, or a native crash report of dozens
+    of lines (or one log line) from JAX's distributed service, which can come before the failed process has exited.
+    One `launch:` line says so instead, and only the child's own one-line reports (`process N: lost contact ...`,
+    `error: ...`) still pass."""
     hidden = False
     for line in iter(stream.readline, ""):
         with lock:
             if errors_shown is not None and line.startswith("error: "):
                 if line in errors_shown:
                     continue
-                errors_shown.add(line)
+                errors_shown[line] = index
             failed = peer_failed()
+            if failed is None and errors_shown:
+                failed = next((i for i in errors_shown.values() if i != index), None)
             if failed is not None and not _ONE_LINE_REPORT.match(line):
                 if not hidden:
                     _say(f"process {index}: not showing the rest of its output (its collectives fail without "
@@ -138,7 +142,7 @@ def launch(command: list[str], processes: int, devices: int, grace_s: float, hea
     each ended, and their output after the failure is not shown (`_forward`). SIGINT or SIGTERM
     to the launcher (from the main thread) is sent on to every running process, which get `stop_s` seconds to save
     and exit before SIGKILL; the launcher then returns 128 + that signal's number."""
-    port, lock, errors_shown = free_port(), threading.Lock(), set()
+    port, lock, errors_shown = free_port(), threading.Lock(), {}
     children, threads, stop = [], [], []
     in_main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum)) for sig in STOP_SIGNALS} \

@@ -1,7 +1,7 @@
 """`python -m train.main --config NAME [--set section.key=value ...] [--workdir DIR]`: train (or resume) a model."""
 from __future__ import annotations
 
-from train.interrupts import STOP, Terminated, exit_now, in_command  # standard library only
+from train.interrupts import STOP, Terminated, exit_now, in_command, say_line  # standard library only
 
 if __name__ == "__main__":  # before the imports below load JAX: a Ctrl-C meanwhile is recorded, never lost in a
     STOP.install()  # callback (see train.interrupts)
@@ -58,7 +58,7 @@ def main(argv=None):
             train(argv)
             STOP.check()  # a stop asked for during work that has no step boundary (a conversion, start-up)
     except Terminated:
-        print("terminated", file=sys.stderr)
+        say_line("terminated")
         sys.exit(128 + signal.SIGTERM)
     except (UserError, OSError) as err:
         if not (in_command() and jax.distributed.is_initialized()):
@@ -74,7 +74,7 @@ def main(argv=None):
                 f"or was killed); the last checkpoint is intact, resume with the same command")
         if in_command():  # at once: jax.distributed's exit would wait on the gone process's shutdown barrier
             exit_now(LOST_PEER_EXIT, line)
-        print(line, file=sys.stderr)
+        say_line(line)
         sys.exit(LOST_PEER_EXIT)
 
 
