@@ -37,21 +37,36 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float, name: str = "layer"
 
     Row i of U, divided by U[i, i], is how the error of rounding input i moves the inputs after it, given that all
     inputs before it are already fixed (the paper's Cholesky reformulation of OBS, Section 3, Step 3).
-    Raises UserError when the damped Hessian is not positive definite or not finite.
+    Raises UserError when the Hessian is not finite, or when the damped Hessian is not positive definite: one line
+    naming the layer, the cause and the remedy (`singular_hessian_message`).
     """
+    if not np.all(np.isfinite(hessian)):
+        raise UserError(f"GPTQ: the input Hessian of {name} is not finite (its calibration inputs overflow)")
     h = np.array(hessian, np.float64)
     h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
     try:
-        if not np.all(np.isfinite(h)):
-            raise np.linalg.LinAlgError
         inverse = scipy.linalg.cho_solve((np.linalg.cholesky(h), True), np.eye(len(h)))
         factor = np.linalg.cholesky(inverse).T
     except np.linalg.LinAlgError:
-        raise UserError(f"GPTQ: the input Hessian of {name} is singular even with damping {damp}; use more "
-                        f"calibration tokens or a larger damping") from None
+        raise UserError(singular_hessian_message(hessian, damp, name)) from None
     if not np.all(np.isfinite(factor)):
         raise UserError(f"GPTQ: the input Hessian of {name} is not finite")
     return factor
+
+
+def singular_hessian_message(hessian: np.ndarray, damp: float, name: str) -> str:
+    """The one line for a Hessian [in, in] that Cholesky refused: which layer, why, and what to change. Undamped,
+    the cause is calibration inputs that span fewer directions than the layer has inputs (too few distinct tokens,
+    e.g. layer 0's attention sees one vector per token id, or inputs that depend on each other), which damping
+    resolves and more varied calibration text may; damped, only a damping too small for the float32 rounding noise
+    of the Hessian's sums fails."""
+    if damp == 0:
+        return (f"GPTQ with --damp 0 cannot invert the Hessian of {name}: its calibration inputs span fewer than its "
+                f"{len(hessian):,} input directions (too few distinct tokens, or inputs that depend on each other); "
+                f"use a positive --damp (default {GPTQSettings.damp}) or more --calib-batches")
+    return (f"GPTQ cannot invert the Hessian of {name} even with --damp {damp:g}: its calibration inputs span fewer "
+            f"than its {len(hessian):,} input directions and this damping is too small to make up for it; use a "
+            f"larger --damp (default {GPTQSettings.damp})")
 
 
 def gptq(kernel: np.ndarray, hessian: np.ndarray, bits: int, group_size: int | None = None,

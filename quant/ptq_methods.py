@@ -54,6 +54,7 @@ def check_method(model_cfg: ModelConfig, quant_cfg: QuantConfig, method: str, ca
                  settings: PTQSettings = PTQSettings()) -> None:
     """UserError, before any work, when `method` cannot apply: unknown; calibration missing or longer than the
     model's context; no quantized weight layer to work on (a scheme quantizing only activations, or nothing);
+    GPTQ with no damping and fewer calibration tokens than a layer's inputs (`check_undamped_calibration`);
     SmoothQuant with no activation quantization (act_bits)."""
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -69,6 +70,8 @@ def check_method(model_cfg: ModelConfig, quant_cfg: QuantConfig, method: str, ca
     if not weights:
         raise UserError(f"--method {method} chooses integer weights, but this scheme quantizes no weight layer "
                         f"(only activations, the embedding table, or nothing); use --method rtn")
+    if "gptq" in method and settings.gptq.damp == 0:
+        check_undamped_calibration(model_cfg, quant_cfg, calib_tokens)
     if method == "smoothquant":
         check_alpha(settings.smoothquant_alpha)
         if not any(plan[path].act_bits is not None for path in weights):
@@ -122,24 +125,48 @@ def quantize_with_method(model_cfg: ModelConfig, quant_cfg: QuantConfig, params:
     return variables, record
 
 
+def gptq_widths(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> list[tuple[int, str]]:
+    """(inputs, layer name) of every weight layer GPTQ quantizes, in the order it quantizes them (model order)."""
+    plan = make_plan(model_cfg, quant_cfg)
+    return [(len(group.expand), path_str(layer)) for group in input_groups(model_cfg) for layer in group.layers
+            if plan.get(layer) is not None]
+
+
+def check_undamped_calibration(model_cfg: ModelConfig, quant_cfg: QuantConfig, calib_tokens: np.ndarray) -> None:
+    """UserError naming the first layer GPTQ would fail on when it runs with no damping (--damp 0) on fewer
+    calibration tokens (sequences x seq_len) than that layer has inputs: H = 2 X^T X / tokens then has rank at most
+    the token count, so the undamped Hessian cannot be inverted, and GPTQ would stop at that layer after quantizing
+    the ones before it. The line says how many --calib-batches cover the widest layer, or to give a positive damp.
+    More tokens than inputs is necessary, not sufficient: repeated tokens can still leave a Hessian singular, which
+    `quant.gptq.inverse_hessian_factor` reports when GPTQ reaches the layer."""
+    sequences, seq_len = np.shape(calib_tokens)
+    tokens, widths = sequences * seq_len, gptq_widths(model_cfg, quant_cfg)
+    short = [(width, name) for width, name in widths if width > tokens]
+    if not short:
+        return
+    width, name = short[0]
+    need = -(-max(w for w, _ in widths) // seq_len)
+    raise UserError(f"GPTQ with --damp 0 cannot invert the Hessian of {name}: its {width:,} inputs need at least "
+                    f"{width:,} calibration tokens, and --calib-batches {sequences} x --calib-seq-len {seq_len} give "
+                    f"{tokens:,}; use --calib-batches {need} or more, or a positive --damp "
+                    f"(default {GPTQSettings.damp})")
+
+
 def gptq_rank_note(model_cfg: ModelConfig, quant_cfg: QuantConfig, calib_tokens: np.ndarray,
                    damp: float) -> str | None:
     """A one-line note when GPTQ's Hessians must be singular: the calibration's tokens (sequences x seq_len) are
     fewer than the inputs of the widest layer it quantizes (H = 2 X^T X / tokens has rank at most the token count),
-    so the damping term alone decides the rest of the solve; None when there are enough tokens. GPTQ's paper
-    calibrates on 128 sequences of 2,048 tokens."""
-    plan, tokens = make_plan(model_cfg, quant_cfg), int(np.size(calib_tokens))
-    widths = [(len(group.expand), path_str(layer)) for group in input_groups(model_cfg) for layer in group.layers
-              if plan.get(layer) is not None]
+    so the damping term alone decides the rest of the solve; None when there are enough tokens. With no damping
+    (damp 0) this calibration is refused before any work instead (`check_undamped_calibration`), so the note is
+    never followed by an error about the same shortage. GPTQ's paper calibrates on 128 sequences of 2,048 tokens."""
+    tokens, widths = int(np.size(calib_tokens)), gptq_widths(model_cfg, quant_cfg)
     width = max((w for w, _ in widths), default=0)
     if tokens >= width:
         return None
     layer = next(name for w, name in widths if w == width)  # the first in model order
-    rest = (f"the damping ({damp:g} of its mean diagonal) decides the rest" if damp > 0 else
-            "with no damping (--damp 0) it cannot be inverted")
     return (f"note: GPTQ calibrates on {tokens:,} token{'s' if tokens != 1 else ''}, fewer than the {width:,} inputs "
-            f"of {layer}: its Hessian has rank at most {tokens:,} and {rest}; use more calibration tokens "
-            f"(--calib-batches, --calib-seq-len)")
+            f"of {layer}: its Hessian has rank at most {tokens:,} and the damping ({damp:g} of its mean diagonal) "
+            f"decides the rest; use more calibration tokens (--calib-batches, --calib-seq-len)")
 
 
 def apply_gptq(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, variables: dict,

@@ -71,8 +71,8 @@ def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int, k
     over the split, at most as many as it holds; 0: not measured). A serving run has no float weights left: its
     stored integers and scales, whichever method wrote them, are measured against the float run it was converted
     from, at the step it was converted from (see `quant.layer_report.layer_report`).
-    UserError for a LoRA run, a serving run with no recorded source or given a scheme, or a scheme that quantizes
-    no layer (an all-float conversion)."""
+    UserError for a LoRA run, a float run given no scheme, a serving run with no recorded source or given a scheme,
+    or a scheme that quantizes no layer (an all-float conversion)."""
     run = load_run(workdir, refuse={"lora": "report on the float or QAT run its base was converted from, or merge "
                                             "it first (python -m quant.merge) and report on the merged run"})
     kind, source, stored, fold, fold_out = run.metadata.get("kind"), workdir, None, None, None
@@ -88,7 +88,9 @@ def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int, k
         fold = folded_input_scales(run.config.model, run.metadata.get("ptq") or {})
         fold_out = folded_output_scales(run.config.model, run.metadata.get("ptq") or {})
         run = load_run(Path(source), run.metadata.get("converted_from_step"))  # the step it was converted from
-    quant = dataclasses.replace(serving_quant_config(run.config, scheme), mode="qat")
+    no_scheme = (f"{workdir} is a float run: report measures it at a scheme you give; add --bits N (e.g. --bits 4) "
+                 f"or --scheme ggml_q8_0 or ggml_q4_0")
+    quant = dataclasses.replace(serving_quant_config(run.config, scheme, no_scheme), mode="qat")
     splits = load_splits(run.config.data, run.tokenizer)
     seq_len = run.config.model.seq_len
     tokens, _ = next(eval_batches(splits.val, batch_size, seq_len, 1))

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from checkpoints.manager import CheckpointStore, build_metadata
+from checkpoints.manager import CheckpointStore, build_metadata, param_count
 from quant.config import QuantConfig
 from quant.lora import LoraProvider, split_adapters, target_layers
 from quant.lora_merge import merged_float_params
@@ -27,7 +27,7 @@ from train.data import load_splits
 from train.finetune import with_frozen
 from train.loop import run_training, train_batch
 from train.sharding import batch_sharding, make_mesh
-from train.lora_run import fingerprint
+from train.lora_run import fingerprint, rank_note
 from train.optim import make_optimizer
 from train.recipe import make_recipe
 from train.run import load_run, open_lora_base
@@ -135,6 +135,33 @@ def test_generate_samples_from_base_plus_adapters(runs, capsys):
 def test_lora_finetuning_lowers_the_target_validation_loss(runs):
     losses = runs.merged["val_loss"]  # base and base + adapters through the same evaluation code
     assert losses["base + adapters"] < losses["base"] - 0.5, losses
+
+
+def test_a_lora_rank_reaching_a_target_layers_smaller_dimension_is_noted_at_start_with_the_largest_useful_rank(
+        runs, tmp_path):
+    """Rank 40 on d_model 32: every target's update is full rank (min(in, out) = 32), with more parameters than its
+    layer. Allowed (PEFT allows it), but said once, before the LoRA line; rank 31 says nothing."""
+    config = dataclasses.replace(runs.config, finetune=dataclasses.replace(runs.config.finetune, lora_rank=40))
+    recipe, lines = make_recipe(config), []
+    store = CheckpointStore(tmp_path / "checkpoints")
+    recipe.initial_state(store, lines.append, recipe.shardings(make_mesh(config.mesh)))
+    store.close()
+    model_params = param_count(recipe.base.variables)
+    assert lines[0] == (  # q, v: 32 x 32; gate, up: 32 x 96; down: 96 x 32; lm_head: 32 x 256
+        f"note: finetune.lora_rank 40 is at least the smaller dimension of layer_0/attn/q (32 x 32) and 5 other "
+        f"target layers, so an adapter there is a full-rank update with more parameters than its layer; the largest "
+        f"useful rank here is 31 ({40 * (64 + 64 + 128 + 128 + 128 + 288):,} adapter parameters for a "
+        f"{model_params:,}-parameter model)")
+    assert lines[1].startswith("LoRA over") and len(lines) == 2
+    assert rank_note(jax.eval_shape(recipe.initializer).params, 31, model_params) is None
+    shape = jax.ShapeDtypeStruct
+    gqa = {"layer_0": {"attn": {name: {"lora": {"lora_a": shape((32, 8), jnp.float32),
+                                                "lora_b": shape((8, out), jnp.float32)}}
+                                for name, out in (("q", 32), ("k", 8))}}}  # k: 2 kv heads of 4
+    assert rank_note(gqa, 8, 1000) == (
+        "note: finetune.lora_rank 8 is at least the smaller dimension of layer_0/attn/k (32 x 8), so an adapter there "
+        "is a full-rank update with more parameters than its layer; the largest useful rank here is 7 (832 adapter "
+        "parameters for a 1,000-parameter model)")
 
 
 def test_adapters_refuse_a_base_they_were_not_trained_on(runs, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 from aqt.jax.v2.utils import QuantMode
 
 from quant import grid
-from quant.gptq import GPTQSettings, gptq
+from quant.gptq import GPTQSettings, gptq, inverse_hessian_factor
 from quant.plan import LayerPlan
 from quant.provider import QuantDotGeneral
 from slm_jax.errors import UserError
@@ -97,12 +97,22 @@ def test_gptq_on_a_diagonal_hessian_is_round_to_nearest():
         np.testing.assert_array_equal(scales, rtn_scales)
 
 
-def test_a_hessian_singular_even_with_damping_is_a_user_error():
+def test_a_singular_hessian_is_one_line_naming_the_layer_the_cause_and_the_flags_that_fix_it():
     x, w = heavy_tailed(0, tokens=8)  # rank 8 < 64 inputs
-    with pytest.raises(UserError, match="singular even with damping 0"):
+    with pytest.raises(UserError) as undamped:
         gptq(w, 2 * x.T @ x, 4, settings=GPTQSettings(damp=0.0), name="layer_0/attn/q")
+    assert str(undamped.value) == (
+        "GPTQ with --damp 0 cannot invert the Hessian of layer_0/attn/q: its calibration inputs span fewer than its "
+        "64 input directions (too few distinct tokens, or inputs that depend on each other); use a positive --damp "
+        "(default 0.01) or more --calib-batches")
     gptq(w, 2 * x.T @ x, 4, settings=GPTQSettings(damp=0.01))  # damping makes it definite
-    with pytest.raises(UserError, match="not finite|singular"):
+    with pytest.raises(UserError) as too_small:  # a damping below the Hessian's rounding noise
+        inverse_hessian_factor(2 * x.T @ x - 1e-9 * np.eye(64), 1e-14, "layer_1/mlp/down")
+    assert str(too_small.value) == (
+        "GPTQ cannot invert the Hessian of layer_1/mlp/down even with --damp 1e-14: its calibration inputs span fewer "
+        "than its 64 input directions and this damping is too small to make up for it; use a larger --damp "
+        "(default 0.01)")
+    with pytest.raises(UserError, match="^GPTQ: the input Hessian of layer is not finite"):
         gptq(w, np.full((64, 64), np.nan), 4)
 
 

@@ -9,7 +9,7 @@ import pytest
 from quant.calibrate import collect_input_stats
 from quant.config import QuantConfig, QuantRule
 from quant.serving import convert, dequantize, quantized_weights
-from quant.gptq import gptq
+from quant.gptq import GPTQSettings, gptq
 from quant.provider import make_matmul
 from quant.ptq_methods import PTQSettings, quantize_with_method
 from slm_jax.errors import UserError
@@ -63,6 +63,22 @@ def test_gptq_notes_calibration_with_fewer_tokens_than_a_layers_inputs():
     _, record = quantize_with_method(TINY, INT3_G16, random_params(), "gptq", enough, PTQSettings(chunk=4),
                                      log=lines.append)
     assert "note" not in record
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+def test_undamped_gptq_on_fewer_tokens_than_a_layers_inputs_is_refused_before_any_work_naming_that_layer(method):
+    """With --damp 0 the first layer with more inputs than calibration tokens cannot be inverted: refused in one
+    line naming it (not a note about the widest layer followed by an error about another), nothing logged first."""
+    lines = []
+    for tokens, layer, width in ((random_tokens(1), "layer_0/attn/q", 32), (random_tokens(2), "layer_0/mlp/down", 64)):
+        with pytest.raises(UserError) as refused:
+            quantize_with_method(TINY, INT3_G16, random_params(), method, tokens,
+                                 PTQSettings(gptq=GPTQSettings(damp=0.0)), log=lines.append)
+        assert str(refused.value) == (
+            f"GPTQ with --damp 0 cannot invert the Hessian of {layer}: its {width} inputs need at least {width} "
+            f"calibration tokens, and --calib-batches {len(tokens)} x --calib-seq-len 16 give {tokens.size}; use "
+            f"--calib-batches 4 or more, or a positive --damp (default 0.01)")
+    assert lines == []
 
 
 def test_rtn_is_aqts_convert(rtn):

@@ -153,6 +153,23 @@ def test_report_of_an_all_float_conversion_is_one_line_not_an_empty_table(runs, 
                       f"on a float run with --bits N")
 
 
+def test_a_float_run_given_no_scheme_is_told_what_each_command_needs_in_its_own_words(runs, tmp_path, capsys):
+    """convert needs a scheme to convert to; report converts nothing: it needs a scheme to measure at. Both share
+    the scheme flags, whose own refusal speaks of neither command."""
+    float_run = runs / "float"
+    for main, args, line in (
+            (report_main, [], f"error: {float_run} is a float run: report measures it at a scheme you give; add "
+                              f"--bits N (e.g. --bits 4) or --scheme ggml_q8_0 or ggml_q4_0"),
+            (convert_main, ["--out", str(tmp_path / "out")],
+             "error: a float run needs a quantization scheme to convert to (e.g. --bits 8)"),
+            (report_main, ["--scheme", "aqt"], "error: --scheme aqt needs --bits (e.g. --scheme aqt --bits 4); "
+                                               "without --scheme, a QAT run keeps the scheme it trained with")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--workdir", str(float_run), *args])
+        captured = capsys.readouterr()
+        assert (exit_info.value.code, captured.err.splitlines(), captured.out) == (2, [line], "")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--bits", "9"], "argument --bits: must be an integer from 2 to 8, got 9"),  # refused by argparse's type
     ([], "a float run needs a quantization scheme to convert to"),

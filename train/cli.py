@@ -294,7 +294,7 @@ def scheme_from_args(args: argparse.Namespace) -> QuantConfig | None:
                             "a scheme: give --bits too")
         if args.scheme == "aqt":  # asked for by name: never silently replaced by a QAT run's own (ggml) scheme
             raise UserError("--scheme aqt needs --bits (e.g. --scheme aqt --bits 4); without --scheme, a QAT run "
-                            "converts with the scheme it trained with")
+                            "keeps the scheme it trained with")
         return None
     granularity = args.granularity or ("per_group" if args.bits <= 4 else "per_channel")
     if args.group_size is not None and granularity != "per_group":

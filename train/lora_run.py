@@ -14,8 +14,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from checkpoints.manager import key_path_str
-from quant.lora import split_adapters
+from checkpoints.manager import key_path_str, param_count
+from quant.lora import ADAPTER, split_adapters
 from slm_jax.errors import UserError
 from train.build import build_optimizer, state_initializer
 from train.config import Config
@@ -57,6 +57,36 @@ class LoraBase:
                 f"the adapters in {where} were trained on base {recorded.get('path')} (step {recorded.get('step')}, "
                 f"fingerprint {str(recorded.get('fingerprint'))[:12]}), but {self.path} holds step {self.step} "
                 f"(fingerprint {self.fingerprint[:12]}); use the base they were trained on")
+
+
+def rank_note(adapters: dict, rank: int, model_params: int) -> str | None:
+    """A one-line note when `rank` (finetune.lora_rank) is at least the smaller dimension, min(in, out), of a
+    target layer: an update A [in, r] @ B [r, out] can never have rank above min(in, out), so such an adapter
+    learns nothing a full update of the layer could not, with more parameters (r * (in + out) > in * out) and no
+    saving over training the layer itself. None when the rank is below every target's smaller dimension.
+
+    adapters: the adapters' "params" tree (`quant.lora.split_adapters`; arrays or shape structs); model_params:
+    the base model's parameter count, for scale. The rank is allowed, as PEFT libraries allow it: a note, not an
+    error (the training is valid, only wasteful)."""
+    sizes = {}  # layer path -> (in, out)
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if key == ADAPTER:
+                sizes[prefix] = (value["lora_a"].shape[0], value["lora_b"].shape[-1])
+            elif isinstance(value, dict):
+                walk(value, f"{prefix}/{key}" if prefix else key)
+
+    walk(adapters, "")
+    full = {path: size for path, size in sizes.items() if rank >= min(size)}
+    if not full:
+        return None
+    largest = min(min(size) for size in sizes.values()) - 1
+    path, (fan_in, out) = next(iter(full.items()))
+    others = f" and {len(full) - 1} other target layer{'s' if len(full) > 2 else ''}" if len(full) > 1 else ""
+    return (f"note: finetune.lora_rank {rank} is at least the smaller dimension of {path} ({fan_in} x {out}){others}, "
+            f"so an adapter there is a full-rank update with more parameters than its layer; the largest useful rank "
+            f"here is {largest} ({param_count(adapters):,} adapter parameters for a {model_params:,}-parameter model)")
 
 
 def lora_initializer(config: Config, model):

@@ -34,11 +34,15 @@ class Calibration:
     seed: int = 0
 
 
-def serving_quant_config(source: Config, override: QuantConfig | None) -> QuantConfig:
-    """The quantization a serving model gets: `override` if given, else the scheme a QAT source trained with."""
+NO_SCHEME = "a float run needs a quantization scheme to convert to (e.g. --bits 8)"
+
+
+def serving_quant_config(source: Config, override: QuantConfig | None, no_scheme: str = NO_SCHEME) -> QuantConfig:
+    """The quantization a serving model gets: `override` if given, else the scheme a QAT source trained with.
+    UserError(`no_scheme`, the calling command's own words) for a float source given no scheme."""
     if override is None:
         if source.quant.mode != "qat":
-            raise UserError("a float run needs a quantization scheme to convert to (e.g. --bits 8)")
+            raise UserError(no_scheme)
         override = source.quant
     return dataclasses.replace(override, mode="serve")
 

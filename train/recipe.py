@@ -14,7 +14,7 @@ from slm_jax.model import Transformer
 from train.build import build_model, build_optimizer, state_initializer
 from train.config import Config
 from train.data import check_inherited_tokenizer
-from train.lora_run import LoraBase, lora_initializer
+from train.lora_run import LoraBase, lora_initializer, rank_note
 from train.run import load_params, open_lora_base, tokenizer_of, with_model_of, with_tokenizer_of
 from train.sharding import (abstract_with_shardings, create_sharded_state, logical_axes, put_replicated_copy,
                             state_shardings, tree_shardings)
@@ -96,6 +96,9 @@ class LoraRecipe(FullRecipe):
             self.base.check(store.metadata(latest).get("base"), store.directory)
             log(f"resuming adapters from step {latest} in {store.directory}")
             state = store.restore(abstract_with_shardings(jax.eval_shape(self.initializer), own), latest)
+        note = rank_note(state.params, self.config.finetune.lora_rank, param_count(self.base.variables))
+        if note:
+            log(note)
         log(f"LoRA over {self.base.path} (step {self.base.step}): {param_count(state.params):,} adapter params on "
             f"{len(self.model.matmul.targets)} layers, {param_count(self.base.variables):,} frozen")
         return state.replace(frozen=put_replicated_copy(self.base.variables, shardings.frozen))
