@@ -370,17 +370,16 @@ class CheckpointStore:
             self._check_metadata(step, raw)
         return upgrade(raw, self._where(step))
 
-    def _check_metadata(self, step: int, raw: Any) -> bool:
-        """Whether `raw`, the metadata of `step` as saved, matches the CRC-32 it recorded of itself: True; False when
-        it recorded none (saved before slm-jax did, or not a JSON object: `upgrade` says so). UserError (one line
-        naming the step and the steps to fall back on, as for damaged arrays) when it differs: edited by hand or
-        changed on disk since the save."""
+    def _check_metadata(self, step: int, raw: Any) -> None:
+        """UserError (one line naming the step and the steps to fall back on, as for damaged arrays) when `raw`, the
+        metadata of `step` as saved, differs from the CRC-32 it recorded of itself: edited by hand or changed on disk
+        since the save. Nothing to check when it recorded none (saved before slm-jax did, or not a JSON object:
+        `upgrade` says so)."""
         if not isinstance(raw, dict) or METADATA_CHECKSUM_KEY not in raw:
-            return False
+            return
         if with_metadata_checksum(raw)[METADATA_CHECKSUM_KEY] != raw[METADATA_CHECKSUM_KEY]:
             raise UserError(f"checkpoint {self._where(step)} is damaged: its metadata differs from the CRC-32 recorded "
                             f"when it was saved (edited by hand, or changed on disk){self._fallback(step)}")
-        return True
 
     def _raw_metadata(self, step: int) -> Any:
         """The metadata item of `step` as saved (any JSON value); UserError when it cannot be read."""

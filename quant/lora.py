@@ -148,17 +148,26 @@ def split_adapters(params: dict) -> tuple[dict, dict]:
     return split(dict(params))
 
 
-def adapter_deltas(adapters: dict, alpha: float) -> dict[Path, jax.Array]:
-    """{layer path: A @ B * alpha / rank, the [in, out] float change the adapter makes to that layer's kernel}."""
-    deltas = {}
+def adapters_by_layer(params: dict) -> dict[Path, dict]:
+    """{layer path: its adapter's {"lora_a": [in, rank], "lora_b": [rank, out]}} for every adapter in a "params"
+    tree (arrays or shape structs), in the tree's order."""
+    found = {}
 
     def walk(node: dict, prefix: Path) -> None:
         for key, value in node.items():
             if key == ADAPTER:
-                a, b = jnp.asarray(value["lora_a"], jnp.float32), jnp.asarray(value["lora_b"], jnp.float32)
-                deltas[prefix] = a @ b * (alpha / a.shape[1])
+                found[prefix] = value
             elif isinstance(value, dict):
                 walk(value, prefix + (key,))
 
-    walk(adapters, ())
+    walk(params, ())
+    return found
+
+
+def adapter_deltas(adapters: dict, alpha: float) -> dict[Path, jax.Array]:
+    """{layer path: A @ B * alpha / rank, the [in, out] float change the adapter makes to that layer's kernel}."""
+    deltas = {}
+    for path, adapter in adapters_by_layer(adapters).items():
+        a, b = jnp.asarray(adapter["lora_a"], jnp.float32), jnp.asarray(adapter["lora_b"], jnp.float32)
+        deltas[path] = a @ b * (alpha / a.shape[1])
     return deltas

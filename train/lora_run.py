@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from checkpoints.manager import key_path_str, param_count
-from quant.lora import ADAPTER, split_adapters
+from quant.lora import adapters_by_layer, split_adapters
+from quant.plan import path_str
 from slm_jax.errors import UserError
 from train.build import build_optimizer, state_initializer
 from train.config import Config
@@ -68,16 +69,8 @@ def rank_note(adapters: dict, rank: int, model_params: int) -> str | None:
     adapters: the adapters' "params" tree (`quant.lora.split_adapters`; arrays or shape structs); model_params:
     the base model's parameter count, for scale. The rank is allowed, as PEFT libraries allow it: a note, not an
     error (the training is valid, only wasteful)."""
-    sizes = {}  # layer path -> (in, out)
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if key == ADAPTER:
-                sizes[prefix] = (value["lora_a"].shape[0], value["lora_b"].shape[-1])
-            elif isinstance(value, dict):
-                walk(value, f"{prefix}/{key}" if prefix else key)
-
-    walk(adapters, "")
+    sizes = {path_str(path): (adapter["lora_a"].shape[0], adapter["lora_b"].shape[-1])  # (in, out)
+             for path, adapter in adapters_by_layer(adapters).items()}
     full = {path: size for path, size in sizes.items() if rank >= min(size)}
     if not full:
         return None

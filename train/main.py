@@ -92,7 +92,7 @@ def train(argv=None):
         if not Path(config.train.init_from).is_dir():
             raise UserError(f"train.init_from: {config.train.init_from} does not exist (the run to quantize: train it "
                             f"first, e.g. python -m train.main --config baseline, or --set train.init_from=WORKDIR)")
-        keys = [text.split("=", 1)[0].strip() for text in args.overrides]
+        keys = override_keys(args.overrides)
         ignored = [key for key in keys if not key.startswith("quant.") and key not in PTQ_KEYS]
         if ignored:
             print(f"note: post-training quantization converts train.init_from as it was trained; "
@@ -140,14 +140,14 @@ QUANT_SCHEME_KEYS = ("weight_bits", "act_bits", "embed_bits", "granularity", "gr
                      "scale_dtype", "serve_per_channel_int8", "rules", "scheme")
 
 
-def override_keys(overrides) -> list[tuple[str, str]]:
-    """(section, field) of each `--set section.field...=value`, in order."""
-    keys = []
-    for text in overrides:
-        parts = text.split("=", 1)[0].strip().split(".")
-        if len(parts) >= 2:
-            keys.append((parts[0], parts[1]))
-    return keys
+def override_keys(overrides) -> list[str]:
+    """The dotted key of each `--set key=value` (e.g. "quant.weight_bits"), in order."""
+    return [text.split("=", 1)[0].strip() for text in overrides]
+
+
+def override_fields(overrides) -> list[tuple[str, str]]:
+    """(section, field) of each `--set section.field...=value` (`override_keys` with at least one dot), in order."""
+    return [(parts[0], parts[1]) for parts in (key.split(".") for key in override_keys(overrides)) if len(parts) >= 2]
 
 
 def check_quant_overrides(overrides, config) -> None:
@@ -156,7 +156,7 @@ def check_quant_overrides(overrides, config) -> None:
     if config.quant.mode != "none" or config.finetune.method == "lora":
         return
     defaults = QuantConfig()
-    for section, name in override_keys(overrides):
+    for section, name in override_fields(overrides):
         if section == "quant" and name in QUANT_SCHEME_KEYS \
                 and getattr(config.quant, name) != getattr(defaults, name):
             raise UserError(f"--set quant.{name}: quant.mode is none (float training), which quantizes nothing; add "
@@ -170,7 +170,7 @@ def check_source_overrides(overrides, config, source) -> None:
     that run's value and drop the one asked for without a word."""
     if source is None:
         return
-    for section, name in override_keys(overrides):
+    for section, name in override_fields(overrides):
         if name not in source.fields.get(section, ()):
             continue
         asked, used = getattr(getattr(config, section), name), getattr(getattr(source.config, section), name)
