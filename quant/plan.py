@@ -234,3 +234,28 @@ def describe_scheme(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> str:
         changed = sum(plan[path] != plain[path] for path in plan)
         line += f"; {len(quant_cfg.rules)} rule(s) change {changed} of {len(plan)} matmuls"
     return line
+
+
+SMALL_GROUP = 32  # AQT int grids at 4 bits or fewer: groups below this lose more to the clipped abs-max than they gain
+
+
+def small_group_note(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> str | None:
+    """A note when an AQT weight scheme of 4 bits or fewer uses groups of fewer than SMALL_GROUP inputs, else None.
+
+    AQT's symmetric grid (IntSymmetric with preserve_zero, not preserve_max_val; quant.grid) maps a group's abs-max
+    to 2^(bits-1) - 0.5 and clips it to 2^(bits-1) - 1, so every group's largest weight shrinks by 1 / (2^bits - 1)
+    (1/15 at INT4). Smaller groups put more weights on that edge (all of them at group size 1), a shrink of the same
+    sign that adds up over a layer's inputs: on the tiny run, RTN INT4's val loss rises steadily from group 32 to
+    group 1 (docs/results/cpu-2core/ptq.md). ggml's Q4_0 keeps each block's largest weight exact.
+    UserError as `make_plan` for an impossible scheme."""
+    small = sorted({(p.weight_bits, p.group_size) for p in make_plan(model_cfg, quant_cfg).values()
+                    if p is not None and p.kind != ATTENTION and p.scheme == "aqt" and p.weight_bits <= 4
+                    and p.group_size is not None and p.group_size < SMALL_GROUP})
+    if not small:
+        return None
+    bits, size = small[0]
+    shrink = 2 ** bits - 1
+    return (f"note: w{bits} per_group({size}): AQT's grid clips each group's abs-max from {2 ** (bits - 1) - 0.5} "
+            f"to {2 ** (bits - 1) - 1}, shrinking its largest weight by 1/{shrink}; groups under {SMALL_GROUP} put "
+            f"more weights on that edge and can quantize worse than group {SMALL_GROUP}, not better"
+            + (" (--scheme ggml_q4_0 keeps each block's largest weight exact)" if bits == 4 else ""))

@@ -1,6 +1,7 @@
 """`python -m quant.convert --method ...` on a real tiny run: a calibrated serving run records its method,
 calibration and parent, `train.evaluate` compares it with that parent (KL, top-1), and bad input exits 2 in one
 line with no --out folder made."""
+import functools
 import json
 import shutil
 
@@ -13,6 +14,7 @@ from quant.config import QuantConfig
 from quant.convert import main as convert_main
 from quant.gptq import GPTQSettings
 from quant.kl import compare_logits
+from quant.plan import small_group_note
 from quant.ptq_methods import PTQSettings, quantize_with_method
 from quant.serving import quantized_weights
 from train.data import eval_batches, load_splits
@@ -76,6 +78,32 @@ def test_rtn_stays_the_default_and_records_its_method(float_run, tmp_path):
     convert_main(["--workdir", str(float_run), "--out", str(tmp_path / "rtn"), "--bits", "4"])
     ptq = load_run(tmp_path / "rtn").metadata["ptq"]
     assert set(ptq) == {"method", "seconds"} and ptq["method"] == "rtn" and ptq["seconds"] >= 0
+
+
+def test_small_int4_groups_are_noted_with_the_clipped_abs_max_they_pay_for(float_run, tmp_path):
+    printed = []
+    convert_workdir(float_run, tmp_path / "g8", QuantConfig(mode="serve", weight_bits=4, granularity="per_group",
+                                                            group_size=8, scale_dtype="float32"), log=printed.append)
+    assert printed[1].startswith("note: w4 per_group(8): AQT's grid clips each group's abs-max from 7.5 to 7, "
+                                 "shrinking its largest weight by 1/15") and "ggml_q4_0" in printed[1]
+    # the mechanism the note names, on the stored codes: every group's largest weight becomes code +-7 with scale
+    # abs-max / 7.5, so it is served as 14/15 of itself
+    run = load_run(float_run)
+    params = run.variables["params"]
+    for path, (codes, scale) in aqt_values(load_run(tmp_path / "g8").variables).items():
+        kernel = np.asarray(functools.reduce(lambda tree, key: tree[key], path, params)["kernel"], np.float32)
+        groups = kernel.reshape(-1, 8, kernel.shape[-1])
+        top = np.abs(groups).max(axis=1)
+        np.testing.assert_allclose(scale.reshape(top.shape) * 7.5, top, rtol=1e-6)
+        assert (np.abs(codes.reshape(groups.shape)).max(axis=1) == 7).all(), path
+    for quiet in (dict(weight_bits=4, granularity="per_group", group_size=32),
+                  dict(weight_bits=8, granularity="per_group", group_size=8),
+                  dict(weight_bits=4, granularity="per_group", group_size=32, scheme="ggml_q4_0")):
+        assert small_group_note(run.config.model, QuantConfig(mode="serve", **quiet)) is None, quiet
+    two_bits = small_group_note(run.config.model, QuantConfig(mode="serve", weight_bits=2, granularity="per_group",
+                                                              group_size=16))
+    assert two_bits.startswith("note: w2 per_group(16): AQT's grid clips each group's abs-max from 1.5 to 1, "
+                               "shrinking its largest weight by 1/3") and "ggml" not in two_bits
 
 
 def test_evaluate_compares_a_serving_run_with_its_parent_on_the_validation_windows(float_run, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 from checkpoints.manager import tree_bytes
 from quant.calibrate import calibration_tokens
 from quant.config import QuantConfig
-from quant.plan import describe_scheme
+from quant.plan import describe_scheme, small_group_note
 from quant.ptq_methods import PTQSettings, check_method, quantize_with_method
 from quant.serving import convert
 from slm_jax.errors import UserError
@@ -76,6 +76,9 @@ def convert_workdir(source: Path, out: Path, quant_cfg: QuantConfig | None = Non
                                         calibration.seq_len or config.model.seq_len, calibration.seed)
             check_method(config.model, serve_quant, method, tokens, settings)
         log(describe_scheme(config.model, serve_quant))
+        note = small_group_note(config.model, serve_quant)
+        if note:
+            log(note)
         if method == "rtn":
             sample, _ = get_batch(splits.train, config.train.seed, 0, 1, config.model.seq_len)
             tic = time.perf_counter()
