@@ -47,8 +47,10 @@ def byte_vocab() -> Vocab:
 
 def bpe_vocab(tokenizer_json: dict) -> Vocab:
     """A Hugging Face `tokenizer.json` of a byte-level BPE model (`model.type` BPE over GPT-2 byte symbols, with a
-    ByteLevel pre-tokenizer) as a Vocab; its added special tokens become CONTROL tokens. UserError for another
-    kind of tokenizer, which llama.cpp's gpt2 vocabulary cannot reproduce."""
+    ByteLevel pre-tokenizer) as a Vocab. Its added tokens keep their ids, in the model's vocabulary or after it,
+    with their text as it is: special ones as CONTROL tokens, the others USER_DEFINED (as llama.cpp's
+    convert_hf_to_gguf writes them), so llama.cpp matches them in text and decodes them as the run does. UserError
+    for another kind of tokenizer, which llama.cpp's gpt2 vocabulary cannot reproduce."""
     model = tokenizer_json.get("model") or {}
     if model.get("type") != "BPE":
         raise UserError(f"tokenizer.json holds a {model.get('type')!r} model; GGUF export needs byte-level BPE")
@@ -59,12 +61,16 @@ def bpe_vocab(tokenizer_json: dict) -> Vocab:
             or byte_level[0].get("add_prefix_space") or tokenizer_json.get("normalizer"):
         raise UserError("tokenizer.json must split text as GPT-2 does (a lone ByteLevel pre-tokenizer with its regex, "
                         "no prefix space, no normalizer); llama.cpp's gpt-2 pre-tokenizer would split it differently")
-    vocab: dict[str, int] = model["vocab"]
-    if sorted(vocab.values()) != list(range(len(vocab))):
-        raise UserError("tokenizer.json vocabulary ids must be 0..n-1 without gaps")
-    tokens = sorted(vocab, key=vocab.get)
-    special = {added["content"] for added in tokenizer_json.get("added_tokens", []) if added.get("special")}
-    types = [TokenType.CONTROL if token in special else TokenType.NORMAL for token in tokens]
+    by_id = {token_id: token for token, token_id in model["vocab"].items()}
+    added = {}  # id -> TokenType of the added tokens, which need not be in the model's vocabulary (ids after it)
+    for token in tokenizer_json.get("added_tokens", []):
+        by_id[token["id"]] = token["content"]
+        added[token["id"]] = TokenType.CONTROL if token.get("special") else TokenType.USER_DEFINED
+    if sorted(by_id) != list(range(len(by_id))):
+        raise UserError("tokenizer.json vocabulary ids (its model's and its added tokens') must be 0..n-1 without "
+                        "gaps")
+    tokens = [by_id[token_id] for token_id in range(len(by_id))]
+    types = [added.get(token_id, TokenType.NORMAL) for token_id in range(len(by_id))]
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
     return Vocab(tokens, types, merges or byte_vocab().merges, "gpt-2")
 
