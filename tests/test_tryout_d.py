@@ -7,6 +7,9 @@ import gguf
 from tokenizers import Tokenizer
 
 from checkpoints.gguf_vocab import bpe_vocab
+from quant.config import QuantConfig
+from train.ptq import convert_workdir, serving_quant_config
+from train.run import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 HF_TOKENIZER = ROOT / "tests" / "fixtures" / "hf" / "gqa_tied" / "tokenizer.json"
@@ -26,3 +29,14 @@ def test_gguf_vocabulary_keeps_added_tokens_beyond_the_bpe_model_at_their_ids():
     assert [vocab.tokens[i] for i in ids] == ["<|im_start|>", "ROMEO", "<|im_end|>"]
     assert vocab.types[300:] == [gguf.TokenType.CONTROL, gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED]
     assert set(vocab.types[:300]) == {gguf.TokenType.NORMAL}
+
+
+def test_converting_a_run_with_an_int8_kv_cache_keeps_it(tmp_path, tiny_run):
+    # quant.kv_bits: 8 on a float run is honoured by train.generate; `quant.convert --bits 4` built a fresh scheme
+    # without it, so the serving run silently generated with a float cache.
+    source = tiny_run(tmp_path / "float", "train.steps=4", "checkpoint.every=4", "train.eval_every=100",
+                      "train.sample_tokens=0", "quant.kv_bits=8").workdir
+    convert_workdir(source, tmp_path / "int4", QuantConfig(mode="serve", weight_bits=4, granularity="per_group"),
+                    log=lambda *_: None)
+    assert load_run(tmp_path / "int4").config.quant.kv_bits == 8
+    assert serving_quant_config(load_run(source).config, QuantConfig(mode="serve", weight_bits=8)).kv_bits == 8
