@@ -8,6 +8,7 @@ from tokenizers import Tokenizer
 
 from checkpoints.gguf_vocab import bpe_vocab
 from quant.config import QuantConfig
+from train.evaluation import format_table
 from train.ptq import convert_workdir, serving_quant_config
 from train.run import load_run
 
@@ -40,3 +41,16 @@ def test_converting_a_run_with_an_int8_kv_cache_keeps_it(tmp_path, tiny_run):
                     log=lambda *_: None)
     assert load_run(tmp_path / "int4").config.quant.kv_bits == 8
     assert serving_quant_config(load_run(source).config, QuantConfig(mode="serve", weight_bits=8)).kv_bits == 8
+
+
+def test_comparison_table_shows_a_small_kl_rather_than_zero():
+    # A W8A8 conversion's KL to its parent (about 1e-5 nats) printed as 0.0000, the same as an identical model,
+    # so two methods could not be told apart in quant.convert's and train.evaluate's table.
+    row = {"workdir": "runs/w8a8", "step": 1, "quant": "serve", "loss": 2.0, "perplexity": 7.389,
+           "bits_per_char": 3.0, "param_bytes": 1000, "val_windows": "1 batch", "kl_mean": 8.072e-06,
+           "kl_p99": 3.35e-05, "top1": 0.9977}
+    line = format_table([row, {**row, "workdir": "runs/w4", "kl_mean": 0.0123, "kl_p99": 0.0, "top1": 0.9}])
+    w8a8, w4 = line.splitlines()[2:4]
+    assert w8a8.split()[-3:] == ["8.07e-06", "3.35e-05", "99.77%"]
+    assert w4.split()[-3:] == ["0.0123", "0.0000", "90.00%"]
+    assert len(w8a8) == len(w4)
