@@ -28,13 +28,17 @@ def byte_symbols() -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Vocab:
-    """What GGUF's `tokenizer.ggml.*` keys hold: token strings by id, their TokenType, merges ("a b", by rank) and
-    llama.cpp's name for the pre-tokenizer (how text is split before merging)."""
+    """What GGUF's `tokenizer.ggml.*` keys hold: token strings by id, their TokenType, merges ("a b", by rank),
+    llama.cpp's name for the pre-tokenizer (how text is split before merging) and the ids the tokenizer puts before
+    (`bos`) and after (`eos`) a text it encodes with its special tokens, None where it adds none (`special_affixes`:
+    `tokenizer.ggml.add_bos_token` / `add_eos_token`)."""
 
     tokens: list[str]
     types: list[int]
     merges: list[str]
     pre: str
+    bos: int | None = None
+    eos: int | None = None
 
 
 def byte_vocab() -> Vocab:
@@ -73,6 +77,25 @@ def bpe_vocab(tokenizer_json: dict) -> Vocab:
     types = [added.get(token_id, TokenType.NORMAL) for token_id in range(len(by_id))]
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
     return Vocab(tokens, types, merges or byte_vocab().merges, "gpt-2")
+
+
+AFFIX_PROBE = "a b"  # any text its tokenizer encodes: what encoding it with special tokens adds around it
+
+
+def special_affixes(tokenizer) -> dict[str, int | None]:
+    """{"bos": id or None, "eos": id or None}: the token `tokenizer` (a `train.tokenizer` tokenizer) puts before and
+    after a text when it encodes it with its special tokens, as `train.generate` encodes a prompt (a tokenizer.json
+    post-processor such as TemplateProcessing "<s> $A"), which llama.cpp adds when the file says add_bos_token /
+    add_eos_token. UserError for more than one token on a side, which those keys cannot express."""
+    plain = [int(i) for i in tokenizer.encode(AFFIX_PROBE)]
+    full = [int(i) for i in tokenizer.encode(AFFIX_PROBE, add_special_tokens=True)]
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+    prefix, suffix = ([], []) if start is None else (full[:start], full[start + len(plain):])
+    if start is None or len(prefix) > 1 or len(suffix) > 1:
+        raise UserError(f"the tokenizer encodes {AFFIX_PROBE!r} with its special tokens as {full} (without them: "
+                        f"{plain}); llama.cpp can add one token before a text (add_bos_token) and one after "
+                        f"(add_eos_token), not this")
+    return {"bos": prefix[0] if prefix else None, "eos": suffix[0] if suffix else None}
 
 
 def pad_vocab(vocab: Vocab, size: int) -> Vocab:

@@ -4,13 +4,17 @@ import json
 from pathlib import Path
 
 import gguf
-from tokenizers import Tokenizer
+import pytest
+from tokenizers import Tokenizer, processors
 
-from checkpoints.gguf_vocab import bpe_vocab
+from checkpoints.gguf_export import main as export_main
+from checkpoints.gguf_vocab import bpe_vocab, special_affixes
 from quant.config import QuantConfig
+from slm_jax.errors import UserError
 from train.evaluation import format_table
 from train.ptq import convert_workdir, serving_quant_config
 from train.run import load_run
+from train.tokenizer import ByteTokenizer, HFTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 HF_TOKENIZER = ROOT / "tests" / "fixtures" / "hf" / "gqa_tied" / "tokenizer.json"
@@ -54,3 +58,38 @@ def test_comparison_table_shows_a_small_kl_rather_than_zero():
     assert w8a8.split()[-3:] == ["8.07e-06", "3.35e-05", "99.77%"]
     assert w4.split()[-3:] == ["0.0123", "0.0000", "90.00%"]
     assert len(w8a8) == len(w4)
+
+
+def template_tokenizer(single: str, specials=("<s>", "</s>")) -> Tokenizer:
+    """The Hugging Face fixture's byte-level BPE with `specials` added and a TemplateProcessing post-processor."""
+    tokenizer = Tokenizer.from_file(str(HF_TOKENIZER))
+    tokenizer.add_special_tokens(list(specials))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(token, tokenizer.token_to_id(token)) for token in specials])
+    return tokenizer
+
+
+def test_gguf_says_add_bos_and_add_eos_when_the_runs_tokenizer_adds_them(tmp_path, tiny_run):
+    # train.generate encodes a prompt with its tokenizer's special tokens ("<s> ROMEO:" under a TemplateProcessing
+    # "<s> $A </s>"), but the export always wrote add_bos_token false and no bos id, so llama.cpp fed the model the
+    # prompt without them.
+    tokenizer = template_tokenizer("<s> $A </s>")
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    run = tiny_run(tmp_path / "run", "train.steps=2", "checkpoint.every=2", "train.eval_every=100",
+                   "train.sample_tokens=0", f"data.tokenizer={tmp_path / 'tokenizer.json'}").workdir
+    export_main(["--workdir", str(run), "--out", str(tmp_path / "model.gguf")])
+    fields = gguf.GGUFReader(tmp_path / "model.gguf").fields
+    value = lambda key: fields[key].contents()
+    bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    prompt = [int(i) for i in load_run(run).tokenizer.encode("ROMEO:", add_special_tokens=True)]
+    assert prompt == [bos, *tokenizer.encode("ROMEO:", add_special_tokens=False).ids, eos]
+    assert value("tokenizer.ggml.add_bos_token") is True and value("tokenizer.ggml.bos_token_id") == bos
+    assert value("tokenizer.ggml.add_eos_token") is True and value("tokenizer.ggml.eos_token_id") == eos
+
+
+def test_special_affixes_of_tokenizers_without_them_and_with_more_than_llama_cpp_can_add():
+    plain = HFTokenizer(HF_TOKENIZER.read_text())
+    assert special_affixes(plain) == {"bos": None, "eos": None} and special_affixes(ByteTokenizer()) == {
+        "bos": None, "eos": None}
+    with pytest.raises(UserError, match="one token before a text"):
+        special_affixes(HFTokenizer(template_tokenizer("<s> </s> $A").to_str()))
