@@ -17,6 +17,7 @@ from pathlib import Path
 
 from checkpoints.gguf import check_exportable, check_kind, export_type, gguf_tensors, write_gguf
 from checkpoints.gguf_vocab import Vocab, bpe_vocab, byte_vocab, pad_vocab, special_affixes
+from quant.plan import activation_quantization
 from slm_jax.errors import UserError
 from train.cli import ArgumentParser, main_guard, require_one_process, path_arg
 from train.run import check_out_parent, imported_token_ids, load_run, open_store, tokenizer_of
@@ -59,6 +60,10 @@ def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, 
     config = run.config
     out_type = export_type(kind, config.quant, requested_type)
     check_exportable(config.model, config.quant, out_type)
+    activations = activation_quantization(config.model, config.quant)
+    if activations:
+        log(f"note: {workdir} computes with {activations}, which llama.cpp does not: the file holds its weights "
+            f"and llama.cpp computes activations its own way, so its outputs differ slightly from the run's")
     tensors = gguf_tensors(config.model, config.quant, run.variables, kind, out_type)
     vocab = pad_vocab(vocab, config.model.vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,10 @@ import pytest
 from tokenizers import Tokenizer, processors
 
 from checkpoints.gguf_export import main as export_main
+from checkpoints.hf_export import export_run
 from checkpoints.gguf_vocab import bpe_vocab, special_affixes
-from quant.config import QuantConfig
+from quant.config import QuantConfig, QuantRule
+from quant.plan import activation_quantization
 from slm_jax.errors import UserError
 from train.evaluation import format_table
 from train.ptq import convert_workdir, serving_quant_config
@@ -93,3 +95,26 @@ def test_special_affixes_of_tokenizers_without_them_and_with_more_than_llama_cpp
         "bos": None, "eos": None}
     with pytest.raises(UserError, match="one token before a text"):
         special_affixes(HFTokenizer(template_tokenizer("<s> </s> $A").to_str()))
+
+
+def test_exports_say_when_they_drop_the_runs_activation_quantization(tmp_path, tiny_run):
+    # A W8A8 serving run exported to Hugging Face became a float-activation model without a word: its logits differ
+    # from the run's (and from what train.evaluate measured).
+    source = tiny_run(tmp_path / "float", "train.steps=4", "checkpoint.every=4", "train.eval_every=100",
+                      "train.sample_tokens=0", "quant.kv_bits=8").workdir
+    quiet = dict(log=lambda *_: None)
+    convert_workdir(source, tmp_path / "w8a8", QuantConfig(mode="serve", weight_bits=8, act_bits=8), **quiet)
+    convert_workdir(source, tmp_path / "w8", QuantConfig(mode="serve", weight_bits=8), **quiet)
+    for name in ("w8a8", "w8"):
+        printed = []
+        export_run(tmp_path / name, tmp_path / f"hf_{name}", "f32", log=printed.append)
+        notes = [line for line in printed if line.startswith("note:")]
+        assert notes == ([f"note: {tmp_path / name} computes with int8 activations (quant.act_bits), which a Hugging "
+                          f"Face Llama folder cannot express: the export holds its weights and computes activations "
+                          f"in float, so its outputs differ slightly from the run's"] if name == "w8a8" else [])
+    model = load_run(source).config.model
+    rules = [QuantRule(match="mlp/", act_bits=4)]
+    assert activation_quantization(model, QuantConfig(mode="qat", weight_bits=8, act_bits=8, rules=rules)) == \
+        "int4/int8 activations (quant.act_bits)"
+    assert activation_quantization(model, QuantConfig(mode="qat", weight_bits=4)) is None
+    assert activation_quantization(model, QuantConfig(mode="none")) is None
