@@ -1,6 +1,7 @@
 """Faults found by a first-time user's tryout (session 17, A): each test pins the corrected behaviour against an
 independent reference (Hugging Face `tokenizers`, gguf's reader, numpy) or a known value."""
 import json
+import shutil
 from pathlib import Path
 
 import gguf
@@ -9,6 +10,7 @@ from tokenizers import Tokenizer, processors
 
 from checkpoints.gguf_export import main as export_main
 from checkpoints.hf_export import export_run
+from checkpoints.hf_import import import_folder
 from checkpoints.gguf_vocab import bpe_vocab, special_affixes
 from quant.config import QuantConfig, QuantRule
 from quant.plan import activation_quantization
@@ -118,3 +120,19 @@ def test_exports_say_when_they_drop_the_runs_activation_quantization(tmp_path, t
         "int4/int8 activations (quant.act_bits)"
     assert activation_quantization(model, QuantConfig(mode="qat", weight_bits=4)) is None
     assert activation_quantization(model, QuantConfig(mode="none")) is None
+
+
+def test_import_of_a_tokenizer_with_more_ids_than_the_model_names_config_json(tmp_path):
+    # The refusal was train.config's "model.vocab_size=300 is smaller than the tokenizer's 303 ids
+    # (data.tokenizer=...); leave model.vocab_size unset", advice about keys an import has no way to set.
+    folder = tmp_path / "hf"
+    shutil.copytree(HF_TOKENIZER.parent, folder)
+    tokenizer = Tokenizer.from_file(str(HF_TOKENIZER))
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|pad|>"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    with pytest.raises(UserError) as refused:
+        import_folder(folder, tmp_path / "run", log=lambda *_: None)
+    assert str(refused.value) == (f"{folder / 'tokenizer.json'} has 303 ids (added tokens included) but config.json "
+                                  f"vocab_size is 300: the model has no embedding row for ids 300 and up; use the "
+                                  f"tokenizer.json that came with the model")
+    assert not (tmp_path / "run").exists()
