@@ -1,6 +1,7 @@
 """The math of folding LoRA adapters into their integer base: dequantize each weight, add A @ B * alpha / rank, and
-re-quantize with the base's own plan (AQT layers on the base's own grid) into serving variables; measure what the re-quantization costs per layer and in
-the logits. `python -m quant.merge` (quant/merge.py) runs it on a LoRA run and writes the serving run.
+re-quantize with the base's own plan (AQT layers on the base's own grid) into serving variables; measure what the
+re-quantization costs per layer and in the logits. `python -m quant.merge` (quant/merge.py) runs it on a LoRA run and
+writes the serving run.
 """
 from __future__ import annotations
 

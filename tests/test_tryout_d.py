@@ -15,10 +15,14 @@ from checkpoints.hf_import import import_folder
 from checkpoints.gguf_vocab import bpe_vocab, special_affixes
 from quant.config import QuantConfig, QuantRule
 from quant.lora_merge import merge_adapters
+from quant.merge import merge_workdir
 from quant.plan import activation_quantization
+from quant.report import report_workdir
 from quant.serving import dequantize, quantized_weights
 from slm_jax.errors import UserError
+from train.config import load_config
 from train.evaluation import format_table
+from train.loop import run_training
 from train.ptq import convert_workdir, serving_quant_config
 from train.run import load_run
 from train.tokenizer import ByteTokenizer, HFTokenizer
@@ -172,3 +176,26 @@ def test_merge_keeps_untouched_layers_bit_for_bit_and_carries_an_adapter_of_two_
     got = dequantize(stored[q]["value"], stored[q]["scale"])
     assert np.linalg.norm(got - kernel - (target - kernel)) < 0.6 * np.linalg.norm(target - kernel)
     assert [row.layer for row in rows] == ["layer_0/attn/q"] and rows[0].delta_lost < 0.6
+
+
+def test_report_on_a_merged_run_measures_it_against_base_plus_adapters(tmp_path, tiny_run):
+    # quant.report refused a LoRA run with "merge it first (python -m quant.merge) and report on the merged run",
+    # then refused the merged run: "a serving run with no record of the float run it came from".
+    trained = tiny_run(tmp_path / "float", "train.steps=4", "checkpoint.every=4", "train.eval_every=100",
+                       "train.sample_tokens=0", "quant.kv_bits=8")
+    quiet = dict(log=lambda *_: None)
+    convert_workdir(trained.workdir, tmp_path / "int4", QuantConfig(mode="serve", weight_bits=4,
+                                                                    granularity="per_group"), **quiet)
+    run_training(load_config("tiny", (f"data.path={trained.corpus}", f"data.cache_dir={trained.cache}",
+                                      "finetune.method=lora", f"finetune.base={tmp_path / 'int4'}",
+                                      "finetune.lora_targets=attn/q", "train.steps=3", "checkpoint.every=3",
+                                      "train.eval_every=100", "train.sample_tokens=0")), tmp_path / "lora", **quiet)
+    with pytest.raises(UserError, match="merge it first"):
+        report_workdir(tmp_path / "lora", None, 2, 0)
+    merge_workdir(tmp_path / "lora", tmp_path / "merged", batches=1, batch_size=2, **quiet)
+    lines = report_workdir(tmp_path / "merged", None, 2, 0).splitlines()
+    assert lines[0].startswith(f"{tmp_path / 'merged'} (weights of {(tmp_path / 'lora').resolve()} merged, step 3)")
+    rel_err = {line.split()[0]: float(line.split()[8]) for line in lines[3:] if line.startswith("layer_")}
+    assert "w SQNR dB  w rel err" in lines[1] and len(rel_err) == 14  # columns: ... clipped, w SQNR dB, w rel err
+    assert all(err == 0 for layer, err in rel_err.items() if layer.endswith("/k") or layer.endswith("/o"))
+    assert all(0 < rel_err[f"layer_{i}/attn/q"] < 0.3 for i in (0, 1))  # the adapted layers were re-quantized
