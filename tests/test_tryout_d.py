@@ -17,13 +17,14 @@ from quant.config import QuantConfig, QuantRule
 from quant.lora_merge import merge_adapters
 from quant.merge import merge_workdir
 from quant.plan import activation_quantization
+from quant.ptq_methods import PTQSettings, check_method
 from quant.report import report_workdir
 from quant.serving import dequantize, quantized_weights
 from slm_jax.errors import UserError
 from train.config import load_config
 from train.evaluation import format_table
 from train.loop import run_training
-from train.ptq import convert_workdir, serving_quant_config
+from train.ptq import Calibration, convert_workdir, serving_quant_config
 from train.run import load_run
 from train.tokenizer import ByteTokenizer, HFTokenizer
 
@@ -199,3 +200,20 @@ def test_report_on_a_merged_run_measures_it_against_base_plus_adapters(tmp_path,
     assert "w SQNR dB  w rel err" in lines[1] and len(rel_err) == 14  # columns: ... clipped, w SQNR dB, w rel err
     assert all(err == 0 for layer, err in rel_err.items() if layer.endswith("/k") or layer.endswith("/o"))
     assert all(0 < rel_err[f"layer_{i}/attn/q"] < 0.3 for i in (0, 1))  # the adapted layers were re-quantized
+
+
+def test_calibration_windows_may_reach_an_imported_models_context_beyond_its_training_window(tmp_path):
+    # An imported model attends over max_position_embeddings (128 here) whatever its training window (--seq-len
+    # 64); GPTQ calibration on 100-token windows was refused as "longer than the model's context (model.seq_len
+    # 64)".
+    import_folder(HF_TOKENIZER.parent, tmp_path / "gqa", seq_len=64, log=lambda *_: None)
+    model = load_run(tmp_path / "gqa").config.model
+    assert (model.seq_len, model.context) == (64, 128)
+    quant = QuantConfig(mode="serve", weight_bits=4, granularity="per_group")
+    check_method(model, quant, "gptq", np.zeros((2, 128), np.int32), PTQSettings())
+    with pytest.raises(UserError) as refused:
+        check_method(model, quant, "gptq", np.zeros((2, 129), np.int32), PTQSettings())
+    assert str(refused.value) == "--calib-seq-len 129 is longer than the model's context (model.max_context 128)"
+    convert_workdir(tmp_path / "gqa", tmp_path / "int4", quant, method="gptq", log=lambda *_: None,
+                    calibration=Calibration(batches=2, seq_len=100))
+    assert load_run(tmp_path / "int4").metadata["ptq"]["calibration"]["seq_len"] == 100
