@@ -5,6 +5,8 @@ import shutil
 from pathlib import Path
 
 import gguf
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, processors
@@ -23,6 +25,7 @@ from quant.serving import dequantize, quantized_weights
 from slm_jax.errors import UserError
 from train.config import load_config
 from train.evaluation import format_table
+from train.generate import main as generate_main
 from train.loop import run_training
 from train.ptq import Calibration, convert_workdir, serving_quant_config
 from train.run import load_run
@@ -217,3 +220,22 @@ def test_calibration_windows_may_reach_an_imported_models_context_beyond_its_tra
     convert_workdir(tmp_path / "gqa", tmp_path / "int4", quant, method="gptq", log=lambda *_: None,
                     calibration=Calibration(batches=2, seq_len=100))
     assert load_run(tmp_path / "int4").metadata["ptq"]["calibration"]["seq_len"] == 100
+
+
+def test_generate_reads_a_prompt_up_to_an_imported_models_context_not_its_training_window(tmp_path, capsys):
+    # train.generate kept the last model.seq_len (64) prompt tokens of a model imported with --seq-len 64 whose
+    # context is 128, saying "the model sees its last 64 (its context)".
+    import_folder(HF_TOKENIZER.parent, tmp_path / "gqa", seq_len=64, log=lambda *_: None)
+    run = load_run(tmp_path / "gqa")
+    prompt = "ROMEO: hello there, fair sir. " * 4
+    ids = [int(i) for i in run.tokenizer.encode(prompt, add_special_tokens=True)]
+    assert 64 < len(ids) <= 110
+    forward = jax.jit(lambda x: run.model.apply(run.variables, x)[0])
+    for _ in range(6):  # greedy decoding by full forward passes over the whole prompt: the reference
+        ids.append(int(np.argmax(np.asarray(forward(jnp.asarray([ids], jnp.int32)))[0, -1])))
+    capsys.readouterr()
+    generate_main(["--workdir", str(tmp_path / "gqa"), "--prompt", prompt, "--max-new-tokens", "6",
+                   "--temperature", "0", "--precision", "fp32"])
+    out = capsys.readouterr().out
+    assert "the model sees its last" not in out
+    assert out.splitlines()[0] == prompt + run.tokenizer.decode(np.asarray(ids[-6:]))

@@ -101,11 +101,11 @@ def main(argv=None):
     run = served_run(run, args.precision, numerics=args.numerics,
                      serve_per_channel_int8=args.per_channel_int8 or None)
     kv_bits = run.config.quant.kv_bits if args.kv_bits is None else KV_CACHES[args.kv_bits]
-    seq_len = run.config.model.seq_len
+    context = run.config.model.context  # its attention window: an imported model's beyond its training window
     prompt_len = len(run.tokenizer.encode(args.prompt, add_special_tokens=True, source="--prompt"))
-    if prompt_len > seq_len:
-        print(f"[prompt: {prompt_len} tokens; the model sees its last {seq_len} (its context)]")
-    seen = min(prompt_len or 1, seq_len)  # prompt tokens the model reads
+    if prompt_len > context:
+        print(f"[prompt: {prompt_len} tokens; the model sees its last {context} (its context)]")
+    seen = min(prompt_len or 1, context)  # prompt tokens the model reads
     size = cache_size(run.model, seen, args.max_new_tokens)
     dtype = serving_cache_dtype(run.model.dtype)
     cache = jax.eval_shape(lambda: KVCache.init(run.config.model, args.num_samples, dtype, size, kv_bits))
@@ -118,7 +118,7 @@ def main(argv=None):
     start, chunks = time.perf_counter(), []
     try:
         texts = sample_text(run.model, run.variables, run.tokenizer, args.prompt, args.max_new_tokens,
-                            seq_len, seed=args.seed, temperature=args.temperature, top_k=args.top_k or None,
+                            context, seed=args.seed, temperature=args.temperature, top_k=args.top_k or None,
                             batch=args.num_samples, kv_bits=kv_bits, chunks=chunks,
                             progress=Progress(args.max_new_tokens, args.num_samples))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the text so far is still the user's, then exit 130 / 143
