@@ -239,3 +239,22 @@ def test_generate_reads_a_prompt_up_to_an_imported_models_context_not_its_traini
     out = capsys.readouterr().out
     assert "the model sees its last" not in out
     assert out.splitlines()[0] == prompt + run.tokenizer.decode(np.asarray(ids[-6:]))
+
+
+def test_per_channel_int8_is_refused_for_a_serving_run_with_no_layer_it_would_change(tmp_path, tiny_run, capsys):
+    # train.generate --per-channel-int8 on a per-channel INT8 (or ggml) serving run was silently ignored.
+    source = tiny_run(tmp_path / "float", "train.steps=4", "checkpoint.every=4", "train.eval_every=100",
+                      "train.sample_tokens=0", "quant.kv_bits=8").workdir
+    quiet = dict(log=lambda *_: None)
+    convert_workdir(source, tmp_path / "int8", QuantConfig(mode="serve", weight_bits=8), **quiet)
+    convert_workdir(source, tmp_path / "int4", QuantConfig(mode="serve", weight_bits=4, granularity="per_group"),
+                    **quiet)
+    args = ["--per-channel-int8", "--numerics", "int", "--max-new-tokens", "2", "--temperature", "0"]
+    with pytest.raises(SystemExit) as exited:
+        generate_main(["--workdir", str(tmp_path / "int8"), *args])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("error: --per-channel-int8 re-quantizes a serving run's "
+                                                     "weight-only per-group (INT4) layers;") and "has none" in err
+    assert len(err.strip().splitlines()) == 1
+    generate_main(["--workdir", str(tmp_path / "int4"), *args])  # INT4 groups: served re-quantized, as before
+    assert "tokens in" in capsys.readouterr().out

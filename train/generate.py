@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quant.plan import describe_scheme, make_plan
+from quant.serving import per_channel_int8_layers
 from slm_jax.attention import KVCache, serving_cache_dtype
 from slm_jax.errors import UserError
 from slm_jax.sampling import cache_size
@@ -95,6 +97,10 @@ def main(argv=None):
         raise UserError(f"--per-channel-int8 re-quantizes the integer (INT4) layers a serving run stores; "
                         f"{args.workdir} is {an} {kind} run, which has no integer layers (convert it first: "
                         f"python -m quant.convert)")
+    if args.per_channel_int8 and not per_channel_int8_layers(make_plan(run.config.model, run.config.quant)):
+        raise UserError(f"--per-channel-int8 re-quantizes a serving run's weight-only per-group (INT4) layers; "
+                        f"{args.workdir} has none ({describe_scheme(run.config.model, run.config.quant)}), so it "
+                        f"would change nothing")
     if args.numerics and run.config.quant.mode == "none":
         raise UserError(f"--numerics chooses how quantized layers compute; {args.workdir} is {an} {kind} run "
                         f"with no quantized layer (convert it first: python -m quant.convert)")
