@@ -1,5 +1,6 @@
 """Faults found by a first-time user's tryout (session 17, A): each test pins the corrected behaviour against an
 independent reference (Hugging Face `tokenizers`, gguf's reader, numpy) or a known value."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -27,12 +28,27 @@ from train.config import load_config
 from train.evaluation import format_table
 from train.generate import main as generate_main
 from train.loop import run_training
-from train.ptq import Calibration, convert_workdir, serving_quant_config
+from train.ptq import convert_workdir, serving_quant_config
 from train.run import load_run
 from train.tokenizer import ByteTokenizer, HFTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 HF_TOKENIZER = ROOT / "tests" / "fixtures" / "hf" / "gqa_tied" / "tokenizer.json"
+QUIET = dict(log=lambda *_: None)
+INT4 = QuantConfig(mode="serve", weight_bits=4, granularity="per_group")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_run):
+    """A tiny float run that sets quant.kv_bits: 8 and its INT4 (g32), INT8 and W8A8 serving conversions, made once
+    for the module (tests read them, never write into them)."""
+    root = tmp_path_factory.mktemp("tryout_d")
+    trained = tiny_run(root / "float", "train.steps=4", "checkpoint.every=4", "train.eval_every=100",
+                       "train.sample_tokens=0", "quant.kv_bits=8")
+    for name, quant in (("int4", INT4), ("int8", QuantConfig(mode="serve", weight_bits=8)),
+                        ("w8a8", QuantConfig(mode="serve", weight_bits=8, act_bits=8))):
+        convert_workdir(trained.workdir, root / name, quant, **QUIET)
+    return dataclasses.make_dataclass("Runs", ["root", "trained"])(root, trained)
 
 
 def test_gguf_vocabulary_keeps_added_tokens_beyond_the_bpe_model_at_their_ids():
@@ -51,15 +67,13 @@ def test_gguf_vocabulary_keeps_added_tokens_beyond_the_bpe_model_at_their_ids():
     assert set(vocab.types[:300]) == {gguf.TokenType.NORMAL}
 
 
-def test_converting_a_run_with_an_int8_kv_cache_keeps_it(tmp_path, tiny_run):
+def test_converting_a_run_with_an_int8_kv_cache_keeps_it(runs):
     # quant.kv_bits: 8 on a float run is honoured by train.generate; `quant.convert --bits 4` built a fresh scheme
     # without it, so the serving run silently generated with a float cache.
-    source = tiny_run(tmp_path / "float", "train.steps=4", "checkpoint.every=4", "train.eval_every=100",
-                      "train.sample_tokens=0", "quant.kv_bits=8").workdir
-    convert_workdir(source, tmp_path / "int4", QuantConfig(mode="serve", weight_bits=4, granularity="per_group"),
-                    log=lambda *_: None)
-    assert load_run(tmp_path / "int4").config.quant.kv_bits == 8
-    assert serving_quant_config(load_run(source).config, QuantConfig(mode="serve", weight_bits=8)).kv_bits == 8
+    assert load_run(runs.trained.workdir).config.quant.kv_bits == 8
+    assert all(load_run(runs.root / name).config.quant.kv_bits == 8 for name in ("int4", "int8", "w8a8"))
+    source = load_run(runs.trained.workdir).config
+    assert serving_quant_config(source, QuantConfig(mode="serve", weight_bits=8, kv_bits=None)).kv_bits == 8
 
 
 def test_comparison_table_shows_a_small_kl_rather_than_zero():
@@ -110,22 +124,18 @@ def test_special_affixes_of_tokenizers_without_them_and_with_more_than_llama_cpp
         special_affixes(HFTokenizer(template_tokenizer("<s> </s> $A").to_str()))
 
 
-def test_exports_say_when_they_drop_the_runs_activation_quantization(tmp_path, tiny_run):
+def test_exports_say_when_they_drop_the_runs_activation_quantization(tmp_path, runs):
     # A W8A8 serving run exported to Hugging Face became a float-activation model without a word: its logits differ
     # from the run's (and from what train.evaluate measured).
-    source = tiny_run(tmp_path / "float", "train.steps=4", "checkpoint.every=4", "train.eval_every=100",
-                      "train.sample_tokens=0", "quant.kv_bits=8").workdir
-    quiet = dict(log=lambda *_: None)
-    convert_workdir(source, tmp_path / "w8a8", QuantConfig(mode="serve", weight_bits=8, act_bits=8), **quiet)
-    convert_workdir(source, tmp_path / "w8", QuantConfig(mode="serve", weight_bits=8), **quiet)
-    for name in ("w8a8", "w8"):
+    for name in ("w8a8", "int8"):
         printed = []
-        export_run(tmp_path / name, tmp_path / f"hf_{name}", "f32", log=printed.append)
+        export_run(runs.root / name, tmp_path / f"hf_{name}", "f32", log=printed.append)
         notes = [line for line in printed if line.startswith("note:")]
-        assert notes == ([f"note: {tmp_path / name} computes with int8 activations (quant.act_bits), which a Hugging "
-                          f"Face Llama folder cannot express: the export holds its weights and computes activations "
-                          f"in float, so its outputs differ slightly from the run's"] if name == "w8a8" else [])
-    model = load_run(source).config.model
+        assert notes == ([f"note: {runs.root / name} computes with int8 activations (quant.act_bits), which a "
+                          f"Hugging Face Llama folder cannot express: the export holds its weights and computes "
+                          f"activations in float, so its outputs differ slightly from the run's"]
+                         if name == "w8a8" else [])
+    model = load_run(runs.trained.workdir).config.model
     rules = [QuantRule(match="mlp/", act_bits=4)]
     assert activation_quantization(model, QuantConfig(mode="qat", weight_bits=8, act_bits=8, rules=rules)) == \
         "int4/int8 activations (quant.act_bits)"
@@ -149,16 +159,12 @@ def test_import_of_a_tokenizer_with_more_ids_than_the_model_names_config_json(tm
     assert not (tmp_path / "run").exists()
 
 
-def test_merge_keeps_untouched_layers_bit_for_bit_and_carries_an_adapter_of_two_int4_steps(tmp_path, tiny_run):
+def test_merge_keeps_untouched_layers_bit_for_bit_and_carries_an_adapter_of_two_int4_steps(runs):
     # quant.merge re-quantized base + adapters with AQT's round-to-nearest, whose abs-max scale sits half a step
     # beyond the largest code: every dequantized INT4 weight came back 7/7.5 of itself, layers without an adapter
     # too, and a trained tiny model's merge kept 0% of the LoRA run's gain (merged 2.9438 vs base 2.9215, adapters
     # 2.8983; with the base's grid kept: 2.8997).
-    source = tiny_run(tmp_path / "float", "train.steps=4", "checkpoint.every=4", "train.eval_every=100",
-                      "train.sample_tokens=0", "quant.kv_bits=8").workdir
-    quant = QuantConfig(mode="serve", weight_bits=4, granularity="per_group")
-    convert_workdir(source, tmp_path / "int4", quant, log=lambda *_: None)
-    run = load_run(tmp_path / "int4")
+    run = load_run(runs.root / "int4")
     base = quantized_weights(run.variables["aqt"])
     q = ("layer_0", "attn", "q")
     kernel = dequantize(base[q]["value"], base[q]["scale"])
@@ -182,16 +188,12 @@ def test_merge_keeps_untouched_layers_bit_for_bit_and_carries_an_adapter_of_two_
     assert [row.layer for row in rows] == ["layer_0/attn/q"] and rows[0].delta_lost < 0.6
 
 
-def test_report_on_a_merged_run_measures_it_against_base_plus_adapters(tmp_path, tiny_run):
+def test_report_on_a_merged_run_measures_it_against_base_plus_adapters(tmp_path, runs):
     # quant.report refused a LoRA run with "merge it first (python -m quant.merge) and report on the merged run",
     # then refused the merged run: "a serving run with no record of the float run it came from".
-    trained = tiny_run(tmp_path / "float", "train.steps=4", "checkpoint.every=4", "train.eval_every=100",
-                       "train.sample_tokens=0", "quant.kv_bits=8")
-    quiet = dict(log=lambda *_: None)
-    convert_workdir(trained.workdir, tmp_path / "int4", QuantConfig(mode="serve", weight_bits=4,
-                                                                    granularity="per_group"), **quiet)
+    trained, quiet = runs.trained, QUIET
     run_training(load_config("tiny", (f"data.path={trained.corpus}", f"data.cache_dir={trained.cache}",
-                                      "finetune.method=lora", f"finetune.base={tmp_path / 'int4'}",
+                                      "finetune.method=lora", f"finetune.base={runs.root / 'int4'}",
                                       "finetune.lora_targets=attn/q", "train.steps=3", "checkpoint.every=3",
                                       "train.eval_every=100", "train.sample_tokens=0")), tmp_path / "lora", **quiet)
     with pytest.raises(UserError, match="merge it first"):
@@ -209,7 +211,7 @@ def test_calibration_windows_may_reach_an_imported_models_context_beyond_its_tra
     # An imported model attends over max_position_embeddings (128 here) whatever its training window (--seq-len
     # 64); GPTQ calibration on 100-token windows was refused as "longer than the model's context (model.seq_len
     # 64)".
-    import_folder(HF_TOKENIZER.parent, tmp_path / "gqa", seq_len=64, log=lambda *_: None)
+    import_folder(HF_TOKENIZER.parent, tmp_path / "gqa", seq_len=64, **QUIET)
     model = load_run(tmp_path / "gqa").config.model
     assert (model.seq_len, model.context) == (64, 128)
     quant = QuantConfig(mode="serve", weight_bits=4, granularity="per_group")
@@ -217,15 +219,12 @@ def test_calibration_windows_may_reach_an_imported_models_context_beyond_its_tra
     with pytest.raises(UserError) as refused:
         check_method(model, quant, "gptq", np.zeros((2, 129), np.int32), PTQSettings())
     assert str(refused.value) == "--calib-seq-len 129 is longer than the model's context (model.max_context 128)"
-    convert_workdir(tmp_path / "gqa", tmp_path / "int4", quant, method="gptq", log=lambda *_: None,
-                    calibration=Calibration(batches=2, seq_len=100))
-    assert load_run(tmp_path / "int4").metadata["ptq"]["calibration"]["seq_len"] == 100
 
 
 def test_generate_reads_a_prompt_up_to_an_imported_models_context_not_its_training_window(tmp_path, capsys):
     # train.generate kept the last model.seq_len (64) prompt tokens of a model imported with --seq-len 64 whose
     # context is 128, saying "the model sees its last 64 (its context)".
-    import_folder(HF_TOKENIZER.parent, tmp_path / "gqa", seq_len=64, log=lambda *_: None)
+    import_folder(HF_TOKENIZER.parent, tmp_path / "gqa", seq_len=64, **QUIET)
     run = load_run(tmp_path / "gqa")
     prompt = "ROMEO: hello there, fair sir. " * 4
     ids = [int(i) for i in run.tokenizer.encode(prompt, add_special_tokens=True)]
@@ -241,20 +240,14 @@ def test_generate_reads_a_prompt_up_to_an_imported_models_context_not_its_traini
     assert out.splitlines()[0] == prompt + run.tokenizer.decode(np.asarray(ids[-6:]))
 
 
-def test_per_channel_int8_is_refused_for_a_serving_run_with_no_layer_it_would_change(tmp_path, tiny_run, capsys):
+def test_per_channel_int8_is_refused_for_a_serving_run_with_no_layer_it_would_change(runs, capsys):
     # train.generate --per-channel-int8 on a per-channel INT8 (or ggml) serving run was silently ignored.
-    source = tiny_run(tmp_path / "float", "train.steps=4", "checkpoint.every=4", "train.eval_every=100",
-                      "train.sample_tokens=0", "quant.kv_bits=8").workdir
-    quiet = dict(log=lambda *_: None)
-    convert_workdir(source, tmp_path / "int8", QuantConfig(mode="serve", weight_bits=8), **quiet)
-    convert_workdir(source, tmp_path / "int4", QuantConfig(mode="serve", weight_bits=4, granularity="per_group"),
-                    **quiet)
     args = ["--per-channel-int8", "--numerics", "int", "--max-new-tokens", "2", "--temperature", "0"]
     with pytest.raises(SystemExit) as exited:
-        generate_main(["--workdir", str(tmp_path / "int8"), *args])
+        generate_main(["--workdir", str(runs.root / "int8"), *args])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.startswith("error: --per-channel-int8 re-quantizes a serving run's "
                                                      "weight-only per-group (INT4) layers;") and "has none" in err
     assert len(err.strip().splitlines()) == 1
-    generate_main(["--workdir", str(tmp_path / "int4"), *args])  # INT4 groups: served re-quantized, as before
+    generate_main(["--workdir", str(runs.root / "int4"), *args])  # INT4 groups: served re-quantized, as before
     assert "tokens in" in capsys.readouterr().out
