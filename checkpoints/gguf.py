@@ -197,8 +197,9 @@ def new_file(out: Path, what: str) -> Iterator[Path]:
 
 def write_gguf(out: Path, model_cfg: ModelConfig, tensors, vocab: Vocab, out_type: str, name: str,
                token_ids: dict | None = None) -> Path:
-    """Write the GGUF file: llama hyperparameters, the vocabulary, `token_ids` ({"bos_token_id": 1, ...} as a
-    Hugging Face config.json has them; of a list of eos ids the first) and `tensors` (from `gguf_tensors`). Written
+    """Write the GGUF file: llama hyperparameters, the vocabulary (with add_bos_token / add_eos_token and those
+    tokens' ids where `vocab` says its tokenizer adds them), `token_ids` ({"bos_token_id": 1, ...} as a Hugging Face
+    config.json has them; of a list of eos ids the first) and `tensors` (from `gguf_tensors`). Written
     to a temporary name beside `out` and renamed at the end, so a failure never leaves a partial .gguf behind;
     UserError if `out` exists (it is never overwritten)."""
     out = Path(out)
@@ -230,8 +231,12 @@ def write_gguf(out: Path, model_cfg: ModelConfig, tensors, vocab: Vocab, out_typ
             writer.add_token_list(vocab.tokens)
             writer.add_token_types(vocab.types)
             writer.add_token_merges(vocab.merges)
-            writer.add_add_bos_token(False)
-            for key, token_id in (token_ids or {}).items():
+            writer.add_add_bos_token(vocab.bos is not None)  # as train.generate encodes a prompt
+            if vocab.eos is not None:
+                writer.add_add_eos_token(True)
+            added = {key: token_id for key, token_id in (("bos_token_id", vocab.bos), ("eos_token_id", vocab.eos))
+                     if token_id is not None}  # the tokens the tokenizer adds, whatever config.json said
+            for key, token_id in {**(token_ids or {}), **added}.items():
                 token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id
                 if isinstance(token_id, int) and key in TOKEN_ID_WRITERS:
                     getattr(writer, TOKEN_ID_WRITERS[key])(token_id)

@@ -10,12 +10,14 @@ from train.interrupts import exit_while_loading  # standard library only
 if __name__ == "__main__":  # a Ctrl-C while the imports below load JAX ends at once, in one line, exit 130
     exit_while_loading()
 
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 from checkpoints.gguf import check_exportable, check_kind, export_type, gguf_tensors, write_gguf
-from checkpoints.gguf_vocab import Vocab, bpe_vocab, byte_vocab, pad_vocab
+from checkpoints.gguf_vocab import Vocab, bpe_vocab, byte_vocab, pad_vocab, special_affixes
+from quant.plan import activation_quantization
 from slm_jax.errors import UserError
 from train.cli import ArgumentParser, main_guard, require_one_process, path_arg
 from train.run import check_out_parent, imported_token_ids, load_run, open_store, tokenizer_of
@@ -23,15 +25,16 @@ from train.run import check_out_parent, imported_token_ids, load_run, open_store
 
 def run_vocab(workdir: Path) -> Vocab:
     """The vocabulary of the run in `workdir`, from its own tokenizer (`train.run.tokenizer_of`: bytes, or the
-    tokenizer.json kept in the workdir, checked against the sha256 its checkpoints record). UserError for a run
-    without a tokenizer or one llama.cpp's byte-level BPE cannot reproduce."""
+    tokenizer.json kept in the workdir, checked against the sha256 its checkpoints record), with the special tokens
+    it adds around a text (`special_affixes`). UserError for a run without a tokenizer or one llama.cpp's
+    byte-level BPE cannot reproduce."""
     tokenizer = tokenizer_of(workdir)
     if tokenizer.kind == "byte":
         return byte_vocab()
     if tokenizer.kind == "none":
         raise UserError(f"{workdir} was trained on pre-tokenized ids without a tokenizer; GGUF export needs one "
                         f"(llama.cpp reads text)")
-    return bpe_vocab(json.loads(tokenizer.to_json()))
+    return dataclasses.replace(bpe_vocab(json.loads(tokenizer.to_json())), **special_affixes(tokenizer))
 
 
 def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, log=print) -> Path:
@@ -57,6 +60,10 @@ def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, 
     config = run.config
     out_type = export_type(kind, config.quant, requested_type)
     check_exportable(config.model, config.quant, out_type)
+    activations = activation_quantization(config.model, config.quant)
+    if activations:
+        log(f"note: {workdir} computes with {activations}, which llama.cpp does not: the file holds its weights "
+            f"and llama.cpp computes activations its own way, so its outputs differ slightly from the run's")
     tensors = gguf_tensors(config.model, config.quant, run.variables, kind, out_type)
     vocab = pad_vocab(vocab, config.model.vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,13 +28,17 @@ def byte_symbols() -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Vocab:
-    """What GGUF's `tokenizer.ggml.*` keys hold: token strings by id, their TokenType, merges ("a b", by rank) and
-    llama.cpp's name for the pre-tokenizer (how text is split before merging)."""
+    """What GGUF's `tokenizer.ggml.*` keys hold: token strings by id, their TokenType, merges ("a b", by rank),
+    llama.cpp's name for the pre-tokenizer (how text is split before merging) and the ids the tokenizer puts before
+    (`bos`) and after (`eos`) a text it encodes with its special tokens, None where it adds none (`special_affixes`:
+    `tokenizer.ggml.add_bos_token` / `add_eos_token`)."""
 
     tokens: list[str]
     types: list[int]
     merges: list[str]
     pre: str
+    bos: int | None = None
+    eos: int | None = None
 
 
 def byte_vocab() -> Vocab:
@@ -47,8 +51,10 @@ def byte_vocab() -> Vocab:
 
 def bpe_vocab(tokenizer_json: dict) -> Vocab:
     """A Hugging Face `tokenizer.json` of a byte-level BPE model (`model.type` BPE over GPT-2 byte symbols, with a
-    ByteLevel pre-tokenizer) as a Vocab; its added special tokens become CONTROL tokens. UserError for another
-    kind of tokenizer, which llama.cpp's gpt2 vocabulary cannot reproduce."""
+    ByteLevel pre-tokenizer) as a Vocab. Its added tokens keep their ids, in the model's vocabulary or after it,
+    with their text as it is: special ones as CONTROL tokens, the others USER_DEFINED (as llama.cpp's
+    convert_hf_to_gguf writes them), so llama.cpp matches them in text and decodes them as the run does. UserError
+    for another kind of tokenizer, which llama.cpp's gpt2 vocabulary cannot reproduce."""
     model = tokenizer_json.get("model") or {}
     if model.get("type") != "BPE":
         raise UserError(f"tokenizer.json holds a {model.get('type')!r} model; GGUF export needs byte-level BPE")
@@ -59,14 +65,37 @@ def bpe_vocab(tokenizer_json: dict) -> Vocab:
             or byte_level[0].get("add_prefix_space") or tokenizer_json.get("normalizer"):
         raise UserError("tokenizer.json must split text as GPT-2 does (a lone ByteLevel pre-tokenizer with its regex, "
                         "no prefix space, no normalizer); llama.cpp's gpt-2 pre-tokenizer would split it differently")
-    vocab: dict[str, int] = model["vocab"]
-    if sorted(vocab.values()) != list(range(len(vocab))):
-        raise UserError("tokenizer.json vocabulary ids must be 0..n-1 without gaps")
-    tokens = sorted(vocab, key=vocab.get)
-    special = {added["content"] for added in tokenizer_json.get("added_tokens", []) if added.get("special")}
-    types = [TokenType.CONTROL if token in special else TokenType.NORMAL for token in tokens]
+    by_id = {token_id: token for token, token_id in model["vocab"].items()}
+    added = {}  # id -> TokenType of the added tokens, which need not be in the model's vocabulary (ids after it)
+    for token in tokenizer_json.get("added_tokens", []):
+        by_id[token["id"]] = token["content"]
+        added[token["id"]] = TokenType.CONTROL if token.get("special") else TokenType.USER_DEFINED
+    if sorted(by_id) != list(range(len(by_id))):
+        raise UserError("tokenizer.json vocabulary ids (its model's and its added tokens') must be 0..n-1 without "
+                        "gaps")
+    tokens = [by_id[token_id] for token_id in range(len(by_id))]
+    types = [added.get(token_id, TokenType.NORMAL) for token_id in range(len(by_id))]
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
     return Vocab(tokens, types, merges or byte_vocab().merges, "gpt-2")
+
+
+AFFIX_PROBE = "a b"  # any text its tokenizer encodes: what encoding it with special tokens adds around it
+
+
+def special_affixes(tokenizer) -> dict[str, int | None]:
+    """{"bos": id or None, "eos": id or None}: the token `tokenizer` (a `train.tokenizer` tokenizer) puts before and
+    after a text when it encodes it with its special tokens, as `train.generate` encodes a prompt (a tokenizer.json
+    post-processor such as TemplateProcessing "<s> $A"), which llama.cpp adds when the file says add_bos_token /
+    add_eos_token. UserError for more than one token on a side, which those keys cannot express."""
+    plain = [int(i) for i in tokenizer.encode(AFFIX_PROBE)]
+    full = [int(i) for i in tokenizer.encode(AFFIX_PROBE, add_special_tokens=True)]
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+    prefix, suffix = ([], []) if start is None else (full[:start], full[start + len(plain):])
+    if start is None or len(prefix) > 1 or len(suffix) > 1:
+        raise UserError(f"the tokenizer encodes {AFFIX_PROBE!r} with its special tokens as {full} (without them: "
+                        f"{plain}); llama.cpp can add one token before a text (add_bos_token) and one after "
+                        f"(add_eos_token), not this")
+    return {"bos": prefix[0] if prefix else None, "eos": suffix[0] if suffix else None}
 
 
 def pad_vocab(vocab: Vocab, size: int) -> Vocab:

@@ -3,7 +3,7 @@ Face Llama folder (config.json, model.safetensors, tokenizer.json, generation_co
 `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
 Float and QAT runs export their float weights, serving runs their dequantized integer weights, LoRA runs base +
-adapters merged; tokenizer.json is the run's own tokenizer (byte runs: the byte tokenizer in `tokenizers` format).
+adapters merged (activation quantization, which the format cannot express, is dropped with a note); tokenizer.json is the run's own tokenizer (byte runs: the byte tokenizer in `tokenizers` format).
 The folder is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from checkpoints.hf import EXPORT_DTYPES, hf_config, write_safetensors
 from quant.lora_merge import merged_float_params
+from quant.plan import activation_quantization
 from slm_jax.errors import UserError
 from train.cli import ArgumentParser, add_base_argument, main_guard, require_one_process, path_arg
 from train.run import check_base_used, check_output_folder, imported_token_ids, load_run
@@ -48,6 +49,11 @@ def export_run(workdir: Path, out: Path, dtype: str = "bf16", log=print, base: P
         raise UserError(f"{workdir} was trained on pre-tokenized ids without a tokenizer, and a Hugging Face folder "
                         f"needs a tokenizer.json; train with data.tokenizer=PATH/tokenizer.json")
     cfg = run.config.model
+    activations = activation_quantization(cfg, run.config.quant)
+    if activations:
+        log(f"note: {workdir} computes with {activations}, which a Hugging Face Llama folder cannot express: the "
+            f"export holds its weights and computes activations in float, so its outputs differ slightly from the "
+            f"run's")
     params = float_params(run)
     token_ids = imported_token_ids(workdir, run.metadata)  # its own import's, or that of the run it derives from
 

@@ -41,6 +41,10 @@ def import_folder(folder: Path, out: Path, seq_len: int | None = None, log=print
         raise UserError(f"{folder} has no {TOKENIZER_FILE} (the tokenizers library's format; tokenizer.model alone "
                         f"is not read)")
     tokenizer = read_tokenizer_file(folder / TOKENIZER_FILE, key=str(folder / TOKENIZER_FILE))
+    if tokenizer.vocab_size > model.vocab_size:  # train.config's own message would suggest unsetting model.*
+        raise UserError(f"{folder / TOKENIZER_FILE} has {tokenizer.vocab_size} ids (added tokens included) but "
+                        f"config.json vocab_size is {model.vocab_size}: the model has no embedding row for ids "
+                        f"{model.vocab_size} and up; use the tokenizer.json that came with the model")
     check_consistency(Config(model=model, data=DataConfig(tokenizer=str(folder / TOKENIZER_FILE))))
     params = read_params(folder, model)
 

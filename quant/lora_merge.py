@@ -1,6 +1,7 @@
 """The math of folding LoRA adapters into their integer base: dequantize each weight, add A @ B * alpha / rank, and
-re-quantize with the base's own plan into serving variables; measure what the re-quantization costs per layer and in
-the logits. `python -m quant.merge` (quant/merge.py) runs it on a LoRA run and writes the serving run.
+re-quantize with the base's own plan (AQT layers on the base's own grid) into serving variables; measure what the
+re-quantization costs per layer and in the logits. `python -m quant.merge` (quant/merge.py) runs it on a LoRA run and
+writes the serving run.
 """
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from quant.config import QuantConfig
+from quant.grid import abs_max_scale, round_to_grid
 from quant.lora import adapter_deltas, split_adapters
+from quant.plan import LayerPlan, kernel_name, make_plan, path_str
 from quant.plan import Path as LayerPath
-from quant.plan import kernel_name, path_str
-from quant.serving import Variables, convert, dequantize, quantized_weights
+from quant.ptq_methods import aqt_layout
+from quant.serving import Variables, convert, dequantize, quantized_weights, replace_quantized_weights
 from slm_jax.config import ModelConfig
 
 
@@ -59,9 +63,16 @@ def merged_float_params(variables: Variables, alpha: float) -> tuple[dict, dict,
 def merge_adapters(model_cfg: ModelConfig, quant_cfg: QuantConfig, variables: Variables, alpha: float,
                    sample_tokens=None) -> tuple[Variables, list[MergeRow]]:
     """Serving variables of the merged model (re-quantized with quant_cfg's plan, as `quant.serving.convert`
-    does), and one row per adapted layer on what re-quantization did to it."""
+    does; AQT layers on their base's grid, `base_grid_codes`, so a layer without an adapter keeps its integers and
+    scales bit for bit), and one row per adapted layer on what re-quantization did to it."""
     params, deltas, base = merged_float_params(variables, alpha)
     merged = convert(model_cfg, quant_cfg, params, sample_tokens)
+    plan, base_stored = make_plan(model_cfg, quant_cfg), quantized_weights(variables.get("aqt", {}))
+    on_base_grid = {path: base_grid_codes(_node(params, path)[kernel_name(path)], base_stored[path], plan[path],
+                                          stored)
+                    for path, stored in quantized_weights(merged["aqt"]).items()
+                    if path in base_stored and plan.get(path) is not None and plan[path].scheme == "aqt"}
+    merged = {**merged, "aqt": replace_quantized_weights(merged["aqt"], on_base_grid)}
     stored = quantized_weights(merged["aqt"])
     rows = []
     for path, delta in deltas.items():
@@ -71,6 +82,23 @@ def merge_adapters(model_cfg: ModelConfig, quant_cfg: QuantConfig, variables: Va
                              _ratio(_norm(got - target), _norm(target)),
                              _ratio(_norm(got - base[path] - delta), _norm(delta))))
     return merged, rows
+
+
+def base_grid_codes(kernel, base: dict, layer_plan: LayerPlan, layout: dict) -> dict:
+    """An AQT layer's merged float kernel [in, out] re-quantized on its base's grid, in the stored layout of `layout`
+    ({"value", "scale"}): each group's scale is the base's (`base`: its stored {"value", "scale"}), or AQT's abs-max
+    scale where the merged weights outgrow the base's range. AQT's own round-to-nearest of the dequantized base
+    would put max|w| = 7 steps on the edge of an 8th (its abs-max sits 7.5 steps out) and shrink every weight of
+    the layer by 7/7.5 at 4 bits (127/127.5 at 8); on the base's grid an unchanged weight keeps its code exactly."""
+    value = np.asarray(base["value"])
+    fan_in, out = int(np.prod(value.shape[:-1])), value.shape[-1]
+    base_scales = np.asarray(base["scale"], np.float32).reshape(-1, out)
+    groups = base_scales.shape[0]
+    grouped = np.asarray(kernel, np.float32).reshape(groups, fan_in // groups, out)
+    bits, scale_dtype = layer_plan.weight_bits, layer_plan.scale_dtype
+    scales = np.maximum(base_scales, abs_max_scale(grouped, bits, scale_dtype, axis=1)[:, 0])
+    codes = round_to_grid(grouped, scales[:, None], bits, scale_dtype).reshape(fan_in, out)
+    return aqt_layout(codes, scales, layout)
 
 
 def logits_error(reference: jax.Array, approx: jax.Array) -> dict[str, float]:

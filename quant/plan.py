@@ -180,6 +180,19 @@ def make_plan(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> dict[Path, Laye
     return resolve_plan(quant_cfg, model_layers(model_cfg), model_cfg.tie_embeddings)
 
 
+def activation_quantization(model_cfg: ModelConfig, quant_cfg: QuantConfig) -> str | None:
+    """What of a run's quantization acts on activations, in words ("int8 activations (quant.act_bits)", quantized
+    attention einsums), or None: an export of weights alone (Hugging Face, GGUF) computes these in float."""
+    if quant_cfg.mode == "none":
+        return None
+    plans = [plan for plan in make_plan(model_cfg, quant_cfg).values() if plan is not None]
+    bits = sorted({plan.act_bits for plan in plans if plan.kind != ATTENTION and plan.act_bits is not None})
+    parts = [f"{'/'.join(f'int{b}' for b in bits)} activations (quant.act_bits)"] if bits else []
+    if any(plan.kind == ATTENTION for plan in plans):
+        parts.append("quantized attention einsums (model.quantize_attention)")
+    return " and ".join(parts) or None
+
+
 def _describe(plan: LayerPlan | None) -> tuple[str, str, str, str]:
     if plan is None:
         return "float", "float", "-", "float"

@@ -62,9 +62,10 @@ def check_method(model_cfg: ModelConfig, quant_cfg: QuantConfig, method: str, ca
         return
     if calib_tokens is None or len(calib_tokens) == 0:
         raise UserError(f"--method {method} needs calibration tokens (--calib-batches, --calib-seq-len)")
-    if np.shape(calib_tokens)[1] > model_cfg.seq_len:
+    if np.shape(calib_tokens)[1] > model_cfg.context:  # the attention window, beyond an imported run's seq_len
+        where = "model.max_context" if model_cfg.max_context else "model.seq_len"
         raise UserError(f"--calib-seq-len {np.shape(calib_tokens)[1]} is longer than the model's context "
-                        f"(model.seq_len {model_cfg.seq_len})")
+                        f"({where} {model_cfg.context})")
     plan = make_plan(model_cfg, quant_cfg)
     weights = [path for path in weight_layers(plan) if path != EMBED_PATH]
     if not weights:

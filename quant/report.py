@@ -17,6 +17,7 @@ import numpy as np
 from quant.config import QuantConfig
 from quant.folding import input_groups
 from quant.layer_report import format_report, layer_report
+from quant.lora_merge import merged_float_params
 from quant.plan import Path as LayerPath
 from quant.plan import path_str
 from quant.serving import quantized_weights
@@ -70,14 +71,17 @@ def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int, k
     """The report table for `workdir`, with the per-layer KL column on `kl_windows` validation windows (spread
     over the split, at most as many as it holds; 0: not measured). A serving run has no float weights left: its
     stored integers and scales, whichever method wrote them, are measured against the float run it was converted
-    from, at the step it was converted from (see `quant.layer_report.layer_report`).
+    from, at the step it was converted from (see `quant.layer_report.layer_report`); a merged one (quant.merge)
+    against its LoRA run's base + adapters merged in float, the weights the merge re-quantized.
     UserError for a LoRA run, a float run given no scheme, a serving run with no recorded source or given a scheme,
     or a scheme that quantizes no layer (an all-float conversion)."""
     run = load_run(workdir, refuse={"lora": "report on the float or QAT run its base was converted from, or merge "
                                             "it first (python -m quant.merge) and report on the merged run"})
     kind, source, stored, fold, fold_out = run.metadata.get("kind"), workdir, None, None, None
+    params, what = run.variables["params"], ""
     if kind == "serving":
-        source = run.metadata.get("converted_from")
+        converted, merged = run.metadata.get("converted_from"), run.metadata.get("merged_from")
+        source = converted or merged
         if not source:
             raise UserError(f"{workdir} is a serving run with no record of the float run it came from; "
                             f"report on that run instead (--workdir RUN --bits N)")
@@ -87,7 +91,12 @@ def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int, k
         scheme, stored = run.config.quant, quantized_weights(run.variables.get("aqt", {}))
         fold = folded_input_scales(run.config.model, run.metadata.get("ptq") or {})
         fold_out = folded_output_scales(run.config.model, run.metadata.get("ptq") or {})
-        run = load_run(Path(source), run.metadata.get("converted_from_step"))  # the step it was converted from
+        if converted:
+            run = load_run(Path(source), run.metadata.get("converted_from_step"))  # the step it was converted from
+            params = run.variables["params"]
+        else:  # quant.merge's: the LoRA run's base + adapters in float, what it re-quantized, at the merged step
+            run = load_run(Path(source), run.step)
+            params, what = merged_float_params(run.variables, run.config.finetune.lora_alpha)[0], " merged"
     no_scheme = (f"{workdir} is a float run: report measures it at a scheme you give; add --bits N (e.g. --bits 4) "
                  f"or --scheme ggml_q8_0 or ggml_q4_0")
     quant = dataclasses.replace(serving_quant_config(run.config, scheme, no_scheme), mode="qat")
@@ -95,13 +104,13 @@ def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int, k
     seq_len = run.config.model.seq_len
     tokens, _ = next(eval_batches(splits.val, batch_size, seq_len, 1))
     kl_tokens = next(eval_batches(splits.val, kl_windows, seq_len, 1))[0] if kl_windows else None
-    rows = layer_report(run.config.model, quant, run.variables["params"], tokens, stored, fold, kl_tokens, fold_out)
+    rows = layer_report(run.config.model, quant, params, tokens, stored, fold, kl_tokens, fold_out)
     if not rows:
         raise UserError(f"{workdir}: its scheme quantizes no layer (weights, activations and the embedding table all "
                         f"float), so there is nothing to report; report on a quantized run, or on a float run with "
                         f"--bits N")
     kl = f"; per-layer KL on {kl_tokens.shape[0]}x{seq_len} validation windows" if kl_windows else ""
-    return (f"{workdir} (weights of {source}, step {run.step}) on {tokens.shape[0]}x{seq_len} "
+    return (f"{workdir} (weights of {source}{what}, step {run.step}) on {tokens.shape[0]}x{seq_len} "
             f"validation tokens{kl}\n{format_report(rows)}")
 
 
@@ -113,7 +122,8 @@ def main(argv=None) -> None:
                     "error of its weights and of its output on a batch of validation text, and the KL divergence "
                     "of the model with only that layer quantized from the float model.")
     parser.add_argument("--workdir", type=path_arg, required=True,
-                        help="a QAT run, a float run (with --bits), or a serving run converted from one")
+                        help="a QAT run, a float run (with --bits), or a serving run converted from one (or merged by "
+                             "quant.merge)")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="sequences of validation text to measure on")
     parser.add_argument("--kl-windows", type=int_in(0), default=4,
                         help="validation windows for the per-layer KL column (one forward per window and layer; "

@@ -193,14 +193,19 @@ def int8_containers(variables: Variables) -> Variables:
     return {**variables, "aqt": jax.tree_util.tree_map(widen, variables["aqt"])} if "aqt" in variables else variables
 
 
+def per_channel_int8_layers(plan: Plan) -> set[Path]:
+    """The layers `per_channel_int8` re-quantizes: AQT weight-only per-group weight layers (not the embedding)."""
+    return {path for path, p in plan.items() if p is not None and p.kind not in (ATTENTION, EMBED)
+            and p.act_bits is None and p.group_size is not None and p.scheme == "aqt"}
+
+
 def per_channel_int8(variables: Variables, plan: Plan) -> Variables:
     """`variables` with every weight-only per-group layer of `plan` (not the embedding table) re-quantized to int8
     per channel (`quant.serving_int.requantize_per_channel`: value [in, out] int8, scale [1, 1, out] float32; each
     weight within a 1/254 part of its column's abs-max). On CPU such a layer with `int` numerics serves as one int8
     dot over hi/lo activations (quant.serving_int), the fastest matmul there; same bytes as `int8_containers`.
     A serving layout, not a checkpoint's: `check_serving_variables` expects the per-group shapes."""
-    targets = {path for path, p in plan.items() if p is not None and p.kind not in (ATTENTION, EMBED)
-               and p.act_bits is None and p.group_size is not None and p.scheme == "aqt"}
+    targets = per_channel_int8_layers(plan)
     if "aqt" not in variables or not targets:
         return variables
     stored = quantized_weights(variables["aqt"])

@@ -119,6 +119,12 @@ def format_bits(value: float | None) -> str:
     return f"{value:.4f}" if value is not None else "n/a"
 
 
+def format_kl(value: float) -> str:
+    """A KL in nats as a table cell of 8 characters: 4 decimals, or 3 significant digits (8.07e-06) below 0.001,
+    where 4 decimals would print a W8A8 model's small but nonzero KL as 0.0000 and hide which method is closer."""
+    return f"{value:.4f}" if value == 0 or value >= 1e-3 else f"{value:.2e}"
+
+
 def val_text(description: dict) -> str:
     """Which text a validation split is, from its `Splits.description`: the source (the bundled corpus's version or
     the user's file(s)), the held-out plays when the bundled corpus is split by play, and its length in characters
@@ -169,7 +175,7 @@ def format_table(rows: list[dict]) -> str:
         line = (f"{str(r['workdir']):<{width}} {r['step']:>6} {r['quant']:>6} {r['loss']:>9.4f} "
                 f"{r['perplexity']:>8.3f} {format_bits(r['bits_per_char']):>9} {r['param_bytes'] / 1e6:>9.3f}")
         if kl:
-            line += (f" {r['kl_mean']:>8.4f} {r['kl_p99']:>8.4f} {r['top1']:>7.2%}" if "kl_mean" in r
+            line += (f" {format_kl(r['kl_mean']):>8} {format_kl(r['kl_p99']):>8} {r['top1']:>7.2%}" if "kl_mean" in r
                      else f" {'-':>8} {'-':>8} {'-':>7}")
         lines.append(line)
         if "kl_absent" in r:

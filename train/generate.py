@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quant.plan import describe_scheme, make_plan
+from quant.serving import per_channel_int8_layers
 from slm_jax.attention import KVCache, serving_cache_dtype
 from slm_jax.errors import UserError
 from slm_jax.sampling import cache_size
@@ -95,17 +97,21 @@ def main(argv=None):
         raise UserError(f"--per-channel-int8 re-quantizes the integer (INT4) layers a serving run stores; "
                         f"{args.workdir} is {an} {kind} run, which has no integer layers (convert it first: "
                         f"python -m quant.convert)")
+    if args.per_channel_int8 and not per_channel_int8_layers(make_plan(run.config.model, run.config.quant)):
+        raise UserError(f"--per-channel-int8 re-quantizes a serving run's weight-only per-group (INT4) layers; "
+                        f"{args.workdir} has none ({describe_scheme(run.config.model, run.config.quant)}), so it "
+                        f"would change nothing")
     if args.numerics and run.config.quant.mode == "none":
         raise UserError(f"--numerics chooses how quantized layers compute; {args.workdir} is {an} {kind} run "
                         f"with no quantized layer (convert it first: python -m quant.convert)")
     run = served_run(run, args.precision, numerics=args.numerics,
                      serve_per_channel_int8=args.per_channel_int8 or None)
     kv_bits = run.config.quant.kv_bits if args.kv_bits is None else KV_CACHES[args.kv_bits]
-    seq_len = run.config.model.seq_len
+    context = run.config.model.context  # its attention window: an imported model's beyond its training window
     prompt_len = len(run.tokenizer.encode(args.prompt, add_special_tokens=True, source="--prompt"))
-    if prompt_len > seq_len:
-        print(f"[prompt: {prompt_len} tokens; the model sees its last {seq_len} (its context)]")
-    seen = min(prompt_len or 1, seq_len)  # prompt tokens the model reads
+    if prompt_len > context:
+        print(f"[prompt: {prompt_len} tokens; the model sees its last {context} (its context)]")
+    seen = min(prompt_len or 1, context)  # prompt tokens the model reads
     size = cache_size(run.model, seen, args.max_new_tokens)
     dtype = serving_cache_dtype(run.model.dtype)
     cache = jax.eval_shape(lambda: KVCache.init(run.config.model, args.num_samples, dtype, size, kv_bits))
@@ -118,7 +124,7 @@ def main(argv=None):
     start, chunks = time.perf_counter(), []
     try:
         texts = sample_text(run.model, run.variables, run.tokenizer, args.prompt, args.max_new_tokens,
-                            seq_len, seed=args.seed, temperature=args.temperature, top_k=args.top_k or None,
+                            context, seed=args.seed, temperature=args.temperature, top_k=args.top_k or None,
                             batch=args.num_samples, kv_bits=kv_bits, chunks=chunks,
                             progress=Progress(args.max_new_tokens, args.num_samples))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the text so far is still the user's, then exit 130 / 143

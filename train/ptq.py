@@ -39,12 +39,13 @@ NO_SCHEME = "a float run needs a quantization scheme to convert to (e.g. --bits 
 
 def serving_quant_config(source: Config, override: QuantConfig | None, no_scheme: str = NO_SCHEME) -> QuantConfig:
     """The quantization a serving model gets: `override` if given, else the scheme a QAT source trained with.
-    UserError(`no_scheme`, the calling command's own words) for a float source given no scheme."""
+    The source's int8 KV cache (quant.kv_bits, a serving choice of any run, float too) is kept unless `override`
+    sets one. UserError(`no_scheme`, the calling command's own words) for a float source given no scheme."""
     if override is None:
         if source.quant.mode != "qat":
             raise UserError(no_scheme)
         override = source.quant
-    return dataclasses.replace(override, mode="serve")
+    return dataclasses.replace(override, mode="serve", kv_bits=override.kv_bits or source.quant.kv_bits)
 
 
 def convert_workdir(source: Path, out: Path, quant_cfg: QuantConfig | None = None, log=print, method: str = "rtn",
