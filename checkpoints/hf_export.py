@@ -3,7 +3,8 @@ Face Llama folder (config.json, model.safetensors, tokenizer.json, generation_co
 `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
 Float and QAT runs export their float weights, serving runs their dequantized integer weights, LoRA runs base +
-adapters merged (activation quantization, which the format cannot express, is dropped with a note); tokenizer.json is the run's own tokenizer (byte runs: the byte tokenizer in `tokenizers` format).
+adapters merged (activation quantization, which the format cannot express, is dropped with a note);
+tokenizer.json is the run's own tokenizer (byte runs: the byte tokenizer in `tokenizers` format).
 The folder is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
