@@ -48,11 +48,14 @@ def pin_one_cpu_device():
     os.environ["XLA_FLAGS"] = flags.strip()
 
 
-# Slowest files first (worker seconds measured under xdist): `--dist loadfile` hands whole files to the workers in
-# collection order, so a long file collected last would run alone while the other worker sits idle.
-SLOW_FILES_FIRST = ("test_multiprocess.py", "test_quant_cli.py", "test_train.py", "test_run_safety.py",
-                    "test_bench.py", "test_gguf_export.py", "test_ptq_convert.py", "test_hf.py", "test_checkpoints.py",
-                    "test_quant_model.py")
+# Slowest files first (worker seconds measured under xdist, session 17): `--dist loadfile` hands whole files to the
+# workers in collection order (pyproject.toml turns off xdist's own reordering by number of tests, which put the
+# one-test bench file last), so a long file collected last would run alone while the other worker sits idle.
+SLOW_FILES_FIRST = ("test_multiprocess.py", "test_train.py", "test_quant_cli.py", "test_bench.py", "test_tryout_b.py",
+                    "test_serve_speed.py", "test_checkpoints.py", "test_serve_group.py", "test_readme.py",
+                    "test_quant_model.py", "test_model_context.py", "test_lora.py", "test_run_safety.py",
+                    "test_cpu_devices.py", "test_gguf_export.py", "test_hf.py", "test_sampling.py", "test_tryout_a.py",
+                    "test_model.py", "test_sharding.py", "test_ptq_methods.py", "test_mesh_restore.py")
 
 
 def pytest_collection_modifyitems(items):
