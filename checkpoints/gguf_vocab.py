@@ -51,20 +51,15 @@ def byte_vocab() -> Vocab:
 
 def bpe_vocab(tokenizer_json: dict) -> Vocab:
     """A Hugging Face `tokenizer.json` of a byte-level BPE model (`model.type` BPE over GPT-2 byte symbols, with a
-    ByteLevel pre-tokenizer) as a Vocab. Its added tokens keep their ids, in the model's vocabulary or after it,
-    with their text as it is: special ones as CONTROL tokens, the others USER_DEFINED (as llama.cpp's
-    convert_hf_to_gguf writes them), so llama.cpp matches them in text and decodes them as the run does. UserError
-    for another kind of tokenizer, which llama.cpp's gpt2 vocabulary cannot reproduce."""
+    ByteLevel pre-tokenizer, as GPT-2 or SmolLM2 split text: `llama_cpp_pre`) as a Vocab. Its added tokens keep
+    their ids, in the model's vocabulary or after it, with their text as it is: special ones as CONTROL tokens,
+    the others USER_DEFINED (as llama.cpp's convert_hf_to_gguf writes them), so llama.cpp matches them in text and
+    decodes them as the run does. UserError for another kind of tokenizer, which llama.cpp's gpt2 vocabulary
+    cannot reproduce."""
     model = tokenizer_json.get("model") or {}
     if model.get("type") != "BPE":
         raise UserError(f"tokenizer.json holds a {model.get('type')!r} model; GGUF export needs byte-level BPE")
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    byte_level = [step for step in steps if step.get("type") == "ByteLevel"]
-    if len(steps) != 1 or not byte_level or not byte_level[0].get("use_regex", True) \
-            or byte_level[0].get("add_prefix_space") or tokenizer_json.get("normalizer"):
-        raise UserError("tokenizer.json must split text as GPT-2 does (a lone ByteLevel pre-tokenizer with its regex, "
-                        "no prefix space, no normalizer); llama.cpp's gpt-2 pre-tokenizer would split it differently")
+    pre = llama_cpp_pre(tokenizer_json)
     by_id = {token_id: token for token, token_id in model["vocab"].items()}
     added = {}  # id -> TokenType of the added tokens, which need not be in the model's vocabulary (ids after it)
     for token in tokenizer_json.get("added_tokens", []):
@@ -76,7 +71,28 @@ def bpe_vocab(tokenizer_json: dict) -> Vocab:
     tokens = [by_id[token_id] for token_id in range(len(by_id))]
     types = [added.get(token_id, TokenType.NORMAL) for token_id in range(len(by_id))]
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
-    return Vocab(tokens, types, merges or byte_vocab().merges, "gpt-2")
+    return Vocab(tokens, types, merges or byte_vocab().merges, pre)
+
+
+DIGITS = {"type": "Digits", "individual_digits": True}  # each digit its own piece (SmolLM's tokenizers)
+
+
+def llama_cpp_pre(tokenizer_json: dict) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for how a byte-level BPE tokenizer.json splits text before merging:
+    "gpt-2" for a lone ByteLevel pre-tokenizer with GPT-2's regex; "smollm" for SmolLM/SmolLM2's Sequence of
+    Digits(individual_digits) then that ByteLevel (llama.cpp's SMOLLM pre-tokenizer: every \\p{N} alone, then
+    GPT-2's regex). Either with no prefix space and no normalizer. UserError for any other split, which llama.cpp
+    would reproduce differently."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    digits = [{key: step.get(key) for key in DIGITS} for step in steps[:-1]]
+    last = steps[-1] if steps else {}
+    gpt2 = last.get("type") == "ByteLevel" and last.get("use_regex", True) and not last.get("add_prefix_space")
+    if gpt2 and not tokenizer_json.get("normalizer") and digits in ([], [DIGITS]):
+        return "smollm" if digits else "gpt-2"
+    raise UserError("tokenizer.json must split text as GPT-2 does (a lone ByteLevel pre-tokenizer with its regex, "
+                    "no prefix space, no normalizer) or as SmolLM2 does (Digits with individual_digits, then that "
+                    "ByteLevel); llama.cpp would split it differently")
 
 
 AFFIX_PROBE = "a b"  # any text its tokenizer encodes: what encoding it with special tokens adds around it

@@ -3,6 +3,7 @@ Q8_0/Q4_0 weights bit for bit, metadata, a BPE run's vocabulary and merges, the 
 adjacent-pair RoPE, refusals. Where llama-cpp-python is importable (extra coverage): llama.cpp's tokenization and
 logits of the exported files against slm-jax's."""
 import json
+import re
 
 import gguf
 import jax
@@ -15,6 +16,7 @@ from checkpoints import gguf as gguf_export_lib
 from checkpoints.gguf_export import main as export_main
 from checkpoints.gguf_reference import main as reference_main
 from checkpoints.gguf_vocab import bpe_vocab, byte_symbols
+from tokenizers import Tokenizer, models, pre_tokenizers
 from quant.config import QuantConfig
 from quant.serving import dequantize, quantized_weights
 from slm_jax.layers import apply_rope
@@ -122,6 +124,44 @@ def test_tokenizer_json_llama_cpp_would_split_differently_is_refused(pre_tokeniz
     tokenizer = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "pre_tokenizer": pre_tokenizer}
     with pytest.raises(gguf_export_lib.UserError, match="split text as GPT-2 does"):
         bpe_vocab(tokenizer)
+
+
+# llama.cpp's SMOLLM pre-tokenizer (llama-vocab.cpp): "\p{N}" pieces, then GPT-2's regex on every piece; on ASCII
+# text \p{L} and \p{N} are [A-Za-z] and [0-9], which Python's re writes as below
+GPT2_ASCII = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
+
+
+def llama_cpp_smollm_pieces(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each piece llama.cpp's SMOLLM pre-tokenizer cuts ASCII `text` into: every digit alone, the
+    text between digits as it is; then each of those cut by GPT-2's regex."""
+    cuts = [(m.start(), m.end()) for m in re.finditer(r"[0-9]", text)]
+    first, position = [], 0
+    for start, end in cuts:
+        first += [(position, start)] if start > position else []
+        first.append((start, end))
+        position = end
+    first += [(position, len(text))] if position < len(text) else []
+    return [(start + m.start(), start + m.end()) for start, end in first
+            for m in GPT2_ASCII.finditer(text[start:end])]
+
+
+def test_smollm2_pre_tokenizer_exports_as_llama_cpps_smollm_and_splits_text_as_it_does():
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer_json = json.loads(tokenizer.to_str())
+    tokenizer_json["model"].update(vocab={"a": 0}, merges=[])
+    assert bpe_vocab(tokenizer_json).pre == "smollm"
+    text = "In 2024, 15 apples cost $3.50 each.\n\nWe'll see   x 7b"
+    pieces = [offsets for _, offsets in tokenizer.pre_tokenizer.pre_tokenize_str(text)]
+    assert pieces == llama_cpp_smollm_pieces(text)
+    assert [text[a:b] for a, b in pieces][:6] == ["In", " ", "2", "0", "2", "4"]  # each digit alone, as SmolLM2
+    for refused in ([pre_tokenizers.Digits(individual_digits=False), pre_tokenizers.ByteLevel(add_prefix_space=False)],
+                    [pre_tokenizers.ByteLevel(add_prefix_space=False), pre_tokenizers.Digits(individual_digits=True)],
+                    [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=True)]):
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(refused)
+        with pytest.raises(gguf_export_lib.UserError, match="llama.cpp would split it differently"):
+            bpe_vocab({**json.loads(tokenizer.to_str()), "model": tokenizer_json["model"]})
 
 
 def test_permuted_q_rows_under_adjacent_pair_rope_give_slm_jax_rotary_output(runs, tmp_path):
