@@ -95,7 +95,8 @@ def main(argv=None):
     parser.add_argument("--workdir", type=path_arg, required=True, help="a LoRA run (finetune.method=lora)")
     parser.add_argument("--out", type=path_arg, required=True, help="folder for the merged serving run")
     parser.add_argument("--batches", type=positive_int, default=20, help="validation batches for the loss comparison")
-    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=16,
+                        help="validation windows per batch for the loss comparison (default 16)")
     add_base_argument(parser)
     args = parser.parse_args(argv)
     require_one_process("python -m quant.merge")
