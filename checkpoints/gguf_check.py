@@ -130,7 +130,8 @@ def main(argv=None) -> None:
     parser.add_argument("files", nargs="*", type=Path, help="GGUF files exported from the reference's run")
     parser.add_argument("--reference", type=Path, help="the .npz written by python -m checkpoints.gguf_reference")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="llama.cpp threads (default: every core; on a loaded machine 1 avoids its spin-waits)")
     parser.add_argument("--repack", action="store_true", help="let llama.cpp repack weights for AMX/AVX512 kernels")
     parser.add_argument("--llama-quantize", nargs=2, type=Path, metavar=("SRC", "DST"),
                         help="quantize SRC with llama.cpp's own quantizer into DST instead of checking")
