@@ -1,0 +1,42 @@
+"""Faults a new-user tryout of training on one's own data, resuming, evaluation, QAT and LoRA configs, inspect, the
+micro bench and the launcher found: each gives one `error:` line and exit 2 before any work, or the right number."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from slm_jax import ModelConfig, Transformer
+from train import main as train_main
+from train.memory_check import attention_bytes, physical_memory, training_bytes
+
+
+def test_attention_bound_is_below_what_xla_allocates_for_a_training_step():
+    """The attention term of the memory bound is a lower bound: XLA's own compiled memory analysis of a forward and
+    backward pass, with attention dominating (long window, tiny width), needs more than it."""
+    cfg = ModelConfig(vocab_size=16, seq_len=512, n_layers=1, n_heads=2, d_model=8)
+    model = Transformer(cfg)
+    tokens = jnp.zeros((2, cfg.seq_len), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), tokens)
+
+    def loss(p):
+        return jnp.mean(model.apply(p, tokens)[0] ** 2)
+
+    compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+    held = compiled.memory_analysis().temp_size_in_bytes
+    assert attention_bytes(cfg, 2, 512, 512) == 2 * 2 * 2 * 512 * 512
+    assert held >= attention_bytes(cfg, 2, 512, 512), held
+
+
+def test_train_main_refuses_a_window_whose_attention_cannot_fit(tmp_path, capsys):
+    """`model.seq_len=100000` passes every range check, but its attention scores need terabytes: refused in one line
+    (it used to end in an XLA RESOURCE_EXHAUSTED traceback after building the token cache and compiling)."""
+    with pytest.raises(SystemExit) as exited:
+        train_main.main(["--config", "tiny", "--workdir", str(tmp_path / "run"), "--set", "model.seq_len=100000"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: training this model (model.d_model 32, model.n_layers 2, model.seq_len 100000) at "
+                          "train.batch_size 8 needs at least"), err
+    cfg = ModelConfig(vocab_size=256, seq_len=100000, n_layers=2, n_heads=2, d_model=32, tie_embeddings=False)
+    assert f"{training_bytes(cfg, 8) / 1e9:,.1f} GB" in err and training_bytes(cfg, 8) > physical_memory()
+    assert not (tmp_path / "run").exists()
