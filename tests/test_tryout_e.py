@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import pytest
 
 from slm_jax import ModelConfig, Transformer
+from slm_jax.errors import UserError
 from train import main as train_main
+from train.config import load_config
 from train.memory_check import attention_bytes, physical_memory, training_bytes
 
 
@@ -40,3 +42,23 @@ def test_train_main_refuses_a_window_whose_attention_cannot_fit(tmp_path, capsys
     cfg = ModelConfig(vocab_size=256, seq_len=100000, n_layers=2, n_heads=2, d_model=32, tie_embeddings=False)
     assert f"{training_bytes(cfg, 8) / 1e9:,.1f} GB" in err and training_bytes(cfg, 8) > physical_memory()
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, said", [
+    ("inherit: tiny\ntrain:\n  # steps: 100\n", "section train is empty; give its keys or remove it"),
+    ("inherit: tiny\ntrain: 5\n", "section train must be a mapping of its keys, got 5; give its keys or remove it")])
+def test_a_config_section_that_is_no_mapping_is_refused_even_under_a_set(tmp_path, text, said):
+    """`train:` with every key commented out (or `train: 5`) replaced tiny's whole train section; a `--set
+    train.steps=3` then rebuilt it from the defaults (batch 16, 20 eval batches, 200 sample tokens), silently."""
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    for overrides in ([], ["train.steps=3"]):
+        with pytest.raises(UserError) as err:
+            load_config(str(path), overrides)
+        assert str(err.value) == f"config {path}: {said}"
+    with pytest.raises(UserError) as err:
+        load_config("tiny", ["train=5", "train.steps=3"])
+    assert str(err.value) == ("--set train=5: section train must be a mapping of its keys, got 5; set one key with "
+                              "--set train.KEY=VALUE")
+    assert load_config("tiny", ["train.steps=3"]).train.batch_size == 8  # a key still merges into the section
+

@@ -196,6 +196,17 @@ def resolve_path(name: str) -> Path:
     return path
 
 
+def check_sections(values: dict, source: str, hint: str = "give its keys or remove it") -> None:
+    """UserError when a known section of a config (`train:`) holds no mapping of its keys: `train: 5`, or an empty
+    `train:` whose keys are all commented out. Merged over an inherited config, such a value replaced the base's whole
+    section, and a later `--set train.steps=3` then rebuilt it from the defaults alone without a word."""
+    sections = {field.name for field in dataclasses.fields(Config)}
+    for key, value in values.items():
+        if key in sections and not isinstance(value, dict):
+            what = "is empty" if value is None else f"must be a mapping of its keys, got {value!r}"
+            raise UserError(f"{source}: section {key} {what}; {hint.format(key=key)}")
+
+
 def merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
@@ -209,6 +220,7 @@ def load_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise UserError(f"config {path} inherits from itself")
     values = _read_yaml(path)
     parent = values.pop("inherit", None)
+    check_sections(values, f"config {path}")
     if parent is None:
         return values
     if not isinstance(parent, str):
@@ -239,7 +251,9 @@ def load_config(name: str, overrides: list[str] = ()) -> Config:
     with rows no id reaches, as nanoGPT's 50304 and many Hugging Face checkpoints do)."""
     values = load_yaml_tree(resolve_path(name))
     for text in overrides:
-        values = merge(values, parse_override(text))
+        override = parse_override(text)
+        check_sections(override, f"--set {text}", "set one key with --set {key}.KEY=VALUE")
+        values = merge(values, override)
     config = Config.from_dict(values)
     if "vocab_size" not in (values.get("model") or {}):
         config = dataclasses.replace(config, model=dataclasses.replace(
