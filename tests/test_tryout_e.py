@@ -62,3 +62,20 @@ def test_a_config_section_that_is_no_mapping_is_refused_even_under_a_set(tmp_pat
                               "--set train.KEY=VALUE")
     assert load_config("tiny", ["train.steps=3"]).train.batch_size == 8  # a key still merges into the section
 
+
+def test_inherit_names_a_yaml_file_next_to_the_config(tmp_path, monkeypatch):
+    """`inherit: base.yaml` and `inherit: ../base.yaml` are read next to the inheriting file, as `inherit: base`
+    was; they were looked up from the current folder instead ('config file base.yaml does not exist')."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("inherit: tiny\ntrain:\n  steps: 7\n  batch_size: 4\n")
+    (tmp_path / "child.yaml").write_text("inherit: base.yaml\ntrain:\n  steps: 9\n")
+    (tmp_path / "sub" / "child.yaml").write_text("inherit: ../base.yaml\ntrain:\n  steps: 11\n")
+    (tmp_path / "sub" / "missing.yaml").write_text("inherit: nosuch.yaml\n")
+    monkeypatch.chdir(tmp_path / "sub")  # neither base.yaml nor ../ from here is the file's own folder's
+    for child, steps in ((tmp_path / "child.yaml", 9), (tmp_path / "sub" / "child.yaml", 11)):
+        config = load_config(str(child))
+        assert (config.train.steps, config.train.batch_size, config.model.d_model) == (steps, 4, 32)
+    with pytest.raises(UserError) as err:
+        load_config(str(tmp_path / "sub" / "missing.yaml"))
+    assert str(err.value) == (f"inherit: in {tmp_path / 'sub' / 'missing.yaml'}: config file nosuch.yaml does not "
+                              f"exist (looked for {tmp_path / 'sub' / 'nosuch.yaml'})")

@@ -225,8 +225,14 @@ def load_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return values
     if not isinstance(parent, str):
         raise UserError(f"inherit: in {path} must be a config name, got {parent!r}")
-    sibling = path.parent / f"{parent}.yaml"
-    parent_path = sibling if sibling.is_file() else resolve_path(parent)
+    is_file = Path(parent).suffix in (".yaml", ".yml")
+    sibling = path.parent / (parent if is_file else f"{parent}.yaml")  # an absolute parent stays as it is
+    if sibling.is_file():
+        parent_path = sibling
+    elif is_file and not Path(parent).is_file():
+        raise UserError(f"inherit: in {path}: config file {parent} does not exist (looked for {sibling})")
+    else:
+        parent_path = resolve_path(parent)
     return merge(load_yaml_tree(parent_path, (*seen, path.resolve())), values)
 
 
