@@ -6,10 +6,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from checkpoints.manager import CheckpointStore
 from slm_jax import ModelConfig, Transformer
 from slm_jax.errors import UserError
 from train import main as train_main
+from tests.test_lora import INT4, save_serving_base
 from train.config import load_config
+from train.loop import run_training
 from train.memory_check import attention_bytes, physical_memory, training_bytes
 
 
@@ -79,3 +82,27 @@ def test_inherit_names_a_yaml_file_next_to_the_config(tmp_path, monkeypatch):
         load_config(str(tmp_path / "sub" / "missing.yaml"))
     assert str(err.value) == (f"inherit: in {tmp_path / 'sub' / 'missing.yaml'}: config file nosuch.yaml does not "
                               f"exist (looked for {tmp_path / 'sub' / 'nosuch.yaml'})")
+
+
+@pytest.mark.parametrize("changed, said", [
+    ("finetune.lora_alpha=32", "finetune.lora_alpha: 16.0 -> 32.0"),
+    ("finetune.lora_dropout=0.2", "finetune.lora_dropout: 0.0 -> 0.2"),
+    ("finetune.lora_rank=2", "finetune.lora_rank: 4 -> 2"),
+    ("finetune.lora_targets=attn/q", "finetune.lora_targets: 'attn/(q|v)' -> 'attn/q'")])
+def test_a_lora_run_resumes_only_with_its_own_adapter_settings(tmp_path, corpus_file, changed, said):
+    """A new lora_alpha (or dropout) on resume went through without a word, rescaling the trained adapters
+    (alpha / rank) mid-run; a new rank or target set failed on the restored state's shapes. Each is now refused
+    naming the key, and nothing is trained or saved; the same settings resume (here: extended by one step)."""
+    sets = [f"data.path={corpus_file}", f"data.cache_dir={tmp_path / 'cache'}", "model.n_layers=1",
+            "train.sample_tokens=0", "train.eval_every=1000", "train.eval_batches=1"]
+    save_serving_base(tmp_path / "base", load_config("tiny", sets), INT4)
+    lora = [*sets, "finetune.method=lora", f"finetune.base={tmp_path / 'base'}", "finetune.lora_rank=4",
+            "finetune.lora_targets=attn/(q|v)", "train.steps=2", "checkpoint.every=2"]
+    run_training(load_config("tiny", lora), tmp_path / "lora", log=lambda *_: None)
+    extended = [*lora, "train.steps=3", "train.extend=true"]
+    with pytest.raises(UserError) as err:
+        run_training(load_config("tiny", [*extended, changed]), tmp_path / "lora", log=lambda *_: None)
+    assert f"holds a run with a different finetune config ({said})" in str(err.value), err.value
+    assert CheckpointStore(tmp_path / "lora" / "checkpoints").steps() == [2]
+    run_training(load_config("tiny", extended), tmp_path / "lora", log=lambda *_: None)
+    assert CheckpointStore(tmp_path / "lora" / "checkpoints").steps() == [2, 3]
