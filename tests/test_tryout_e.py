@@ -2,6 +2,8 @@
 micro bench and the launcher found: each gives one `error:` line and exit 2 before any work, or the right number."""
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -106,3 +108,22 @@ def test_a_lora_run_resumes_only_with_its_own_adapter_settings(tmp_path, corpus_
     assert CheckpointStore(tmp_path / "lora" / "checkpoints").steps() == [2]
     run_training(load_config("tiny", extended), tmp_path / "lora", log=lambda *_: None)
     assert CheckpointStore(tmp_path / "lora" / "checkpoints").steps() == [2, 3]
+
+
+def test_a_bpe_that_learns_fewer_tokens_than_asked_is_noted_with_the_unused_rows(tmp_path, corpus_file):
+    """`data.tokenizer=bpe data.vocab_size=2000` on a text with few distinct words learns a few hundred tokens; the
+    model keeps 2000 rows (its size is fixed before the corpus is read), which went unsaid."""
+    sets = [f"data.path={corpus_file}", f"data.cache_dir={tmp_path / 'cache'}", "data.tokenizer=bpe",
+            "data.vocab_size=2000", "train.steps=1", "train.sample_tokens=0", "train.eval_batches=1"]
+    printed = []
+    run_training(load_config("tiny", sets), tmp_path / "run", log=printed.append)
+    learned = len(json.loads((tmp_path / "run" / "tokenizer.json").read_text())["model"]["vocab"])
+    assert 256 < learned < 2000
+    notes = [line for line in map(str, printed) if line.startswith("note: the BPE tokenizer")]
+    assert notes == [f"note: the BPE tokenizer learned {learned:,} tokens, fewer than data.vocab_size=2,000 (this text "
+                     f"has no more pairs to merge); model.vocab_size 2,000 leaves {2000 - learned:,} embedding and "
+                     f"LM-head rows unused: set data.vocab_size={learned} in a new --workdir to drop them"], printed
+    printed.clear()
+    run_training(load_config("tiny", [*sets, f"data.vocab_size={learned}"]), tmp_path / "exact",
+                 log=printed.append)
+    assert not any(str(line).startswith("note: the BPE") for line in printed)

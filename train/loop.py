@@ -146,6 +146,9 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     n_params = param_count(state.params)
     log(f"model: {n_params:,} params | train {len(splits.train):,} tokens, val {len(splits.val):,} tokens | "
         f"precision {cfg.precision} | quant {config.quant.mode} | mesh {dict(mesh.shape)}")
+    note = bpe_size_note(config, tokenizer)
+    if note:
+        log(note)
 
     schedule = learning_rate_schedule(cfg)
     fp16 = cfg.precision == "fp16"
@@ -348,6 +351,19 @@ def keep_latest_checkpoint(store: CheckpointStore, done: int, log) -> None:
 
 def _silent(*args, **kwargs) -> None:
     """The log of processes other than process 0 in a multi-process run: they print nothing."""
+
+
+def bpe_size_note(config: Config, tokenizer) -> str | None:
+    """A note when a BPE tokenizer trained here learned fewer tokens than `data.vocab_size` asked for (a corpus with
+    no more pairs to merge): the model keeps the asked size (it is fixed before the corpus is read), so the rest of
+    its embedding and LM head rows are never used, and its first losses are those of the larger vocabulary."""
+    if tokenizer.kind != "bpe" or config.data.tokenizer != "bpe" or tokenizer.vocab_size >= config.data.vocab_size:
+        return None
+    unused = config.model.vocab_size - tokenizer.vocab_size
+    return (f"note: the BPE tokenizer learned {tokenizer.vocab_size:,} tokens, fewer than data.vocab_size="
+            f"{config.data.vocab_size:,} (this text has no more pairs to merge); model.vocab_size "
+            f"{config.model.vocab_size:,} leaves {unused:,} embedding and LM-head rows unused: set data.vocab_size="
+            f"{tokenizer.vocab_size} in a new --workdir to drop them")
 
 
 # The config keys a resume must keep as they were, besides the model, quant and tokenizer (`check_resumable`,
