@@ -12,6 +12,9 @@ from checkpoints.manager import CheckpointStore
 from slm_jax import ModelConfig, Transformer
 from slm_jax.errors import UserError
 from train import main as train_main
+from train.bench.floor import matmul_flops, step_matmuls
+from train.bench.speed import flops_per_token, matmul_params
+from train.build import build_model, state_initializer
 from tests.test_lora import INT4, save_serving_base
 from train.config import load_config
 from train.loop import run_training
@@ -127,3 +130,18 @@ def test_a_bpe_that_learns_fewer_tokens_than_asked_is_noted_with_the_unused_rows
     run_training(load_config("tiny", [*sets, f"data.vocab_size={learned}"]), tmp_path / "exact",
                  log=printed.append)
     assert not any(str(line).startswith("note: the BPE") for line in printed)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_bench_flops_count_the_lm_head_matmul_of_a_tied_model(tied):
+    """The bench's model FLOPs (6N + attention) left a tied LM head out of N (its weight is the embedding table, no
+    `kernel` leaf), though the logits are a [tokens, d] x [d, vocab] matmul all the same: SmolLM2-135M's MFU rows
+    counted 106M of its 134M matmul weights. Reference: the matmul floor's own list of the step's matmul shapes."""
+    config = load_config("baseline", ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.seq_len=32",
+                                      "train.batch_size=3", f"model.tie_embeddings={str(tied).lower()}",
+                                      "quant.embed_bits=null"])
+    state = jax.eval_shape(state_initializer(config, build_model(config)))
+    n_matmul = matmul_params(state.params, config.model)
+    tokens = config.train.batch_size * config.model.seq_len
+    assert flops_per_token(config, n_matmul) * tokens == matmul_flops(step_matmuls(config.model, 3))
+    assert n_matmul == 2 * config.model.layer_matmul_params + config.model.vocab_size * 64
