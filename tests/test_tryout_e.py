@@ -145,3 +145,22 @@ def test_the_bench_flops_count_the_lm_head_matmul_of_a_tied_model(tied):
     tokens = config.train.batch_size * config.model.seq_len
     assert flops_per_token(config, n_matmul) * tokens == matmul_flops(step_matmuls(config.model, 3))
     assert n_matmul == 2 * config.model.layer_matmul_params + config.model.vocab_size * 64
+
+
+def test_a_warmup_not_below_the_steps_is_noted_with_the_schedule_it_gives(tmp_path, corpus_file):
+    """`--config finetune_int8_qat --set train.steps=14` keeps its warmup_steps 30: the schedule clamps the warmup to
+    13 steps, so the run ends at the peak learning rate and never decays, which went unsaid."""
+    sets = [f"data.path={corpus_file}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=4", "train.log_every=1",
+            "train.warmup_steps=30", "train.sample_tokens=0", "train.eval_batches=1", "train.learning_rate=1e-3"]
+    printed = []
+    run_training(load_config("tiny", sets), tmp_path / "run", log=printed.append)
+    notes = [line for line in map(str, printed) if line.startswith("note: train.warmup_steps")]
+    assert notes == ["note: train.warmup_steps=30 is not below train.steps=4: the learning rate warms up over 3 steps "
+                     "instead and reaches its peak 0.001 at the last step, with no decay; set train.warmup_steps below "
+                     "train.steps for a schedule that decays"], printed
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+           if "lr" in json.loads(line)]
+    assert lrs == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3])  # what the note says: linear warmup to the end
+    printed.clear()
+    run_training(load_config("tiny", [*sets, "train.warmup_steps=3"]), tmp_path / "decays", log=printed.append)
+    assert not any(str(line).startswith("note: train.warmup") for line in printed)

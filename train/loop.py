@@ -146,9 +146,9 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     n_params = param_count(state.params)
     log(f"model: {n_params:,} params | train {len(splits.train):,} tokens, val {len(splits.val):,} tokens | "
         f"precision {cfg.precision} | quant {config.quant.mode} | mesh {dict(mesh.shape)}")
-    note = bpe_size_note(config, tokenizer)
-    if note:
-        log(note)
+    for note in (bpe_size_note(config, tokenizer), warmup_note(cfg)):
+        if note:
+            log(note)
 
     schedule = learning_rate_schedule(cfg)
     fp16 = cfg.precision == "fp16"
@@ -351,6 +351,16 @@ def keep_latest_checkpoint(store: CheckpointStore, done: int, log) -> None:
 
 def _silent(*args, **kwargs) -> None:
     """The log of processes other than process 0 in a multi-process run: they print nothing."""
+
+
+def warmup_note(cfg) -> str | None:
+    """A note when `train.warmup_steps` is not below `train.steps`: the schedule (train.optim.learning_rate_schedule)
+    then warms up over steps - 1 steps, so the peak learning rate comes at the last step and nothing decays."""
+    if cfg.warmup_steps < cfg.steps:
+        return None
+    return (f"note: train.warmup_steps={cfg.warmup_steps} is not below train.steps={cfg.steps}: the learning rate "
+            f"warms up over {cfg.steps - 1} step{'' if cfg.steps == 2 else 's'} instead and reaches its peak {cfg.learning_rate:g} at the last "
+            f"step, with no decay; set train.warmup_steps below train.steps for a schedule that decays")
 
 
 def bpe_size_note(config: Config, tokenizer) -> str | None:
