@@ -164,3 +164,14 @@ def test_a_warmup_not_below_the_steps_is_noted_with_the_schedule_it_gives(tmp_pa
     printed.clear()
     run_training(load_config("tiny", [*sets, "train.warmup_steps=3"]), tmp_path / "decays", log=printed.append)
     assert not any(str(line).startswith("note: train.warmup") for line in printed)
+
+
+def test_val_fraction_on_the_bundled_corpus_is_refused_not_ignored(tmp_path, corpus_file):
+    """The bundled plays are split by play (data.val_plays); `--set data.val_fraction=0.5` trained on the same split
+    as 0.1 without a word. Own text still takes it."""
+    with pytest.raises(UserError) as err:
+        load_config("tiny", ["data.val_fraction=0.5"])
+    assert str(err.value) == ("data.val_fraction=0.5 splits your own text (data.path); the bundled corpus is split by "
+                              "play: choose the held-out plays with data.val_plays")
+    assert load_config("tiny", [f"data.path={corpus_file}", "data.val_fraction=0.5"]).data.val_fraction == 0.5
+    assert load_config("tiny").data.val_fraction == 0.1

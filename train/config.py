@@ -284,6 +284,9 @@ def check_finetune(config: Config) -> None:
 
 def check_consistency(config: Config) -> None:
     """Rules that span sections."""
+    if config.data.path is None and config.data.val_fraction != DataConfig.val_fraction:
+        raise UserError(f"data.val_fraction={config.data.val_fraction} splits your own text (data.path); the bundled "
+                        f"corpus is split by play: choose the held-out plays with data.val_plays")
     tokens = tokenizer_vocab_size(config.data)
     if config.model.vocab_size < tokens:
         raise UserError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokens} ids "
