@@ -6,6 +6,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from checkpoints.manager import CheckpointStore
@@ -17,7 +18,8 @@ from train.bench.speed import flops_per_token, matmul_params
 from train.build import build_model, state_initializer
 from tests.test_lora import INT4, save_serving_base
 from train.config import load_config
-from train.loop import run_training
+from train.evaluation import evaluate_workdir
+from train.loop import run_training, same_file
 from train.memory_check import attention_bytes, physical_memory, training_bytes
 
 
@@ -175,3 +177,23 @@ def test_val_fraction_on_the_bundled_corpus_is_refused_not_ignored(tmp_path, cor
                               "play: choose the held-out plays with data.val_plays")
     assert load_config("tiny", [f"data.path={corpus_file}", "data.val_fraction=0.5"]).data.val_fraction == 0.5
     assert load_config("tiny").data.val_fraction == 0.1
+
+
+def test_a_relative_data_path_is_recorded_absolute_so_later_commands_run_from_anywhere(tmp_path, monkeypatch,
+                                                                                        corpus_file):
+    """`--set data.path=my.txt` was recorded as given, so `train.evaluate` (or a calibrated convert) of the run from
+    another folder failed with 'data.path: my.txt does not exist'. Resuming with the relative path still works."""
+    monkeypatch.chdir(corpus_file.parent)
+    sets = [f"data.path={corpus_file.name}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=2",
+            "train.sample_tokens=0", "train.eval_batches=1", "checkpoint.every=2"]
+    config = load_config("tiny", sets)
+    assert config.data.path == str(corpus_file)
+    run_training(config, tmp_path / "run", log=lambda *_: None)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = evaluate_workdir(tmp_path / "run", batches=1, batch_size=2)
+    assert result["step"] == 2 and np.isfinite(result["loss"])
+    monkeypatch.chdir(corpus_file.parent)
+    run_training(load_config("tiny", [*sets, "train.steps=3", "train.extend=true"]), tmp_path / "run",
+                 log=lambda *_: None)
+    assert same_file("data.path", "texts/*.txt", str(corpus_file.parent / "texts" / "*.txt"))  # an older record

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import os
 import re
 from pathlib import Path
 
@@ -254,13 +255,17 @@ def parse_override(text: str) -> dict:
 def load_config(name: str, overrides: list[str] = ()) -> Config:
     """The named config plus `--set` overrides, checked across sections. `model.vocab_size` left unset anywhere
     is taken from the tokenizer (`data.tokenizer`); a set one must hold every token id (larger pads the embedding
-    with rows no id reaches, as nanoGPT's 50304 and many Hugging Face checkpoints do)."""
+    with rows no id reaches, as nanoGPT's 50304 and many Hugging Face checkpoints do). A relative `data.path` (a
+    file, folder or glob) is made absolute against the current folder, as the run records it for later commands."""
     values = load_yaml_tree(resolve_path(name))
     for text in overrides:
         override = parse_override(text)
         check_sections(override, f"--set {text}", "set one key with --set {key}.KEY=VALUE")
         values = merge(values, override)
     config = Config.from_dict(values)
+    if config.data.path is not None:  # the run records it: later commands (evaluate, convert) may run elsewhere
+        config = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, path=os.path.abspath(os.path.expanduser(config.data.path))))
     if "vocab_size" not in (values.get("model") or {}):
         config = dataclasses.replace(config, model=dataclasses.replace(
             config.model, vocab_size=tokenizer_vocab_size(config.data)))

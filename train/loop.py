@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -391,6 +392,8 @@ def same_file(key: str, saved, now) -> bool:
     (relative or absolute, through a link); the text in it is compared by its split sizes and CRC-32s."""
     if key != "data.path" or not isinstance(saved, str) or not isinstance(now, str):
         return False
+    if os.path.abspath(os.path.expanduser(saved)) == now:  # a relative path (a glob too) recorded before
+        return True  # train.config.load_config made data.path absolute, read from here as it was then
     try:
         return Path(saved).exists() and Path(now).exists() and Path(saved).samefile(now)
     except OSError:
