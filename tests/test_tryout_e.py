@@ -18,7 +18,7 @@ from train.bench.speed import flops_per_token, matmul_params
 from train.build import build_model, state_initializer
 from tests.test_lora import INT4, save_serving_base
 from train.config import load_config
-from train.evaluation import evaluate_workdir
+from train.evaluation import evaluate_workdir, format_table
 from train.loop import run_training, same_file
 from train.memory_check import attention_bytes, physical_memory, training_bytes
 
@@ -197,3 +197,24 @@ def test_a_relative_data_path_is_recorded_absolute_so_later_commands_run_from_an
     run_training(load_config("tiny", [*sets, "train.steps=3", "train.extend=true"]), tmp_path / "run",
                  log=lambda *_: None)
     assert same_file("data.path", "texts/*.txt", str(corpus_file.parent / "texts" / "*.txt"))  # an older record
+
+
+def test_evaluate_notes_a_run_whose_text_changed_since_it_was_trained(tmp_path):
+    """Text appended to a run's data.path moves its validation cut: `train.evaluate` then measured the run on text it
+    may have trained on (here: a copy of its own first lines), without a word. The counts in the note are the token
+    files' own (byte tokens: one per character), and the CRC-32s those the checkpoint recorded."""
+    corpus = tmp_path / "mine.txt"
+    original = "".join(f"SPEAKER{i % 7}:\nThe quick brown fox {i} jumps over the lazy dog.\n\n" for i in range(600))
+    corpus.write_text(original)
+    sets = [f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=2", "train.sample_tokens=0",
+            "train.eval_batches=1", "checkpoint.every=2"]
+    run_training(load_config("tiny", sets), tmp_path / "run", log=lambda *_: None)
+    assert "text_changed" not in evaluate_workdir(tmp_path / "run", batches=1, batch_size=2)
+    corpus.write_text(original + "\n" + original[:20000])
+    row = evaluate_workdir(tmp_path / "run", batches=1, batch_size=2)
+    cut_before, cut_now = int(len(original) * 0.9), int((len(original) + 20001) * 0.9)
+    assert row["text_changed"].startswith(f"train_tokens {cut_before:,} -> {cut_now:,}; val_tokens "
+                                          f"{len(original) - cut_before:,} -> {len(original) + 20001 - cut_now:,}; "
+                                          f"train.bin CRC-32 "), row["text_changed"]
+    assert (f"note: the text of {tmp_path / 'run'} changed since it was trained ({row['text_changed']}): its "
+            "validation split is not the text held out in training") in format_table([row])
