@@ -218,3 +218,19 @@ def test_evaluate_notes_a_run_whose_text_changed_since_it_was_trained(tmp_path):
                                           f"train.bin CRC-32 "), row["text_changed"]
     assert (f"note: the text of {tmp_path / 'run'} changed since it was trained ({row['text_changed']}): its "
             "validation split is not the text held out in training") in format_table([row])
+
+
+def test_bundled_corpus_settings_beside_a_data_path_are_noted_as_unused(tmp_path, corpus_file):
+    """`--config finetune_int4_lora --set data.path=my.txt` keeps that config's data.genres and data.val_plays, which
+    only choose bundled plays: the run trained on all of the user's text without saying they were unused."""
+    sets = [f"data.path={corpus_file}", f"data.cache_dir={tmp_path / 'cache'}", "train.steps=1",
+            "train.sample_tokens=0", "train.eval_batches=1", "train.warmup_steps=0"]
+    for extra, said in ((["data.genres=[comedies]", "data.val_plays=[twelfth-night]"],
+                         "data.val_plays and data.genres choose plays of the bundled corpus, not used"),
+                        (["data.genres=[comedies]"], "data.genres chooses plays of the bundled corpus, not used"),
+                        ([], None)):
+        printed = []
+        run_training(load_config("tiny", [*sets, *extra]), tmp_path / f"run{len(extra)}", log=printed.append)
+        notes = [line for line in map(str, printed) if line.startswith("note: data.")]
+        assert notes == ([f"note: {said} with data.path ({corpus_file}), whose last data.val_fraction=0.1 is "
+                          f"validation"] if said else []), printed

@@ -147,7 +147,7 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     n_params = param_count(state.params)
     log(f"model: {n_params:,} params | train {len(splits.train):,} tokens, val {len(splits.val):,} tokens | "
         f"precision {cfg.precision} | quant {config.quant.mode} | mesh {dict(mesh.shape)}")
-    for note in (bpe_size_note(config, tokenizer), warmup_note(cfg)):
+    for note in (bpe_size_note(config, tokenizer), warmup_note(cfg), bundled_only_note(config.data)):
         if note:
             log(note)
 
@@ -352,6 +352,21 @@ def keep_latest_checkpoint(store: CheckpointStore, done: int, log) -> None:
 
 def _silent(*args, **kwargs) -> None:
     """The log of processes other than process 0 in a multi-process run: they print nothing."""
+
+
+def bundled_only_note(data) -> str | None:
+    """A note when `data.val_plays` or `data.genres` differ from their defaults although `data.path` names the text:
+    they choose plays of the bundled corpus, so they go unused (a config such as finetune_int4_lora sets them, and
+    `--set data.path=...` over it trains on the whole of the user's text, split by data.val_fraction)."""
+    default = type(data)()
+    unused = [f"data.{key}" for key in ("val_plays", "genres")
+              if data.path is not None and getattr(data, key) != getattr(default, key)]
+    if not unused:
+        return None
+    verb = "choose plays of the bundled corpus, not used" if len(unused) > 1 else "chooses plays of the bundled " \
+        "corpus, not used"
+    return (f"note: {' and '.join(unused)} {verb} with data.path ({data.path}), whose last data.val_fraction="
+            f"{data.val_fraction} is validation")
 
 
 def warmup_note(cfg) -> str | None:
