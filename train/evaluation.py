@@ -177,7 +177,8 @@ def format_table(rows: list[dict]) -> str:
     """`evaluate_workdir` rows as an aligned text table, one line per run; KL mean / p99 and top-1 columns (vs the
     parent run) when any row has them; then the validation windows the losses average (one line when all runs used
     the same, else one per run), a note for each serving run whose parent was absent and for each run whose text
-    changed since it was trained (`text_changes`), and one when the runs' validation text differs (by `val_text_key` where rows have it, else `val_text`)."""
+    changed since it was trained (`text_changes`), and one when the runs' validation text differs (by
+    `val_text_key` where rows have it, else `val_text`)."""
     kl = any("kl_mean" in r for r in rows)
     width = max(28, *(len(str(r["workdir"])) for r in rows))  # the longest workdir sets the first column
     header = (f"{'workdir':<{width}} {'step':>6} {'quant':>6} {'val loss':>9} {'ppl':>8} {'bits/char':>9} "

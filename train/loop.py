@@ -375,8 +375,9 @@ def warmup_note(cfg) -> str | None:
     if cfg.warmup_steps < cfg.steps:
         return None
     return (f"note: train.warmup_steps={cfg.warmup_steps} is not below train.steps={cfg.steps}: the learning rate "
-            f"warms up over {cfg.steps - 1} step{'' if cfg.steps == 2 else 's'} instead and reaches its peak {cfg.learning_rate:g} at the last "
-            f"step, with no decay; set train.warmup_steps below train.steps for a schedule that decays")
+            f"warms up over {cfg.steps - 1} step{'' if cfg.steps == 2 else 's'} instead and reaches its peak "
+            f"{cfg.learning_rate:g} at the last step, with no decay; set train.warmup_steps below train.steps for a "
+            f"schedule that decays")
 
 
 def bpe_size_note(config: Config, tokenizer) -> str | None:

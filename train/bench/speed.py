@@ -25,7 +25,8 @@ from train.lora_run import lora_initializer
 
 FLOPS_FORMULA = ("6*N + 12*n_layers*seq_len*d_model per token (PaLM, Chowdhery et al. 2022, app. B): N = parameters "
                  "of every matmul weight (q, k, v, o, gate, up, down and the LM head, which is the embedding table "
-                 "when tied; not an untied embedding table or norms), the second term QK^T and attention x V over the full seq_len x seq_len scores; forward + "
+                 "when tied; not an untied embedding table or norms), the second term QK^T and attention x V over "
+                 "the full seq_len x seq_len scores; forward + "
                  "backward = 3 x forward. QAT's quantize/dequantize work is not counted, and a LoRA step counts its "
                  "base's FLOPs as a full training step does, so MFU ratios are speed ratios.")
 
