@@ -54,9 +54,9 @@ def pin_one_cpu_device():
 SLOW_FILES_FIRST = ("test_multiprocess.py", "test_train.py", "test_quant_cli.py", "test_bench.py", "test_tryout_b.py",
                     "test_serve_speed.py", "test_checkpoints.py", "test_serve_group.py", "test_readme.py",
                     "test_quant_model.py", "test_model_context.py", "test_lora.py", "test_tryout_d.py",
-                    "test_run_safety.py", "test_cpu_devices.py", "test_gguf_export.py", "test_hf.py",
-                    "test_sampling.py", "test_tryout_a.py", "test_model.py", "test_sharding.py", "test_ptq_methods.py",
-                    "test_mesh_restore.py")
+                    "test_tryout_e.py", "test_run_safety.py", "test_cpu_devices.py", "test_gguf_export.py",
+                    "test_hf.py", "test_sampling.py", "test_tryout_a.py", "test_model.py", "test_sharding.py",
+                    "test_ptq_methods.py", "test_mesh_restore.py")
 
 
 def pytest_collection_modifyitems(items):

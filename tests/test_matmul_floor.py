@@ -17,7 +17,7 @@ def model_flops(overrides):
     config = load_config("baseline", overrides)
     state = jax.eval_shape(state_initializer(config, build_model(config)))
     tokens = config.train.batch_size * config.model.seq_len
-    return config, flops_per_token(config, matmul_params(state.params)) * tokens
+    return config, flops_per_token(config, matmul_params(state.params, config.model)) * tokens
 
 
 def test_step_matmuls_count_the_model_flops_of_a_grouped_query_model():

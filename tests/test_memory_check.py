@@ -20,17 +20,19 @@ def test_model_params_counts_what_the_model_initialises(extra):
 
 def test_the_bounds_add_what_the_work_holds():
     cfg = ModelConfig(vocab_size=100, seq_len=10, n_layers=1, n_heads=2, d_model=8)
-    assert training_bytes(cfg, 3) == 4 * (4 * model_params(cfg) + 2 * 3 * 10 * 100)
-    assert training_bytes(cfg, 3, trains_params=False) == 4 * 2 * 3 * 10 * 100
+    attention = 2 * 3 * 2 * 10 * 10  # bf16 probabilities [batch 3, heads 2, 10 queries, 10 keys]
+    assert training_bytes(cfg, 3) == 4 * (4 * model_params(cfg) + 2 * 3 * 10 * 100) + attention
+    assert training_bytes(cfg, 3, trains_params=False) == 4 * 2 * 3 * 10 * 100 + attention
     assert generation_bytes(cfg, 5, 1000, 7, 20) == 1000 + 4 * 5 * (7 * 100 + 20)
+    assert generation_bytes(cfg, 5, 1000, 7, 20, 27) == 1000 + 4 * 5 * (7 * 100 + 20) + 2 * 5 * 2 * 7 * 27
     assert physical_memory() > 1e9
 
 
 @pytest.mark.parametrize("override, said", [
-    ("train.batch_size=2000000000", "training this model (model.d_model 32, model.n_layers 2) at train.batch_size "
-                                    "2000000000 needs at least"),
-    ("model.d_model=2000000000", "training this model (model.d_model 2000000000, model.n_layers 2) at "
-                                 "train.batch_size 8 needs at least")])
+    ("train.batch_size=2000000000", "training this model (model.d_model 32, model.n_layers 2, model.seq_len 32) at "
+                                    "train.batch_size 2000000000 needs at least"),
+    ("model.d_model=2000000000", "training this model (model.d_model 2000000000, model.n_layers 2, model.seq_len 32) "
+                                 "at train.batch_size 8 needs at least")])
 def test_train_main_refuses_a_run_beyond_memory_before_any_work(tmp_path, capsys, override, said):
     with pytest.raises(SystemExit) as exited:
         train_main.main(["--config", "tiny", "--workdir", str(tmp_path / "run"), "--set", override])

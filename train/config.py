@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import os
 import re
 from pathlib import Path
 
@@ -196,6 +197,17 @@ def resolve_path(name: str) -> Path:
     return path
 
 
+def check_sections(values: dict, source: str, hint: str = "give its keys or remove it") -> None:
+    """UserError when a known section of a config (`train:`) holds no mapping of its keys: `train: 5`, or an empty
+    `train:` whose keys are all commented out. Merged over an inherited config, such a value replaced the base's whole
+    section, and a later `--set train.steps=3` then rebuilt it from the defaults alone without a word."""
+    sections = {field.name for field in dataclasses.fields(Config)}
+    for key, value in values.items():
+        if key in sections and not isinstance(value, dict):
+            what = "is empty" if value is None else f"must be a mapping of its keys, got {value!r}"
+            raise UserError(f"{source}: section {key} {what}; {hint.format(key=key)}")
+
+
 def merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
@@ -209,12 +221,19 @@ def load_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise UserError(f"config {path} inherits from itself")
     values = _read_yaml(path)
     parent = values.pop("inherit", None)
+    check_sections(values, f"config {path}")
     if parent is None:
         return values
     if not isinstance(parent, str):
         raise UserError(f"inherit: in {path} must be a config name, got {parent!r}")
-    sibling = path.parent / f"{parent}.yaml"
-    parent_path = sibling if sibling.is_file() else resolve_path(parent)
+    is_file = Path(parent).suffix in (".yaml", ".yml")
+    sibling = path.parent / (parent if is_file else f"{parent}.yaml")  # an absolute parent stays as it is
+    if sibling.is_file():
+        parent_path = sibling
+    elif is_file and not Path(parent).is_file():
+        raise UserError(f"inherit: in {path}: config file {parent} does not exist (looked for {sibling})")
+    else:
+        parent_path = resolve_path(parent)
     return merge(load_yaml_tree(parent_path, (*seen, path.resolve())), values)
 
 
@@ -236,11 +255,17 @@ def parse_override(text: str) -> dict:
 def load_config(name: str, overrides: list[str] = ()) -> Config:
     """The named config plus `--set` overrides, checked across sections. `model.vocab_size` left unset anywhere
     is taken from the tokenizer (`data.tokenizer`); a set one must hold every token id (larger pads the embedding
-    with rows no id reaches, as nanoGPT's 50304 and many Hugging Face checkpoints do)."""
+    with rows no id reaches, as nanoGPT's 50304 and many Hugging Face checkpoints do). A relative `data.path` (a
+    file, folder or glob) is made absolute against the current folder, as the run records it for later commands."""
     values = load_yaml_tree(resolve_path(name))
     for text in overrides:
-        values = merge(values, parse_override(text))
+        override = parse_override(text)
+        check_sections(override, f"--set {text}", "set one key with --set {key}.KEY=VALUE")
+        values = merge(values, override)
     config = Config.from_dict(values)
+    if config.data.path is not None:  # the run records it: later commands (evaluate, convert) may run elsewhere
+        config = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, path=os.path.abspath(os.path.expanduser(config.data.path))))
     if "vocab_size" not in (values.get("model") or {}):
         config = dataclasses.replace(config, model=dataclasses.replace(
             config.model, vocab_size=tokenizer_vocab_size(config.data)))
@@ -264,6 +289,9 @@ def check_finetune(config: Config) -> None:
 
 def check_consistency(config: Config) -> None:
     """Rules that span sections."""
+    if config.data.path is None and config.data.val_fraction != DataConfig.val_fraction:
+        raise UserError(f"data.val_fraction={config.data.val_fraction} splits your own text (data.path); the bundled "
+                        f"corpus is split by play: choose the held-out plays with data.val_plays")
     tokens = tokenizer_vocab_size(config.data)
     if config.model.vocab_size < tokens:
         raise UserError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokens} ids "

@@ -81,7 +81,20 @@ def evaluate_workdir(workdir: Path, batches: int, batch_size: int, data: DataCon
             "param_bytes": tree_bytes(run.variables)["total"],
             "val_windows": eval_windows(splits.val, batch_size, run.config.model.seq_len, batches),
             "val_text": val_text(splits.description), "val_text_key": val_text_key(splits.val, run.tokenizer),
+            **({} if data else text_changes(run.metadata.get("data") or {}, splits.description)),
             **parent_comparison(run, splits.val, batch_size, batches)}
+
+
+def text_changes(recorded: dict, now: dict) -> dict:
+    """{'text_changed': what} when the token splits a run recorded at its checkpoint (`data` in its metadata: token
+    counts and CRC-32s) differ from those its data settings give now (the text at data.path was edited or grew since),
+    so its validation split is no longer the text held out in training and may hold text it trained on; else {}."""
+    old, new = recorded.get("crc32") or {}, now.get("crc32") or {}
+    changes = [f"{key} {recorded[key]:,} -> {now[key]:,}" for key in ("train_tokens", "val_tokens")
+               if isinstance(recorded.get(key), int) and isinstance(now.get(key), int) and recorded[key] != now[key]]
+    changes += [f"{name} CRC-32 {old[name]} -> {new[name]}" for name in ("train.bin", "val.bin")
+                if name in old and name in new and int(old[name]) != int(new[name])]
+    return {"text_changed": "; ".join(changes)} if changes else {}
 
 
 def parent_comparison(run: LoadedRun, tokens: np.ndarray, batch_size: int, max_batches: int) -> dict:
@@ -163,8 +176,9 @@ def val_text_key(val_tokens: np.ndarray, tokenizer) -> int:
 def format_table(rows: list[dict]) -> str:
     """`evaluate_workdir` rows as an aligned text table, one line per run; KL mean / p99 and top-1 columns (vs the
     parent run) when any row has them; then the validation windows the losses average (one line when all runs used
-    the same, else one per run), a note for each serving run whose parent was absent, and one when the runs'
-    validation text differs (by `val_text_key` where rows have it, else `val_text`)."""
+    the same, else one per run), a note for each serving run whose parent was absent and for each run whose text
+    changed since it was trained (`text_changes`), and one when the runs' validation text differs (by
+    `val_text_key` where rows have it, else `val_text`)."""
     kl = any("kl_mean" in r for r in rows)
     width = max(28, *(len(str(r["workdir"])) for r in rows))  # the longest workdir sets the first column
     header = (f"{'workdir':<{width}} {'step':>6} {'quant':>6} {'val loss':>9} {'ppl':>8} {'bits/char':>9} "
@@ -180,6 +194,9 @@ def format_table(rows: list[dict]) -> str:
         lines.append(line)
         if "kl_absent" in r:
             notes.append(f"no KL for {r['workdir']}: {r['kl_absent']}")
+        if "text_changed" in r:
+            notes.append(f"note: the text of {r['workdir']} changed since it was trained ({r['text_changed']}): its "
+                         f"validation split is not the text held out in training and may hold text it trained on")
     if len({r["val_windows"] for r in rows}) == 1:
         lines.append(f"val loss over {rows[0]['val_windows']} of each run's validation split")
     else:

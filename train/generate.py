@@ -115,7 +115,8 @@ def main(argv=None):
     size = cache_size(run.model, seen, args.max_new_tokens)
     dtype = serving_cache_dtype(run.model.dtype)
     cache = jax.eval_shape(lambda: KVCache.init(run.config.model, args.num_samples, dtype, size, kv_bits))
-    check_fits(generation_bytes(run.config.model, args.num_samples, cache.nbytes(), seen, args.max_new_tokens),
+    check_fits(generation_bytes(run.config.model, args.num_samples, cache.nbytes(), seen, args.max_new_tokens,
+                                size),
                f"generating {args.num_samples} sample(s) of {args.max_new_tokens} tokens")
     if args.verbose:
         held = f"int8 with {jnp.dtype(dtype).name} scales" if kv_bits else jnp.dtype(dtype).name

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -146,6 +147,9 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     n_params = param_count(state.params)
     log(f"model: {n_params:,} params | train {len(splits.train):,} tokens, val {len(splits.val):,} tokens | "
         f"precision {cfg.precision} | quant {config.quant.mode} | mesh {dict(mesh.shape)}")
+    for note in (bpe_size_note(config, tokenizer), warmup_note(cfg), bundled_only_note(config.data)):
+        if note:
+            log(note)
 
     schedule = learning_rate_schedule(cfg)
     fp16 = cfg.precision == "fp16"
@@ -350,6 +354,45 @@ def _silent(*args, **kwargs) -> None:
     """The log of processes other than process 0 in a multi-process run: they print nothing."""
 
 
+def bundled_only_note(data) -> str | None:
+    """A note when `data.val_plays` or `data.genres` differ from their defaults although `data.path` names the text:
+    they choose plays of the bundled corpus, so they go unused (a config such as finetune_int4_lora sets them, and
+    `--set data.path=...` over it trains on the whole of the user's text, split by data.val_fraction)."""
+    default = type(data)()
+    unused = [f"data.{key}" for key in ("val_plays", "genres")
+              if data.path is not None and getattr(data, key) != getattr(default, key)]
+    if not unused:
+        return None
+    verb = "choose plays of the bundled corpus, not used" if len(unused) > 1 else "chooses plays of the bundled " \
+        "corpus, not used"
+    return (f"note: {' and '.join(unused)} {verb} with data.path ({data.path}), whose last data.val_fraction="
+            f"{data.val_fraction} is validation")
+
+
+def warmup_note(cfg) -> str | None:
+    """A note when `train.warmup_steps` is not below `train.steps`: the schedule (train.optim.learning_rate_schedule)
+    then warms up over steps - 1 steps, so the peak learning rate comes at the last step and nothing decays."""
+    if cfg.warmup_steps < cfg.steps:
+        return None
+    return (f"note: train.warmup_steps={cfg.warmup_steps} is not below train.steps={cfg.steps}: the learning rate "
+            f"warms up over {cfg.steps - 1} step{'' if cfg.steps == 2 else 's'} instead and reaches its peak "
+            f"{cfg.learning_rate:g} at the last step, with no decay; set train.warmup_steps below train.steps for a "
+            f"schedule that decays")
+
+
+def bpe_size_note(config: Config, tokenizer) -> str | None:
+    """A note when a BPE tokenizer trained here learned fewer tokens than `data.vocab_size` asked for (a corpus with
+    no more pairs to merge): the model keeps the asked size (it is fixed before the corpus is read), so the rest of
+    its embedding and LM head rows are never used, and its first losses are those of the larger vocabulary."""
+    if tokenizer.kind != "bpe" or config.data.tokenizer != "bpe" or tokenizer.vocab_size >= config.data.vocab_size:
+        return None
+    unused = config.model.vocab_size - tokenizer.vocab_size
+    return (f"note: the BPE tokenizer learned {tokenizer.vocab_size:,} tokens, fewer than data.vocab_size="
+            f"{config.data.vocab_size:,} (this text has no more pairs to merge); model.vocab_size "
+            f"{config.model.vocab_size:,} leaves {unused:,} embedding and LM-head rows unused: set data.vocab_size="
+            f"{tokenizer.vocab_size} in a new --workdir to drop them")
+
+
 # The config keys a resume must keep as they were, besides the model, quant and tokenizer (`check_resumable`,
 # `check_same_tokenizer`) and the learning-rate schedule (`check_schedule`, which train.extend opens): the data keys
 # decide which text is training and which validation text (a change could train on held-out text), and the batch
@@ -365,6 +408,8 @@ def same_file(key: str, saved, now) -> bool:
     (relative or absolute, through a link); the text in it is compared by its split sizes and CRC-32s."""
     if key != "data.path" or not isinstance(saved, str) or not isinstance(now, str):
         return False
+    if os.path.abspath(os.path.expanduser(saved)) == now:  # a relative path (a glob too) recorded before
+        return True  # train.config.load_config made data.path absolute, read from here as it was then
     try:
         return Path(saved).exists() and Path(now).exists() and Path(saved).samefile(now)
     except OSError:

@@ -122,7 +122,8 @@ def train(argv=None):
             print(note)
     check_fits(training_bytes(trained.model, config.train.batch_size, config.finetune.method != "lora"),
                f"training this model (model.d_model {trained.model.d_model}, model.n_layers "
-               f"{trained.model.n_layers}) at train.batch_size {config.train.batch_size}")
+               f"{trained.model.n_layers}, model.seq_len {trained.model.seq_len}) at train.batch_size "
+               f"{config.train.batch_size}")
     # One writer per run: a second train.main on it is refused in one line. In a multi-process run the processes of
     # one run share it, so only process 0 holds the lock.
     created = not workdir.exists()

@@ -17,6 +17,7 @@ from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
 
 F32 = 4  # bytes
+HALF = 2  # bytes of the narrowest compute dtype (bfloat16, float16): attention probabilities are at least this wide
 
 
 def physical_memory() -> int | None:
@@ -44,15 +45,26 @@ def model_params(model: ModelConfig) -> int:
     return model.vocab_size * d + model.n_layers * (model.layer_matmul_params + 2 * d) + d + head
 
 
+def attention_bytes(model: ModelConfig, batch: int, queries: int, keys: int) -> int:
+    """A lower bound of one attention layer's memory, bytes: its probabilities [batch, n_heads, queries, keys] (the
+    model attends with every score materialized, no flash attention), at least 2 bytes each."""
+    return HALF * batch * model.n_heads * queries * keys
+
+
 def training_bytes(model: ModelConfig, batch_size: int, trains_params: bool = True) -> int:
     """A lower bound of a training step's memory, bytes: one micro-batch's float32 logits [batch_size, seq_len,
-    vocab] with their gradient and, when the step trains the parameters (not LoRA adapters over a frozen, maybe
-    integer, base), the float32 parameters with AdamW's two moments and a gradient (4 copies)."""
+    vocab] with their gradient, one layer's attention probabilities [batch_size, n_heads, seq_len, seq_len] and,
+    when the step trains the parameters (not LoRA adapters over a frozen, maybe integer, base), the float32
+    parameters with AdamW's two moments and a gradient (4 copies)."""
     params = 4 * model_params(model) if trains_params else 0
-    return F32 * (params + 2 * batch_size * model.seq_len * model.vocab_size)
+    return (F32 * (params + 2 * batch_size * model.seq_len * model.vocab_size)
+            + attention_bytes(model, batch_size, model.seq_len, model.seq_len))
 
 
-def generation_bytes(model: ModelConfig, samples: int, cache_bytes: int, prompt_len: int, new_tokens: int) -> int:
+def generation_bytes(model: ModelConfig, samples: int, cache_bytes: int, prompt_len: int, new_tokens: int,
+                     cache_slots: int = 0) -> int:
     """A lower bound of `generate`'s memory, bytes: the KV cache (`cache_bytes`), the float32 logits of the prompt
-    [samples, prompt_len, vocab] and the tokens made [samples, new_tokens] (int32)."""
-    return cache_bytes + F32 * samples * (prompt_len * model.vocab_size + new_tokens)
+    [samples, prompt_len, vocab], the tokens made [samples, new_tokens] (int32) and the prompt's attention
+    probabilities over the cache's `cache_slots` slots in one layer (see `attention_bytes`)."""
+    return (cache_bytes + F32 * samples * (prompt_len * model.vocab_size + new_tokens)
+            + attention_bytes(model, samples, prompt_len, cache_slots))

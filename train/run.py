@@ -121,14 +121,21 @@ def check_schedule(store: CheckpointStore, config: Config, log) -> None:
         f"the learning rate is now {lr:.3e}")
 
 
+RESUME_SAME_FINETUNE = ("method", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "freeze")
+
+
 def check_resumable(metadata: dict, config: Config, source) -> None:
-    """A workdir can only be resumed by a run of the same model and quantization."""
+    """A workdir can only be resumed by a run of the same model, quantization and fine-tuning method: its
+    `RESUME_SAME_FINETUNE` keys too (a new lora_alpha rescaled the trained adapters mid-run without a word; a new
+    rank or targets failed on the restored state's shapes). `finetune.base` may name a moved base: its fingerprint
+    is checked instead."""
     saved = config_from_metadata(metadata, source)
-    for section in ("model", "quant"):
+    for section, keys in (("model", None), ("quant", None), ("finetune", RESUME_SAME_FINETUNE)):
         old, new = getattr(saved, section), getattr(config, section)
-        if old != new:
-            diff = [f"{section}.{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
-                    for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(new, f.name)]
+        diff = [f"{section}.{f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
+                for f in dataclasses.fields(old)
+                if (keys is None or f.name in keys) and getattr(old, f.name) != getattr(new, f.name)]
+        if diff:
             raise UserError(f"{source} holds a run with a different {section} config ({'; '.join(diff[:3])}); "
                             f"use another --workdir or the same settings")
 

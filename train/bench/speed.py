@@ -24,8 +24,9 @@ from train.config import load_config
 from train.lora_run import lora_initializer
 
 FLOPS_FORMULA = ("6*N + 12*n_layers*seq_len*d_model per token (PaLM, Chowdhery et al. 2022, app. B): N = parameters "
-                 "of every matmul weight (q, k, v, o, gate, up, down and the LM head; not the embedding table or "
-                 "norms), the second term QK^T and attention x V over the full seq_len x seq_len scores; forward + "
+                 "of every matmul weight (q, k, v, o, gate, up, down and the LM head, which is the embedding table "
+                 "when tied; not an untied embedding table or norms), the second term QK^T and attention x V over "
+                 "the full seq_len x seq_len scores; forward + "
                  "backward = 3 x forward. QAT's quantize/dequantize work is not counted, and a LoRA step counts its "
                  "base's FLOPs as a full training step does, so MFU ratios are speed ratios.")
 
@@ -49,10 +50,13 @@ def measure_matmul(n: int, reps: int, say) -> dict:
             "spreads": spreads}
 
 
-def matmul_params(params) -> int:
-    """Parameters of the matmul weights: every `kernel` leaf (the Linear layers, LM head included)."""
+def matmul_params(params, model) -> int:
+    """Parameters of the matmul weights: every `kernel` leaf (the Linear layers, an untied LM head included) and, when
+    `model` (a ModelConfig) ties its embeddings, the embedding table as the LM head's weight: the logits are still one
+    [tokens, d_model] x [d_model, vocab] matmul (and two more backward), which the kernels alone left out."""
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return sum(int(np.prod(leaf.shape)) for path, leaf in leaves if getattr(path[-1], "key", None) == "kernel")
+    kernels = sum(int(np.prod(leaf.shape)) for path, leaf in leaves if getattr(path[-1], "key", None) == "kernel")
+    return kernels + (model.vocab_size * model.d_model if model.tie_embeddings else 0)
 
 
 def flops_per_token(config, n_matmul: int) -> int:
@@ -93,14 +97,14 @@ def measure_throughput(sizes, variants, warmup: int, rounds: int, steps: int, pe
                 if init is None:
                     raise ValueError(f"LoRA variant {name} cannot come first: it adapts the first variant's init")
                 float_params = init().params
-                n_matmul = matmul_params(float_params)
+                n_matmul = matmul_params(float_params, config.model)
                 state = lora_state(config, model, float_params)
                 del float_params
             else:
                 if init is None:
                     init = jax.jit(state_initializer(config, model))
                 state = init()
-                n_matmul = matmul_params(state.params)
+                n_matmul = matmul_params(state.params, config.model)
             step, state, batch, devices = placed_step(config, model, state, fixed_batch(config))
             tic = time.perf_counter()
             state, metrics = step(state, batch)
