@@ -158,6 +158,18 @@ def test_cache_is_reused_and_rebuilt_when_the_file_changes(corpus_file, tmp_path
     assert ByteTokenizer().decode(changed.train).startswith("Something else entirely.\n")
 
 
+def test_a_token_cache_folder_that_is_a_file_is_one_line_naming_the_setting(corpus_file, tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match=f"data.cache_dir {blocker}/sub: {blocker} is a file, not a folder"):
+        load_splits(DataConfig(path=str(corpus_file), cache_dir=str(blocker / "sub")))
+    monkeypatch.setenv("SLM_JAX_CACHE", str(blocker))
+    with pytest.raises(UserError, match=r"\$SLM_JAX_CACHE .*is a file, not a folder"):
+        load_splits(DataConfig(path=str(corpus_file)))
+    monkeypatch.setenv("SLM_JAX_CACHE", str(tmp_path / "fine"))
+    assert str(load_splits(DataConfig(path=str(corpus_file))).train.filename).startswith(str(tmp_path / "fine"))
+
+
 def test_cache_without_meta_json_is_rebuilt(corpus_file, tmp_path):
     cfg = DataConfig(path=str(corpus_file), cache_dir=str(tmp_path))
     folder = os.path.dirname(load_splits(cfg).train.filename)

@@ -142,11 +142,23 @@ def _named_tokenizer(cfg: DataConfig, cache_root: Path, key: dict, train_text):
     return read_tokenizer_file(cfg.tokenizer)
 
 
+def token_cache_root(cfg: DataConfig) -> Path:
+    """The folder of the token caches: data.cache_dir, else $SLM_JAX_CACHE, else ~/.cache/slm_jax. UserError naming
+    the setting when it, or a folder above it, is a file (it could not hold the caches)."""
+    setting = "data.cache_dir" if cfg.cache_dir else "$SLM_JAX_CACHE" if os.environ.get("SLM_JAX_CACHE") else \
+        "the token cache folder (data.cache_dir, default ~/.cache/slm_jax)"
+    root = Path(cfg.cache_dir or os.environ.get("SLM_JAX_CACHE") or "~/.cache/slm_jax").expanduser()
+    blocking = next((folder for folder in (root, *root.parents) if folder.exists() and not folder.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"{setting} {root}: {blocking} is a file, not a folder; point {setting} at a folder")
+    return root
+
+
 def load_splits(cfg: DataConfig, tokenizer=None) -> Splits:
     """Token arrays of the train and validation splits, built once and then read from the cache (keyed by the
     source and the tokenizer's description, which holds its sha256). `tokenizer` None: the one `cfg` names (a
     `bpe` is trained on the training split); else e.g. the run's own, to evaluate it on other data."""
-    cache_root = Path(cfg.cache_dir or os.environ.get("SLM_JAX_CACHE") or "~/.cache/slm_jax").expanduser()
+    cache_root = token_cache_root(cfg)
     if _is_pretokenized(cfg.path):
         return _pretokenized(cfg, Path(cfg.path).expanduser().resolve(), tokenizer)
     if cfg.path is None:
