@@ -5,6 +5,7 @@ import re
 import zlib
 
 import numpy as np
+import yaml
 import pytest
 
 from train import evaluation
@@ -166,6 +167,11 @@ def test_a_resume_with_nothing_to_train_says_so_and_a_sample_is_announced(tmp_pa
     assert again[-1].startswith("already trained to step 4; nothing to do")
     assert not any(line.startswith(("done:", "sampling", "sample:", "step ")) for line in again)
     assert summary["val_loss"] == pytest.approx(float(again[-1].split("val loss ")[1].split()[0]), abs=1e-4)
+    # fewer steps than trained, with train.extend: nothing to train, and config.yaml still says the steps trained
+    fewer = []
+    run_training(load_config("tiny", [*overrides, "train.steps=2", "train.extend=true"]), tmp_path, log=fewer.append)
+    assert fewer[-1].startswith("already trained to step 4; nothing to do (train.steps = 2)")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["steps"] == 4
 
 
 def test_the_done_line_of_a_resume_says_which_steps_this_session_ran(tmp_path, corpus_file):

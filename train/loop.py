@@ -136,10 +136,11 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
         store.close()
         raise
     quant_plan = describe_quant_plan(config, plan, workdir if primary else None, log)
-    if primary:
-        save_yaml(config, workdir / "config.yaml")
-        save_tokenizer(tokenizer, workdir)
     start = int(state.step)
+    if primary:
+        if start < cfg.steps or not (workdir / "config.yaml").is_file():  # with nothing to train, the run's config
+            save_yaml(config, workdir / "config.yaml")  # stays that of the steps its checkpoints hold
+        save_tokenizer(tokenizer, workdir)
     if tensorboard:
         tensorboard.open(start)
     metrics_log = MetricsLog(workdir / "metrics.jsonl" if primary else None, tensorboard)
