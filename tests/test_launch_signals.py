@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from train.cpu_devices import usable_cores
-from train.launch import main as launch_main, most_processes
+from train.launch import _first_failure, main as launch_main, most_processes
 
 CHILD = """
 import os, signal, sys, time
@@ -165,3 +165,23 @@ def test_process_and_device_counts_past_what_one_machine_runs_are_one_line(capsy
     assert exited.value.code == 2
     assert capsys.readouterr().err == f"error: {said.format(most=most_processes(usable_cores()))}\n"
     assert most_processes(2) == 8 and most_processes(16) == 32
+
+
+class Ended:
+    """A stand-in for a child process: poll() gives its exit code (None while running, -N for signal N)."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def poll(self):
+        return self.code
+
+
+@pytest.mark.parametrize("codes, blamed", [([None, None], None), ([0, None], None), ([None, 1], 1), ([1, 2], 0),
+                                           ([1, -signal.SIGKILL], 1), ([-signal.SIGTERM, -signal.SIGKILL], 0),
+                                           ([0, 1, -signal.SIGKILL], 2)])
+def test_the_failure_reported_is_a_process_killed_by_a_signal_before_one_whose_collectives_then_failed(codes,
+                                                                                                        blamed):
+    """Process 1 SIGKILLed, process 0 exiting 1 as its collectives fail: when both have ended by one poll, the
+    launcher reports process 1 (it used to report the lowest index, process 0, with exit code 1)."""
+    assert _first_failure([Ended(code) for code in codes]) == blamed

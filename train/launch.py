@@ -110,6 +110,14 @@ def _first_failed(children: list, index: int) -> int | None:
     return next((i for i, child in enumerate(children) if i != index and child.poll() not in (None, 0)), None)
 
 
+def _first_failure(children: list) -> int | None:
+    """The index of the process to report as the failure, or None while none has failed: of those that have ended
+    with a non-zero code or by a signal, one ended by a signal first (killed from outside: when it dies, the others'
+    collectives fail and they exit with a code, possibly within the same poll), else the lowest index."""
+    ended = [(child.poll() > 0, i) for i, child in enumerate(children) if child.poll() not in (None, 0)]
+    return min(ended)[1] if ended else None
+
+
 def _how(code: int) -> str:
     return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
 
@@ -164,7 +172,7 @@ def launch(command: list[str], processes: int, devices: int, grace_s: float, hea
             threads[-1].start()
         failed = None
         while any(c.poll() is None for c in children) and failed is None and not stop:
-            failed = next((i for i, c in enumerate(children) if c.poll() not in (None, 0)), None)
+            failed = _first_failure(children)
             time.sleep(POLL_S)
         if stop:
             running = [i for i, c in enumerate(children) if c.poll() is None]
@@ -174,7 +182,7 @@ def launch(command: list[str], processes: int, devices: int, grace_s: float, hea
                 children[i].send_signal(stop[0])
             _end_running(children, running, stop_s, "--stop-timeout")
             return 128 + stop[0]
-        failed = next((i for i, c in enumerate(children) if c.poll() not in (None, 0)), failed)
+        failed = _first_failure(children) if failed is None else failed
         if failed is None:
             return 0
         code = children[failed].returncode
