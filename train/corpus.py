@@ -93,7 +93,8 @@ def text_files(pattern: str) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.glob("*.txt") if p.is_file())
         if not files:
-            raise UserError(f"data.path: {path} is a folder with no .txt files and no nanoGPT train.bin/val.bin pair")
+            raise UserError(f"data.path: {path} is a folder with no .txt files and no nanoGPT train.bin/val.bin pair "
+                            f"directly in it: {folder_contents(path)}")
         return files
     if not path.is_file():
         raise UserError(f"data.path: {path} is not a file")
@@ -101,6 +102,27 @@ def text_files(pattern: str) -> list[Path]:
         raise UserError(f"data.path: {path} is a single .bin file; pre-tokenized ids are read from a folder "
                         f"holding both train.bin and val.bin (nanoGPT's layout): give that folder")
     return [path]
+
+
+def folder_contents(path: Path, shown: int = 3) -> str:
+    """What the folder `path` holds and what to give instead, for the message saying why it is no corpus: e.g. "it
+    holds only 2 folders (a, b); a folder is read at its top level only: ..." (the first `shown` names of each kind),
+    so a folder of folders or of other files is not mistaken for an empty one."""
+    try:
+        entries = sorted(path.iterdir())
+    except OSError as err:
+        return f"it cannot be listed: {err.strerror}"
+    if not entries:
+        return "it is empty"
+    folders = [p.name for p in entries if p.is_dir()]
+    files = [p for p in entries if not p.is_dir()]
+    names = lambda found: ", ".join(found[:shown]) + (", ..." if len(found) > shown else "")
+    counted = lambda found, what: f"{len(found)} {what}{'' if len(found) == 1 else 's'} ({names(found)})"
+    found = (f"only {counted(folders, 'folder')}" if not files else
+             counted([f.name for f in files], "other file") if not folders else
+             f"{counted(folders, 'folder')} and {counted([f.name for f in files], 'other file')}")
+    example = f"'{path}/**/*.txt' for the .txt files below it" if folders else f"'{path}/*{files[0].suffix}'"
+    return f"it holds {found}; a folder is read at its top level only: give a glob instead, e.g. {example}"
 
 
 def read_bytes(path: Path) -> bytes:

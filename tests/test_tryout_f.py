@@ -1,0 +1,43 @@
+"""Faults a tryout of data folders, resuming, TensorBoard, inspect and GGUF export found: a data folder says what it
+holds, settings that cannot apply are named in a note or left out, and each scalar is logged once per step."""
+from __future__ import annotations
+
+import pytest
+
+from slm_jax.errors import UserError
+from train import main as train_main
+from train.corpus import text_files
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda d: [(d / name).mkdir() for name in ("b", "a")],
+     r"it holds only 2 folders \(a, b\); a folder is read at its top level only: give a glob instead, e\.g\. "
+     r"'.*/data/\*\*/\*\.txt' for the \.txt files below it$"),
+    (lambda d: None, r"it is empty$"),
+    (lambda d: [(d / f"{name}.md").write_text("x") for name in "abcd"],
+     r"it holds 4 other files \(a\.md, b\.md, c\.md, \.\.\.\); .* e\.g\. '.*/data/\*\.md'$"),
+    (lambda d: ((d / "sub").mkdir(), (d / "notes.md").write_text("x")),
+     r"it holds 1 folder \(sub\) and 1 other file \(notes\.md\); .*'.*/data/\*\*/\*\.txt'"),
+])
+def test_a_data_folder_without_text_says_what_it_holds(tmp_path, make, said):
+    """A folder with no .txt file directly in it said "no .txt files" alone, also when it held only folders of
+    them: the message names what it found and that a folder is read at its top level only."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    make(folder)
+    with pytest.raises(UserError, match=said) as err:
+        text_files(str(folder))
+    message = str(err.value)
+    assert message.startswith(f"data.path: {folder} is a folder with no .txt files") and "\n" not in message
+
+
+def test_train_main_on_a_folder_of_folders_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "data" / "part1").mkdir(parents=True)
+    (tmp_path / "data" / "part1" / "a.txt").write_text("text")
+    with pytest.raises(SystemExit) as exited:
+        train_main.main(["--config", "tiny", "--workdir", str(tmp_path / "run"), "--set",
+                         f"data.path={tmp_path / 'data'}"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert "it holds only 1 folder (part1)" in err and "**/*.txt" in err
+    assert not (tmp_path / "run").exists()
