@@ -2,11 +2,13 @@
 holds, settings that cannot apply are named in a note or left out, and each scalar is logged once per step."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from slm_jax.errors import UserError
 from train import main as train_main
 from train.corpus import text_files
+from train.data import DataConfig, ignored_text_note
 
 
 @pytest.mark.parametrize("make, said", [
@@ -41,3 +43,21 @@ def test_train_main_on_a_folder_of_folders_is_one_line_exit_2(tmp_path, capsys):
     assert exited.value.code == 2 and err.count("\n") == 1, err
     assert "it holds only 1 folder (part1)" in err and "**/*.txt" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_of_bin_pair_and_text_notes_that_the_text_is_ignored(tmp_path):
+    """nanoGPT's prepare.py leaves input.txt beside train.bin/val.bin: training read the .bin files without a word
+    about the text; now a note says which it reads and that the .txt files are ignored (none without them)."""
+    folder = tmp_path / "shakespeare_char"
+    folder.mkdir()
+    for name in ("train.bin", "val.bin"):
+        np.arange(1, 4, dtype=np.uint16).tofile(folder / name)
+    cfg = DataConfig(path=str(folder), tokenizer=None, vocab_size=500)
+    assert ignored_text_note(cfg) is None
+    (folder / "input.txt").write_text("text")
+    (folder / "more.txt").write_text("text")
+    note = ignored_text_note(cfg)
+    assert note.startswith(f"note: data.path {folder} holds nanoGPT's train.bin/val.bin and 2 .txt files (input.txt, "
+                           f"more.txt): training reads the pre-tokenized train.bin/val.bin, and the .txt files are "
+                           f"ignored") and f"'{folder}/*.txt'" in note and "\n" not in note
+    assert ignored_text_note(DataConfig(path=str(folder / "input.txt"))) is None

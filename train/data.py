@@ -121,6 +121,22 @@ def _is_pretokenized(path: str | None) -> bool:
     return path is not None and any((Path(path).expanduser() / name).is_file() for name in PRETOKENIZED)
 
 
+def ignored_text_note(cfg: DataConfig) -> str | None:
+    """A note when data.path is a folder holding nanoGPT's train.bin/val.bin and .txt files too (nanoGPT's
+    prepare.py leaves its input.txt beside them): the pre-tokenized ids are read and the text is not, which the run
+    should say rather than leave to be guessed from its token counts."""
+    if not _is_pretokenized(cfg.path):
+        return None
+    folder = Path(cfg.path).expanduser()
+    texts = sorted(p.name for p in folder.glob("*.txt") if p.is_file())
+    if not texts:
+        return None
+    shown = ", ".join(texts[:3]) + (", ..." if len(texts) > 3 else "")
+    return (f"note: data.path {folder} holds nanoGPT's train.bin/val.bin and {len(texts)} .txt "
+            f"file{'' if len(texts) == 1 else 's'} ({shown}): training reads the pre-tokenized train.bin/val.bin, "
+            f"and the .txt files are ignored (to train on the text, give them as a glob: '{folder}/*.txt')")
+
+
 def _bpe(cfg: DataConfig, cache_root: Path, key: dict, train_text) -> object:
     """The BPE of `cfg` trained on the training text alone, cached by source, size and `tokenizers` version."""
     folder = cache_root / f"bpe-{_cache_key({**key, 'bpe': cfg.vocab_size, 'tokenizers': tokenizers.__version__})}"

@@ -23,7 +23,7 @@ from quant.plan import format_plan, make_plan, plan_to_json
 from slm_jax.errors import UserError
 from slm_jax.sampling import generate_chunks
 from train.config import Config, save_yaml
-from train.data import batch_starts, check_splits, load_splits, windows
+from train.data import batch_starts, check_splits, ignored_text_note, load_splits, windows
 from train.evaluation import eval_windows, format_bits_per_char, loss_summary, mean_loss, unigram_loss
 from train.interrupts import STOP, signals_held, stop_exception
 from train.metrics import MetricsLog, Throughput, format_duration
@@ -148,7 +148,8 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
     n_params = param_count(state.params)
     log(f"model: {n_params:,} params | train {len(splits.train):,} tokens, val {len(splits.val):,} tokens | "
         f"precision {cfg.precision} | quant {config.quant.mode} | mesh {dict(mesh.shape)}")
-    for note in (bpe_size_note(config, tokenizer), warmup_note(cfg), bundled_only_note(config.data)):
+    for note in (ignored_text_note(config.data), bpe_size_note(config, tokenizer), warmup_note(cfg),
+                 bundled_only_note(config.data)):
         if note:
             log(note)
 
