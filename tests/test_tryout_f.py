@@ -5,10 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from checkpoints.manager import CheckpointStore
 from slm_jax.errors import UserError
 from train import main as train_main
 from train.corpus import text_files
+from train.config import load_config
 from train.data import DataConfig, ignored_text_note
+from train.loop import run_training
+from train.run import keep_init_from, same_folder
 
 
 @pytest.mark.parametrize("make, said", [
@@ -61,3 +65,25 @@ def test_a_folder_of_bin_pair_and_text_notes_that_the_text_is_ignored(tmp_path):
                            f"more.txt): training reads the pre-tokenized train.bin/val.bin, and the .txt files are "
                            f"ignored") and f"'{folder}/*.txt'" in note and "\n" not in note
     assert ignored_text_note(DataConfig(path=str(folder / "input.txt"))) is None
+
+
+def test_a_resume_with_another_init_from_notes_it_and_keeps_the_recorded_one(tmp_path, tiny_run):
+    """A resume ignored a changed train.init_from without a word and would save the new value as the run's origin
+    (its lineage, e.g. for an imported model's token ids, then named a run its weights never came from): it is
+    noted with both values, and the config the run goes on with keeps the recorded one."""
+    run, other = tiny_run(tmp_path / "run"), tiny_run(tmp_path / "other")
+    printed = []
+    sets = [f"data.path={run.corpus}", f"data.cache_dir={run.cache}", "train.sample_tokens=0", "train.eval_batches=1"]
+    config = load_config("tiny", [*sets, f"train.init_from={other.workdir}"])
+    run_training(config, run.workdir, log=printed.append)
+    assert [line for line in printed if "train.init_from" in line] == [
+        f"note: resuming step 30 of a run started from scratch (train.init_from unset): train.init_from="
+        f"{other.workdir} does not apply, as train.init_from only sets a new run's first weights; the run keeps its "
+        f"recorded value; to start from {other.workdir}, train into another --workdir"], printed
+    store = CheckpointStore(run.workdir / "checkpoints", create=False)
+    try:
+        assert keep_init_from(store, config, log=printed.append).train.init_from is None
+    finally:
+        store.close()
+    assert same_folder(str(other.workdir), str(other.workdir / ".." / "other"))  # written otherwise: no change
+    assert not same_folder(str(other.workdir), str(run.workdir)) and not same_folder(None, str(run.workdir))

@@ -31,7 +31,7 @@ from train.observe import StepProfiler, TensorBoardLog
 from train.optim import learning_rate_schedule
 from train.precision import all_finite
 from train.recipe import make_recipe
-from train.run import check_resumable, check_schedule, config_from_metadata
+from train.run import check_resumable, check_schedule, config_from_metadata, keep_init_from
 from train.sharding import (batch_sharding, check_batch_rows, load_sharded, make_mesh, rows_sharding,
                             shard_train_step)
 from train.steps import make_eval_step, make_train_step, merge_variables, steps_compiler_options
@@ -128,6 +128,7 @@ def run_training(config: Config, workdir: Path, log=print, profile_steps: int = 
         check_same_tokenizer(store, tokenizer)
         state = recipe.initial_state(store, log, shardings)
         check_schedule(store, config, log)
+        config = keep_init_from(store, config, log)
         check_same_data(store, config, splits)
         if not bool(state_finite(state)):  # saved by a version that did not check
             raise UserError(f"checkpoint {store.directory}/{store.latest_step()} holds a non-finite state (NaN or "

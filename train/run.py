@@ -121,6 +121,34 @@ def check_schedule(store: CheckpointStore, config: Config, log) -> None:
         f"the learning rate is now {lr:.3e}")
 
 
+def same_folder(saved: str | None, now: str | None) -> bool:
+    """True when both paths name one existing folder, however written (relative or absolute, through a link)."""
+    try:
+        return bool(saved and now) and Path(saved).exists() and Path(now).exists() and Path(saved).samefile(now)
+    except OSError:
+        return False
+
+
+def keep_init_from(store: CheckpointStore, config: Config, log) -> Config:
+    """`config` with the train.init_from the resumed run in `store` was started from. train.init_from only gives a
+    new run its first weights; a resume goes on from its checkpoint, so a changed value cannot take effect: it is
+    noted with the recorded and the new value (it was ignored without a word), and the recorded one stays in the
+    config the run saves, so its lineage (`parent_runs`: e.g. an imported model's token ids) still names the run its
+    weights came from. A value naming the same folder otherwise written is no change."""
+    latest = store.latest_step()
+    if latest is None:
+        return config
+    saved, now = config_from_metadata(store.metadata(latest), store.directory).train.init_from, config.train.init_from
+    if saved == now or same_folder(saved, now):
+        return config
+    started = f"train.init_from={saved}" if saved else "scratch (train.init_from unset)"
+    asked = f"train.init_from={now}" if now else "an unset train.init_from"
+    hint = f"; to start from {now}, train into another --workdir" if now else ""
+    log(f"note: resuming step {latest} of a run started from {started}: {asked} does not apply, as train.init_from "
+        f"only sets a new run's first weights; the run keeps its recorded value{hint}")
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=saved))
+
+
 RESUME_SAME_FINETUNE = ("method", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "freeze")
 
 
