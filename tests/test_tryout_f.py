@@ -2,6 +2,9 @@
 holds, settings that cannot apply are named in a note or left out, and each scalar is logged once per step."""
 from __future__ import annotations
 
+import collections
+import struct
+
 import numpy as np
 import pytest
 
@@ -12,6 +15,7 @@ from train.corpus import text_files
 from train.config import load_config
 from train.data import DataConfig, ignored_text_note
 from train.loop import run_training
+from train.observe import TensorBoardLog
 from train.run import keep_init_from, same_folder
 
 
@@ -87,3 +91,34 @@ def test_a_resume_with_another_init_from_notes_it_and_keeps_the_recorded_one(tmp
         store.close()
     assert same_folder(str(other.workdir), str(other.workdir / ".." / "other"))  # written otherwise: no change
     assert not same_folder(str(other.workdir), str(run.workdir)) and not same_folder(None, str(run.workdir))
+
+
+def scalar_counts(directory) -> collections.Counter:
+    """How many scalar events each (tag, step) has in the TensorBoard event files under `directory` (TFRecord
+    framing: uint64 length, uint32 CRC of it, the Event proto, uint32 CRC of it; checksums not verified)."""
+    event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
+    counts = collections.Counter()
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack_from("<Q", data, pos)
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            counts.update((value.tag, event.step) for value in event.summary.value)
+    return counts
+
+
+def test_tensorboard_logs_each_scalar_once_per_step(tmp_path):
+    """The last step's record and the final summary both hold ms_per_step and tokens_per_s (metrics.jsonl keeps
+    both records): TensorBoard got each twice at that step; now the first is kept and the repeat dropped."""
+    pytest.importorskip("tensorboardX")
+    log = TensorBoardLog(tmp_path / "tb")
+    log.open(0)
+    log.write({"step": 30, "loss": 2.0, "ms_per_step": 4.0, "tokens_per_s": 64.0, "eta_s": 0.0, "time": 1.0})
+    log.write({"step": 30, "final": True, "params": 10, "val_loss": 2.5, "ms_per_step": 4.0, "tokens_per_s": 64.0,
+               "time": 2.0})
+    log.write({"step": 31, "loss": 1.5, "tokens_per_s": 60.0, "time": 3.0})
+    log.close()
+    counts = scalar_counts(tmp_path / "tb")
+    assert counts == {(tag, 30): 1 for tag in ("loss", "ms_per_step", "tokens_per_s", "eta_s", "params",
+                                              "val_loss")} | {("loss", 31): 1, ("tokens_per_s", 31): 1}

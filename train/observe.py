@@ -32,17 +32,22 @@ class TensorBoardLog:
             raise UserError("train.tensorboard: true needs tensorboardX; install it with "
                             "pip install -e \".[tensorboard]\" or set train.tensorboard=false")
         self.directory, self.writer = Path(directory), None
+        self.last_step: dict[str, int] = {}  # tag -> the step it was last written at
 
     def open(self, resume_step: int) -> None:
         self.writer = SummaryWriter(str(self.directory), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict) -> None:
-        """Add every int/float field of `record` (not bools, None or NaN/inf, not `step`/`time`) at record['step']."""
+        """Add every int/float field of `record` (not bools, None or NaN/inf, not `step`/`time`) at record['step'],
+        each tag once per step: the final summary repeats the last step's ms_per_step and tokens_per_s, which
+        TensorBoard would draw as a second point at that step."""
+        step = record["step"]
         for key, value in record.items():
             if key in NOT_SCALARS or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            if math.isfinite(value):
-                self.writer.add_scalar(key, value, global_step=record["step"], walltime=record.get("time"))
+            if math.isfinite(value) and self.last_step.get(key) != step:
+                self.writer.add_scalar(key, value, global_step=step, walltime=record.get("time"))
+                self.last_step[key] = step
 
     def close(self) -> None:
         if self.writer is not None:
