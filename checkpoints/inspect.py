@@ -21,12 +21,15 @@ from checkpoints.manager import METADATA_CHECKSUM_KEY, SHARD_CHECKSUM_KEY, Array
 from slm_jax.errors import UserError
 from train.cli import ArgumentParser, main_guard, non_negative_int, path_arg
 
-# The config keys worth a line each; a section not listed here is summarised in full.
+# The config keys worth a line each; a section not listed here is summarised in full. `applied_keys` then drops
+# those the run's own settings left unused.
 SUMMARY_KEYS = {
     "train": ("steps", "batch_size", "grad_accum", "learning_rate", "precision", "seed"),
     "quant": ("mode", "weight_bits", "act_bits", "granularity", "group_size", "bwd_bits", "embed_bits", "scale_dtype"),
-    "data": ("path", "tokenizer", "vocab_size", "val_plays", "genres"),
+    "data": ("path", "tokenizer", "vocab_size", "val_fraction", "val_plays", "genres"),
 }
+BUNDLED_ONLY = ("val_plays", "genres")  # choose plays of the bundled corpus (train.data.DataConfig)
+LORA_ONLY = ("base", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")  # finetune.method=lora
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,14 +66,33 @@ def _value(key: str, value) -> str:
     return str(value)
 
 
-def config_summary(config: dict) -> list[str]:
+def applied_keys(section: str, values: dict, data: dict) -> tuple[str, ...]:
+    """The keys of config `section` worth a line that applied to the run: a float run's quant mode alone; the
+    bundled corpus's val_plays and genres only without data.path; val_fraction only for text data.path split
+    (not the bundled plays, nor pre-tokenized ids: `data`, the checkpoint's data description, says so); a
+    vocab_size only when set (bpe, pre-tokenized ids); LoRA's settings only for finetune.method=lora, freeze
+    only for the others. A run trained on the user's text showed the default val_plays and genres as if used."""
+    keys = SUMMARY_KEYS.get(section, tuple(values))
+    unused: tuple[str, ...] = ()
+    if section == "quant" and values.get("mode") == "none":
+        keys = ("mode",)
+    elif section == "data":
+        unused = ("val_fraction",) if values.get("path") is None else \
+            BUNDLED_ONLY + (("val_fraction",) if data.get("pretokenized") else ())
+        unused += ("vocab_size",) if values.get("vocab_size") is None else ()
+    elif section == "finetune":
+        unused = ("freeze",) if values.get("method") == "lora" else LORA_ONLY
+    return tuple(key for key in keys if key not in unused)
+
+
+def config_summary(config: dict, data: dict | None = None) -> list[str]:
+    """One line per config section with the keys that applied (`applied_keys`); `data`: the checkpoint's data
+    description (its `data` metadata), None when not recorded."""
     lines = []
     for section, values in config.items():
         if not isinstance(values, dict):
             continue
-        keys = SUMMARY_KEYS.get(section, tuple(values))
-        if section == "quant" and values.get("mode") == "none":
-            keys = ("mode",)
+        keys = applied_keys(section, values, data or {})
         shown = " ".join(f"{k}={_value(k, values[k])}" for k in keys if k in values and values[k] != {})
         lines.append(f"  {section:<11} {shown}")
     return lines
@@ -147,7 +169,7 @@ def describe(metadata: dict, steps: list[int], arrays: list[ArrayInfo], where: s
         f"params      {metadata.get('param_count', 0):,} ({param_bytes:,} bytes)",
         *provenance_lines(metadata),
         "config",
-        *config_summary(config),
+        *config_summary(config, metadata.get("data") if isinstance(metadata.get("data"), dict) else None),
         *plan_lines(metadata.get("quant_plan"), (config.get("quant") or {}).get("mode")),
         *array_lines(arrays),
     ]

@@ -250,7 +250,8 @@ def test_inspect_prints_metadata_steps_and_every_array_without_restoring(tmp_pat
     assert "steps       4" in out and "kind        train" in out and "quant plan  none (float)" in out
     assert "model       vocab_size=256 seq_len=16" in out and "kind byte, vocab_size 256" in out
     data_line = next(line for line in out.splitlines() if line.startswith("  data "))
-    assert f"val_plays={','.join(config.data.val_plays)}" in data_line and "genres=all" in data_line
+    assert config.data.path and f"val_fraction={config.data.val_fraction}" in data_line  # the user's text: the
+    assert "val_plays" not in data_line and "genres" not in data_line  # bundled corpus's settings did not apply
     assert f"state arrays ({len(expected)})" in out
     assert any(line.split()[:4] == ["params/embed/embedding", "[256,", "16]", "float32"] for line in out.splitlines())
     total = tree_bytes(expected)["total"]

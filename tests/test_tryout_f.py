@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import collections
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from checkpoints.inspect import config_summary, main as inspect_main
 from checkpoints.manager import CheckpointStore
 from slm_jax.errors import UserError
 from train import main as train_main
@@ -17,6 +19,8 @@ from train.data import DataConfig, ignored_text_note
 from train.loop import run_training
 from train.observe import TensorBoardLog
 from train.run import keep_init_from, same_folder
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("make, said", [
@@ -122,3 +126,25 @@ def test_tensorboard_logs_each_scalar_once_per_step(tmp_path):
     counts = scalar_counts(tmp_path / "tb")
     assert counts == {(tag, 30): 1 for tag in ("loss", "ms_per_step", "tokens_per_s", "eta_s", "params",
                                               "val_loss")} | {("loss", 31): 1, ("tokens_per_s", 31): 1}
+
+
+def test_inspect_shows_only_the_settings_that_applied(capsys):
+    """A run trained on the user's text (data.path) showed the bundled corpus's val_plays and genres, which it never
+    used, and not its val_fraction; the data and finetune lines now hold only what applied to the run."""
+    inspect_main([str(ROOT / "tests" / "fixtures" / "v2_tiny")])
+    data_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  data "))
+    assert data_line.split() == ["data", "path=corpus.txt", "val_fraction=0.1"]
+
+    def lines(*sets, data=None):
+        summary = config_summary(load_config("tiny", list(sets)).to_dict(), data)
+        return {line.split()[0]: line.split()[1:] for line in summary}
+
+    bundled = lines()
+    assert bundled["data"] == ["path=None", "tokenizer=byte", "val_plays=hamlet,the-tempest,twelfth-night",
+                               "genres=all"]
+    assert bundled["finetune"] == ["method=none", "freeze=None"]
+    ids = lines("data.path=/ids", "data.tokenizer=null", "data.vocab_size=500", data={"pretokenized": True})
+    assert ids["data"] == ["path=/ids", "tokenizer=None", "vocab_size=500"]
+    lora = lines("finetune.method=lora", "finetune.base=/base")
+    assert lora["finetune"] == ["base=/base", "method=lora", "lora_rank=8", "lora_alpha=16.0", "lora_dropout=0.0",
+                                "lora_targets=attn/(q|v)|mlp/(gate|up|down)"]
