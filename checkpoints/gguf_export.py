@@ -23,18 +23,35 @@ from train.cli import ArgumentParser, main_guard, require_one_process, path_arg
 from train.run import check_out_parent, imported_token_ids, load_run, open_store, tokenizer_of
 
 
-def run_vocab(workdir: Path) -> Vocab:
-    """The vocabulary of the run in `workdir`, from its own tokenizer (`train.run.tokenizer_of`: bytes, or the
+def run_vocab(workdir: Path, tokenizer) -> Vocab:
+    """The vocabulary of the run in `workdir`, from its own `tokenizer` (`train.run.tokenizer_of`: bytes, or the
     tokenizer.json kept in the workdir, checked against the sha256 its checkpoints record), with the special tokens
     it adds around a text (`special_affixes`). UserError for a run without a tokenizer or one llama.cpp's
     byte-level BPE cannot reproduce."""
-    tokenizer = tokenizer_of(workdir)
     if tokenizer.kind == "byte":
         return byte_vocab()
     if tokenizer.kind == "none":
         raise UserError(f"{workdir} was trained on pre-tokenized ids without a tokenizer; GGUF export needs one "
                         f"(llama.cpp reads text)")
     return dataclasses.replace(bpe_vocab(json.loads(tokenizer.to_json())), **special_affixes(tokenizer))
+
+
+def eos_note(workdir: Path, kind: str, vocab: Vocab, token_ids: dict) -> str | None:
+    """A note when the file gets no tokenizer.ggml.eos_token_id: neither the tokenizer (of `kind`) adds an end token
+    after a text (`vocab.eos`) nor an imported model up the run's lineage names one (`token_ids`, of which
+    `write_gguf` writes an int, or a list's first). The byte tokenizer has none to give (its 256 ids are the bytes
+    and training text is joined by newlines, with no end marker), nor has a BPE trained here (no special tokens), so
+    none is invented; llama.cpp then falls back to its gpt2 default end token, id 11, which such a model never
+    learnt to end with, and generates until its token limit."""
+    eos = token_ids.get("eos_token_id")
+    eos = (eos[0] if eos else None) if isinstance(eos, list) else eos
+    if vocab.eos is not None or isinstance(eos, int):
+        return None
+    why = ("its 256 ids are the bytes, and its training text has no end marker" if kind == "byte" else
+           "it adds none after a text, and no imported model in the run's lineage names one")
+    return (f"note: the tokenizer of {workdir} has no end-of-text token ({why}), so the file holds no "
+            f"tokenizer.ggml.eos_token_id; llama.cpp then takes its gpt2 default, id 11, which this model never "
+            f"learnt to end with: it generates until its token limit (give llama.cpp -n N)")
 
 
 def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, log=print) -> Path:
@@ -54,7 +71,8 @@ def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, 
         store.close()
     kind = metadata.get("kind") or "train"
     check_kind(kind)  # before a LoRA run's base would be read
-    vocab = run_vocab(workdir)
+    tokenizer = tokenizer_of(workdir)
+    vocab = run_vocab(workdir, tokenizer)
     start = time.perf_counter()
     run = load_run(workdir)
     config = run.config
@@ -66,9 +84,12 @@ def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, 
             f"and llama.cpp computes activations its own way, so its outputs differ slightly from the run's")
     tensors = gguf_tensors(config.model, config.quant, run.variables, kind, out_type)
     vocab = pad_vocab(vocab, config.model.vocab_size)
+    token_ids = imported_token_ids(workdir, run.metadata)
+    note = eos_note(workdir, tokenizer.kind, vocab, token_ids)
+    if note:
+        log(note)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_gguf(out, config.model, tensors, vocab, out_type, name=workdir.resolve().name,
-               token_ids=imported_token_ids(workdir, run.metadata))
+    write_gguf(out, config.model, tensors, vocab, out_type, name=workdir.resolve().name, token_ids=token_ids)
     log(f"wrote {out} ({out_type}, {out.stat().st_size:,} bytes, {len(tensors)} tensors) from {workdir} "
         f"(step {run.step}, {kind}) in {time.perf_counter() - start:.1f}s")
     return out

@@ -3,12 +3,16 @@ holds, settings that cannot apply are named in a note or left out, and each scal
 from __future__ import annotations
 
 import collections
+import dataclasses
 import struct
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
+from checkpoints.gguf_export import eos_note, export_workdir
+from checkpoints.gguf_vocab import byte_vocab
 from checkpoints.inspect import config_summary, main as inspect_main
 from checkpoints.manager import CheckpointStore
 from slm_jax.errors import UserError
@@ -148,3 +152,25 @@ def test_inspect_shows_only_the_settings_that_applied(capsys):
     lora = lines("finetune.method=lora", "finetune.base=/base")
     assert lora["finetune"] == ["base=/base", "method=lora", "lora_rank=8", "lora_alpha=16.0", "lora_dropout=0.0",
                                 "lora_targets=attn/(q|v)|mlp/(gate|up|down)"]
+
+
+def test_gguf_export_of_a_byte_run_notes_that_it_has_no_end_of_text_token(tmp_path, tiny_run):
+    """A byte-level run's GGUF file has no tokenizer.ggml.eos_token_id (the byte vocabulary has no end-of-text id to
+    give: its 256 ids are the bytes), and the export said nothing, so llama.cpp's run-on generation was a surprise;
+    now a note says so, and none is invented. A tokenizer that adds an end token, or an imported model's id, needs
+    no note."""
+    run = tiny_run(tmp_path / "run")
+    printed = []
+    export_workdir(run.workdir, tmp_path / "model.gguf", "f32", log=printed.append)
+    notes = [line for line in printed if line.startswith("note:")]
+    assert notes == [f"note: the tokenizer of {run.workdir} has no end-of-text token (its 256 ids are the bytes, and "
+                     f"its training text has no end marker), so the file holds no tokenizer.ggml.eos_token_id; "
+                     f"llama.cpp then takes its gpt2 default, id 11, which this model never learnt to end with: it "
+                     f"generates until its token limit (give llama.cpp -n N)"]
+    fields = gguf.GGUFReader(tmp_path / "model.gguf").fields
+    assert "tokenizer.ggml.eos_token_id" not in fields and not fields["tokenizer.ggml.add_bos_token"].contents()
+    vocab = byte_vocab()
+    assert eos_note(run.workdir, "byte", dataclasses.replace(vocab, eos=2), {}) is None
+    assert eos_note(run.workdir, "file", vocab, {"eos_token_id": [2, 7]}) is None
+    assert "no imported model in the run's lineage names one" in eos_note(run.workdir, "file", vocab,
+                                                                          {"eos_token_id": []})
