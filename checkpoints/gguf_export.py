@@ -20,7 +20,8 @@ from checkpoints.gguf_vocab import Vocab, bpe_vocab, byte_vocab, pad_vocab, spec
 from quant.plan import activation_quantization
 from slm_jax.errors import UserError
 from train.cli import ArgumentParser, main_guard, require_one_process, path_arg
-from train.run import check_out_parent, imported_token_ids, load_run, open_store, tokenizer_of
+from train.run import check_out_parent, load_run, open_store, tokenizer_of
+from train.token_ids import eos_note, export_token_ids
 
 
 def run_vocab(workdir: Path, tokenizer) -> Vocab:
@@ -36,28 +37,15 @@ def run_vocab(workdir: Path, tokenizer) -> Vocab:
     return dataclasses.replace(bpe_vocab(json.loads(tokenizer.to_json())), **special_affixes(tokenizer))
 
 
-def eos_note(workdir: Path, kind: str, vocab: Vocab, token_ids: dict) -> str | None:
-    """A note when the file gets no tokenizer.ggml.eos_token_id: neither the tokenizer (of `kind`) adds an end token
-    after a text (`vocab.eos`) nor an imported model up the run's lineage names one (`token_ids`, of which
-    `write_gguf` writes an int, or a list's first). The byte tokenizer has none to give (its 256 ids are the bytes
-    and training text is joined by newlines, with no end marker), nor has a BPE trained here (no special tokens), so
-    none is invented; llama.cpp then falls back to its gpt2 default end token, id 11, which such a model never
-    learnt to end with, and generates until its token limit."""
-    eos = token_ids.get("eos_token_id")
-    eos = (eos[0] if eos else None) if isinstance(eos, list) else eos
-    if vocab.eos is not None or isinstance(eos, int):
-        return None
-    why = ("its 256 ids are the bytes, and its training text has no end marker" if kind == "byte" else
-           "it adds none after a text, and no imported model in the run's lineage names one")
-    return (f"note: the tokenizer of {workdir} has no end-of-text token ({why}), so the file holds no "
-            f"tokenizer.ggml.eos_token_id; llama.cpp then takes its gpt2 default, id 11, which this model never "
-            f"learnt to end with: it generates until its token limit (give llama.cpp -n N)")
+LLAMA_CPP_NO_EOS = ("the file holds no tokenizer.ggml.eos_token_id; llama.cpp then takes its gpt2 default, id 11, "
+                    "which this model never learnt to end with: it generates until its token limit (give llama.cpp "
+                    "-n N)")
 
 
 def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, log=print) -> Path:
     """Export the latest checkpoint of `workdir` to the GGUF file `out` (see the module docstring), which must not
     exist (missing folders above it are made); a run imported from Hugging Face, or derived from one, keeps its
-    bos/eos/pad token ids."""
+    bos/eos/pad token ids, and a tokenizer's added bos/eos are written as such (`train.token_ids`)."""
     workdir, out = Path(workdir), Path(out)
     if out.suffix != ".gguf":
         raise UserError(f"--out must name a .gguf file, got {out}")
@@ -84,8 +72,8 @@ def export_workdir(workdir: Path, out: Path, requested_type: str | None = None, 
             f"and llama.cpp computes activations its own way, so its outputs differ slightly from the run's")
     tensors = gguf_tensors(config.model, config.quant, run.variables, kind, out_type)
     vocab = pad_vocab(vocab, config.model.vocab_size)
-    token_ids = imported_token_ids(workdir, run.metadata)
-    note = eos_note(workdir, tokenizer.kind, vocab, token_ids)
+    token_ids = export_token_ids(workdir, run.metadata, tokenizer)  # the Hugging Face export's ids too
+    note = eos_note(workdir, tokenizer.kind, token_ids, LLAMA_CPP_NO_EOS)
     if note:
         log(note)
     out.parent.mkdir(parents=True, exist_ok=True)

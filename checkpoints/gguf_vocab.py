@@ -98,19 +98,31 @@ def llama_cpp_pre(tokenizer_json: dict) -> str:
 AFFIX_PROBE = "a b"  # any text its tokenizer encodes: what encoding it with special tokens adds around it
 
 
-def special_affixes(tokenizer) -> dict[str, int | None]:
-    """{"bos": id or None, "eos": id or None}: the token `tokenizer` (a `train.tokenizer` tokenizer) puts before and
-    after a text when it encodes it with its special tokens, as `train.generate` encodes a prompt (a tokenizer.json
-    post-processor such as TemplateProcessing "<s> $A"), which llama.cpp adds when the file says add_bos_token /
-    add_eos_token. UserError for more than one token on a side, which those keys cannot express."""
+def affix_ids(tokenizer) -> tuple[list[int], list[int]] | None:
+    """(prefix, suffix): the ids `tokenizer` (a `train.tokenizer` tokenizer) puts before and after a text when it
+    encodes it with its special tokens, as `train.generate` encodes a prompt (a tokenizer.json post-processor such
+    as TemplateProcessing "<s> $A </s>"); ([], []) where it adds none, None where the text's own ids are not found
+    inside (a post-processor that changes them). The one source of the bos/eos an export takes from a tokenizer."""
+    if tokenizer.kind == "none":  # pre-tokenized ids: no text goes in
+        return [], []
     plain = [int(i) for i in tokenizer.encode(AFFIX_PROBE)]
     full = [int(i) for i in tokenizer.encode(AFFIX_PROBE, add_special_tokens=True)]
     start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
-    prefix, suffix = ([], []) if start is None else (full[:start], full[start + len(plain):])
-    if start is None or len(prefix) > 1 or len(suffix) > 1:
+    return None if start is None else (full[:start], full[start + len(plain):])
+
+
+def special_affixes(tokenizer) -> dict[str, int | None]:
+    """{"bos": id or None, "eos": id or None}: the token `tokenizer` puts before and after a text (`affix_ids`),
+    which llama.cpp adds when the file says add_bos_token / add_eos_token. UserError for more than one token on a
+    side, which those keys cannot express."""
+    affixes = affix_ids(tokenizer)
+    if affixes is None or len(affixes[0]) > 1 or len(affixes[1]) > 1:
+        plain = [int(i) for i in tokenizer.encode(AFFIX_PROBE)]
+        full = [int(i) for i in tokenizer.encode(AFFIX_PROBE, add_special_tokens=True)]
         raise UserError(f"the tokenizer encodes {AFFIX_PROBE!r} with its special tokens as {full} (without them: "
                         f"{plain}); llama.cpp can add one token before a text (add_bos_token) and one after "
                         f"(add_eos_token), not this")
+    prefix, suffix = affixes
     return {"bos": prefix[0] if prefix else None, "eos": suffix[0] if suffix else None}
 
 

@@ -4,7 +4,9 @@ Face Llama folder (config.json, model.safetensors, tokenizer.json, generation_co
 
 Float and QAT runs export their float weights, serving runs their dequantized integer weights, LoRA runs base +
 adapters merged (activation quantization, which the format cannot express, is dropped with a note);
-tokenizer.json is the run's own tokenizer (byte runs: the byte tokenizer in `tokenizers` format).
+tokenizer.json is the run's own tokenizer (byte runs: the byte tokenizer in `tokenizers` format); bos/eos/pad ids
+are those of an imported model up the run's lineage, else the tokens the tokenizer adds around a text, as in the
+GGUF export (`train.token_ids`), with a note when there is no eos_token_id.
 The folder is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
@@ -25,8 +27,13 @@ from quant.lora_merge import merged_float_params
 from quant.plan import activation_quantization
 from slm_jax.errors import UserError
 from train.cli import ArgumentParser, add_base_argument, main_guard, require_one_process, path_arg
-from train.run import check_base_used, check_output_folder, imported_token_ids, load_run
+from train.run import check_base_used, check_output_folder, load_run
+from train.token_ids import eos_note, export_token_ids
 from train.tokenizer import save_tokenizer
+
+TRANSFORMERS_NO_EOS = ("config.json and generation_config.json hold no eos_token_id; transformers' generate then "
+                       "never stops early: it generates until max_new_tokens (else max_length, 20 tokens with the "
+                       "prompt by default)")
 
 
 def float_params(run) -> dict:
@@ -56,7 +63,10 @@ def export_run(workdir: Path, out: Path, dtype: str = "bf16", log=print, base: P
             f"export holds its weights and computes activations in float, so its outputs differ slightly from the "
             f"run's")
     params = float_params(run)
-    token_ids = imported_token_ids(workdir, run.metadata)  # its own import's, or that of the run it derives from
+    token_ids = export_token_ids(workdir, run.metadata, run.tokenizer)  # as the GGUF export's
+    note = eos_note(workdir, run.tokenizer.kind, token_ids, TRANSFORMERS_NO_EOS)
+    if note:
+        log(note)
 
     final = out.resolve()
     tmp = final.with_name(f".{final.name}.exporting-{os.getpid()}")

@@ -3,7 +3,6 @@ holds, settings that cannot apply are named in a note or left out, and each scal
 from __future__ import annotations
 
 import collections
-import dataclasses
 import struct
 from pathlib import Path
 
@@ -11,8 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
-from checkpoints.gguf_export import eos_note, export_workdir
-from checkpoints.gguf_vocab import byte_vocab
+from checkpoints.gguf_export import LLAMA_CPP_NO_EOS, export_workdir
 from checkpoints.inspect import config_summary, main as inspect_main
 from checkpoints.manager import CheckpointStore
 from slm_jax.errors import UserError
@@ -23,6 +21,7 @@ from train.data import DataConfig, ignored_text_note
 from train.loop import run_training
 from train.observe import TensorBoardLog
 from train.run import keep_init_from, same_folder
+from train.token_ids import eos_note
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,8 +168,7 @@ def test_gguf_export_of_a_byte_run_notes_that_it_has_no_end_of_text_token(tmp_pa
                      f"generates until its token limit (give llama.cpp -n N)"]
     fields = gguf.GGUFReader(tmp_path / "model.gguf").fields
     assert "tokenizer.ggml.eos_token_id" not in fields and not fields["tokenizer.ggml.add_bos_token"].contents()
-    vocab = byte_vocab()
-    assert eos_note(run.workdir, "byte", dataclasses.replace(vocab, eos=2), {}) is None
-    assert eos_note(run.workdir, "file", vocab, {"eos_token_id": [2, 7]}) is None
-    assert "no imported model in the run's lineage names one" in eos_note(run.workdir, "file", vocab,
-                                                                          {"eos_token_id": []})
+    assert eos_note(run.workdir, "byte", {"eos_token_id": 2}, LLAMA_CPP_NO_EOS) is None
+    assert eos_note(run.workdir, "file", {"eos_token_id": [2, 7]}, LLAMA_CPP_NO_EOS) is None
+    assert "no imported model in the run's lineage names one" in eos_note(run.workdir, "file", {"eos_token_id": []},
+                                                                          LLAMA_CPP_NO_EOS)
