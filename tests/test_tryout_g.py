@@ -1,16 +1,20 @@
 """Faults a README tryout and a look at the exports found: the Hugging Face export takes its bos/eos ids from the
-same source as the GGUF export (`train.token_ids`) and says when it has no end-of-text id."""
+same source as the GGUF export (`train.token_ids`) and says when it has no end-of-text id; validation over two CPU
+devices no longer dispatches all its steps at once."""
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 from tokenizers import Tokenizer, processors
 
 from checkpoints.hf_export import export_run
 from checkpoints.hf_import import import_folder
+from train.evaluation import IN_FLIGHT, mean_loss
 from train.token_ids import export_token_ids
 from train.tokenizer import HFTokenizer
 
@@ -79,3 +83,21 @@ def test_an_imported_models_own_ids_win_over_its_tokenizers_and_pass_through_unc
     assert export_token_ids(tmp_path / "a", metadata, appends) == {"bos_token_id": 1, "eos_token_id": [2, 7]}
     none = {"imported_from": {"bos_token_id": 1}}
     assert export_token_ids(tmp_path / "a", none, appends) == {"bos_token_id": 1, "eos_token_id": 299}
+
+
+def test_validation_waits_for_its_steps_rather_than_dispatching_them_all_at_once(monkeypatch):
+    """`python -m train.main --config baseline --set train.batch_size=4 --set train.grad_accum=4` (README) dispatched
+    its 80 validation steps at once; over two CPU devices XLA's in-process all-reduce deadlocked and aborted the run
+    after 40 s at its first validation (reproduced every time, 77 s; `tiny` with 80 batches did not). Now at most
+    IN_FLIGHT steps run ahead of the one waited for, whatever the count."""
+    dispatched, done = [], set()
+
+    def eval_step(params, frozen, inputs, targets):
+        assert len(dispatched) - len(done) <= IN_FLIGHT, (len(dispatched), sorted(done))
+        dispatched.append(inputs.shape)
+        return np.float32(len(dispatched))
+
+    monkeypatch.setattr(jax, "block_until_ready", lambda loss: done.update(range(int(loss))) or loss)
+    tokens = np.arange(2000, dtype=np.uint16) % 50
+    assert mean_loss(eval_step, {}, {}, tokens, 2, 8, 20) == pytest.approx(10.5)
+    assert dispatched == [(2, 8)] * 20

@@ -18,15 +18,24 @@ from train.data import DataConfig, crc32, eval_batches, eval_starts, load_splits
 from train.run import LoadedRun, load_run
 from train.steps import make_eval_step, split_variables
 
+# Validation steps dispatched before the oldest is waited for. All at once (80 for `baseline` with batch_size 4 and
+# grad_accum 4), XLA CPU's in-process all-reduce over two devices deadlocked: one device's half never joined, and XLA
+# aborted the process after 40 s (rendezvous termination timeout) at the run's first validation.
+IN_FLIGHT = 2
+
 
 def mean_loss(eval_step, variables_params, frozen, tokens: np.ndarray, batch_size: int, seq_len: int,
               max_batches: int, place=None) -> float:
     """Average next-token loss over deterministic windows of `tokens` (eval_step is jitted by the caller).
     `place(starts)` -> (inputs, targets) puts a batch whose windows begin at `starts` on the devices (e.g. split
-    along the mesh's data axis, each process reading its own rows); default: numpy arrays of the whole batch."""
+    along the mesh's data axis, each process reading its own rows); default: numpy arrays of the whole batch. At most
+    IN_FLIGHT steps run ahead of the one waited for."""
     place = place or (lambda starts: windows(tokens, starts, seq_len))
-    losses = [eval_step(variables_params, frozen, *place(starts))
-              for starts in eval_starts(tokens, batch_size, seq_len, max_batches)]
+    losses = []
+    for starts in eval_starts(tokens, batch_size, seq_len, max_batches):
+        if len(losses) >= IN_FLIGHT:
+            jax.block_until_ready(losses[-IN_FLIGHT])
+        losses.append(eval_step(variables_params, frozen, *place(starts)))
     return float(np.mean(jax.device_get(losses)))
 
 
