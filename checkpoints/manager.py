@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import gc
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -204,6 +205,28 @@ def shard_checksum_mismatches(restored, expected: dict[str, dict[str, int]], sav
              kept.get(path) == (tuple(leaf.shape), np.dtype(leaf.dtype)) and region_mismatches(leaf, expected[path])]
     anywhere = {path for part in allgather_json(local) for path in part}
     return [path for path, _ in leaves if path in anywhere]
+
+
+def peek_metadata(directory: Path) -> dict | None:
+    """The metadata of the latest step in the checkpoint folder `directory`, read as plain JSON without Orbax, whose
+    CheckpointManager starts JAX's backend (train.main reads the shape of the model it will train before a CPU
+    process sets its device count, which only an idle backend takes); migrated and CRC-checked as
+    `CheckpointStore.metadata`. None when no step holds readable, intact metadata (the Orbax read later says why)."""
+    steps = [int(path.name) for path in Path(directory).glob("*") if path.name.isdigit()]
+    if not steps:
+        return None
+    path = Path(directory) / str(max(steps)) / "metadata" / "metadata"  # Orbax's JsonCheckpointHandler's file
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or raw.get(METADATA_CHECKSUM_KEY, None) not in (
+            None, with_metadata_checksum(raw)[METADATA_CHECKSUM_KEY]):
+        return None
+    try:
+        return upgrade(raw, str(path))
+    except UserError:
+        return None
 
 
 def remove_unfinished_saves(directory: Path) -> None:

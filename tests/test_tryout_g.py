@@ -1,6 +1,6 @@
 """Faults a README tryout and a look at the exports found: the Hugging Face export takes its bos/eos ids from the
 same source as the GGUF export (`train.token_ids`) and says when it has no end-of-text id; validation over two CPU
-devices no longer dispatches all its steps at once."""
+devices no longer dispatches all its steps at once; a run started from another splits the CPU host as any."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,10 @@ from tokenizers import Tokenizer, processors
 
 from checkpoints.hf_export import export_run
 from checkpoints.hf_import import import_folder
+from checkpoints.manager import CheckpointStore, peek_metadata, with_metadata_checksum
+from train.config import load_config
 from train.evaluation import IN_FLIGHT, mean_loss
+from train.run import model_source, peeked_metadata
 from train.token_ids import export_token_ids
 from train.tokenizer import HFTokenizer
 
@@ -101,3 +104,32 @@ def test_validation_waits_for_its_steps_rather_than_dispatching_them_all_at_once
     tokens = np.arange(2000, dtype=np.uint16) % 50
     assert mean_loss(eval_step, {}, {}, tokens, 2, 8, 20) == pytest.approx(10.5)
     assert dispatched == [(2, 8)] * 20
+
+
+def test_the_model_a_run_starts_from_is_read_without_starting_jax(tmp_path, monkeypatch):
+    """`python -m train.main --config int8_qat --set train.init_from=runs/baseline` (README) trained a `baseline`
+    model on one CPU device of two: reading init_from's shape through Orbax, whose CheckpointManager asks JAX for
+    the process index, started JAX's backend before train.main split the host, and the split silently did nothing
+    (also for LoRA over a serving run). train.main now reads it as plain JSON first (peek_metadata), as migrated and
+    CRC-checked as Orbax's read."""
+    for version in ("v1_tiny", "v2_tiny"):
+        store = CheckpointStore(ROOT / "tests" / "fixtures" / version / "checkpoints", create=False)
+        try:
+            assert peek_metadata(ROOT / "tests" / "fixtures" / version / "checkpoints") == store.metadata()
+        finally:
+            store.close()
+    run = tmp_path / "run"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "v2_tiny", run)
+    config = load_config("int8_qat", [f"train.init_from={run}"])
+    for name in ("process_index", "default_backend", "devices"):
+        monkeypatch.setattr(jax, name, lambda *_, name=name: pytest.fail(f"jax.{name} called"))
+    source = model_source(config, metadata_of=peeked_metadata)
+    assert source.config.model.d_model == 16 and source.config.model.seq_len == config.model.seq_len
+    with pytest.raises(BaseException, match="jax.(process_index|default_backend) called"):
+        model_source(config)
+    step = max(run.glob("checkpoints/[0-9]*"), key=lambda path: int(path.name))
+    saved = with_metadata_checksum(json.loads((step / "metadata" / "metadata").read_text()))
+    (step / "metadata" / "metadata").write_text(json.dumps(saved))
+    assert peek_metadata(run / "checkpoints")["metadata_crc32"] == saved["metadata_crc32"]
+    (step / "metadata" / "metadata").write_text(json.dumps({**saved, "step": saved["step"] + 1}))  # edited by hand
+    assert peek_metadata(run / "checkpoints") is None and model_source(config, metadata_of=peeked_metadata) is None

@@ -26,7 +26,7 @@ from train.evaluation import evaluate_workdir, format_table
 from train.loop import run_training
 from train.memory_check import check_fits, training_bytes
 from train.ptq import convert_workdir
-from train.run import model_source, open_store, run_kind
+from train.run import model_source, open_store, peeked_metadata, run_kind
 from train.sharding import lost_peer, maybe_initialize_distributed
 
 
@@ -111,15 +111,17 @@ def train(argv=None):
     distributed = maybe_initialize_distributed()
     if distributed:
         STOP.reclaim()  # SIGTERM back from jax.distributed's preemption notifier: all processes stop at one step
-    source = model_source(config)  # after jax.distributed: reading a checkpoint's metadata starts JAX's backend
-    check_source_overrides(args.overrides, config, source)
     # the checks before training measure the model that trains: train.init_from's or a LoRA base's shape
-    trained = source.config if source else config
-    if not distributed:
-        flops = step_flops(trained.model, trained.train.batch_size * trained.model.seq_len)
+    if not distributed:  # read as plain JSON: Orbax's reader starts JAX's backend, which then keeps one CPU device
+        peeked = model_source(config, metadata_of=peeked_metadata)
+        model = (peeked.config if peeked else config).model
+        flops = step_flops(model, config.train.batch_size * model.seq_len)
         note = cpu_split_note(config, split_cpu_host(config.mesh, config.train.batch_size, flops=flops), flops)
         if note:
             print(note)
+    source = model_source(config)  # after jax.distributed and the CPU split: this read starts JAX's backend
+    check_source_overrides(args.overrides, config, source)
+    trained = source.config if source else config
     check_fits(training_bytes(trained.model, config.train.batch_size, config.finetune.method != "lora"),
                f"training this model (model.d_model {trained.model.d_model}, model.n_layers "
                f"{trained.model.n_layers}, model.seq_len {trained.model.seq_len}) at train.batch_size "

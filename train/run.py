@@ -17,7 +17,7 @@ import jax
 
 from checkpoints.hf import TOKEN_IDS, import_first, is_model_folder
 from checkpoints.lock import LOCK_NAME, lock_workdir
-from checkpoints.manager import CheckpointStore, build_metadata
+from checkpoints.manager import CheckpointStore, build_metadata, peek_metadata
 from quant.plan import make_plan, plan_to_json
 from quant.serving import served_layout, serving_template
 from slm_jax.errors import UserError
@@ -363,10 +363,29 @@ class ModelSource:
     fields: dict
 
 
-def model_source(config: Config) -> ModelSource | None:
+def stored_metadata(workdir: Path) -> dict:
+    """The latest checkpoint's metadata of the run in `workdir`, through Orbax (which starts JAX's backend)."""
+    store = open_store(Path(workdir))
+    try:
+        return store.metadata()
+    finally:
+        store.close()
+
+
+def peeked_metadata(workdir: Path) -> dict:
+    """`stored_metadata` read as plain JSON (`checkpoints.manager.peek_metadata`), leaving JAX's backend idle;
+    UserError when it cannot be read so."""
+    metadata = peek_metadata(Path(workdir) / "checkpoints")
+    if metadata is None:
+        raise UserError(f"{workdir} has no checkpoint metadata readable without Orbax")
+    return metadata
+
+
+def model_source(config: Config, metadata_of=stored_metadata) -> ModelSource | None:
     """The run that supplies this run's model (a LoRA run's finetune.base: its model and quant sections whole;
-    train.init_from: its model section but `TRAINING_FIELDS`, as `with_model_of`), read from its metadata without
-    restoring arrays; None for a run of its own shape, or when that run cannot be read (training says why)."""
+    train.init_from: its model section but `TRAINING_FIELDS`, as `with_model_of`), read from its metadata
+    (`metadata_of(workdir)`; `peeked_metadata` before JAX's backend may start) without restoring arrays; None for
+    a run of its own shape, or when that run cannot be read (training says why)."""
     if config.finetune.method == "lora" and config.finetune.base:
         key, path, sections = "finetune.base", config.finetune.base, ("model", "quant")
     elif config.train.init_from:
@@ -374,11 +393,7 @@ def model_source(config: Config) -> ModelSource | None:
     else:
         return None
     try:
-        store = open_store(Path(path))
-        try:
-            source = config_from_metadata(store.metadata(), path)
-        finally:
-            store.close()
+        source = config_from_metadata(metadata_of(Path(path)), path)
     except UserError:
         return None
     own = () if key == "finetune.base" else TRAINING_FIELDS
