@@ -53,3 +53,19 @@ def lock_workdir(workdir: Path) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)  # releases the lock
+
+
+def in_use(workdir: Path) -> bool:
+    """Whether another process holds `workdir`'s lock now (a run training there); False when it has no lock file.
+    It probes with a shared lock, released at once: a `lock_workdir` at that very moment is refused as in use."""
+    try:
+        fd = os.open(Path(workdir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

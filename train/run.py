@@ -10,13 +10,14 @@ import errno
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 
 from checkpoints.hf import TOKEN_IDS, import_first, is_model_folder
-from checkpoints.lock import LOCK_NAME, lock_workdir
+from checkpoints.lock import LOCK_NAME, in_use, lock_workdir
 from checkpoints.manager import CheckpointStore, build_metadata
 from quant.plan import make_plan, plan_to_json
 from quant.serving import served_layout, serving_template
@@ -179,41 +180,83 @@ def load_run(workdir: Path, step: int | None = None, base: Path | None = None,
     inside Orbax's restore, it left Orbax's event-loop thread failing, whose traceback a command's exit cut short
     to a bare "Traceback (most recent call last):" line."""
     with signals_held():
-        return _load_run(workdir, step, base, refuse)
+        for attempt in range(VANISHED_STEP_RETRIES + 1):
+            try:
+                return _load_run(workdir, step, base, refuse)
+            except StepVanished:
+                if step is not None or attempt == VANISHED_STEP_RETRIES:
+                    raise
+
+
+# Reads of a run's latest step that start again when a run training in the workdir deletes that step meanwhile
+# (its checkpoint.keep rotation), before the error; and how long a failed read waits for the deletion to end
+VANISHED_STEP_RETRIES = 3
+DELETION_WAIT_S = 2.0
+
+
+class StepVanished(UserError):
+    """The step a read chose was deleted while it was read, by a run training in the workdir (checkpoint.keep)."""
 
 
 def _load_run(workdir: Path, step: int | None, base: Path | None, refuse: dict[str, str] | None) -> LoadedRun:
     store = open_store(workdir)
+    chosen = step if step is not None else store.latest_step()
     try:
-        metadata = store.metadata(step)
-        kind = run_kind(metadata)
-        if kind in (refuse or {}):
-            raise UserError(f"{workdir} is a {kind} run; {refuse[kind]}")
-        config = config_from_metadata(metadata, workdir)
-        model = build_model(config)
-        if kind == "lora":  # adapters only: the base's variables come from its own workdir
-            recorded = metadata.get("base") or {}
-            lora_base = open_lora_base(base or recorded.get("path") or config.finetune.base,
-                                       key=f"base of {store.directory}", hint=None if base else MOVED_BASE_HINT)
-            lora_base.check(recorded, store.directory)
-            state = store.restore(on_this_device(jax.eval_shape(lora_initializer(config, model))), metadata["step"])
-            variables = merge_variables(state.params, lora_base.variables)
-        elif kind == "serving":
-            variables = store.restore(on_this_device(serving_template(config.model, config.quant)),
-                                      metadata["step"])
-        elif kind == "imported":  # params only (checkpoints.hf_import)
-            variables = store.restore(on_this_device({"params": abstract_state(config, model).params}),
-                                      metadata["step"])
-        else:
-            state = store.restore(on_this_device(abstract_state(config, model)), metadata["step"])
-            variables = {"params": state.params, **state.frozen}
-        if not bool(jax.jit(all_finite)(variables)):
-            others = [s for s in store.steps() if s != metadata["step"]]
-            raise UserError(f"checkpoint {store.directory}/{metadata['step']} holds non-finite weights (NaN or inf), "
-                            f"saved by a version that did not check; use another step" +
-                            (f" (have: {others})" if others else "") + " or train again")
+        return _read_run(workdir, store, chosen, base, refuse)
+    except Exception:
+        folder = store.directory / str(chosen)
+        if chosen is None or not in_use(workdir) or not deleted_meanwhile(folder):
+            raise
+        raise StepVanished(f"checkpoint {folder} was deleted while it was read, by the run training in {workdir} "
+                           f"(it keeps its latest checkpoint.keep steps; have now: {readable_steps(store)}); read one "
+                           f"of them, or wait for the training to finish") from None
     finally:
         store.close()
+
+
+def deleted_meanwhile(folder: Path) -> bool:
+    """Whether `folder` is gone, or goes within DELETION_WAIT_S (a deletion in progress when a read failed)."""
+    deadline = time.monotonic() + DELETION_WAIT_S
+    while folder.is_dir() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not folder.is_dir()
+
+
+def readable_steps(store: CheckpointStore) -> list[int]:
+    """The step folders in `store` now, as numbers (Orbax's own list is read once, when the store is opened)."""
+    return sorted(int(p.name) for p in store.directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _read_run(workdir: Path, store: CheckpointStore, step: int | None, base: Path | None,
+              refuse: dict[str, str] | None) -> LoadedRun:
+    """load_run's work on an open `store`."""
+    metadata = store.metadata(step)
+    kind = run_kind(metadata)
+    if kind in (refuse or {}):
+        raise UserError(f"{workdir} is a {kind} run; {refuse[kind]}")
+    config = config_from_metadata(metadata, workdir)
+    model = build_model(config)
+    if kind == "lora":  # adapters only: the base's variables come from its own workdir
+        recorded = metadata.get("base") or {}
+        lora_base = open_lora_base(base or recorded.get("path") or config.finetune.base,
+                                   key=f"base of {store.directory}", hint=None if base else MOVED_BASE_HINT)
+        lora_base.check(recorded, store.directory)
+        state = store.restore(on_this_device(jax.eval_shape(lora_initializer(config, model))), metadata["step"])
+        variables = merge_variables(state.params, lora_base.variables)
+    elif kind == "serving":
+        variables = store.restore(on_this_device(serving_template(config.model, config.quant)),
+                                  metadata["step"])
+    elif kind == "imported":  # params only (checkpoints.hf_import)
+        variables = store.restore(on_this_device({"params": abstract_state(config, model).params}),
+                                  metadata["step"])
+    else:
+        state = store.restore(on_this_device(abstract_state(config, model)), metadata["step"])
+        variables = {"params": state.params, **state.frozen}
+    if not bool(jax.jit(all_finite)(variables)):
+        others = [s for s in store.steps() if s != metadata["step"]]
+        raise UserError(f"checkpoint {store.directory}/{metadata['step']} holds non-finite weights (NaN or inf), "
+                        f"saved by a version that did not check; use another step" +
+                        (f" (have: {others})" if others else "") + " or train again")
     return LoadedRun(config, model, variables, metadata, metadata["step"],
                      run_tokenizer(workdir, metadata.get("tokenizer")))
 

@@ -1,0 +1,56 @@
+"""Faults a tryout of calibrated PTQ, serving, the launcher and checkpoints found (session 18): each is one `error:`
+line and exit 2, or the right result, where it was a misleading error or a wrong one."""
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+
+from checkpoints.lock import lock_workdir
+from checkpoints.manager import CheckpointStore
+from slm_jax.errors import UserError
+from train.run import load_run
+
+
+def rotate_away_during_first_read(monkeypatch):
+    """CheckpointStore.metadata, the first time, starts deleting the step it is asked for: its state folder at once,
+    the rest a moment later, as a training run's checkpoint.keep rotation (Orbax's rmtree) does under a reader."""
+    metadata, deleted = CheckpointStore.metadata, []
+
+    def racing(self, step=None, checked=True):
+        if not deleted:
+            folder = self.directory / str(step)
+            deleted.append(step)
+            shutil.rmtree(folder / "state")
+            threading.Timer(0.2, shutil.rmtree, (folder,)).start()
+        return metadata(self, step, checked)
+
+    monkeypatch.setattr(CheckpointStore, "metadata", racing)
+    return deleted
+
+
+def test_a_latest_step_deleted_while_read_is_read_again_from_the_new_latest(tiny_run, tmp_path, monkeypatch):
+    """A reader (evaluate, convert, generate) of a run still training chose its latest step, which the training's
+    checkpoint rotation deleted during the read: the command failed with 'checkpoint ... is incomplete or not an
+    slm-jax checkpoint' or 'No such file or directory'; it now starts again from the steps there are."""
+    workdir = tiny_run(tmp_path / "run").workdir
+    deleted = rotate_away_during_first_read(monkeypatch)
+    with lock_workdir(workdir):  # the training run
+        run = load_run(workdir)
+    assert deleted == [30] and run.step == 20
+
+
+def test_a_named_step_deleted_while_read_says_so_with_the_steps_there_are(tiny_run, tmp_path, monkeypatch):
+    workdir = tiny_run(tmp_path / "run").workdir
+    rotate_away_during_first_read(monkeypatch)
+    with lock_workdir(workdir), pytest.raises(UserError, match=r"checkpoints/30 was deleted while it was read, by "
+                                                               r"the run training in .*have now: \[20\]"):
+        load_run(workdir, 30)
+
+
+def test_a_damaged_step_of_a_run_nobody_trains_is_still_called_damaged(tiny_run, tmp_path):
+    workdir = tiny_run(tmp_path / "run").workdir
+    shutil.rmtree(workdir / "checkpoints" / "30" / "state")
+    with pytest.raises(UserError, match="30 is incomplete or not an slm-jax checkpoint"):
+        load_run(workdir)
