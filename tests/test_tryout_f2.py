@@ -8,8 +8,10 @@ import threading
 import pytest
 
 from checkpoints.lock import lock_workdir
+from quant import convert as convert_cli
 from checkpoints.manager import CheckpointStore
 from slm_jax.errors import UserError
+from train.ptq import convert_workdir
 from train.run import load_run
 
 
@@ -54,3 +56,22 @@ def test_a_damaged_step_of_a_run_nobody_trains_is_still_called_damaged(tiny_run,
     shutil.rmtree(workdir / "checkpoints" / "30" / "state")
     with pytest.raises(UserError, match="30 is incomplete or not an slm-jax checkpoint"):
         load_run(workdir)
+
+
+def test_convert_compares_the_serving_run_with_the_step_it_was_converted_from(tiny_run, tmp_path, capsys,
+                                                                               monkeypatch):
+    """quant.convert's table evaluated the source's latest step, which a run still training has moved past by then:
+    a serving run of step 20 sat beside its source's step 30 as if one were the other quantized."""
+    workdir = tiny_run(tmp_path / "run").workdir
+    later = tmp_path / "30"
+    shutil.move(workdir / "checkpoints" / "30", later)  # the source's latest is 20 while it converts
+
+    def then_trains_on(source, out, *args, **kwargs):
+        made = convert_workdir(source, out, *args, **kwargs)
+        shutil.move(later, workdir / "checkpoints" / "30")  # ... and 30 after
+        return made
+
+    monkeypatch.setattr(convert_cli, "convert_workdir", then_trains_on)
+    convert_cli.main(["--workdir", str(workdir), "--out", str(tmp_path / "int8"), "--bits", "8"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(str(tmp_path))]
+    assert [(row[0], row[1]) for row in rows] == [(str(workdir), "20"), (str(tmp_path / "int8"), "20")]

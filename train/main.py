@@ -22,7 +22,7 @@ from train.cli import (USER_ERROR_EXIT, ArgumentParser, main_guard, os_error_lin
                        require_one_process)
 from train.config import load_config, read_yaml, resolve_path
 from train.cpu_devices import MAX_AUTO_DEVICES, gains_from_split, split_cpu_host, step_flops, usable_cores
-from train.evaluation import evaluate_workdir, format_table
+from train.evaluation import conversion_rows, format_table
 from train.loop import run_training
 from train.memory_check import check_fits, training_bytes
 from train.ptq import convert_workdir
@@ -103,9 +103,8 @@ def train(argv=None):
             print(f"{workdir} already holds the converted model")
         else:
             convert_workdir(Path(config.train.init_from), workdir, config.quant, precision=precision)
-        rows = [evaluate_workdir(w, config.train.eval_batches, config.train.batch_size)
-                for w in (Path(config.train.init_from), workdir)]
-        print(format_table(rows))
+        print(format_table(conversion_rows(Path(config.train.init_from), workdir, config.train.eval_batches,
+                                           config.train.batch_size)))
         return
     check_quant_overrides(args.overrides, config)
     distributed = maybe_initialize_distributed()
