@@ -13,6 +13,7 @@ from checkpoints.manager import CheckpointStore
 from slm_jax.errors import UserError
 from train.ptq import convert_workdir
 from train.run import load_run
+from train.sharding import maybe_initialize_distributed
 
 
 def rotate_away_during_first_read(monkeypatch):
@@ -75,3 +76,22 @@ def test_convert_compares_the_serving_run_with_the_step_it_was_converted_from(ti
     convert_cli.main(["--workdir", str(workdir), "--out", str(tmp_path / "int8"), "--bits", "8"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(str(tmp_path))]
     assert [(row[0], row[1]) for row in rows] == [(str(workdir), "20"), (str(tmp_path / "int8"), "20")]
+
+
+@pytest.mark.parametrize("env, shown", [
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "5"}, r"JAX_PROCESS_ID \(5\) must be below JAX_NUM_PROCESSES \(2\)"),
+    ({"JAX_NUM_PROCESSES": "abc", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES must be a whole number >= 1, got 'abc'"),
+    ({"JAX_NUM_PROCESSES": "0", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES must be a whole number >= 1, got '0'"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "-1"}, "JAX_PROCESS_ID must be a whole number >= 0, got '-1'"),
+    ({"SLURM_STEP_NUM_TASKS": "x"}, "SLURM_STEP_NUM_TASKS must be a whole number >= 1, got 'x'"),
+])
+def test_a_malformed_process_count_or_id_in_the_environment_is_one_line_naming_it(monkeypatch, env, shown):
+    """train.main set up jax.distributed from these with int() and JAX's own check: a ValueError traceback."""
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    if "SLURM_STEP_NUM_TASKS" not in env:
+        monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=shown):
+        maybe_initialize_distributed()
