@@ -12,7 +12,8 @@ from quant import convert as convert_cli
 from checkpoints.manager import CheckpointStore
 from slm_jax.errors import UserError
 from train.ptq import convert_workdir
-from train.run import load_run
+from train import main as train_main
+from train.run import check_outside_checkpoints, load_run
 from train.sharding import maybe_initialize_distributed
 
 
@@ -95,3 +96,26 @@ def test_a_malformed_process_count_or_id_in_the_environment_is_one_line_naming_i
         monkeypatch.setenv(name, value)
     with pytest.raises(UserError, match=shown):
         maybe_initialize_distributed()
+
+
+@pytest.mark.parametrize("inside", ["checkpoints/40", "checkpoints/30/more"])
+def test_a_new_run_or_export_inside_a_runs_checkpoints_folder_is_refused_and_the_run_stays_readable(
+        tiny_run, tmp_path, capsys, inside):
+    """`quant.convert --out RUN/checkpoints/40` made a serving run there, which Orbax then listed as RUN's step 40,
+    incomplete: every command on RUN, its own resume included, failed on it. Every command that makes a run or an
+    export (convert, merge, import and export through check_out_parent; train.main's --workdir) refuses it."""
+    workdir = tiny_run(tmp_path / "run").workdir
+    out = workdir / inside
+    with pytest.raises(SystemExit) as exit_:
+        convert_cli.main(["--workdir", str(workdir), "--out", str(out), "--bits", "8"])
+    assert exit_.value.code == 2
+    assert f"error: --out {out} lies inside {workdir / 'checkpoints'}, the checkpoints folder of the run" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        train_main.main(["--config", "tiny", "--workdir", str(out)])
+    assert exit_.value.code == 2 and "error: --workdir" in capsys.readouterr().err
+    assert not out.exists() and load_run(workdir).step == 30
+
+
+def test_a_folder_named_checkpoints_that_is_no_runs_may_hold_runs(tmp_path):
+    check_outside_checkpoints(tmp_path / "checkpoints" / "my_run")

@@ -26,7 +26,7 @@ from train.evaluation import conversion_rows, format_table
 from train.loop import run_training
 from train.memory_check import check_fits, training_bytes
 from train.ptq import convert_workdir
-from train.run import model_source, open_store, run_kind
+from train.run import check_outside_checkpoints, model_source, open_store, run_kind
 from train.sharding import lost_peer, maybe_initialize_distributed
 
 
@@ -125,6 +125,7 @@ def train(argv=None):
                f"{config.train.batch_size}")
     # One writer per run: a second train.main on it is refused in one line. In a multi-process run the processes of
     # one run share it, so only process 0 holds the lock.
+    check_outside_checkpoints(workdir, "--workdir")
     created = not workdir.exists()
     try:
         with lock_workdir(workdir) if jax.process_index() == 0 else contextlib.nullcontext():

@@ -443,11 +443,26 @@ def check_output_folder(source: Path, out: Path) -> None:
         raise UserError(f"{out} {what}; choose an empty --out folder")
 
 
+def check_outside_checkpoints(path: Path, flag: str = "--out") -> None:
+    """UserError naming `flag` when `path` lies inside a run's checkpoints/ folder (at any depth): Orbax would read a
+    folder made there as one of that run's steps, an incomplete one, and every command on that run, its own
+    training's resume included, would then fail on it."""
+    for parent in Path(path).absolute().parents:
+        if parent.name == "checkpoints" and any((parent.parent / name).is_file() for name in RUN_FILES):
+            raise UserError(f"{flag} {path} lies inside {parent}, the checkpoints folder of the run {parent.parent}: a "
+                            f"folder there is read as one of its steps (or changes one); choose a folder outside it")
+
+
+RUN_FILES = ("config.yaml", TOKENIZER_FILE)  # what every run folder holds beside checkpoints/
+
+
 def check_out_parent(out: Path) -> None:
     """UserError naming --out when a folder above it is a file or nothing can be made in the nearest existing folder
     above it (no permission, a read-only or virtual file system: probed by making an unnamed temporary file there,
     which root's permission bits would not tell), said before any temporary sibling of `out` is made, so the
-    message names the user's path rather than the temporary one."""
+    message names the user's path rather than the temporary one; or when it lies inside a run's checkpoints/
+    folder (`check_outside_checkpoints`)."""
+    check_outside_checkpoints(out)
     for parent in Path(out).absolute().parents:
         if parent.exists():
             if not parent.is_dir():
