@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from checkpoints import inspect as inspect_cli
 from checkpoints.lock import lock_workdir
 from quant import convert as convert_cli
 from checkpoints.manager import CheckpointStore
@@ -119,3 +120,13 @@ def test_a_new_run_or_export_inside_a_runs_checkpoints_folder_is_refused_and_the
 
 def test_a_folder_named_checkpoints_that_is_no_runs_may_hold_runs(tmp_path):
     check_outside_checkpoints(tmp_path / "checkpoints" / "my_run")
+
+
+def test_inspect_of_a_run_whose_latest_step_is_rotated_away_meanwhile_shows_the_new_latest(
+        tiny_run, tmp_path, monkeypatch, capsys):
+    workdir = tiny_run(tmp_path / "run").workdir
+    rotate_away_during_first_read(monkeypatch)
+    with lock_workdir(workdir):
+        inspect_cli.main([str(workdir), "--verify"])
+    shown = capsys.readouterr().out
+    assert f"checkpoint  {workdir.resolve()}/checkpoints/20\n" in shown and "verified    every array read" in shown

@@ -10,14 +10,13 @@ import errno
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 
 from checkpoints.hf import TOKEN_IDS, import_first, is_model_folder
-from checkpoints.lock import LOCK_NAME, in_use, lock_workdir
+from checkpoints.lock import LOCK_NAME, lock_workdir, rotated_away
 from checkpoints.manager import CheckpointStore, build_metadata
 from quant.plan import make_plan, plan_to_json
 from quant.serving import served_layout, serving_template
@@ -189,9 +188,8 @@ def load_run(workdir: Path, step: int | None = None, base: Path | None = None,
 
 
 # Reads of a run's latest step that start again when a run training in the workdir deletes that step meanwhile
-# (its checkpoint.keep rotation), before the error; and how long a failed read waits for the deletion to end
+# (its checkpoint.keep rotation, `checkpoints.lock.rotated_away`), before the error
 VANISHED_STEP_RETRIES = 3
-DELETION_WAIT_S = 2.0
 
 
 class StepVanished(UserError):
@@ -204,22 +202,17 @@ def _load_run(workdir: Path, step: int | None, base: Path | None, refuse: dict[s
     try:
         return _read_run(workdir, store, chosen, base, refuse)
     except Exception:
-        folder = store.directory / str(chosen)
-        if chosen is None or not in_use(workdir) or not deleted_meanwhile(folder):
+        if not rotated_away(store.directory, chosen):
             raise
-        raise StepVanished(f"checkpoint {folder} was deleted while it was read, by the run training in {workdir} "
-                           f"(it keeps its latest checkpoint.keep steps; have now: {readable_steps(store)}); read one "
-                           f"of them, or wait for the training to finish") from None
+        raise vanished(store, chosen) from None
     finally:
         store.close()
 
 
-def deleted_meanwhile(folder: Path) -> bool:
-    """Whether `folder` is gone, or goes within DELETION_WAIT_S (a deletion in progress when a read failed)."""
-    deadline = time.monotonic() + DELETION_WAIT_S
-    while folder.is_dir() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not folder.is_dir()
+def vanished(store: CheckpointStore, step: int) -> StepVanished:
+    return StepVanished(f"checkpoint {store.directory}/{step} was deleted while it was read, by the run training in "
+                        f"{store.directory.parent} (it keeps its latest checkpoint.keep steps; have now: "
+                        f"{readable_steps(store)}); read one of them, or wait for the training to finish")
 
 
 def readable_steps(store: CheckpointStore) -> list[int]:
