@@ -17,9 +17,11 @@ import argparse
 from pathlib import Path
 
 from checkpoints.hf import import_first, is_model_folder
+from checkpoints.lock import rotated_away
 from checkpoints.manager import METADATA_CHECKSUM_KEY, SHARD_CHECKSUM_KEY, ArrayInfo, CheckpointStore
 from slm_jax.errors import UserError
 from train.cli import ArgumentParser, main_guard, non_negative_int, path_arg
+from train.run import VANISHED_STEP_RETRIES, vanished
 
 # The config keys worth a line each; a section not listed here is summarised in full. `applied_keys` then drops
 # those the run's own settings left unused.
@@ -200,15 +202,24 @@ def main(argv=None):
         raise UserError(f"{args.dir} is the folder of step {step}, but --step {args.step} was given: name the "
                         f"checkpoints folder {directory} with --step, or one step folder without it")
     step = args.step if args.step is not None else step
-    store = CheckpointStore(directory, create=False)
-    try:
-        metadata, arrays = store.metadata(step, checked=False), store.arrays(step)
-        where = f"{store.directory}/{step if step is not None else store.latest_step()}"
-        print(describe(metadata, store.steps(), arrays, where))
-        if args.verify:
-            print(f"verified    every array read; {verify_summary(store.verify(step), metadata)}")
-    finally:
-        store.close()
+    for attempt in range(VANISHED_STEP_RETRIES + 1):
+        store, shown = CheckpointStore(directory, create=False), False
+        chosen = step if step is not None else store.latest_step()
+        try:
+            metadata, arrays = store.metadata(chosen, checked=False), store.arrays(chosen)
+            print(describe(metadata, store.steps(), arrays, f"{store.directory}/{chosen}"))
+            shown = True
+            if args.verify:
+                print(f"verified    every array read; {verify_summary(store.verify(chosen), metadata)}")
+            return
+        except Exception:
+            if not rotated_away(store.directory, chosen):
+                raise
+            if step is not None or shown or attempt == VANISHED_STEP_RETRIES:
+                raise vanished(store, chosen) from None
+            # the latest step was deleted by the run training there (checkpoint.keep): read the new latest
+        finally:
+            store.close()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,3 +54,34 @@ def lock_workdir(workdir: Path) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)  # releases the lock
+
+
+def in_use(workdir: Path) -> bool:
+    """Whether another process holds `workdir`'s lock now (a run training there); False when it has no lock file.
+    It probes with a shared lock, released at once: a `lock_workdir` at that very moment is refused as in use."""
+    try:
+        fd = os.open(Path(workdir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+DELETION_WAIT_S = 2.0  # how long a failed read waits for a deletion in progress to end
+
+
+def rotated_away(directory: Path, step: int | None) -> bool:
+    """Whether checkpoint `step` of the checkpoints folder `directory` was deleted by a run training there (its
+    workdir, `directory`'s parent, is `in_use`; checkpoint.keep rotation): gone, or going within DELETION_WAIT_S. A
+    read of it that failed should then read the latest step again rather than call it damaged."""
+    if step is None or not in_use(Path(directory).parent):
+        return False
+    folder, deadline = Path(directory) / str(step), time.monotonic() + DELETION_WAIT_S
+    while folder.is_dir() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not folder.is_dir()

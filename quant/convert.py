@@ -19,7 +19,7 @@ from quant.ptq_methods import METHODS, PTQSettings
 from slm_jax.errors import UserError
 from train.cli import (ArgumentParser, add_scheme_args, main_guard, non_negative_float, non_negative_int, path_arg,
                        positive_int, require_one_process, scheme_from_args)
-from train.evaluation import evaluate_workdir, format_table
+from train.evaluation import conversion_rows, format_table
 from train.ptq import Calibration, convert_workdir
 
 
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     convert_workdir(args.workdir, args.out, scheme_from_args(args), method=args.method, calibration=calibration,
                     settings=settings)
     print("evaluating both runs on the validation split (20 batches of 16 windows each) ...", flush=True)
-    print(format_table([evaluate_workdir(w, 20, 16) for w in (args.workdir, args.out)]))
+    print(format_table(conversion_rows(args.workdir, args.out, 20, 16)))
 
 
 if __name__ == "__main__":

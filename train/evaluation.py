@@ -182,6 +182,16 @@ def val_text_key(val_tokens: np.ndarray, tokenizer) -> int:
     return _TEXT_KEYS[identity]
 
 
+def conversion_rows(source: Path, out: Path, batches: int, batch_size: int) -> list[dict]:
+    """`evaluate_workdir` rows of a conversion's source and its serving run `out`: the source at the step `out` was
+    converted from (not its latest, which a run still training has moved past), or only `out`'s row, whose
+    'kl_absent' says why, when that step is no longer there."""
+    converted = evaluate_workdir(out, batches, batch_size)  # a serving run's step is the one it was converted from
+    if "kl_absent" in converted:
+        return [converted]
+    return [evaluate_workdir(source, batches, batch_size, step=converted["step"]), converted]
+
+
 def format_table(rows: list[dict]) -> str:
     """`evaluate_workdir` rows as an aligned text table, one line per run; KL mean / p99 and top-1 columns (vs the
     parent run) when any row has them; then the validation windows the losses average (one line when all runs used

@@ -22,11 +22,11 @@ from train.cli import (USER_ERROR_EXIT, ArgumentParser, main_guard, os_error_lin
                        require_one_process)
 from train.config import load_config, read_yaml, resolve_path
 from train.cpu_devices import MAX_AUTO_DEVICES, gains_from_split, split_cpu_host, step_flops, usable_cores
-from train.evaluation import evaluate_workdir, format_table
+from train.evaluation import conversion_rows, format_table
 from train.loop import run_training
 from train.memory_check import check_fits, training_bytes
 from train.ptq import convert_workdir
-from train.run import model_source, open_store, peeked_metadata, run_kind
+from train.run import check_outside_checkpoints, model_source, open_store, peeked_metadata, run_kind
 from train.sharding import lost_peer, maybe_initialize_distributed
 
 
@@ -103,9 +103,8 @@ def train(argv=None):
             print(f"{workdir} already holds the converted model")
         else:
             convert_workdir(Path(config.train.init_from), workdir, config.quant, precision=precision)
-        rows = [evaluate_workdir(w, config.train.eval_batches, config.train.batch_size)
-                for w in (Path(config.train.init_from), workdir)]
-        print(format_table(rows))
+        print(format_table(conversion_rows(Path(config.train.init_from), workdir, config.train.eval_batches,
+                                           config.train.batch_size)))
         return
     check_quant_overrides(args.overrides, config)
     distributed = maybe_initialize_distributed()
@@ -128,6 +127,7 @@ def train(argv=None):
                f"{config.train.batch_size}")
     # One writer per run: a second train.main on it is refused in one line. In a multi-process run the processes of
     # one run share it, so only process 0 holds the lock.
+    check_outside_checkpoints(workdir, "--workdir")
     created = not workdir.exists()
     try:
         with lock_workdir(workdir) if jax.process_index() == 0 else contextlib.nullcontext():

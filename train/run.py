@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 
 from checkpoints.hf import TOKEN_IDS, import_first, is_model_folder
-from checkpoints.lock import LOCK_NAME, lock_workdir
+from checkpoints.lock import LOCK_NAME, lock_workdir, rotated_away
 from checkpoints.manager import CheckpointStore, build_metadata, peek_metadata
 from quant.plan import make_plan, plan_to_json
 from quant.serving import served_layout, serving_template
@@ -207,41 +207,77 @@ def load_run(workdir: Path, step: int | None = None, base: Path | None = None,
     inside Orbax's restore, it left Orbax's event-loop thread failing, whose traceback a command's exit cut short
     to a bare "Traceback (most recent call last):" line."""
     with signals_held():
-        return _load_run(workdir, step, base, refuse)
+        for attempt in range(VANISHED_STEP_RETRIES + 1):
+            try:
+                return _load_run(workdir, step, base, refuse)
+            except StepVanished:
+                if step is not None or attempt == VANISHED_STEP_RETRIES:
+                    raise
+
+
+# Reads of a run's latest step that start again when a run training in the workdir deletes that step meanwhile
+# (its checkpoint.keep rotation, `checkpoints.lock.rotated_away`), before the error
+VANISHED_STEP_RETRIES = 3
+
+
+class StepVanished(UserError):
+    """The step a read chose was deleted while it was read, by a run training in the workdir (checkpoint.keep)."""
 
 
 def _load_run(workdir: Path, step: int | None, base: Path | None, refuse: dict[str, str] | None) -> LoadedRun:
     store = open_store(workdir)
+    chosen = step if step is not None else store.latest_step()
     try:
-        metadata = store.metadata(step)
-        kind = run_kind(metadata)
-        if kind in (refuse or {}):
-            raise UserError(f"{workdir} is a {kind} run; {refuse[kind]}")
-        config = config_from_metadata(metadata, workdir)
-        model = build_model(config)
-        if kind == "lora":  # adapters only: the base's variables come from its own workdir
-            recorded = metadata.get("base") or {}
-            lora_base = open_lora_base(base or recorded.get("path") or config.finetune.base,
-                                       key=f"base of {store.directory}", hint=None if base else MOVED_BASE_HINT)
-            lora_base.check(recorded, store.directory)
-            state = store.restore(on_this_device(jax.eval_shape(lora_initializer(config, model))), metadata["step"])
-            variables = merge_variables(state.params, lora_base.variables)
-        elif kind == "serving":
-            variables = store.restore(on_this_device(serving_template(config.model, config.quant)),
-                                      metadata["step"])
-        elif kind == "imported":  # params only (checkpoints.hf_import)
-            variables = store.restore(on_this_device({"params": abstract_state(config, model).params}),
-                                      metadata["step"])
-        else:
-            state = store.restore(on_this_device(abstract_state(config, model)), metadata["step"])
-            variables = {"params": state.params, **state.frozen}
-        if not bool(jax.jit(all_finite)(variables)):
-            others = [s for s in store.steps() if s != metadata["step"]]
-            raise UserError(f"checkpoint {store.directory}/{metadata['step']} holds non-finite weights (NaN or inf), "
-                            f"saved by a version that did not check; use another step" +
-                            (f" (have: {others})" if others else "") + " or train again")
+        return _read_run(workdir, store, chosen, base, refuse)
+    except Exception:
+        if not rotated_away(store.directory, chosen):
+            raise
+        raise vanished(store, chosen) from None
     finally:
         store.close()
+
+
+def vanished(store: CheckpointStore, step: int) -> StepVanished:
+    return StepVanished(f"checkpoint {store.directory}/{step} was deleted while it was read, by the run training in "
+                        f"{store.directory.parent} (it keeps its latest checkpoint.keep steps; have now: "
+                        f"{readable_steps(store)}); read one of them, or wait for the training to finish")
+
+
+def readable_steps(store: CheckpointStore) -> list[int]:
+    """The step folders in `store` now, as numbers (Orbax's own list is read once, when the store is opened)."""
+    return sorted(int(p.name) for p in store.directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _read_run(workdir: Path, store: CheckpointStore, step: int | None, base: Path | None,
+              refuse: dict[str, str] | None) -> LoadedRun:
+    """load_run's work on an open `store`."""
+    metadata = store.metadata(step)
+    kind = run_kind(metadata)
+    if kind in (refuse or {}):
+        raise UserError(f"{workdir} is a {kind} run; {refuse[kind]}")
+    config = config_from_metadata(metadata, workdir)
+    model = build_model(config)
+    if kind == "lora":  # adapters only: the base's variables come from its own workdir
+        recorded = metadata.get("base") or {}
+        lora_base = open_lora_base(base or recorded.get("path") or config.finetune.base,
+                                   key=f"base of {store.directory}", hint=None if base else MOVED_BASE_HINT)
+        lora_base.check(recorded, store.directory)
+        state = store.restore(on_this_device(jax.eval_shape(lora_initializer(config, model))), metadata["step"])
+        variables = merge_variables(state.params, lora_base.variables)
+    elif kind == "serving":
+        variables = store.restore(on_this_device(serving_template(config.model, config.quant)),
+                                  metadata["step"])
+    elif kind == "imported":  # params only (checkpoints.hf_import)
+        variables = store.restore(on_this_device({"params": abstract_state(config, model).params}),
+                                  metadata["step"])
+    else:
+        state = store.restore(on_this_device(abstract_state(config, model)), metadata["step"])
+        variables = {"params": state.params, **state.frozen}
+    if not bool(jax.jit(all_finite)(variables)):
+        others = [s for s in store.steps() if s != metadata["step"]]
+        raise UserError(f"checkpoint {store.directory}/{metadata['step']} holds non-finite weights (NaN or inf), "
+                        f"saved by a version that did not check; use another step" +
+                        (f" (have: {others})" if others else "") + " or train again")
     return LoadedRun(config, model, variables, metadata, metadata["step"],
                      run_tokenizer(workdir, metadata.get("tokenizer")))
 
@@ -443,11 +479,26 @@ def check_output_folder(source: Path, out: Path) -> None:
         raise UserError(f"{out} {what}; choose an empty --out folder")
 
 
+def check_outside_checkpoints(path: Path, flag: str = "--out") -> None:
+    """UserError naming `flag` when `path` lies inside a run's checkpoints/ folder (at any depth): Orbax would read a
+    folder made there as one of that run's steps, an incomplete one, and every command on that run, its own
+    training's resume included, would then fail on it."""
+    for parent in Path(path).absolute().parents:
+        if parent.name == "checkpoints" and any((parent.parent / name).is_file() for name in RUN_FILES):
+            raise UserError(f"{flag} {path} lies inside {parent}, the checkpoints folder of the run {parent.parent}: a "
+                            f"folder there is read as one of its steps (or changes one); choose a folder outside it")
+
+
+RUN_FILES = ("config.yaml", TOKENIZER_FILE)  # what every run folder holds beside checkpoints/
+
+
 def check_out_parent(out: Path) -> None:
     """UserError naming --out when a folder above it is a file or nothing can be made in the nearest existing folder
     above it (no permission, a read-only or virtual file system: probed by making an unnamed temporary file there,
     which root's permission bits would not tell), said before any temporary sibling of `out` is made, so the
-    message names the user's path rather than the temporary one."""
+    message names the user's path rather than the temporary one; or when it lies inside a run's checkpoints/
+    folder (`check_outside_checkpoints`)."""
+    check_outside_checkpoints(out)
     for parent in Path(out).absolute().parents:
         if parent.exists():
             if not parent.is_dir():

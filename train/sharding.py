@@ -117,6 +117,17 @@ def lost_peer(err: BaseException) -> bool:
             and _LOST_PEER.search(str(err)) is not None)
 
 
+def env_count(env, name: str, low: int) -> int | None:
+    """The whole number in environment variable `name` (None when unset or empty); UserError naming the variable
+    when it is not a whole number >= `low` (it was a ValueError traceback from int() or from JAX)."""
+    text = (env.get(name) or "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < low:
+        raise UserError(f"{name} must be a whole number >= {low}, got {text!r}")
+    return int(text)
+
+
 def maybe_initialize_distributed() -> bool:
     """Join a multi-process (multi-host) run when the environment describes one; else do nothing.
 
@@ -134,11 +145,13 @@ def maybe_initialize_distributed() -> bool:
     if jax.distributed.is_initialized():
         return True
     if env.get("JAX_COORDINATOR_ADDRESS"):
-        count, index = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
-        jax.distributed.initialize(num_processes=int(count) if count else None,
-                                   process_id=int(index) if index else None, **coordination_timeouts(env))
+        count, index = env_count(env, "JAX_NUM_PROCESSES", 1), env_count(env, "JAX_PROCESS_ID", 0)
+        if count is not None and index is not None and index >= count:
+            raise UserError(f"JAX_PROCESS_ID ({index}) must be below JAX_NUM_PROCESSES ({count}): processes are "
+                            f"numbered 0 to {count - 1}")
+        jax.distributed.initialize(num_processes=count, process_id=index, **coordination_timeouts(env))
         return True
-    many = lambda key: int(env.get(key, "1") or "1") > 1
+    many = lambda key: (env_count(env, key, 1) or 1) > 1
     tpu_hosts = env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or ""
     if many("SLURM_STEP_NUM_TASKS") or many("OMPI_COMM_WORLD_SIZE") or "," in tpu_hosts \
             or env.get("SLM_JAX_DISTRIBUTED") == "1":
