@@ -1,0 +1,86 @@
+"""Faults a tryout found: evaluate, report, merge and convert sized a device computation by a command-line option
+without the memory check train.main and train.generate make, and quant.report's KL over many windows was silent."""
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from checkpoints.manager import tree_bytes
+from quant import convert as convert_cli
+from quant import layer_kl
+from quant.progress import GroupProgress
+from quant import report as report_cli
+from train import evaluate as evaluate_cli
+from train import memory_check
+from train.memory_check import F32, check_option_fits, forward_bytes
+from slm_jax import ModelConfig, Transformer
+from slm_jax.errors import UserError
+from train.run import load_run
+
+
+def test_an_option_beyond_memory_is_refused_naming_the_largest_value_that_fits(monkeypatch):
+    monkeypatch.setattr(memory_check, "physical_memory", lambda: 1000)  # bytes
+    check_option_fits("--batch-size", 90, lambda n: 100 + 10 * n, "evaluating r")  # 1000 bytes: fits
+    with pytest.raises(UserError, match=r"^evaluating r at --batch-size 100,000 needs at least 0\.0 GB of memory, "
+                                        r"more than this machine's 0\.0 GB; use --batch-size 90 or less$"):
+        check_option_fits("--batch-size", 100_000, lambda n: 100 + 10 * n, "evaluating r")
+    with pytest.raises(UserError, match="; no --kl-windows fits: what it holds besides is already too large$"):
+        check_option_fits("--kl-windows", 5, lambda n: 995 + 10 * n, "the per-layer KL of r")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_run):
+    return tiny_run(tmp_path_factory.mktemp("i") / "run", "train.steps=2").workdir
+
+
+def refusal(capsys, main, argv) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    return err
+
+
+def test_evaluate_report_and_convert_refuse_an_option_beyond_memory_naming_one_that_fits(
+        run_dir, tmp_path, capsys, monkeypatch):
+    run = load_run(run_dir)
+    model, held = run.config.model, tree_bytes(run.variables)["total"]
+    monkeypatch.setattr(memory_check, "physical_memory", lambda: forward_bytes(model, 10, held))  # 10 windows fit
+    err = refusal(capsys, evaluate_cli.main, ["--workdir", str(run_dir), "--batch-size", "100000"])
+    assert err.startswith(f"error: evaluating {run_dir} at --batch-size 100,000 needs at least ")
+    assert err.endswith("; use --batch-size 10 or less\n"), err
+    err = refusal(capsys, report_cli.main, ["--workdir", str(run_dir), "--bits", "4", "--batch-size", "100000"])
+    assert err.startswith(f"error: reporting on {run_dir} at --batch-size 100,000 needs") and "size 10 or less" in err
+    kl_memory = forward_bytes(model, 1, held + F32 * 8 * model.seq_len * model.vocab_size)  # 8 windows' logits
+    monkeypatch.setattr(memory_check, "physical_memory", lambda: kl_memory)
+    err = refusal(capsys, report_cli.main, ["--workdir", str(run_dir), "--bits", "4", "--kl-windows", "100000"])
+    assert err.startswith(f"error: the per-layer KL of {run_dir} at --kl-windows 100,000 needs at least ")
+    assert err.endswith("; use --kl-windows 8 or less\n"), err
+    monkeypatch.setattr(memory_check, "physical_memory", lambda: forward_bytes(model, 4, held, 20))
+    err = refusal(capsys, convert_cli.main, ["--workdir", str(run_dir), "--out", str(tmp_path / "out"), "--bits", "4",
+                                             "--method", "gptq", "--calib-batches", "4"])
+    assert err.startswith(f"error: calibrating gptq on {run_dir} at --calib-seq-len 32 needs at least ")
+    assert err.endswith("; use --calib-seq-len 20 or less\n"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_long_per_layer_kl_says_how_far_it_is(monkeypatch):
+    cfg = ModelConfig(vocab_size=50, seq_len=8, n_layers=1, n_heads=2, d_model=16)
+    shapes = nn.unbox(jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), int))))
+    rng = np.random.default_rng(0)  # random weights without init's compilation
+    params = jax.tree_util.tree_map(lambda x: rng.normal(0, 0.2, x.shape).astype(np.float32), shapes["params"])
+    kernels = {("layer_0", "attn", "q"): np.asarray(params["layer_0"]["attn"]["q"]["kernel"]) * 0.5}
+    lines = []
+    monkeypatch.setattr(layer_kl, "PROGRESS_EVERY_S", 0.0)  # a line after every forward pass
+    layer_kl.single_layer_kl(cfg, params, kernels, np.zeros((3, 8), np.int32), lines.append)
+    assert len(lines) == 6 and lines[0].startswith("per-layer KL: window 1/6 (float model) done: "), lines
+    assert re.fullmatch(r"per-layer KL: window 6/6 \(layer_0/attn/q\) done: \d+ s elapsed, about 0 s left", lines[-1])
+    quiet = GroupProgress("per-layer KL", 6, lines.append, "window", every_s=60.0)
+    for _ in range(6):
+        quiet.step("float model")
+    assert len(lines) == 6  # work done sooner than every_s says nothing
