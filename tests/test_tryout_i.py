@@ -2,7 +2,13 @@
 without the memory check train.main and train.generate make, and quant.report's KL over many windows was silent."""
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -21,6 +27,8 @@ from train.memory_check import F32, check_option_fits, forward_bytes
 from slm_jax import ModelConfig, Transformer
 from slm_jax.errors import UserError
 from train.run import load_run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_an_option_beyond_memory_is_refused_naming_the_largest_value_that_fits(monkeypatch):
@@ -84,3 +92,53 @@ def test_a_long_per_layer_kl_says_how_far_it_is(monkeypatch):
     for _ in range(6):
         quiet.step("float model")
     assert len(lines) == 6  # work done sooner than every_s says nothing
+
+
+STAND_IN = """
+import signal, sys, time
+from pathlib import Path
+def stop(signum, frame):
+    Path(sys.argv[1]).write_text(signal.Signals(signum).name)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+Path(sys.argv[1] + ".ready").write_text("")
+while True:
+    time.sleep(0.02)
+"""
+
+LAUNCHER = """
+import os, subprocess, sys, time
+from train.interrupts import stop_with_parent
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], start_new_session=True,
+                         preexec_fn=stop_with_parent(os.getpid()))
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def ended(pid: int) -> bool:
+    """The process is gone, or a zombie its new parent has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_of_a_sigkilled_launcher_gets_sigterm_and_stops(tmp_path):
+    mark = tmp_path / "child"
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, STAND_IN, str(mark)], stdout=subprocess.PIPE,
+                                text=True, cwd=ROOT)
+    child = int(launcher.stdout.readline())
+    deadline = time.monotonic() + 10
+    while not Path(f"{mark}.ready").exists() and time.monotonic() < deadline:  # its SIGTERM handler is in place
+        time.sleep(0.02)
+    launcher.kill()  # SIGKILL: the launcher's own handlers never run
+    launcher.wait()
+    deadline = time.monotonic() + 5
+    while not ended(child) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not ended(child):
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the launcher's child outlived it by 5 s")
+    assert mark.read_text() == "SIGTERM"
