@@ -19,7 +19,10 @@ import pytest
 from checkpoints.manager import tree_bytes
 from quant import convert as convert_cli
 from quant import layer_kl
+from quant.calibrate import calibration_tokens
+from quant.config import QuantConfig
 from quant.progress import GroupProgress
+from quant.ptq_methods import check_method, check_undamped_calibration
 from quant import report as report_cli
 from train import evaluate as evaluate_cli
 from train import memory_check
@@ -142,3 +145,21 @@ def test_a_child_of_a_sigkilled_launcher_gets_sigterm_and_stops(tmp_path):
         os.kill(child, signal.SIGKILL)
         raise AssertionError("the launcher's child outlived it by 5 s")
     assert mark.read_text() == "SIGTERM"
+
+
+def test_calibration_messages_give_counts_with_thousands_separators():
+    with pytest.raises(UserError) as refused:
+        calibration_tokens(np.zeros(68_888 * 4, np.int32), 100_000, 4, 0)
+    assert str(refused.value) == ("--calib-batches 100,000 x --calib-seq-len 4 needs 400,000 tokens, but the training "
+                                  "split holds 275,552 (68,888 windows)")
+    with pytest.raises(UserError, match=r"got -1,000 x 4$"):
+        calibration_tokens(np.zeros(64, np.int32), -1000, 4, 0)
+    scheme = QuantConfig(mode="serve", weight_bits=4, granularity="per_channel", numerics="fake")
+    long_window = ModelConfig(vocab_size=50, seq_len=1024, n_layers=1, n_heads=2, d_model=16)
+    with pytest.raises(UserError, match=r"^--calib-seq-len 2,000 is longer than the model's context \(model.seq_len "
+                                        r"1,024\)$"):
+        check_method(long_window, scheme, "gptq", np.zeros((1, 2000), np.int32))
+    wide = ModelConfig(vocab_size=50, seq_len=8, n_layers=1, n_heads=2, d_model=16, mlp_hidden=2048)
+    with pytest.raises(UserError, match=r"--calib-batches 1,500 x --calib-seq-len 1 give 1,500; use --calib-batches "
+                                        r"2,048 or more"):
+        check_undamped_calibration(wide, scheme, np.zeros((1500, 1), np.int32))
