@@ -31,11 +31,11 @@ def calibration_tokens(train_tokens: np.ndarray, sequences: int, seq_len: int, s
     Raises UserError when the split holds fewer than `sequences` windows or the sizes are not positive.
     """
     if sequences <= 0 or seq_len <= 0:
-        raise UserError(f"calibration needs a positive number of batches and length, got {sequences} x {seq_len}")
+        raise UserError(f"calibration needs a positive number of batches and length, got {sequences:,} x {seq_len:,}")
     windows = len(train_tokens) // seq_len
     if sequences > windows:
-        raise UserError(f"--calib-batches {sequences} x --calib-seq-len {seq_len} needs {sequences * seq_len:,} "
-                        f"tokens, but the training split holds {len(train_tokens):,} ({windows} windows)")
+        raise UserError(f"--calib-batches {sequences:,} x --calib-seq-len {seq_len:,} needs {sequences * seq_len:,} "
+                        f"tokens, but the training split holds {len(train_tokens):,} ({windows:,} windows)")
     starts = np.sort(np.random.default_rng(seed).choice(windows, sequences, replace=False)) * seq_len
     return np.stack([np.asarray(train_tokens[s:s + seq_len], np.int32) for s in starts])
 

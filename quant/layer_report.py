@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -109,7 +110,8 @@ def _clipped_share(weights: np.ndarray, scale: np.ndarray, plan: LayerPlan) -> f
 
 
 def layer_report(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, tokens, stored: dict | None = None,
-                 fold: dict | None = None, kl_tokens=None, fold_out: dict | None = None) -> list[LayerReport]:
+                 fold: dict | None = None, kl_tokens=None, fold_out: dict | None = None,
+                 log: Callable[[str], None] | None = None) -> list[LayerReport]:
     """One row per quantized weight layer, in model order. params: the float "params" collection; tokens: [batch,
     seq] int, the batch whose activations the outputs are measured on.
 
@@ -122,6 +124,7 @@ def layer_report(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, t
     output on x / s with x @ kernel. kl_tokens: int [windows, seq] for the `kl_mean` column (`quant.layer_kl`;
     None leaves it None). fold_out: {layer path: o [out] float}, output columns a method divided by the next
     layer's input scales (v before o, up before down): the integers then quantize kernel * s[:, None] / o.
+    log: progress lines of a long KL measurement (`quant.layer_kl.single_layer_kl`).
     """
     plan = make_plan(model_cfg, quant_cfg)
     params = nn.unbox(params)
@@ -160,7 +163,7 @@ def layer_report(model_cfg: ModelConfig, quant_cfg: QuantConfig, params: dict, t
             float(scale.min()), float(scale.max()), clipped,
             weight_sqnr, weight_err, output_sqnr, output_err))
     if kl_tokens is not None:
-        kl = single_layer_kl(model_cfg, params, effective, kl_tokens)
+        kl = single_layer_kl(model_cfg, params, effective, kl_tokens, log)
         rows = [dataclasses.replace(row, kl_mean=kl[path]["kl_mean"]) for row, path in zip(rows, paths)]
     return rows
 

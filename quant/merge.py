@@ -21,7 +21,7 @@ from train.build import build_model
 from train.cli import ArgumentParser, add_base_argument, main_guard, positive_int, require_one_process, path_arg
 from train.config import FinetuneConfig
 from train.data import eval_batches, load_splits
-from train.evaluation import eval_windows, mean_loss
+from train.evaluation import check_batch_fits, eval_windows, mean_loss
 from train.run import load_run, new_run_folder, write_serving_run
 from train.steps import make_eval_step, split_variables
 
@@ -30,7 +30,8 @@ def merge_workdir(workdir: Path, out: Path, batches: int = 20, batch_size: int =
                   base: Path | None = None) -> dict:
     """Merge the LoRA run in `workdir` into a serving run in `out`; returns the per-layer rows, the logits errors and
     the validation losses of base, base + adapters and merged model on the LoRA run's (target) validation split.
-    UserError if `workdir` is not a LoRA run or `out` is not a new, empty folder. `base`: where the LoRA run's base
+    UserError if `workdir` is not a LoRA run, `out` is not a new, empty folder or a batch of `batch_size` windows
+    cannot fit in memory (one line naming --batch-size, before anything is written). `base`: where the LoRA run's base
     is now, if it moved (its fingerprint is checked)."""
     workdir, out = Path(workdir), Path(out)
     with new_run_folder(workdir, out) as folder:
@@ -45,6 +46,7 @@ def _merge(workdir: Path, out: Path, folder: Path, batches: int, batch_size: int
     run = load_run(workdir, base=base_path, refuse=refused)
     config = dataclasses.replace(run.config, finetune=FinetuneConfig())  # the merged model is a plain serving one
     splits = load_splits(config.data, run.tokenizer)
+    check_batch_fits(run, splits.val, batch_size, "--batch-size", f"merging {workdir}")
     seq_len = config.model.seq_len
     x, _ = next(eval_batches(splits.val, batch_size, seq_len, 1))
     merged, rows = merge_adapters(config.model, config.quant, run.variables, run.config.finetune.lora_alpha, x[:1])

@@ -64,8 +64,8 @@ def check_method(model_cfg: ModelConfig, quant_cfg: QuantConfig, method: str, ca
         raise UserError(f"--method {method} needs calibration tokens (--calib-batches, --calib-seq-len)")
     if np.shape(calib_tokens)[1] > model_cfg.context:  # the attention window, beyond an imported run's seq_len
         where = "model.max_context" if model_cfg.max_context else "model.seq_len"
-        raise UserError(f"--calib-seq-len {np.shape(calib_tokens)[1]} is longer than the model's context "
-                        f"({where} {model_cfg.context})")
+        raise UserError(f"--calib-seq-len {np.shape(calib_tokens)[1]:,} is longer than the model's context "
+                        f"({where} {model_cfg.context:,})")
     plan = make_plan(model_cfg, quant_cfg)
     weights = [path for path in weight_layers(plan) if path != EMBED_PATH]
     if not weights:
@@ -148,8 +148,8 @@ def check_undamped_calibration(model_cfg: ModelConfig, quant_cfg: QuantConfig, c
     width, name = short[0]
     need = -(-max(w for w, _ in widths) // seq_len)
     raise UserError(f"GPTQ with --damp 0 cannot invert the Hessian of {name}: its {width:,} inputs need at least "
-                    f"{width:,} calibration tokens, and --calib-batches {sequences} x --calib-seq-len {seq_len} give "
-                    f"{tokens:,}; use --calib-batches {need} or more, or a positive --damp "
+                    f"{width:,} calibration tokens, and --calib-batches {sequences:,} x --calib-seq-len {seq_len:,} "
+                    f"give {tokens:,}; use --calib-batches {need:,} or more, or a positive --damp "
                     f"(default {GPTQSettings.damp})")
 
 

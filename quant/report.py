@@ -10,10 +10,12 @@ if __name__ == "__main__":  # a Ctrl-C while the imports below load JAX ends at 
     exit_while_loading()
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
 
+from checkpoints.manager import tree_bytes
 from quant.config import QuantConfig
 from quant.folding import input_groups
 from quant.layer_report import format_report, layer_report
@@ -25,7 +27,9 @@ from slm_jax.config import ModelConfig
 from slm_jax.errors import UserError
 from train.cli import (ArgumentParser, add_scheme_args, int_in, main_guard, positive_int, require_one_process, path_arg,
                        scheme_from_args)
-from train.data import eval_batches, load_splits
+from train.data import eval_batches, eval_rows, load_splits
+from train.evaluation import check_batch_fits
+from train.memory_check import F32, check_option_fits, forward_bytes
 from train.ptq import serving_quant_config
 from train.run import load_run
 
@@ -74,7 +78,9 @@ def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int, k
     from, at the step it was converted from (see `quant.layer_report.layer_report`); a merged one (quant.merge)
     against its LoRA run's base + adapters merged in float, the weights the merge re-quantized.
     UserError for a LoRA run, a float run given no scheme, a serving run with no recorded source or given a scheme,
-    or a scheme that quantizes no layer (an all-float conversion)."""
+    or a scheme that quantizes no layer (an all-float conversion), and in one line naming the option and a value that
+    fits, when `batch_size` or `kl_windows` windows cannot fit in memory (`train.memory_check`). A long KL
+    measurement writes progress lines to stderr."""
     run = load_run(workdir, refuse={"lora": "report on the float or QAT run its base was converted from, or merge "
                                             "it first (python -m quant.merge) and report on the merged run"})
     kind, source, stored, fold, fold_out = run.metadata.get("kind"), workdir, None, None, None
@@ -101,10 +107,16 @@ def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int, k
                  f"or --scheme ggml_q8_0 or ggml_q4_0")
     quant = dataclasses.replace(serving_quant_config(run.config, scheme, no_scheme), mode="qat")
     splits = load_splits(run.config.data, run.tokenizer)
-    seq_len = run.config.model.seq_len
+    model, seq_len = run.config.model, run.config.model.seq_len
+    check_batch_fits(run, splits.val, batch_size, "--batch-size", f"reporting on {workdir}")
+    if kl_windows:  # the float model's logits of every window are held while each layer's are measured
+        held = tree_bytes(run.variables)["total"]
+        logits_at = lambda n: F32 * eval_rows(splits.val, n, seq_len) * seq_len * model.vocab_size
+        check_option_fits("--kl-windows", kl_windows, lambda n: forward_bytes(model, 1, held + logits_at(n)),
+                          f"the per-layer KL of {workdir}")
     tokens, _ = next(eval_batches(splits.val, batch_size, seq_len, 1))
     kl_tokens = next(eval_batches(splits.val, kl_windows, seq_len, 1))[0] if kl_windows else None
-    rows = layer_report(run.config.model, quant, params, tokens, stored, fold, kl_tokens, fold_out)
+    rows = layer_report(model, quant, params, tokens, stored, fold, kl_tokens, fold_out, log=progress_line)
     if not rows:
         raise UserError(f"{workdir}: its scheme quantizes no layer (weights, activations and the embedding table all "
                         f"float), so there is nothing to report; report on a quantized run, or on a float run with "
@@ -112,6 +124,11 @@ def report_workdir(workdir: Path, scheme: QuantConfig | None, batch_size: int, k
     kl = f"; per-layer KL on {kl_tokens.shape[0]}x{seq_len} validation windows" if kl_windows else ""
     return (f"{workdir} (weights of {source}{what}, step {run.step}) on {tokens.shape[0]}x{seq_len} "
             f"validation tokens{kl}\n{format_report(rows)}")
+
+
+def progress_line(line: str) -> None:
+    """A progress line of long work, on stderr so the report on stdout stays as it is."""
+    print(f"[{line}]", file=sys.stderr, flush=True)
 
 
 @main_guard

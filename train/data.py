@@ -367,6 +367,12 @@ def get_batch(tokens: np.ndarray, seed: int, step: int, batch_size: int,
     return windows(tokens, batch_starts(tokens, seed, step, batch_size, seq_len), seq_len)
 
 
+def eval_rows(tokens: np.ndarray, batch_size: int, seq_len: int) -> int:
+    """Rows of the first evaluation batch (see `eval_starts`): `batch_size`, or all the windows the split holds when
+    fewer; what an evaluation at `batch_size` computes on at once."""
+    return min(batch_size, (len(tokens) - 1) // seq_len)
+
+
 def eval_starts(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int) -> list[np.ndarray]:
     """Where the windows of each evaluation batch begin (see `eval_batches`): int64 arrays of `batch_size` starts
     (one smaller array when the split holds fewer than `batch_size` windows)."""

@@ -14,7 +14,8 @@ import numpy as np
 from checkpoints.manager import tree_bytes
 from quant.kl import kl_summary, token_kl
 from slm_jax.errors import UserError
-from train.data import DataConfig, crc32, eval_batches, eval_starts, load_splits, windows
+from train.data import DataConfig, crc32, eval_batches, eval_rows, eval_starts, load_splits, windows
+from train.memory_check import check_option_fits, forward_bytes
 from train.run import LoadedRun, load_run
 from train.steps import make_eval_step, split_variables
 
@@ -69,17 +70,19 @@ def format_bits_per_char(bits: float | None) -> str:
 
 
 def evaluate_workdir(workdir: Path, batches: int, batch_size: int, data: DataConfig | None = None,
-                     base: Path | None = None, step: int | None = None) -> dict:
+                     base: Path | None = None, step: int | None = None, option: str = "--batch-size") -> dict:
     """Validation loss of any run in `workdir` on its own validation split, or on `data`'s (e.g. a fine-tuning
     target), tokenized by the run's own tokenizer: {'workdir', 'step', 'quant', 'loss', 'perplexity',
     'bits_per_char' (None without text), 'param_bytes', 'val_windows' (`eval_windows`), 'val_text' (`val_text`),
     'val_text_key' (`val_text_key`)},
     plus for a serving run that
     names the run it was converted from, `parent_comparison`'s 'kl_mean', 'kl_p99', 'top1' or 'kl_absent'. UserError
-    if the loss is not finite (a NaN is never a result). `base`: where a LoRA run's base is now (`load_run`);
-    `step`: the checkpoint step to evaluate (default: the latest)."""
+    if the loss is not finite (a NaN is never a result), or when a batch of `batch_size` windows cannot fit in
+    memory (`train.memory_check`; `option`: the command-line option the refusal names). `base`: where a LoRA run's
+    base is now (`load_run`); `step`: the checkpoint step to evaluate (default: the latest)."""
     run = load_run(workdir, step, base=base)  # `base` is used by LoRA runs only
     splits = load_splits(data or run.config.data, run.tokenizer)
+    check_batch_fits(run, splits.val, batch_size, option, f"evaluating {workdir}")
     loss = mean_loss(jax.jit(make_eval_step(run.model)), *split_variables(run.variables), splits.val, batch_size,
                      run.config.model.seq_len, batches)
     if not math.isfinite(loss):
@@ -92,6 +95,15 @@ def evaluate_workdir(workdir: Path, batches: int, batch_size: int, data: DataCon
             "val_text": val_text(splits.description), "val_text_key": val_text_key(splits.val, run.tokenizer),
             **({} if data else text_changes(run.metadata.get("data") or {}, splits.description)),
             **parent_comparison(run, splits.val, batch_size, batches)}
+
+
+def check_batch_fits(run: LoadedRun, tokens: np.ndarray, batch_size: int, option: str, what: str) -> None:
+    """UserError naming `option` and a value that fits when a forward pass of `run`'s model over a validation batch
+    of `batch_size` windows of `tokens` (fewer when the split holds fewer) cannot fit in memory, next to its
+    variables (`train.memory_check.check_option_fits`)."""
+    model, held = run.config.model, tree_bytes(run.variables)["total"]
+    check_option_fits(option, batch_size, lambda n: forward_bytes(model, eval_rows(tokens, n, model.seq_len), held),
+                      what)
 
 
 def text_changes(recorded: dict, now: dict) -> dict:

@@ -9,12 +9,15 @@ and acting on it between steps avoids all three; the second keeps an impatient u
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import sys
 import threading
+from typing import Callable
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+PR_SET_PDEATHSIG = 1  # prctl(2) option, linux/prctl.h
 _COMMAND: list[bool] = []  # set when a command-line module run as __main__ took the signals (see in_command)
 
 
@@ -199,3 +202,23 @@ def interrupted_unseen() -> int:
     """The signal number of a Ctrl-C or SIGTERM that arrived since `restore_after_loading` although the command went
     on to finish (Python dropped its exception in a garbage-collection callback), else 0."""
     return _INTERRUPTED[0] if _INTERRUPTED else 0
+
+
+def stop_with_parent(parent: int) -> Callable[[], None]:
+    """A `subprocess.Popen` preexec_fn that stops the child when `parent` (the process starting it, `os.getpid()`)
+    dies, however it dies: on Linux the kernel sends the child SIGTERM then (prctl PR_SET_PDEATHSIG), the stop
+    request a command handles as a clean stop (training saves); a child whose parent died before the call, which
+    would wait for that signal forever, ends before it starts. Elsewhere it does nothing. A SIGKILLed
+    `python -m train.launch` used to leave its processes running, waiting on collectives until a heartbeat timeout.
+    The signal comes when the thread that started the child ends: start children from the main thread. libc is
+    looked up here, in the parent, so the forked child only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def set_parent_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:
+            os._exit(128 + signal.SIGTERM)
+
+    return set_parent_death_signal

@@ -2,7 +2,7 @@
 hosts. Starts N processes of `python -m train.main` (or `--module`) joined by `jax.distributed` over a free local
 port, each with its own CPU devices and JAX's CPU collectives (gloo), prefixes their output with the process id,
 and stops the others, saying which one died, when one fails (their own output from then on, their collectives
-failing without it, is one line each).
+failing without it, is one line each). Killed itself, even by SIGKILL, it leaves none running: each gets SIGTERM.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from typing import Callable
 from slm_jax.errors import UserError
 from train.cpu_devices import usable_cores, with_device_count
 from train.cli import ArgumentParser, main_guard, non_negative_float, positive_int
+from train.interrupts import stop_with_parent
 
 POLL_S = 0.1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # passed on to every process (they run in sessions of their own)
@@ -162,7 +163,7 @@ def launch(command: list[str], processes: int, devices: int, grace_s: float, hea
             child = subprocess.Popen([sys.executable, *command], env=process_env(index, processes, devices, port,
                                                                                  heartbeat_s),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=stop_with_parent(os.getpid()))
             children.append(child)
             _say(f"process {index} of {processes}: pid {child.pid}, {devices} CPU devices, coordinator "
                  f"127.0.0.1:{port}")

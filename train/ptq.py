@@ -17,6 +17,7 @@ from quant.serving import convert
 from slm_jax.errors import UserError
 from train.config import Config
 from train.data import get_batch, load_splits
+from train.memory_check import check_option_fits, forward_bytes
 from train.run import load_run, new_run_folder, write_serving_run
 
 REFUSED = {"serving": "it is already quantized: evaluate or generate with it as it is, or convert the float or QAT "
@@ -61,7 +62,8 @@ def convert_workdir(source: Path, out: Path, quant_cfg: QuantConfig | None = Non
     per-layer results, plus the seed). UserError, with nothing
     written, if `source` is a serving or LoRA run, a float run gets no scheme, `out` is not a new, empty folder (or
     is being written by another process), the method does not apply to the scheme, the training split holds too
-    little calibration text, or a layer's Hessian is singular even with damping.
+    little calibration text, a calibration forward pass (`settings.chunk` windows of `calibration.seq_len` tokens)
+    cannot fit in memory (`train.memory_check`), or a layer's Hessian is singular even with damping.
     """
     source, out = Path(source), Path(out)
     with new_run_folder(source, out) as folder:
@@ -76,6 +78,9 @@ def convert_workdir(source: Path, out: Path, quant_cfg: QuantConfig | None = Non
             tokens = calibration_tokens(splits.train, calibration.batches,
                                         calibration.seq_len or config.model.seq_len, calibration.seed)
             check_method(config.model, serve_quant, method, tokens, settings)
+            rows, held = min(settings.chunk, len(tokens)), tree_bytes(run.variables)["total"]  # rows per forward
+            check_option_fits("--calib-seq-len", tokens.shape[1],
+                              lambda n: forward_bytes(config.model, rows, held, n), f"calibrating {method} on {source}")
         log(describe_scheme(config.model, serve_quant))
         note = small_group_note(config.model, serve_quant)
         if note:
