@@ -74,7 +74,11 @@ class Transformer(nn.Module):
         else:
             embed = nn.Embed(cfg.vocab_size, cfg.d_model, name="embed", embedding_init=nn.with_logical_partitioning(
                 nn.initializers.normal(0.02), ("vocab", "embed")), **sub)
-            x = embed(tokens)
+            # the lookup reads the whole table, as each matmul reads its whole kernel: a table split along embed
+            # (fsdp) made the sharded train step's gradient scatter-add all-gather the [batch, seq, embed] cotangent
+            # ("[SPMD] Involuntary full rematerialization"); a no-op unless the caller sets logical axis rules
+            table = nn.with_logical_constraint(jnp.asarray(embed.embedding, self.dtype), (None, None))
+            x = jnp.take(table, tokens, axis=0)  # nn.Embed.__call__'s lookup: the same values
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
 
         if cache is None:

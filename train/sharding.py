@@ -7,6 +7,7 @@ only split when the mesh axes divide it, so any model runs on any mesh (undivisi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -292,9 +293,20 @@ def shard_train_step(train_step: Callable, state_shardings: Any, batch_sharding:
     """`train_step` jitted so the new state keeps the old one's shardings (and reuses its buffers), compiled with
     XLA `compiler_options` (see train.steps.steps_compiler_options)."""
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
-    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+    return jax.jit(with_logical_rules(train_step, batch_sharding.mesh), in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, replicated), donate_argnums=0,
                    compiler_options=compiler_options)
+
+
+def with_logical_rules(fn: Callable, mesh: Mesh, rules=RULES) -> Callable:
+    """`fn` traced with `mesh` (abstract) as the context mesh and `rules` as flax's logical axis rules, so the model's
+    own constraints on its activations (`nn.with_logical_constraint`, e.g. the embedding lookup's whole table) take
+    effect; outside such a context they are no-ops."""
+    @functools.wraps(fn)
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            return fn(*args)
+    return traced
 
 
 def per_device_bytes(tree: Any) -> dict:

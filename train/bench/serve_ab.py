@@ -66,6 +66,8 @@ def main(argv=None):
                                                              args.new_tokens, args.rounds, say, args.reps)}
     variants = [row["name"] for row in results["speed"]["rows"] if row["batch"] == args.batches[0]]
     if args.rss:
+        say(f"peak RSS: {len(variants) + 1} child processes at once (one per variant and one that only starts the "
+            f"runtime), each building its variant and generating {args.new_tokens} tokens")
         results["rss"] = variants_rss(variants, SIZES[args.size], args.new_tokens)
         for name, found in results["rss"].items():
             say(f"peak RSS {name}: {(found.get('peak_rss_bytes') or 0) / 1e6:,.0f} MB")

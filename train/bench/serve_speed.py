@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
+import time
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -24,6 +25,7 @@ from train.bench.profiles import LARGER, SMOLLM2_135M
 from train.bench.trust import spread
 from train.build import build_model
 from train.config import load_config
+from train.metrics import format_duration
 
 # name -> (config, overrides, KV cache bits, serving layout: None, "containers" (int4 codes held in int8) or
 # "served" (quant.serving.served_layout, as train.generate serves the run on this backend))
@@ -149,12 +151,22 @@ def interleaved_speed(variants, size_overrides, batches, new_tokens: int, rounds
     against f32 compute, and `generate_temp_bytes` (see generate_memory: a run-time float copy of the weights shows
     there)."""
     variants = [*FLOATS, *[name for name in variants if name not in FLOATS]]
-    runs = {name: random_served(name, size_overrides) for name in variants}
+    runs = {}
+    for i, name in enumerate(variants):
+        say(f"building {name} ({i + 1}/{len(variants)}) with random weights in its serving layout")
+        runs[name] = random_served(name, size_overrides)
     per_round = {(name, b): [] for name in variants for b in batches}
-    memory = {(name, b): generate_memory(runs[name], b, new_tokens, VARIANTS[name][2]) for name, b in per_round}
+    memory = {}
+    for i, (name, b) in enumerate(per_round):
+        say(f"compiling generate for {name} b={b} ({i + 1}/{len(per_round)}) for its memory analysis")
+        memory[name, b] = generate_memory(runs[name], b, new_tokens, VARIANTS[name][2])
+    tic, first_round, size = time.perf_counter(), None, len(per_round)
     for r in range(rounds):
-        for name, b in per_round:
+        for i, (name, b) in enumerate(per_round):
+            eta = timing_eta(time.perf_counter() - tic, r * size + i, rounds * size, size, first_round)
+            say(f"round {r + 1}/{rounds}: timing {name} b={b} ({i + 1}/{size}){eta}")
             per_round[name, b].append(decode_speed(runs[name], b, new_tokens, reps, VARIANTS[name][2]))
+        first_round = time.perf_counter() - tic if first_round is None else first_round
         say(f"round {r + 1}/{rounds} done, load average {load_text()}")
     rows = []
     for (name, b), speeds in per_round.items():
@@ -179,6 +191,20 @@ def interleaved_speed(variants, size_overrides, batches, new_tokens: int, rounds
             f"{row['generate_temp_bytes']:,}")
         rows.append(row)
     return {"overrides": list(size_overrides), "rounds": rounds, "reps": reps, "new_tokens": new_tokens, "rows": rows}
+
+
+def timing_eta(elapsed: float, done: int, total: int, round_size: int, first_round: float | None) -> str:
+    """", ETA m:ss" for the `total - done` timings left after `done` (of rounds of `round_size`) took `elapsed`
+    seconds. The first round compiles each variant's prefill and generate, so its pace gives an upper bound ("ETA
+    under"); after it (`first_round`: its seconds), the later rounds' pace, or the first's own at the second's start.
+    "" before any timing is done."""
+    if done == 0:
+        return ""
+    if first_round is None:
+        return f", ETA under {format_duration(elapsed / done * (total - done))} (round 1 compiles)"
+    later = done - round_size
+    pace = (elapsed - first_round) / later if later else first_round / round_size
+    return f", ETA {format_duration(pace * (total - done))}"
 
 
 def variants_rss(variants, size_overrides, new_tokens: int) -> dict[str, dict]:
