@@ -92,6 +92,7 @@ def train(argv=None):
         if not Path(config.train.init_from).is_dir():
             raise UserError(f"train.init_from: {config.train.init_from} does not exist (the run to quantize: train it "
                             f"first, e.g. python -m train.main --config baseline, or --set train.init_from=WORKDIR)")
+        check_outside_checkpoints(workdir, "--workdir")  # before convert_workdir's check, which names --out
         keys = override_keys(args.overrides)
         ignored = [key for key in keys if not key.startswith("quant.") and key not in PTQ_KEYS]
         if ignored:

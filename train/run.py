@@ -482,8 +482,9 @@ def check_output_folder(source: Path, out: Path) -> None:
 def check_outside_checkpoints(path: Path, flag: str = "--out") -> None:
     """UserError naming `flag` when `path` lies inside a run's checkpoints/ folder (at any depth): Orbax would read a
     folder made there as one of that run's steps, an incomplete one, and every command on that run, its own
-    training's resume included, would then fail on it."""
-    for parent in Path(path).absolute().parents:
+    training's resume included, would then fail on it. The path is checked as written with `..` taken away and as it
+    resolves through links (a link to a run's checkpoints/ folder leads inside it too)."""
+    for parent in (*Path(os.path.abspath(path)).parents, *Path(path).resolve().parents):
         if parent.name == "checkpoints" and any((parent.parent / name).is_file() for name in RUN_FILES):
             raise UserError(f"{flag} {path} lies inside {parent}, the checkpoints folder of the run {parent.parent}: a "
                             f"folder there is read as one of its steps (or changes one); choose a folder outside it")
