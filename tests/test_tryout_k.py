@@ -7,6 +7,7 @@ import pytest
 from slm_jax.errors import UserError
 from train import main as train_main
 from train.run import check_outside_checkpoints
+from train.sharding import maybe_initialize_distributed
 
 
 def fake_run(folder):
@@ -37,3 +38,11 @@ def test_a_serve_config_whose_workdir_is_inside_a_runs_checkpoints_folder_names_
                          "--set", f"train.init_from={run}", "--workdir", str(run / "checkpoints" / "40")])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: --workdir {run / 'checkpoints' / '40'} lies inside")
+
+
+def test_a_process_count_of_a_digit_that_int_does_not_read_is_one_line(monkeypatch):
+    """JAX_NUM_PROCESSES=² passed env_count's str.isdigit() and int() raised a ValueError traceback."""
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "²")
+    with pytest.raises(UserError, match="^JAX_NUM_PROCESSES must be a whole number >= 1, got '²'$"):
+        maybe_initialize_distributed()

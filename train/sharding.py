@@ -124,7 +124,7 @@ def env_count(env, name: str, low: int) -> int | None:
     text = (env.get(name) or "").strip()
     if not text:
         return None
-    if not text.isdigit() or int(text) < low:
+    if not (text.isascii() and text.isdigit()) or int(text) < low:  # str.isdigit takes "²", which int() does not
         raise UserError(f"{name} must be a whole number >= {low}, got {text!r}")
     return int(text)
 
