@@ -6,6 +6,7 @@ import pytest
 
 from slm_jax.errors import UserError
 from train import main as train_main
+from train.corpus import text_files
 from train.run import check_outside_checkpoints
 from train.sharding import maybe_initialize_distributed
 
@@ -46,3 +47,18 @@ def test_a_process_count_of_a_digit_that_int_does_not_read_is_one_line(monkeypat
     monkeypatch.setenv("JAX_NUM_PROCESSES", "²")
     with pytest.raises(UserError, match="^JAX_NUM_PROCESSES must be a whole number >= 1, got '²'$"):
         maybe_initialize_distributed()
+
+
+def test_a_data_folder_whose_name_has_brackets_is_read_and_its_hint_glob_matches(tmp_path):
+    """data.path '/x/d [v2]', an existing folder, was taken as a glob ('[v2]' a character class): 'matches no
+    files'; and the glob a folder's refusal suggests must match inside such a folder."""
+    folder = tmp_path / "d [v2]"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.txt").write_text("text")
+    (folder / "b.txt").write_text("text")
+    assert text_files(str(folder)) == [folder / "b.txt"]
+    (folder / "b.txt").unlink()
+    with pytest.raises(UserError) as err:
+        text_files(str(folder))
+    hint = str(err.value).split("e.g. '")[1].split("'")[0]
+    assert text_files(hint) == [folder / "sub" / "a.txt"]

@@ -83,7 +83,7 @@ def text_files(pattern: str) -> list[Path]:
     """`data.path` as text files, in name order: one file, every `*.txt` directly in a folder, or a glob's matches
     (`**` recurses). Raises UserError naming the path when it matches nothing readable."""
     path = Path(pattern).expanduser()
-    if glob.has_magic(pattern):
+    if glob.has_magic(pattern) and not path.exists():  # a file or folder named "data [v2]" is itself, not a glob
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
             raise UserError(f"data.path: {pattern} matches no files")
@@ -121,7 +121,8 @@ def folder_contents(path: Path, shown: int = 3) -> str:
     found = (f"only {counted(folders, 'folder')}" if not files else
              counted([f.name for f in files], "other file") if not folders else
              f"{counted(folders, 'folder')} and {counted([f.name for f in files], 'other file')}")
-    example = f"'{path}/**/*.txt' for the .txt files below it" if folders else f"'{path}/*{files[0].suffix}'"
+    escaped = glob.escape(str(path))  # a glob made of a folder named "data [v2]" matches in it
+    example = f"'{escaped}/**/*.txt' for the .txt files below it" if folders else f"'{escaped}/*{files[0].suffix}'"
     return f"it holds {found}; a folder is read at its top level only: give a glob instead, e.g. {example}"
 
 

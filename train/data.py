@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -134,7 +135,8 @@ def ignored_text_note(cfg: DataConfig) -> str | None:
     shown = ", ".join(texts[:3]) + (", ..." if len(texts) > 3 else "")
     return (f"note: data.path {folder} holds nanoGPT's train.bin/val.bin and {len(texts)} .txt "
             f"file{'' if len(texts) == 1 else 's'} ({shown}): training reads the pre-tokenized train.bin/val.bin, "
-            f"and the .txt files are ignored (to train on the text, give them as a glob: '{folder}/*.txt')")
+            f"and the .txt files are ignored (to train on the text, give them as a glob: "
+            f"'{glob.escape(str(folder))}/*.txt')")
 
 
 def _bpe(cfg: DataConfig, cache_root: Path, key: dict, train_text) -> object:
