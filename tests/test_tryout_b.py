@@ -312,7 +312,7 @@ def test_a_resume_with_other_optimizer_settings_says_what_changed(tiny_run, tmp_
     summary = run_training(tiny(run, "train.steps=4", "train.grad_clip=0.5", "train.beta2=0.99"), run.workdir,
                            log=lines.append)
     assert summary["step"] == 4
-    assert (f"note: resuming step 4 with changed settings (train.beta2 0.95 -> 0.99; train.grad_clip 1.0 -> 0.5)"
+    assert ("note: resuming step 4 with changed settings (train.beta2 0.95 -> 0.99; train.grad_clip 1.0 -> 0.5)"
             in lines), lines
     lines.clear()
     run_training(tiny(run, "train.steps=4"), run.workdir, log=lines.append)
