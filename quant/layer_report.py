@@ -54,7 +54,8 @@ class LayerReport:
 
 def _errors(ref: np.ndarray, approx: np.ndarray) -> tuple[float, float]:
     """(SQNR in dB, relative L2 error) of approx against ref."""
-    signal, noise = float(np.sum(np.square(ref, dtype=np.float64))), float(np.sum(np.square(ref - approx, dtype=np.float64)))
+    signal = float(np.sum(np.square(ref, dtype=np.float64)))
+    noise = float(np.sum(np.square(ref - approx, dtype=np.float64)))
     sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise)
     return sqnr, math.sqrt(noise / signal) if signal else 0.0
 
