@@ -151,6 +151,21 @@ def with_metadata_checksum(metadata: dict) -> dict:
     return {**body, METADATA_CHECKSUM_KEY: json_crc32(body)}
 
 
+def metadata_intact(raw) -> bool:
+    """False when `raw`, a step's metadata as saved, differs from the CRC-32 it recorded of itself (edited by hand or
+    changed on disk since the save); True when it matches or recorded none (saved before slm-jax did, or not a JSON
+    object: `upgrade` says so)."""
+    if not isinstance(raw, dict) or METADATA_CHECKSUM_KEY not in raw:
+        return True
+    return with_metadata_checksum(raw)[METADATA_CHECKSUM_KEY] == raw[METADATA_CHECKSUM_KEY]
+
+
+def step_folders(directory: Path) -> list[int]:
+    """The step folders in the checkpoint folder `directory` now, as sorted numbers, read from the file system (not
+    Orbax's list, which a CheckpointStore reads once, when it is opened)."""
+    return sorted(int(p.name) for p in Path(directory).iterdir() if p.name.isdigit() and p.is_dir())
+
+
 def named_leaves(tree) -> list[tuple[str, Any]]:
     """(path, leaf) of every array of `tree`, in the tree's order."""
     return [(key_path_str(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
@@ -212,16 +227,18 @@ def peek_metadata(directory: Path) -> dict | None:
     CheckpointManager starts JAX's backend (train.main reads the shape of the model it will train before a CPU
     process sets its device count, which only an idle backend takes); migrated and CRC-checked as
     `CheckpointStore.metadata`. None when no step holds readable, intact metadata (the Orbax read later says why)."""
-    steps = [int(path.name) for path in Path(directory).glob("*") if path.name.isdigit()]
+    try:
+        steps = step_folders(directory)
+    except OSError:
+        return None
     if not steps:
         return None
-    path = Path(directory) / str(max(steps)) / "metadata" / "metadata"  # Orbax's JsonCheckpointHandler's file
+    path = Path(directory) / str(steps[-1]) / "metadata" / "metadata"  # Orbax's JsonCheckpointHandler's file
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(raw, dict) or raw.get(METADATA_CHECKSUM_KEY, None) not in (
-            None, with_metadata_checksum(raw)[METADATA_CHECKSUM_KEY]):
+    if not isinstance(raw, dict) or not metadata_intact(raw):
         return None
     try:
         return upgrade(raw, str(path))
@@ -396,11 +413,8 @@ class CheckpointStore:
     def _check_metadata(self, step: int, raw: Any) -> None:
         """UserError (one line naming the step and the steps to fall back on, as for damaged arrays) when `raw`, the
         metadata of `step` as saved, differs from the CRC-32 it recorded of itself: edited by hand or changed on disk
-        since the save. Nothing to check when it recorded none (saved before slm-jax did, or not a JSON object:
-        `upgrade` says so)."""
-        if not isinstance(raw, dict) or METADATA_CHECKSUM_KEY not in raw:
-            return
-        if with_metadata_checksum(raw)[METADATA_CHECKSUM_KEY] != raw[METADATA_CHECKSUM_KEY]:
+        since the save (`metadata_intact`)."""
+        if not metadata_intact(raw):
             raise UserError(f"checkpoint {self._where(step)} is damaged: its metadata differs from the CRC-32 recorded "
                             f"when it was saved (edited by hand, or changed on disk){self._fallback(step)}")
 

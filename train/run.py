@@ -17,7 +17,7 @@ import jax
 
 from checkpoints.hf import TOKEN_IDS, import_first, is_model_folder
 from checkpoints.lock import LOCK_NAME, lock_workdir, rotated_away
-from checkpoints.manager import CheckpointStore, build_metadata, peek_metadata
+from checkpoints.manager import CheckpointStore, build_metadata, peek_metadata, step_folders
 from quant.plan import make_plan, plan_to_json
 from quant.serving import served_layout, serving_template
 from slm_jax.errors import UserError
@@ -122,7 +122,8 @@ def check_schedule(store: CheckpointStore, config: Config, log) -> None:
 
 
 def same_folder(saved: str | None, now: str | None) -> bool:
-    """True when both paths name one existing folder, however written (relative or absolute, through a link)."""
+    """True when both paths name one existing file or folder, however written (relative or absolute, through a
+    link)."""
     try:
         return bool(saved and now) and Path(saved).exists() and Path(now).exists() and Path(saved).samefile(now)
     except OSError:
@@ -240,12 +241,7 @@ def _load_run(workdir: Path, step: int | None, base: Path | None, refuse: dict[s
 def vanished(store: CheckpointStore, step: int) -> StepVanished:
     return StepVanished(f"checkpoint {store.directory}/{step} was deleted while it was read, by the run training in "
                         f"{store.directory.parent} (it keeps its latest checkpoint.keep steps; have now: "
-                        f"{readable_steps(store)}); read one of them, or wait for the training to finish")
-
-
-def readable_steps(store: CheckpointStore) -> list[int]:
-    """The step folders in `store` now, as numbers (Orbax's own list is read once, when the store is opened)."""
-    return sorted(int(p.name) for p in store.directory.iterdir() if p.name.isdigit() and p.is_dir())
+                        f"{step_folders(store.directory)}); read one of them, or wait for the training to finish")
 
 
 def _read_run(workdir: Path, store: CheckpointStore, step: int | None, base: Path | None,
