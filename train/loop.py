@@ -31,7 +31,7 @@ from train.observe import StepProfiler, TensorBoardLog
 from train.optim import learning_rate_schedule
 from train.precision import all_finite
 from train.recipe import make_recipe
-from train.run import check_resumable, check_schedule, config_from_metadata, keep_init_from
+from train.run import check_resumable, check_schedule, config_from_metadata, keep_init_from, same_folder
 from train.sharding import (batch_sharding, check_batch_rows, load_sharded, make_mesh, rows_sharding,
                             shard_train_step)
 from train.steps import make_eval_step, make_train_step, merge_variables, steps_compiler_options
@@ -413,10 +413,7 @@ def same_file(key: str, saved, now) -> bool:
         return False
     if os.path.abspath(os.path.expanduser(saved)) == now:  # a relative path (a glob too) recorded before
         return True  # train.config.load_config made data.path absolute, read from here as it was then
-    try:
-        return Path(saved).exists() and Path(now).exists() and Path(saved).samefile(now)
-    except OSError:
-        return False
+    return same_folder(saved, now)
 
 
 def check_same_data(store: CheckpointStore, config: Config, splits) -> None:
