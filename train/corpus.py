@@ -104,6 +104,11 @@ def text_files(pattern: str) -> list[Path]:
     return [path]
 
 
+def first_names(names: list[str], shown: int = 3) -> str:
+    """The first `shown` of `names`, comma-separated, with ", ..." when there are more: a message's short list."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
 def folder_contents(path: Path, shown: int = 3) -> str:
     """What the folder `path` holds and what to give instead, for the message saying why it is no corpus: e.g. "it
     holds only 2 folders (a, b); a folder is read at its top level only: ..." (the first `shown` names of each kind),
@@ -116,8 +121,7 @@ def folder_contents(path: Path, shown: int = 3) -> str:
         return "it is empty"
     folders = [p.name for p in entries if p.is_dir()]
     files = [p for p in entries if not p.is_dir()]
-    names = lambda found: ", ".join(found[:shown]) + (", ..." if len(found) > shown else "")
-    counted = lambda found, what: f"{len(found)} {what}{'' if len(found) == 1 else 's'} ({names(found)})"
+    counted = lambda found, what: f"{len(found)} {what}{'' if len(found) == 1 else 's'} ({first_names(found, shown)})"
     found = (f"only {counted(folders, 'folder')}" if not files else
              counted([f.name for f in files], "other file") if not folders else
              f"{counted(folders, 'folder')} and {counted([f.name for f in files], 'other file')}")

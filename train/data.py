@@ -21,8 +21,8 @@ import tokenizers
 
 from slm_jax.config import bounded
 from slm_jax.errors import UserError
-from train.corpus import (GENRES, bundled_key, bundled_plays, bundled_source, files_key, read_bytes, text_files,
-                          user_text)
+from train.corpus import (GENRES, bundled_key, bundled_plays, bundled_source, files_key, first_names, read_bytes,
+                          text_files, user_text)
 from train.files import replace_file
 from train.tokenizer import (KINDS, ByteTokenizer, NoTokenizer, read_tokenizer_file,
                              train_bpe)
@@ -132,10 +132,9 @@ def ignored_text_note(cfg: DataConfig) -> str | None:
     texts = sorted(p.name for p in folder.glob("*.txt") if p.is_file())
     if not texts:
         return None
-    shown = ", ".join(texts[:3]) + (", ..." if len(texts) > 3 else "")
     return (f"note: data.path {folder} holds nanoGPT's train.bin/val.bin and {len(texts)} .txt "
-            f"file{'' if len(texts) == 1 else 's'} ({shown}): training reads the pre-tokenized train.bin/val.bin, "
-            f"and the .txt files are ignored (to train on the text, give them as a glob: "
+            f"file{'' if len(texts) == 1 else 's'} ({first_names(texts)}): training reads the pre-tokenized "
+            f"train.bin/val.bin, and the .txt files are ignored (to train on the text, give them as a glob: "
             f"'{glob.escape(str(folder))}/*.txt')")
 
 
